@@ -1,0 +1,207 @@
+"""Shared detector plumbing: parameters, input checks, search, thresholds."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+from sklearn.base import BaseEstimator, OutlierMixin
+from sklearn.utils.validation import check_is_fitted
+
+from ._chunks import chunk_rows, progress
+from ._validation import Interval, IsDict, IsNone, Options, check_array_input, validate_params
+from .neighbors import make_backend
+
+#: contamination="auto": the share of training points flagged by default.
+AUTO_CONTAMINATION = 0.01
+
+
+class CappedParameterWarning(UserWarning):
+    """A count larger than the data allows was capped (the user's parameter
+    is left untouched; the value used is stored as a fitted attribute)."""
+
+
+def cap(value, limit, name, what):
+    if value > limit:
+        warnings.warn(
+            f"{name}={value} is more than {what} ({limit}); using {limit}. "
+            f"The value used is stored as the fitted attribute {name}_.",
+            CappedParameterWarning,
+            stacklevel=4,
+        )
+        return limit
+    return value
+
+
+def resolve_n_jobs(n_jobs):
+    """Threads for nonn's own batched work; None = all cores, as the BLAS."""
+    cpus = os.cpu_count() or 1
+    if n_jobs is None or n_jobs == -1:
+        return cpus
+    if n_jobs < 0:
+        return max(cpus + 1 + n_jobs, 1)
+    return int(n_jobs)
+
+
+class BaseDetector(OutlierMixin, BaseEstimator):
+    """Common behaviour of every nonn detector.
+
+    Subclasses implement ``_fit(X) -> loo_anomaly_scores`` (training scores
+    where a point does not count itself as a neighbour) and
+    ``_anomaly_score(X)`` on validated data.
+    """
+
+    _common_constraints = {
+        "backend": [Options("auto", "brute", "sklearn", "faiss", "torch")],
+        "backend_params": [IsNone(), IsDict()],
+        "metric": [Options("euclidean", "cosine")],
+        "contamination": [Options("auto"), Interval("real", 0, 0.5, closed="right")],
+        "working_memory": [IsNone(), Interval("real", 0, None, closed="neither")],
+        "n_jobs": [IsNone(), Interval("int", None, None)],
+    }
+    _constraints: dict = {}
+    _hints = {
+        "n_neighbors": 3,
+        "n_neighbors_of_neighbors": 25,
+        "set_size": 5,
+        "reorder": "'greedy'",
+        "backend": "'auto'",
+        "metric": "'euclidean'",
+        "contamination": 0.01,
+        "eig_floor": 1e-3,
+        "aggregate": "'mean'",
+    }
+
+    # ----------------------------------------------------------------- fit
+    def _check_params(self):
+        constraints = dict(self._common_constraints)
+        constraints.update(self._constraints)
+        constraints = {k: v for k, v in constraints.items() if k in self.get_params()}
+        validate_params(self, constraints, self._hints)
+        if self.n_jobs == 0:
+            raise ValueError(
+                f"The 'n_jobs' parameter of {type(self).__name__} must be None, -1 or a "
+                "non-zero int. Got 0 instead. For example: n_jobs=None (all cores)."
+            )
+
+    def fit(self, X, y=None):
+        """Fit on normal training embeddings ``X`` (n_samples, n_features).
+
+        ``y`` is ignored (present for API consistency). Returns ``self``.
+        """
+        self._check_params()
+        X = check_array_input(self, X, reset=True)
+        self.n_jobs_ = resolve_n_jobs(self.n_jobs)
+        self.dtype_ = X.dtype
+        loo = self._fit(X)
+        self.train_scores_ = -np.asarray(loo)
+        self.contamination_ = (
+            AUTO_CONTAMINATION if self.contamination == "auto" else float(self.contamination)
+        )
+        self.offset_ = self._quantile_offset(self.train_scores_, self.contamination_)
+        self.threshold_source_ = "training (leave-one-out)"
+        return self
+
+    def _make_backend(self, X):
+        params = dict(self.backend_params or {})
+        params.setdefault("working_memory", self.working_memory)
+        params.setdefault("verbose", getattr(self, "verbose", False))
+        backend = make_backend(
+            self.backend, metric=getattr(self, "metric", "euclidean"),
+            n_samples=X.shape[0], n_features=X.shape[1], **params
+        )
+        self.backend_ = backend.name
+        return backend.fit(X)
+
+    @staticmethod
+    def _quantile_offset(score_samples, rate):
+        return float(np.percentile(np.asarray(score_samples, dtype=np.float64), 100.0 * rate))
+
+    # -------------------------------------------------------------- scores
+    def _validate_query(self, X):
+        check_is_fitted(self, "offset_")
+        X = check_array_input(self, X, reset=False)
+        return X.astype(self.dtype_, copy=False)
+
+    def _query_chunks(self, n, row_bytes, desc="scoring"):
+        step = chunk_rows(row_bytes, self.working_memory)
+        starts = range(0, n, step)
+        for start in progress(starts, getattr(self, "verbose", False), desc,
+                              total=len(starts)):
+            yield slice(start, min(start + step, n))
+
+    def anomaly_score(self, X):
+        """The paper's anomaly score AS(f): higher = more anomalous.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features)
+
+        Returns
+        -------
+        scores : ndarray of shape (n_queries,), in the training dtype.
+        """
+        X = self._validate_query(X)
+        return self._anomaly_score(X)
+
+    def score_samples(self, X):
+        """scikit-learn convention: higher = more normal (``-anomaly_score``)."""
+        return -self.anomaly_score(X)
+
+    def decision_function(self, X):
+        """``score_samples(X) - offset_``: negative = outlier."""
+        return self.score_samples(X) - self.offset_
+
+    def predict(self, X):
+        """+1 for inliers, -1 for outliers."""
+        return np.where(self.decision_function(X) < 0, -1, 1)
+
+    def fit_predict(self, X, y=None):
+        """Fit, then label the training points themselves by their
+        leave-one-out scores (a point is not its own neighbour), so about
+        ``contamination`` of them are flagged."""
+        self.fit(X)
+        return np.where(self.train_scores_ - self.offset_ < 0, -1, 1)
+
+    def calibrate(self, X_normal, false_alarm_rate=0.01):
+        """Re-set the threshold on held-out normal data, without refitting.
+
+        After this, about ``false_alarm_rate`` of data like ``X_normal`` is
+        flagged as outliers.
+
+        Parameters
+        ----------
+        X_normal : array-like of shape (n_samples, n_features)
+            Normal samples that were *not* used for fitting.
+        false_alarm_rate : float in (0, 1)
+
+        Returns
+        -------
+        self
+        """
+        rate = false_alarm_rate
+        if not Interval("real", 0, 1, closed="neither").accepts(rate):
+            raise ValueError(
+                "false_alarm_rate must be a float in the range (0, 1). "
+                f"Got {rate!r} instead. For example: calibrate(X_val, false_alarm_rate=0.01)."
+            )
+        scores = self.score_samples(X_normal)
+        self.offset_ = self._quantile_offset(scores, rate)
+        self.contamination_ = float(rate)
+        self.threshold_source_ = f"calibrated on {len(scores)} held-out normal samples"
+        return self
+
+    # --------------------------------------------------------- persistence
+    def save(self, path):
+        """Save the fitted detector to ``path`` in nonn's safe format
+        (npz arrays + JSON metadata, never pickle). See :func:`nonn.load`."""
+        from .persistence import save
+
+        save(self, path)
+        return path
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.allow_nan = False
+        return tags

@@ -1,0 +1,225 @@
+"""The paper's baselines (Sec. 5.1): k-NN, global and local eigen-normalised
+k-NN. Same base, same methods as :class:`nonn.KNNN`, so the ablation is a
+loop over four estimators."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._base import BaseDetector, cap
+from ._knnn import _SetGridMixin
+from ._local_eigen import inverse_sqrt_weights, neighbourhood_eigen, project_l1
+from ._validation import Interval, Options
+
+_AGGREGATES = {
+    "mean": lambda d: d.mean(axis=1),
+    "max": lambda d: d.max(axis=1),
+    "kth": lambda d: d[:, -1],
+}
+
+
+class _NeighbourQueries:
+    """Chunked "search, then score from the neighbours" loop."""
+
+    def _fit_neighbours(self, X):
+        n = X.shape[0]
+        self.n_neighbors_ = cap(self.n_neighbors, n - 1, "n_neighbors",
+                                "the number of other training points")
+        self._fit_X = self._transform(X)
+        self._search = self._make_backend(self._fit_X)
+        dist, idx = self._search.kneighbors(None, self.n_neighbors_)
+        return self._from_neighbours(self._fit_X, dist, idx)
+
+    def _transform(self, X):
+        return X
+
+    def _anomaly_score(self, X):
+        out = np.empty(X.shape[0], dtype=X.dtype)
+        row_bytes = X.dtype.itemsize * X.shape[1] * 64
+        for sl in self._query_chunks(X.shape[0], row_bytes, "queries"):
+            Q = self._transform(X[sl])
+            dist, idx = self._search.kneighbors(Q, self.n_neighbors_)
+            out[sl] = self._from_neighbours(Q, dist, idx)
+        return out
+
+
+class KNN(_NeighbourQueries, BaseDetector):
+    """Plain k-NN distance detector (the paper's baseline).
+
+    Parameters
+    ----------
+    n_neighbors : int, default=3
+    aggregate : {"mean", "max", "kth"}, default="mean"
+        How the k distances become one score: their mean (the paper), their
+        maximum, or the k-th distance (equal to max for sorted distances;
+        kept as its own name because PyOD users know it).
+    metric : {"euclidean", "cosine"}, default="euclidean"
+    backend, backend_params, contamination, working_memory, n_jobs, verbose
+        As in :class:`nonn.KNNN`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from nonn import KNN
+    >>> X = np.random.default_rng(0).normal(size=(100, 4))
+    >>> KNN(n_neighbors=3).fit(X).anomaly_score(np.zeros((1, 4))).shape
+    (1,)
+    """
+
+    _constraints = {
+        "n_neighbors": [Interval("int", 1, None)],
+        "aggregate": [Options(*_AGGREGATES)],
+    }
+    _state_arrays = ("_fit_X", "train_scores_")
+    _state_scalars = ("n_neighbors_", "offset_", "contamination_", "threshold_source_",
+                      "backend_", "n_jobs_")
+
+    def __init__(self, n_neighbors=3, aggregate="mean", metric="euclidean", backend="auto",
+                 backend_params=None, contamination="auto", working_memory=None, n_jobs=None,
+                 verbose=False):
+        self.n_neighbors = n_neighbors
+        self.aggregate = aggregate
+        self.metric = metric
+        self.backend = backend
+        self.backend_params = backend_params
+        self.contamination = contamination
+        self.working_memory = working_memory
+        self.n_jobs = n_jobs
+        self.verbose = verbose
+
+    def _fit(self, X):
+        return self._fit_neighbours(X)
+
+    def _from_neighbours(self, Q, dist, idx):
+        return _AGGREGATES[self.aggregate](dist).astype(Q.dtype, copy=False)
+
+
+class GlobalEigenKNN(_NeighbourQueries, BaseDetector):
+    """Global eigen-normalised k-NN (paper Eq. 3).
+
+    One eigen-decomposition of the covariance of the whole training set;
+    ``AS(f) = sum_i sum_j |(f - f_i) . v_j| / sqrt(e_j)`` over the query's k
+    nearest training points.
+
+    Parameters
+    ----------
+    n_neighbors : int, default=3
+    eig_floor : float, default=1e-3
+        Relative floor: eigenvalues below ``eig_floor`` times the mean
+        feature variance are raised to it.
+    metric, backend, backend_params, contamination, working_memory, n_jobs, verbose
+        As in :class:`nonn.KNNN`.
+
+    Attributes
+    ----------
+    components_ : ndarray (n_features, n_features), column j = eigenvector j
+    eigenvalues_ : ndarray (n_features,)
+    """
+
+    _constraints = {
+        "n_neighbors": [Interval("int", 1, None)],
+        "eig_floor": [Interval("real", 0, None)],
+    }
+    _state_arrays = ("_fit_X", "components_", "eigenvalues_", "eig_floor_", "train_scores_")
+    _state_scalars = ("n_neighbors_", "offset_", "contamination_", "threshold_source_",
+                      "backend_", "n_jobs_")
+
+    def __init__(self, n_neighbors=3, eig_floor=1e-3, metric="euclidean", backend="auto",
+                 backend_params=None, contamination="auto", working_memory=None, n_jobs=None,
+                 verbose=False):
+        self.n_neighbors = n_neighbors
+        self.eig_floor = eig_floor
+        self.metric = metric
+        self.backend = backend
+        self.backend_params = backend_params
+        self.contamination = contamination
+        self.working_memory = working_memory
+        self.n_jobs = n_jobs
+        self.verbose = verbose
+
+    def _fit(self, X):
+        X64 = X.astype(np.float64)
+        cov = np.cov(X64, rowvar=False, bias=True).reshape(X.shape[1], X.shape[1])
+        w, v = np.linalg.eigh(cov)
+        scale = np.trace(cov) / X.shape[1]
+        if scale <= 0:
+            scale = 1.0
+        rel = max(float(self.eig_floor), 10 * np.finfo(X.dtype).eps)
+        self.eig_floor_ = np.array([rel * scale], dtype=X.dtype)
+        self.eigenvalues_ = np.maximum(w, 0).astype(X.dtype)
+        self.components_ = v.astype(X.dtype)
+        return self._fit_neighbours(X)
+
+    def _from_neighbours(self, Q, dist, idx):
+        weights = 1.0 / np.sqrt(np.maximum(self.eigenvalues_, self.eig_floor_[0]))
+        out = np.empty(Q.shape[0], dtype=Q.dtype)
+        row_bytes = Q.dtype.itemsize * idx.shape[1] * Q.shape[1] * 3
+        for sl in self._query_chunks(Q.shape[0], row_bytes):
+            diff = Q[sl, None, :] - self._fit_X[idx[sl]]
+            proj = np.abs(diff @ self.components_)
+            out[sl] = (proj @ weights.astype(Q.dtype)).sum(axis=1)
+        return out
+
+
+class LocalEigenKNN(_SetGridMixin, _NeighbourQueries, BaseDetector):
+    """Local eigen-normalised k-NN (paper Sec. 5.1, "local normalisation").
+
+    The eigenvectors come from the covariance of the query's own k nearest
+    training points (not from each neighbour's neighbourhood as in k-NNN),
+    then Eq. 3 is applied, per feature set as in :class:`KNNN` so that it
+    scales to embeddings (with ``set_size >= n_features`` it is exactly the
+    paper's whole-vector version).
+
+    Parameters
+    ----------
+    n_neighbors : int, default=3
+    set_size : int, default=5
+    reorder : {"greedy", "none"}, default="greedy"
+    eig_floor : float, default=1e-3
+    metric, backend, backend_params, contamination, working_memory, n_jobs, verbose
+        As in :class:`nonn.KNNN`.
+    """
+
+    _constraints = {
+        "n_neighbors": [Interval("int", 1, None)],
+        "set_size": [Interval("int", 1, None)],
+        "reorder": [Options("greedy", "none")],
+        "eig_floor": [Interval("real", 0, None)],
+    }
+    _state_arrays = ("_fit_X", "feature_order_", "set_sizes_", "eig_floor_", "train_scores_")
+    _state_scalars = ("n_neighbors_", "set_size_", "offset_", "contamination_",
+                      "threshold_source_", "backend_", "n_jobs_")
+
+    def __init__(self, n_neighbors=3, set_size=5, reorder="greedy", eig_floor=1e-3,
+                 metric="euclidean", backend="auto", backend_params=None, contamination="auto",
+                 working_memory=None, n_jobs=None, verbose=False):
+        self.n_neighbors = n_neighbors
+        self.set_size = set_size
+        self.reorder = reorder
+        self.eig_floor = eig_floor
+        self.metric = metric
+        self.backend = backend
+        self.backend_params = backend_params
+        self.contamination = contamination
+        self.working_memory = working_memory
+        self.n_jobs = n_jobs
+        self.verbose = verbose
+
+    def _fit(self, X):
+        self._fit_grid(X)
+        return self._fit_neighbours(X)
+
+    def _transform(self, X):
+        return self._to_grid(X)
+
+    def _from_neighbours(self, Qg, dist, idx):
+        q, k = idx.shape
+        n_sets, L = len(self.set_sizes_), self.set_size_
+        out = np.empty(q, dtype=Qg.dtype)
+        row_bytes = Qg.dtype.itemsize * n_sets * L * (3 * k + 5 * L)
+        for sl in self._query_chunks(q, row_bytes):
+            w, v = neighbourhood_eigen(self._fit_X, idx[sl], self.set_sizes_, L, self.n_jobs_)
+            weights = inverse_sqrt_weights(w, self.set_sizes_, self.eig_floor_)
+            diff = self._diff_grid(Qg[sl], idx[sl])
+            out[sl] = project_l1(diff, v[:, None], weights[:, None]).sum(axis=1)
+        return out

@@ -1,0 +1,185 @@
+"""Safe, versioned model files.
+
+A ``.nonn`` file is a zip (numpy ``.npz``) holding the fitted arrays plus one
+JSON document (``__meta__``) with the format version, the estimator's class
+name, its parameters and its fitted scalars. Nothing is ever unpickled
+(``allow_pickle=False``), the class is looked up in a fixed table of nonn's
+own estimators, and every array is checked against the shape and dtype the
+metadata announces, so a file from a stranger cannot run code and a
+truncated, corrupted or newer file is refused with a clear error.
+
+Files are written to a temporary file in the target folder and renamed into
+place, so a crash never leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+
+import numpy as np
+
+FORMAT = "nonn-model"
+FORMAT_VERSION = 1
+_META = "__meta__"
+
+
+class ModelFileError(ValueError):
+    """A model file that nonn refuses to load."""
+
+
+def _registry():
+    from ._baselines import KNN, GlobalEigenKNN, LocalEigenKNN
+    from ._knnn import KNNN
+
+    return {cls.__name__: cls for cls in (KNNN, KNN, GlobalEigenKNN, LocalEigenKNN)}
+
+
+def _jsonable(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot store {type(value).__name__} {value!r} in a nonn model file")
+
+
+def save(estimator, path):
+    """Write a fitted nonn estimator to ``path`` atomically."""
+    from . import __version__
+
+    cls = type(estimator).__name__
+    if cls not in _registry():
+        raise TypeError(f"save() takes a nonn estimator; got {cls}.")
+    if not hasattr(estimator, "offset_"):
+        raise ValueError(
+            f"This {cls} instance is not fitted yet. Call 'fit' before saving it."
+        )
+    arrays = {name.lstrip("_"): np.ascontiguousarray(getattr(estimator, name))
+              for name in estimator._state_arrays}
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "nonn_version": __version__,
+        "estimator": cls,
+        "params": _jsonable(estimator.get_params()),
+        "fitted": {name: _jsonable(getattr(estimator, name))
+                   for name in estimator._state_scalars},
+        "n_features_in": int(estimator.n_features_in_),
+        "dtype": np.dtype(estimator.dtype_).name,
+        "arrays": {k: {"shape": list(v.shape), "dtype": v.dtype.str} for k, v in arrays.items()},
+    }
+    payload = dict(arrays)
+    payload[_META] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
+
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".nonn-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_meta(path):
+    """The JSON metadata of a model file (cheap: arrays are not read)."""
+    with _open(path) as npz:
+        return _meta(npz, path)
+
+
+def _open(path):
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"No model file at {path!r}. Check the path, or create one "
+                                "with `nonn fit` / estimator.save().")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+        raise ModelFileError(
+            f"{path!r} is not a readable nonn model file (truncated, corrupted, or not a "
+            f"model at all: {exc}). Re-save the model from the fitted estimator."
+        ) from exc
+
+
+def _meta(npz, path):
+    try:
+        raw = npz[_META]
+        meta = json.loads(bytes(raw).decode("utf-8"))
+    except KeyError:
+        raise ModelFileError(f"{path!r} has no nonn metadata; it is not a nonn model file.")
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, UnicodeDecodeError) as exc:
+        raise ModelFileError(f"{path!r} has corrupted metadata ({exc}).") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ModelFileError(f"{path!r} is not a nonn model file (format "
+                             f"{meta.get('format') if isinstance(meta, dict) else meta!r}).")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise ModelFileError(f"{path!r} has an invalid format version {version!r}.")
+    if version > FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path!r} was written by a newer nonn (format version {version}, "
+            f"nonn {meta.get('nonn_version')}); this nonn reads format versions up to "
+            f"{FORMAT_VERSION}. Upgrade nonn (pip install -U nonn) to load it."
+        )
+    return meta
+
+
+def load(path):
+    """Load a model saved with ``estimator.save(path)``.
+
+    Never unpickles: loading a file from a stranger cannot run code. A
+    truncated, corrupted or future-version file raises
+    :class:`ModelFileError` (a ``ValueError``).
+    """
+    with _open(path) as npz:
+        meta = _meta(npz, path)
+        registry = _registry()
+        cls_name = meta.get("estimator")
+        if cls_name not in registry:
+            raise ModelFileError(f"{path!r} names an unknown estimator {cls_name!r}; "
+                                 f"this nonn knows {sorted(registry)}.")
+        cls = registry[cls_name]
+        try:
+            est = cls(**meta["params"])
+        except TypeError as exc:
+            raise ModelFileError(f"{path!r} has parameters this nonn does not accept: {exc}")
+        expected = meta.get("arrays", {})
+        for name in cls._state_arrays:
+            key = name.lstrip("_")
+            spec = expected.get(key)
+            try:
+                arr = npz[key]
+            except KeyError:
+                raise ModelFileError(f"{path!r} lacks the array {key!r}; the file is incomplete.")
+            except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+                raise ModelFileError(
+                    f"{path!r}: the array {key!r} is corrupted ({exc}). Re-save the model."
+                ) from exc
+            if spec is None or list(arr.shape) != spec["shape"] or arr.dtype.str != spec["dtype"]:
+                raise ModelFileError(
+                    f"{path!r}: the array {key!r} has shape {arr.shape} and dtype {arr.dtype}, "
+                    f"but the metadata announces {spec}. The file is corrupted."
+                )
+            setattr(est, name, arr)
+        for name, value in meta["fitted"].items():
+            if name in cls._state_scalars:
+                setattr(est, name, value)
+    est.n_features_in_ = int(meta["n_features_in"])
+    est.dtype_ = np.dtype(meta["dtype"])
+    # The search index is rebuilt from the stored training data.
+    est._search = est._make_backend(est._fit_X)
+    est.backend_ = meta["fitted"].get("backend_", est.backend_)
+    return est
+
