@@ -8,7 +8,7 @@ import numpy as np
 
 from ._base import BaseDetector, cap
 from ._knnn import _SetGridMixin
-from ._local_eigen import inverse_sqrt_weights, neighbourhood_eigen, project_l1
+from ._local_eigen import neighbourhood_eigen, project_l1
 from ._validation import Interval, Options
 
 _AGGREGATES = {
@@ -219,7 +219,7 @@ class LocalEigenKNN(_SetGridMixin, _NeighbourQueries, BaseDetector):
         row_bytes = Qg.dtype.itemsize * n_sets * L * (3 * k + 5 * L)
         for sl in self._query_chunks(q, row_bytes):
             w, v = neighbourhood_eigen(self._fit_X, idx[sl], self.set_sizes_, L, self.n_jobs_)
-            weights = inverse_sqrt_weights(w, self.set_sizes_, self.eig_floor_)
             diff = self._diff_grid(Qg[sl], idx[sl])
-            out[sl] = project_l1(diff, v[:, None], weights[:, None]).sum(axis=1)
+            out[sl] = project_l1(diff, v[:, None], w[:, None], self.set_sizes_,
+                                 self.eig_floor_).sum(axis=1)
         return out

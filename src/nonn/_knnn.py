@@ -7,7 +7,6 @@ import numpy as np
 from ._base import BaseDetector, cap
 from ._local_eigen import (
     floor_scale,
-    inverse_sqrt_weights,
     neighbourhood_eigen,
     project_l1,
     to_grid,
@@ -218,9 +217,8 @@ class KNNN(_SetGridMixin, BaseDetector):
         for sl in self._query_chunks(q, row_bytes):
             nb = idx[sl]
             diff = self._diff_grid(Qg[sl], nb)
-            weights = inverse_sqrt_weights(self.eigenvalues_[nb], self.set_sizes_,
-                                           self.eig_floor_)
-            out[sl] = project_l1(diff, self.eigenvectors_[nb], weights).sum(axis=1)
+            out[sl] = project_l1(diff, self.eigenvectors_[nb], self.eigenvalues_[nb],
+                                 self.set_sizes_, self.eig_floor_).sum(axis=1)
         return out
 
     def _anomaly_score(self, X):

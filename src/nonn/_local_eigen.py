@@ -92,25 +92,32 @@ def neighbourhood_eigen(Xg, groups, sizes, set_size, n_jobs=1):
     return evals, evecs
 
 
-def inverse_sqrt_weights(evals, sizes, floor):
-    """``1 / sqrt(max(e, floor_s))`` per eigenvalue; 0 in padded slots.
+def project_l1(diff, evecs, evals, sizes, floor):
+    """Eq. 2's inner sums for a batch: sum_s sum_j |diff_s . v_j,s| / sqrt(e_j,s).
 
-    ``floor`` is (S,): an absolute floor per set.
-    """
-    L = evals.shape[-1]
-    valid = np.arange(L)[None, :] < sizes[:, None]  # (S, L)
-    floor = np.asarray(floor, dtype=evals.dtype)[:, None]
-    w = 1.0 / np.sqrt(np.maximum(evals, floor))
-    return np.where(valid, w, 0).astype(evals.dtype, copy=False)
+    Eigenvalues at or below the set's floor are raised to it. Those floored
+    directions share one weight, so they span a degenerate eigenspace in
+    which Eq. 2's L1 sum depends on an arbitrary choice of basis (LAPACK's
+    rounding noise, in practice). nonn evaluates it in the eigenbasis of that
+    subspace aligned with the difference, where the sum is
+    ``|P_F diff|_2 / sqrt(floor)``: a valid eigenbasis, and the only choice
+    that makes scores deterministic and invariant to translating or
+    rescaling the data. Where no eigenvalue is floored this is exactly Eq. 2.
 
-
-def project_l1(diff, evecs, weights):
-    """Eq. 2's inner sums for a batch: sum_s sum_j |diff_s . v_j,s| * w_j,s.
-
-    diff : (..., S, L), evecs : (..., S, L, L), weights : (..., S, L)
+    diff : (..., S, L), evecs : (..., S, L, L), evals : (..., S, L)
+    sizes : (S,) set sizes (padded slots count for nothing), floor : (S,)
     returns (...,)
     """
+    L = evals.shape[-1]
+    valid = np.arange(L)[None, :] < np.asarray(sizes)[:, None]  # (S, L)
+    floor = np.asarray(floor, dtype=evals.dtype)
+    floored = evals <= floor[:, None]
     proj = np.matmul(diff[..., None, :], evecs)[..., 0, :]
+    free = valid & ~floored
+    w = np.where(free, 1.0 / np.sqrt(np.where(free, evals, 1)), 0).astype(proj.dtype, copy=False)
+    sq = np.where(floored & valid, proj * proj, 0).sum(axis=-1)  # (..., S)
     np.abs(proj, out=proj)
-    proj *= weights
-    return proj.sum(axis=(-2, -1))
+    proj *= w
+    out = proj.sum(axis=(-2, -1))
+    out += (np.sqrt(sq) / np.sqrt(floor)).sum(axis=-1)
+    return out

@@ -1,0 +1,134 @@
+"""Independent, naive implementations used as test oracles.
+
+Written from the paper's text and METHOD.md with plain Python loops, sharing
+no code with the library.
+"""
+
+import numpy as np
+
+
+def naive_greedy_order(X, L):
+    """Sec. 3 re-ordering, loop by loop."""
+    n, d = X.shape
+    corr = np.zeros((d, d))
+    for a in range(d):
+        for b in range(d):
+            xa, xb = X[:, a] - X[:, a].mean(), X[:, b] - X[:, b].mean()
+            den = np.sqrt((xa**2).sum() * (xb**2).sum())
+            corr[a, b] = 0.0 if den == 0 else abs((xa * xb).sum() / den)
+        corr[a, a] = 1.0
+    order = [0]
+    while len(order) < d:
+        pos = len(order)
+        rest = [c for c in range(d) if c not in order]
+        if pos % L == 0:
+            ref = order[-2:]
+            best = min(rest, key=lambda c: (np.mean([corr[r, c] for r in ref]), c))
+        else:
+            start = (pos // L) * L
+            ref = order[start:][-2:]
+            best = max(rest, key=lambda c: (np.mean([corr[r, c] for r in ref]), -c))
+        order.append(best)
+    return np.array(order)
+
+
+def eq2_term(diff, e, V, floor):
+    """sum_j |diff . v_j| / sqrt(e_j) for one neighbour and one set. Floored
+    eigenvalues (e_j <= floor) share the weight 1/sqrt(floor); their
+    directions are summed in the basis aligned with the difference (the L2
+    norm of the projection), as nonn documents."""
+    total, floored_sq = 0.0, 0.0
+    for j in range(len(e)):
+        p = diff @ V[:, j]
+        if e[j] <= floor:
+            floored_sq += p * p
+        else:
+            total += abs(p) / np.sqrt(e[j])
+    return total + np.sqrt(floored_sq) / np.sqrt(floor)
+
+
+def naive_sets(d, L):
+    return [list(range(s, min(s + L, d))) for s in range(0, d, L)]
+
+
+def naive_knn_ids(X, q, k, exclude=None):
+    dists = []
+    for j in range(len(X)):
+        if j == exclude:
+            continue
+        dists.append((np.sqrt(((X[j] - q) ** 2).sum()), j))
+    dists.sort()
+    return [j for _, j in dists[:k]]
+
+
+def naive_floor(X, sets, rel):
+    floors = []
+    for s in sets:
+        v = np.mean([X[:, c].var() for c in s])
+        if v <= 0:
+            v = np.mean([X[:, c].var() for c in range(X.shape[1])]) or 1.0
+        floors.append(rel * v)
+    return floors
+
+
+def naive_knnn_scores(X, Q, k, Kp, L, order, rel_floor, loo=False):
+    """Eq. 2 with explicit sums over i, s, j."""
+    Xr = X[:, order]
+    Qr = Q[:, order]
+    d = Xr.shape[1]
+    sets = naive_sets(d, L)
+    floors = naive_floor(Xr, sets, rel_floor)
+    eig_cache = {}
+
+    def eigen(i, si):
+        if (i, si) not in eig_cache:
+            hood = [i] + naive_knn_ids(Xr, Xr[i], Kp - 1, exclude=i)
+            P = Xr[hood][:, sets[si]]
+            P = P - P.mean(axis=0)
+            C = P.T @ P / len(hood)
+            eig_cache[(i, si)] = np.linalg.eigh(C)
+        return eig_cache[(i, si)]
+
+    out = []
+    for qi, q in enumerate(Qr):
+        nbrs = naive_knn_ids(Xr, q, k, exclude=qi if loo else None)
+        total = 0.0
+        for i in nbrs:
+            for si, s in enumerate(sets):
+                e, V = eigen(i, si)
+                total += eq2_term(q[s] - Xr[i][s], e, V, floors[si])
+        out.append(total)
+    return np.array(out)
+
+
+def naive_global_scores(X, Q, k, rel_floor):
+    mu = X.mean(axis=0)
+    C = (X - mu).T @ (X - mu) / len(X)
+    e, V = np.linalg.eigh(C)
+    floor = rel_floor * np.trace(C) / X.shape[1]
+    out = []
+    for q in Q:
+        total = 0.0
+        for i in naive_knn_ids(X, q, k):
+            for j in range(X.shape[1]):
+                total += abs((q - X[i]) @ V[:, j]) / np.sqrt(max(e[j], floor))
+        out.append(total)
+    return np.array(out)
+
+
+def naive_local_scores(X, Q, k, L, order, rel_floor):
+    Xr, Qr = X[:, order], Q[:, order]
+    sets = naive_sets(Xr.shape[1], L)
+    floors = naive_floor(Xr, sets, rel_floor)
+    out = []
+    for q in Qr:
+        nbrs = naive_knn_ids(Xr, q, k)
+        total = 0.0
+        for si, s in enumerate(sets):
+            P = Xr[nbrs][:, s]
+            P = P - P.mean(axis=0)
+            e, V = np.linalg.eigh(P.T @ P / len(nbrs))
+            for i in nbrs:
+                total += eq2_term(q[s] - Xr[i][s], e, V, floors[si])
+        out.append(total)
+    return np.array(out)

@@ -1,0 +1,256 @@
+import warnings
+
+import numpy as np
+import pytest
+from oracles import (
+    naive_global_scores,
+    naive_greedy_order,
+    naive_knnn_scores,
+    naive_local_scores,
+)
+
+from nonn import KNN, KNNN, GlobalEigenKNN, LocalEigenKNN
+from nonn._base import CappedParameterWarning
+from nonn._partition import greedy_order, abs_correlation, set_sizes
+
+
+def well_conditioned(seed, n=60, d=12, n_q=8):
+    rng = np.random.default_rng(seed)
+    A = rng.normal(size=(d, d)) + 2 * np.eye(d)
+    X = rng.normal(size=(n, d)) @ A
+    Q = rng.normal(size=(n_q, d)) @ A * 1.3
+    return X, Q
+
+
+# ------------------------------------------------------------- exactness
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("reorder", ["none", "greedy"])
+@pytest.mark.parametrize("d,L", [(12, 5), (10, 5), (7, 3)])
+def test_knnn_matches_naive_eq2(seed, reorder, d, L):
+    X, Q = well_conditioned(seed, d=d)
+    k, Kp, rel = 3, 15, 1e-3
+    det = KNNN(n_neighbors=k, n_neighbors_of_neighbors=Kp, set_size=L, reorder=reorder,
+               eig_floor=rel).fit(X)
+    order = naive_greedy_order(X, L) if reorder == "greedy" else np.arange(d)
+    np.testing.assert_array_equal(det.feature_order_, order)
+    expected = naive_knnn_scores(X, Q, k, Kp, L, order, rel)
+    np.testing.assert_allclose(det.anomaly_score(Q), expected, rtol=1e-6)
+    # leave-one-out training scores: a point is not its own neighbour
+    loo = naive_knnn_scores(X, X, k, Kp, L, order, rel, loo=True)
+    np.testing.assert_allclose(-det.train_scores_, loo, rtol=1e-6)
+
+
+def test_knnn_float32_close_to_oracle():
+    X, Q = well_conditioned(3, d=10)
+    det = KNNN(n_neighbors_of_neighbors=20, reorder="none").fit(X.astype(np.float32))
+    expected = naive_knnn_scores(X, Q, 3, 20, 5, np.arange(10), 1e-3)
+    np.testing.assert_allclose(det.anomaly_score(Q.astype(np.float32)), expected, rtol=1e-3)
+
+
+def test_eq1_is_eq2_with_one_set():
+    """With L = D and no reordering Eq. 2 is Eq. 1 (one eigenbasis of the whole vector)."""
+    X, Q = well_conditioned(4, d=6)
+    det = KNNN(set_size=6, reorder="none", n_neighbors_of_neighbors=20).fit(X)
+    assert det.set_sizes_.tolist() == [6]
+    np.testing.assert_allclose(
+        det.anomaly_score(Q), naive_knnn_scores(X, Q, 3, 20, 6, np.arange(6), 1e-3), rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_global_and_local_match_naive(seed):
+    X, Q = well_conditioned(seed, d=8)
+    g = GlobalEigenKNN(n_neighbors=3, eig_floor=1e-3).fit(X)
+    np.testing.assert_allclose(g.anomaly_score(Q), naive_global_scores(X, Q, 3, 1e-3), rtol=1e-6)
+    loc = LocalEigenKNN(n_neighbors=4, set_size=3, reorder="greedy").fit(X)
+    order = naive_greedy_order(X, 3)
+    np.testing.assert_allclose(loc.anomaly_score(Q),
+                               naive_local_scores(X, Q, 4, 3, order, 1e-3), rtol=1e-6)
+
+
+def test_knn_aggregates_hand_computed():
+    X = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [4.0, 0.0]])
+    q = np.array([[0.0, 0.0]])
+    # distances from q: 0, 1, 2, 4 -> k=3 nearest: 0, 1, 2
+    assert KNN(n_neighbors=3).fit(X).anomaly_score(q)[0] == pytest.approx(1.0)
+    assert KNN(n_neighbors=3, aggregate="max").fit(X).anomaly_score(q)[0] == pytest.approx(2.0)
+    assert KNN(n_neighbors=3, aggregate="kth").fit(X).anomaly_score(q)[0] == pytest.approx(2.0)
+    # leave-one-out: point 0's three others are at 1, 2, 4
+    assert -KNN(n_neighbors=3).fit(X).train_scores_[0] == pytest.approx(7 / 3)
+
+
+def test_hand_computed_knnn_2d():
+    """Neighbourhood on a line: the across-line direction has a floored
+    eigenvalue, the along-line direction the line's variance."""
+    X = np.array([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [3.0, 0.0]])
+    det = KNNN(n_neighbors=1, n_neighbors_of_neighbors=4, set_size=2, reorder="none",
+               eig_floor=0.5).fit(X)
+    # all neighbourhoods = the 4 points: var along x = 1.25, across = 0
+    # floor for the only set = 0.5 * mean feature variance = 0.5 * (1.25 + 0) / 2
+    floor = 0.5 * 1.25 / 2
+    q = np.array([[1.0, 0.5], [1.5, 0.0]])
+    expected = [0.5 / np.sqrt(floor), 0.5 / np.sqrt(1.25)]
+    np.testing.assert_allclose(det.anomaly_score(q), expected, rtol=1e-12)
+
+
+# ------------------------------------------------------------- reordering
+def test_greedy_pairs_correlated_features_figure6():
+    """Paper Figure 6: features (0, 2) and (1, 3) are correlated pairs; the
+    greedy reorder must put each pair in one set."""
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(2, 100))
+    X = np.column_stack([a, b, a + 0.1 * rng.normal(size=100), b + 0.1 * rng.normal(size=100)])
+    order = greedy_order(abs_correlation(X), 2)
+    assert order[:2].tolist() == [0, 2]  # the first feature stays, its partner joins it
+    assert {frozenset(order[:2].tolist()), frozenset(order[2:].tolist())} == {
+        frozenset({0, 2}), frozenset({1, 3})}
+    assert naive_greedy_order(X, 2).tolist() == order.tolist()
+
+
+def test_greedy_reorder_detects_relation_anomaly():
+    """The red point of Figure 6 breaks the relation between correlated
+    features; only the reordered partition sees it."""
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(2, 400))
+    X = np.column_stack([a, b, a + 0.05 * rng.normal(size=400), b + 0.05 * rng.normal(size=400)])
+    normal = X[:50] + 0.01
+    anomaly = np.array([[1.0, 1.0, -1.0, -1.0]])  # each marginal is ordinary
+    Q = np.vstack([normal, anomaly])
+    ratios = {}
+    for reorder in ["none", "greedy"]:
+        s = KNNN(set_size=2, reorder=reorder).fit(X[50:]).anomaly_score(Q)
+        ratios[reorder] = s[-1] / np.median(s[:-1])
+    assert ratios["greedy"] > 2 * ratios["none"]
+    assert ratios["greedy"] > 5
+
+
+def test_greedy_handles_constant_columns():
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(50, 6))
+    X[:, 2] = 3.0
+    C = abs_correlation(X)
+    assert np.isfinite(C).all()
+    order = greedy_order(C, 3)
+    assert sorted(order.tolist()) == list(range(6))
+
+
+# ---------------------------------------------------------- neighbourhoods
+def test_point_in_own_neighbourhood_with_duplicates():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(20, 5))
+    X = np.repeat(base, 4, axis=0)  # every row 4 times
+    for backend in ["brute", "sklearn"]:
+        det = KNNN(n_neighbors_of_neighbors=6, backend=backend).fit(X)
+        assert (det.neighborhoods_[:, 0] == np.arange(len(X))).all()
+        assert all(len(set(r)) == len(r) for r in det.neighborhoods_.tolist())
+        assert np.isfinite(det.train_scores_).all()
+
+
+def test_partial_last_set_kept():
+    X, Q = well_conditioned(0, d=7)
+    det = KNNN(set_size=5, n_neighbors_of_neighbors=20, reorder="none").fit(X)
+    assert det.set_sizes_.tolist() == [5, 2]
+    assert set_sizes(7, 5).tolist() == [5, 2]
+    q = Q[:1].copy()
+    base = det.anomaly_score(q)[0]
+    q[0, 6] += 50 * X[:, 6].std()  # change only a feature of the short last set
+    assert det.anomaly_score(q)[0] > 2 * base
+
+
+def test_counts_capped_with_warning_params_untouched():
+    X = np.random.default_rng(0).normal(size=(10, 3))
+    det = KNNN(n_neighbors=30, n_neighbors_of_neighbors=25, set_size=8)
+    with pytest.warns(CappedParameterWarning):
+        det.fit(X)
+    assert det.n_neighbors_ == 9 and det.n_neighbors_of_neighbors_ == 10 and det.set_size_ == 3
+    assert det.get_params()["n_neighbors"] == 30
+    assert det.get_params()["n_neighbors_of_neighbors"] == 25
+    assert det.get_params()["set_size"] == 8
+    assert det.anomaly_score(X).shape == (10,)
+
+
+# --------------------------------------------------------- robust numerics
+def _degenerate_sets():
+    rng = np.random.default_rng(0)
+    dup = np.repeat(rng.normal(size=(15, 6)), 3, axis=0)
+    const = rng.normal(size=(60, 6))
+    const[:, [1, 4]] = 7.0
+    lowrank = rng.normal(size=(80, 2)) @ rng.normal(size=(2, 10))
+    return {"duplicates": dup, "constant": const, "lowrank": lowrank}
+
+
+@pytest.mark.parametrize("name", ["duplicates", "constant", "lowrank"])
+@pytest.mark.parametrize("cls", [KNNN, GlobalEigenKNN, LocalEigenKNN])
+def test_degenerate_data_gives_finite_scores(name, cls):
+    X = _degenerate_sets()[name]
+    Q = np.vstack([X[:5], X[:5] + 1.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CappedParameterWarning)
+        det = cls().fit(X)
+    assert np.isfinite(det.train_scores_).all()
+    s = det.anomaly_score(Q)
+    assert np.isfinite(s).all()
+    assert s[5:].min() > s[:5].max()
+
+
+def test_kprime_not_more_than_L_finite():
+    X = np.random.default_rng(0).normal(size=(50, 10))
+    det = KNNN(n_neighbors_of_neighbors=3, set_size=5).fit(X)
+    assert np.isfinite(det.anomaly_score(X + 0.1)).all()
+
+
+@pytest.mark.parametrize("cls", [KNNN, KNN, GlobalEigenKNN, LocalEigenKNN])
+@pytest.mark.parametrize("c", [1e-4, 0.37, 1e5])
+def test_uniform_scaling_keeps_ranking(cls, c):
+    X, Q = well_conditioned(7, d=10)
+    Q = np.vstack([Q, X[:5] + 0.01])
+    a = cls().fit(X).anomaly_score(Q)
+    b = cls().fit(c * X).anomaly_score(c * Q)
+    np.testing.assert_array_equal(np.argsort(a), np.argsort(b))
+
+
+@pytest.mark.parametrize("cls", [KNNN, KNN, GlobalEigenKNN, LocalEigenKNN])
+def test_translation_changes_nothing(cls):
+    X, Q = well_conditioned(8, d=10)
+    shift = np.linspace(-50, 80, 10)
+    a = cls().fit(X).anomaly_score(Q)
+    b = cls().fit(X + shift).anomaly_score(Q + shift)
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_row_permutation_invariance():
+    X, Q = well_conditioned(9, d=10)
+    perm = np.random.default_rng(0).permutation(len(X))
+    np.testing.assert_allclose(KNNN().fit(X).anomaly_score(Q),
+                               KNNN().fit(X[perm]).anomaly_score(Q), rtol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cls", [KNNN, KNN, GlobalEigenKNN, LocalEigenKNN])
+def test_dtype_preserved_end_to_end(dtype, cls):
+    X, Q = well_conditioned(10, d=10)
+    det = cls().fit(X.astype(dtype))
+    assert det._fit_X.dtype == dtype
+    for name in ["eigenvectors_", "eigenvalues_", "components_"]:
+        if hasattr(det, name):
+            assert getattr(det, name).dtype == dtype
+    for method in ["anomaly_score", "score_samples", "decision_function"]:
+        assert getattr(det, method)(Q.astype(dtype)).dtype == dtype
+    # queries in another dtype are scored in the model's dtype
+    assert det.anomaly_score(Q.astype(np.float64)).dtype == dtype
+    assert det.train_scores_.dtype == dtype
+
+
+def test_chunking_does_not_change_scores():
+    X, Q = well_conditioned(11, n=200, d=12, n_q=50)
+    a = KNNN().fit(X).anomaly_score(Q)
+    b = KNNN(working_memory=0.01).fit(X).anomaly_score(Q)
+    np.testing.assert_allclose(a, b, rtol=1e-10)
+
+
+def test_backends_agree():
+    X, Q = well_conditioned(12, n=150, d=12, n_q=30)
+    a = KNNN(backend="brute").fit(X)
+    b = KNNN(backend="sklearn").fit(X)
+    assert a.backend_ == "brute" and b.backend_ == "sklearn"
+    np.testing.assert_allclose(a.anomaly_score(Q), b.anomaly_score(Q), rtol=1e-8)
