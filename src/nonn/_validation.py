@@ -37,8 +37,8 @@ class Interval:
         return lo_ok and hi_ok
 
     def __str__(self):
-        lb = "[" if self.closed in ("both", "left") else "("
-        rb = "]" if self.closed in ("both", "right") else ")"
+        lb = "[" if self.closed in ("both", "left") and self.left is not None else "("
+        rb = "]" if self.closed in ("both", "right") and self.right is not None else ")"
         lo = "-inf" if self.left is None else self.left
         hi = "inf" if self.right is None else self.right
         noun = "an int" if self.kind == "int" else "a float"
