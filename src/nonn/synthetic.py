@@ -45,6 +45,7 @@ from ._knnn import KNNN
 
 __all__ = [
     "DATASETS",
+    "MARGIN",
     "METHODS",
     "NOISE",
     "PAPER_TABLE5",
@@ -219,7 +220,7 @@ def plot_figure8(path, n_train=FIGURE_SIZE, seed=FIGURE_SEED, grid=_GRID):
 
 
 def _markdown(summary, per_size, sizes, seeds, n_anomalies):
-    head = "| Dataset | | " + " | ".join(METHODS) + " | k-NNN − k-NN |"
+    head = "| Dataset | | " + " | ".join(METHODS) + " | k-NNN - k-NN |"
     rule = "|---|---|" + "---|" * (len(METHODS) + 1)
     lines = [
         "# Synthetic 2-D benchmark (paper Sec. 4.2, Table 5)",
@@ -249,7 +250,7 @@ def _markdown(summary, per_size, sizes, seeds, n_anomalies):
         "",
         f"## Per training size (mean over {seeds} seeds)",
         "",
-        "| Dataset | n_train | " + " | ".join(METHODS) + " | k-NNN − k-NN |",
+        "| Dataset | n_train | " + " | ".join(METHODS) + " | k-NNN - k-NN |",
         "|---|---|" + "---|" * (len(METHODS) + 1),
     ]
     for d in DATASETS:
@@ -350,7 +351,7 @@ def run_demo(out_dir="nonn-demo", seeds=5, sizes=(100, 200, 300, 400, 500),
 
     md = _markdown(summary, per_size, sizes, seeds, n_anomalies)
     md_path = out / "table5.md"
-    md_path.write_text(md)
+    md_path.write_text(md, encoding="utf-8")
 
     png_path = out / "figure8.png"
     try:
