@@ -72,7 +72,7 @@ class KNN(_NeighbourQueries, BaseDetector):
     }
     _state_arrays = ("_fit_X", "train_scores_")
     _state_scalars = ("n_neighbors_", "offset_", "contamination_", "threshold_source_",
-                      "backend_", "n_jobs_")
+                      "backend_")
 
     def __init__(self, n_neighbors=3, aggregate="mean", metric="euclidean", backend="auto",
                  backend_params=None, contamination="auto", working_memory=None, n_jobs=None,
@@ -122,7 +122,7 @@ class GlobalEigenKNN(_NeighbourQueries, BaseDetector):
     }
     _state_arrays = ("_fit_X", "components_", "eigenvalues_", "eig_floor_", "train_scores_")
     _state_scalars = ("n_neighbors_", "offset_", "contamination_", "threshold_source_",
-                      "backend_", "n_jobs_")
+                      "backend_")
 
     def __init__(self, n_neighbors=3, eig_floor=1e-3, metric="euclidean", backend="auto",
                  backend_params=None, contamination="auto", working_memory=None, n_jobs=None,
@@ -188,7 +188,7 @@ class LocalEigenKNN(_SetGridMixin, _NeighbourQueries, BaseDetector):
     }
     _state_arrays = ("_fit_X", "feature_order_", "set_sizes_", "eig_floor_", "train_scores_")
     _state_scalars = ("n_neighbors_", "set_size_", "offset_", "contamination_",
-                      "threshold_source_", "backend_", "n_jobs_")
+                      "threshold_source_", "backend_")
 
     def __init__(self, n_neighbors=3, set_size=5, reorder="greedy", eig_floor=1e-3,
                  metric="euclidean", backend="auto", backend_params=None, contamination="auto",

@@ -139,7 +139,7 @@ class KNNN(_SetGridMixin, BaseDetector):
     )
     _state_scalars = (
         "n_neighbors_", "n_neighbors_of_neighbors_", "set_size_", "offset_",
-        "contamination_", "threshold_source_", "backend_", "n_jobs_",
+        "contamination_", "threshold_source_", "backend_",
     )
 
     def __init__(

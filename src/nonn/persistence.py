@@ -85,6 +85,10 @@ def save(estimator, path):
             np.savez(fh, **payload)
             fh.flush()
             os.fsync(fh.fileno())
+        # mkstemp creates the file private (0600); give it the usual umask mode.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -176,7 +180,11 @@ def load(path):
         for name, value in meta["fitted"].items():
             if name in cls._state_scalars:
                 setattr(est, name, value)
+    from ._base import resolve_n_jobs
+
     est.n_features_in_ = int(meta["n_features_in"])
+    # threads are a property of the machine that loads the model, not the one that saved it
+    est.n_jobs_ = resolve_n_jobs(est.n_jobs)
     est.dtype_ = np.dtype(meta["dtype"])
     # The search index is rebuilt from the stored training data.
     est._search = est._make_backend(est._fit_X)

@@ -1,0 +1,305 @@
+"""The ``nonn`` command line: a thin layer over the library.
+
+::
+
+    nonn fit TRAIN -o MODEL [--detector knnn|knn|global|local] [options]
+    nonn score MODEL QUERIES -o SCORES
+    nonn info MODEL
+    nonn demo [--out DIR] [--seeds N] [--sizes 100,200,...] [--quick]
+
+Every command has ``--help``. Errors print one ``nonn: error: ...`` line on
+stderr and exit with status 2; success exits with 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+
+from . import KNN, KNNN, GlobalEigenKNN, LocalEigenKNN, __version__
+from . import _io
+from .neighbors import BACKENDS, METRICS
+from .persistence import load, read_meta
+
+#: --detector name -> estimator class
+DETECTORS = {
+    "knnn": KNNN,
+    "knn": KNN,
+    "global": GlobalEigenKNN,
+    "local": LocalEigenKNN,
+}
+
+
+def _contamination(text):
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected 'auto' or a float in (0, 0.5], got {text!r}") from None
+
+
+#: fit options: (flag, parameter name, argparse keywords). Defaults are the
+#: estimators' own: an option the user does not give is not passed at all.
+_FIT_OPTIONS = (
+    ("--n-neighbors", "n_neighbors",
+     dict(type=int, metavar="K", help="k, neighbours of a query (default: 3)")),
+    ("--n-neighbors-of-neighbors", "n_neighbors_of_neighbors",
+     dict(type=int, metavar="KP", help="K', size of each training point's neighbourhood, "
+          "itself included (knnn only; default: 25)")),
+    ("--set-size", "set_size",
+     dict(type=int, metavar="L", help="L, features per set (knnn, local; default: 5)")),
+    ("--reorder", "reorder",
+     dict(choices=("greedy", "none"), help="correlation re-ordering of the features before "
+          "they are cut into sets (knnn, local; default: greedy)")),
+    ("--metric", "metric",
+     dict(choices=sorted(METRICS), help="distance used to find neighbours "
+          "(default: euclidean)")),
+    ("--backend", "backend",
+     dict(metavar="NAME", help="search backend: 'auto' or one of "
+          f"{', '.join(sorted(BACKENDS))} (default: auto)")),
+    ("--contamination", "contamination",
+     dict(type=_contamination, metavar="auto|FLOAT",
+          help="share of training points to flag, in (0, 0.5]; auto = 0.01 "
+          "(default: auto)")),
+    ("--eig-floor", "eig_floor",
+     dict(type=float, metavar="FLOAT", help="relative eigenvalue floor "
+          "(knnn, global, local; default: 0.001)")),
+)
+
+
+def _sizes(text):
+    try:
+        sizes = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive ints such as 100,200,300, got {text!r}")
+    return sizes
+
+
+def _human_bytes(n):
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def _note(message):
+    print(f"nonn: {message}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------- fit
+def _cmd_fit(args):
+    cls = DETECTORS[args.detector]
+    accepted = cls().get_params()
+    params = {}
+    for flag, name, _ in _FIT_OPTIONS:
+        if name not in vars(args):
+            continue
+        if name in accepted:
+            params[name] = getattr(args, name)
+        else:
+            _note(f"note: {flag} does not apply to --detector {args.detector}; ignored.")
+    # Fail before the (possibly long) fit, not after it.
+    _io.check_output_folder(args.output)
+    X = _io.read_matrix(args.train, key=args.key)
+    det = cls(verbose=True, **params)
+    start = time.perf_counter()
+    det.fit(X)
+    seconds = time.perf_counter() - start
+    # The saved model should not print progress bars when a library user loads
+    # it; `nonn score` switches them back on.
+    det.set_params(verbose=False)
+    det.save(args.output)
+    n, d = X.shape
+    print(f"fitted {cls.__name__} on {n} samples x {d} features "
+          f"({np.dtype(det.dtype_).name}) in {seconds:.2f} s")
+    print(f"  backend_: {det.backend_}   offset_: {det.offset_:.6g}   "
+          f"contamination_: {det.contamination_:g}")
+    print(f"  saved to {args.output} ({_human_bytes(os.path.getsize(args.output))})")
+    return 0
+
+
+# ------------------------------------------------------------------- score
+def _cmd_score(args):
+    _io.check_scores_path(args.output)
+    det = load(args.model)
+    det.set_params(verbose=True)
+    Q = _io.read_matrix(args.queries, key=args.key)
+    start = time.perf_counter()
+    anomaly = det.anomaly_score(Q)
+    # score_samples and predict would each recompute the search and Eq. 2;
+    # these are their definitions in BaseDetector, applied to the one result.
+    samples = -anomaly
+    labels = np.where(samples - det.offset_ < 0, -1, 1)
+    seconds = time.perf_counter() - start
+    _io.write_scores(args.output, anomaly, samples, labels)
+    n_out = int((labels == -1).sum())
+    print(f"scored {len(anomaly)} queries with {type(det).__name__} in {seconds:.2f} s: "
+          f"{n_out} flagged as anomalies (label -1)")
+    print(f"  wrote {args.output}")
+    return 0
+
+
+# -------------------------------------------------------------------- info
+def _cmd_info(args):
+    meta = read_meta(args.model)
+    print(f"model:        {args.model} ({_human_bytes(os.path.getsize(args.model))} on disk)")
+    print(f"format:       {meta.get('format')} version {meta.get('format_version')}")
+    print(f"nonn version: {meta.get('nonn_version')}")
+    print(f"estimator:    {meta.get('estimator')}")
+    print(f"n_features:   {meta.get('n_features_in')} ({meta.get('dtype')})")
+    print("params:")
+    for name, value in (meta.get("params") or {}).items():
+        print(f"  {name} = {value!r}")
+    print("fitted:")
+    for name, value in (meta.get("fitted") or {}).items():
+        print(f"  {name} = {value!r}")
+    print("arrays:")
+    arrays = meta.get("arrays") or {}
+    width = max((len(k) for k in arrays), default=0)
+    total = 0
+    for name, spec in arrays.items():
+        shape = tuple(spec.get("shape", ()))
+        dtype = np.dtype(spec.get("dtype", "V"))
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        total += nbytes
+        print(f"  {name:<{width}}  {str(shape):<20} {dtype.name:<8} {_human_bytes(nbytes)}")
+    print(f"memory:       {_human_bytes(total)} of arrays when loaded")
+    if args.verify:
+        load(args.model)
+        print("verified:     every array matches its metadata; the model loads")
+    return 0
+
+
+# -------------------------------------------------------------------- demo
+def _cmd_demo(args):
+    from .synthetic import run_demo
+
+    kwargs = {"out_dir": args.out, "verbose": True, "quick": args.quick}
+    if args.quick and (args.seeds is not None or args.sizes is not None):
+        _note("note: --quick overrides --seeds and --sizes (2 seeds, sizes 100,300).")
+    if args.seeds is not None:
+        kwargs["seeds"] = args.seeds
+    if args.sizes is not None:
+        kwargs["sizes"] = args.sizes
+    run_demo(**kwargs)
+    return 0
+
+
+# ------------------------------------------------------------------ parser
+def build_parser():
+    """The argparse parser of the ``nonn`` command."""
+    parser = argparse.ArgumentParser(
+        prog="nonn",
+        description="k-NNN anomaly detection (nearest neighbours of neighbours; "
+        "Nizan & Tal, WACV Workshops 2024).",
+    )
+    parser.add_argument("--version", action="version", version=f"nonn {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    fit = sub.add_parser(
+        "fit", help="fit a detector on normal training embeddings and save it",
+        description="Fit a detector on normal training embeddings TRAIN and save the model. "
+        "Options a detector does not have are ignored with a note.",
+    )
+    fit.add_argument("train", metavar="TRAIN",
+                     help="training matrix: .npy, .npz, .csv or .parquet, one sample per row")
+    fit.add_argument("-o", "--output", metavar="MODEL", required=True,
+                     help="model file to write (for example model.nonn)")
+    fit.add_argument("--detector", choices=tuple(DETECTORS), default="knnn",
+                     help="knnn (k-NNN, the paper's method), knn (plain k-NN), global or "
+                     "local (eigen-normalised k-NN baselines) (default: knnn)")
+    for flag, name, kwargs in _FIT_OPTIONS:
+        fit.add_argument(flag, dest=name, default=argparse.SUPPRESS, **kwargs)
+    fit.add_argument("--key", metavar="NAME",
+                     help="array in a .npz file (default: 'X' or the only array), or "
+                     "embedding column in a .parquet file")
+    fit.set_defaults(handler=_cmd_fit)
+
+    score = sub.add_parser(
+        "score", help="score queries with a saved model",
+        description="Score QUERIES with MODEL and write one row per query: index, "
+        "anomaly_score (higher = more anomalous), score_samples (higher = more normal) "
+        "and label (+1 inlier, -1 outlier).",
+    )
+    score.add_argument("model", metavar="MODEL", help="model file written by `nonn fit`")
+    score.add_argument("queries", metavar="QUERIES",
+                       help="query matrix: .npy, .npz, .csv or .parquet, one sample per row")
+    score.add_argument("-o", "--output", metavar="SCORES", required=True,
+                       help="scores file: .csv, .npy (structured array), .npz or .parquet")
+    score.add_argument("--key", metavar="NAME",
+                       help="array in a .npz file, or embedding column in a .parquet file")
+    score.set_defaults(handler=_cmd_score)
+
+    info = sub.add_parser(
+        "info", help="describe a saved model",
+        description="Print a model file's format, nonn version, estimator, parameters, "
+        "fitted values and arrays, without loading the arrays.",
+    )
+    info.add_argument("model", metavar="MODEL", help="model file written by `nonn fit`")
+    info.add_argument("--verify", action="store_true",
+                      help="also load the model, checking every array against its metadata")
+    info.set_defaults(handler=_cmd_info)
+
+    demo = sub.add_parser(
+        "demo", help="run the synthetic demonstration",
+        description="Run the synthetic demonstration: fit the detectors on generated "
+        "data, print a table and write its files into DIR.",
+    )
+    demo.add_argument("--out", metavar="DIR", default="nonn-demo",
+                      help="output folder (default: nonn-demo)")
+    demo.add_argument("--seeds", type=int, metavar="N",
+                      help="random seeds per dataset and size (default: 5)")
+    demo.add_argument("--sizes", type=_sizes, metavar="N,N,...",
+                      help="training set sizes, comma-separated (default: 100,200,300,400,500)")
+    demo.add_argument("--quick", action="store_true",
+                      help="a fast smoke run: 2 seeds, sizes 100,300 and a coarser figure "
+                      "(overrides --seeds and --sizes)")
+    demo.set_defaults(handler=_cmd_demo)
+    return parser
+
+
+def _one_line(exc):
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"nonn: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+def main(argv=None):
+    """Run the ``nonn`` command with ``argv`` (default: ``sys.argv[1:]``).
+
+    Returns the exit status: 0 on success, 2 on a usage or input error.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.handler(args)
+    except (OSError, ValueError, ImportError) as exc:
+        # ModelFileError is a ValueError; a missing optional dependency an ImportError.
+        print(f"nonn: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nonn: interrupted", file=sys.stderr)
+        return 130
