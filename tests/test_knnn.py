@@ -254,3 +254,29 @@ def test_backends_agree():
     b = KNNN(backend="sklearn").fit(X)
     assert a.backend_ == "brute" and b.backend_ == "sklearn"
     np.testing.assert_allclose(a.anomaly_score(Q), b.anomaly_score(Q), rtol=1e-8)
+
+
+# ------------------------------------------------------- compiled kernels
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_kernels_match_numpy_reference(dtype):
+    from nonn import _local_eigen as le
+
+    rng = np.random.default_rng(0)
+    X = (rng.normal(size=(300, 13)) @ rng.normal(size=(13, 13))).astype(dtype)
+    sizes = np.array([5, 5, 3])
+    Xg = le.to_grid(X, np.arange(13), 3, 5)
+    groups = np.concatenate([np.arange(300)[:, None], rng.integers(0, 300, (300, 9))], axis=1)
+    w1, v1 = le.neighbourhood_eigen(Xg, groups, sizes, 5, engine="numba")
+    w2, v2 = le.neighbourhood_eigen(Xg, groups, sizes, 5, engine="numpy")
+    tol = 1e-4 if dtype == np.float32 else 1e-9
+    np.testing.assert_allclose(w1, w2, rtol=tol, atol=tol * np.abs(w2).max())
+    # eigenvectors agree up to sign
+    dots = np.abs(np.einsum("psaj,psaj->psj", v1, v2))
+    valid = np.arange(5)[None, None, :] < sizes[None, :, None]
+    np.testing.assert_allclose(dots[np.broadcast_to(valid, dots.shape)], 1, atol=10 * tol)
+    floor = np.full(3, 1e-3, dtype=dtype) * np.abs(w2).mean()
+    idx = rng.integers(0, 300, (50, 3))
+    Qg = Xg[:50] + dtype(0.3)
+    s1 = le.score_eq2(Qg, idx, Xg, v1, w1, sizes, floor, engine="numba")
+    s2 = le.score_eq2(Qg, idx, Xg, v2, w2, sizes, floor, engine="numpy")
+    np.testing.assert_allclose(s1, s2, rtol=10 * tol)

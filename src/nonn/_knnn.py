@@ -8,7 +8,7 @@ from ._base import BaseDetector, cap
 from ._local_eigen import (
     floor_scale,
     neighbourhood_eigen,
-    project_l1,
+    score_eq2,
     to_grid,
 )
 from ._partition import feature_order, set_sizes
@@ -198,8 +198,8 @@ class KNNN(_SetGridMixin, BaseDetector):
         self.eigenvalues_ = np.empty((n, n_sets, L), dtype=Xg.dtype)
         self.eigenvectors_ = np.empty((n, n_sets, L, L), dtype=Xg.dtype)
         item = Xg.dtype.itemsize
-        # gathered neighbourhood (twice: gather + transposed copy), covariance,
-        # eigenvectors and LAPACK's output copies
+        # numpy path: gathered neighbourhood (gather + transposed copy),
+        # covariance, eigenvectors and LAPACK's copies; the kernels need less
         row_bytes = item * n_sets * L * (2 * Kp + 4 * L)
         for sl in self._query_chunks(n, row_bytes, "neighbourhood eigen"):
             w, v = neighbourhood_eigen(
@@ -213,12 +213,12 @@ class KNNN(_SetGridMixin, BaseDetector):
         q, k = idx.shape
         n_sets, L = len(self.set_sizes_), self.set_size_
         out = np.empty(q, dtype=Qg.dtype)
+        # the numpy path gathers (k, S, L, L) eigenvectors per query
         row_bytes = Qg.dtype.itemsize * k * n_sets * L * (L + 4)
         for sl in self._query_chunks(q, row_bytes):
-            nb = idx[sl]
-            diff = self._diff_grid(Qg[sl], nb)
-            out[sl] = project_l1(diff, self.eigenvectors_[nb], self.eigenvalues_[nb],
-                                 self.set_sizes_, self.eig_floor_).sum(axis=1)
+            out[sl] = score_eq2(Qg[sl], idx[sl], self._fit_X, self.eigenvectors_,
+                                self.eigenvalues_, self.set_sizes_, self.eig_floor_,
+                                self.n_jobs_)
         return out
 
     def _anomaly_score(self, X):

@@ -36,11 +36,6 @@ def floor_scale(Xg, sizes, set_size):
     return np.where(per_set > 0, per_set, total)
 
 
-def _eigh_sorted(C):
-    w, v = np.linalg.eigh(C)
-    return w, v
-
-
 def batched_eigh(C, n_jobs=1):
     """``np.linalg.eigh`` over a stack of small symmetric matrices, split over
     threads (LAPACK releases the GIL)."""
@@ -52,7 +47,62 @@ def batched_eigh(C, n_jobs=1):
     return np.concatenate([r[0] for r in res]), np.concatenate([r[1] for r in res])
 
 
-def neighbourhood_eigen(Xg, groups, sizes, set_size, n_jobs=1):
+def have_kernels():
+    """Whether the compiled (numba) kernels are available."""
+    try:
+        from . import _kernels  # noqa: F401
+    except ImportError:  # pragma: no cover - numba is a dependency
+        return False
+    return True
+
+
+def neighbourhood_eigen(Xg, groups, sizes, set_size, n_jobs=1, engine="auto"):
+    """Eigen-state of each neighbourhood's covariance, per feature set.
+
+    ``engine="numba"`` uses the compiled kernels, ``"numpy"`` the reference
+    path below (LAPACK), ``"auto"`` the kernels when available.
+    """
+    if engine == "auto":
+        engine = "numba" if have_kernels() else "numpy"
+    if engine == "numba":
+        return _neighbourhood_eigen_numba(Xg, groups, sizes, set_size, n_jobs)
+    return _neighbourhood_eigen_numpy(Xg, groups, sizes, set_size, n_jobs)
+
+
+def _neighbourhood_eigen_numba(Xg, groups, sizes, set_size, n_jobs):
+    import numba
+
+    from . import _kernels
+
+    n_sets, L = len(sizes), set_size
+    c = groups.shape[0]
+    groups = np.ascontiguousarray(groups, dtype=np.int64)
+    sizes = np.ascontiguousarray(sizes, dtype=np.int64)
+    prev = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(n_jobs, numba.config.NUMBA_NUM_THREADS)))
+    try:
+        C = np.empty((c, n_sets, L, L))
+        _kernels.covariances(Xg, groups, sizes, L, C)
+        evals = np.zeros((c, n_sets, L), dtype=Xg.dtype)
+        evecs = np.zeros((c, n_sets, L, L), dtype=Xg.dtype)
+        full = int(np.sum(sizes == L))
+        for lo, hi, r in ((0, full, L), (full, n_sets, int(sizes[-1]))):
+            if hi <= lo:
+                continue
+            # float32 data are diagonalised in float32 (twice the SIMD lanes),
+            # as LAPACK's ssyevd would; float64 data in float64
+            block = np.ascontiguousarray(C[:, lo:hi, :r, :r], dtype=Xg.dtype).reshape(-1, r, r)
+            w = np.empty(block.shape[:2], dtype=Xg.dtype)
+            v = np.empty(block.shape, dtype=Xg.dtype)
+            _kernels.eigh_batched(block, w, v)
+            evals[:, lo:hi, :r] = w.reshape(c, hi - lo, r)
+            evecs[:, lo:hi, :r, :r] = v.reshape(c, hi - lo, r, r)
+    finally:
+        numba.set_num_threads(prev)
+    return evals, evecs
+
+
+def _neighbourhood_eigen_numpy(Xg, groups, sizes, set_size, n_jobs=1):
     """Eigen-state of the covariance of each neighbourhood, per feature set.
 
     Parameters
@@ -90,6 +140,30 @@ def neighbourhood_eigen(Xg, groups, sizes, set_size, n_jobs=1):
         evecs[:, -1, :r, :r] = v
     np.maximum(evals, 0, out=evals)
     return evals, evecs
+
+
+def score_eq2(Qg, idx, Xg, evecs, evals, sizes, floor, n_jobs=1, engine="auto"):
+    """Eq. 2 for grid queries ``Qg`` (q, S*L) whose neighbours are ``idx``
+    (q, k), from the stored eigen-state of the training points."""
+    if engine == "auto":
+        engine = "numba" if have_kernels() else "numpy"
+    if engine == "numba":
+        import numba
+
+        from . import _kernels
+
+        out = np.empty(idx.shape[0], dtype=Qg.dtype)
+        prev = numba.get_num_threads()
+        numba.set_num_threads(max(1, min(n_jobs, numba.config.NUMBA_NUM_THREADS)))
+        try:
+            _kernels.score_eq2(Qg, np.ascontiguousarray(idx, dtype=np.int64), Xg, evecs, evals,
+                               np.asarray(sizes, dtype=np.int64),
+                               np.asarray(floor, dtype=np.float64), out)
+        finally:
+            numba.set_num_threads(prev)
+        return out
+    diff = (Qg[:, None, :] - Xg[idx]).reshape(idx.shape + (len(sizes), evecs.shape[-1]))
+    return project_l1(diff, evecs[idx], evals[idx], sizes, floor).sum(axis=1)
 
 
 def project_l1(diff, evecs, evals, sizes, floor):
