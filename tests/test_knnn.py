@@ -264,7 +264,7 @@ def test_kernels_match_numpy_reference(dtype):
     rng = np.random.default_rng(0)
     X = (rng.normal(size=(300, 13)) @ rng.normal(size=(13, 13))).astype(dtype)
     sizes = np.array([5, 5, 3])
-    Xg = le.to_grid(X, np.arange(13), 3, 5)
+    Xg = le.permute(X, np.arange(13))
     groups = np.concatenate([np.arange(300)[:, None], rng.integers(0, 300, (300, 9))], axis=1)
     w1, v1 = le.neighbourhood_eigen(Xg, groups, sizes, 5, engine="numba")
     w2, v2 = le.neighbourhood_eigen(Xg, groups, sizes, 5, engine="numpy")

@@ -103,12 +103,15 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         self.threshold_source_ = "training (leave-one-out)"
         return self
 
-    def _make_backend(self, X):
+    def _make_backend(self, X, name=None):
+        """Build and fit the search backend (``name`` overrides ``backend``,
+        e.g. the resolved backend of a model being loaded)."""
         params = dict(self.backend_params or {})
         params.setdefault("working_memory", self.working_memory)
         params.setdefault("verbose", getattr(self, "verbose", False))
+        params.setdefault("n_jobs", self.n_jobs)
         backend = make_backend(
-            self.backend, metric=getattr(self, "metric", "euclidean"),
+            name or self.backend, metric=getattr(self, "metric", "euclidean"),
             n_samples=X.shape[0], n_features=X.shape[1], **params
         )
         self.backend_ = backend.name

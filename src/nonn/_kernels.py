@@ -38,19 +38,21 @@ def covariances(Xg, groups, sizes, L, out):
     """
     c, m = groups.shape
     n_sets = sizes.shape[0]
+    d = Xg.shape[1]
     width = n_sets * L
     for p in prange(c):
-        mean = np.zeros(width)
+        mean = np.zeros(d)
         for t in range(m):
             row = groups[p, t]
-            for f in range(width):
+            for f in range(d):
                 mean[f] += Xg[row, f]
-        for f in range(width):
+        for f in range(d):
             mean[f] /= m
+        # centred neighbourhood, zero-padded past column d (to the grid + one lag)
         G = np.zeros((m, width + L))
         for t in range(m):
             row = groups[p, t]
-            for f in range(width):
+            for f in range(d):
                 G[t, f] = Xg[row, f] - mean[f]
         P = np.zeros((L, width))
         for t in range(m):

@@ -8,8 +8,9 @@ from ._base import BaseDetector, cap
 from ._local_eigen import (
     floor_scale,
     neighbourhood_eigen,
+    pad,
+    permute,
     score_eq2,
-    to_grid,
 )
 from ._partition import feature_order, set_sizes
 from ._validation import Interval, Options
@@ -24,8 +25,7 @@ class _SetGridMixin:
         self.set_size_ = cap(self.set_size, d, "set_size", "the number of features")
         self.feature_order_ = feature_order(X, self.set_size_, self.reorder)
         self.set_sizes_ = set_sizes(d, self.set_size_)
-        n_sets = len(self.set_sizes_)
-        Xg = to_grid(X, self.feature_order_, n_sets, self.set_size_)
+        Xg = permute(X, self.feature_order_)
         # Floor relative to the data's own scale (per set), so that duplicates,
         # constant columns, K' <= L or low-rank data give finite scores and a
         # uniform rescaling of all data leaves every score unchanged. The eps
@@ -35,12 +35,13 @@ class _SetGridMixin:
         return Xg
 
     def _to_grid(self, X):
-        return to_grid(X, self.feature_order_, len(self.set_sizes_), self.set_size_)
+        return permute(X, self.feature_order_)
 
     def _diff_grid(self, Qg, idx):
         """(q, k, S, L) differences between queries and their neighbours."""
-        diff = Qg[:, None, :] - self._fit_X[idx]
-        return diff.reshape(idx.shape + (len(self.set_sizes_), self.set_size_))
+        n_sets, L = len(self.set_sizes_), self.set_size_
+        diff = pad(Qg[:, None, :] - self._fit_X[idx], n_sets * L)
+        return diff.reshape(idx.shape + (n_sets, L))
 
 
 class KNNN(_SetGridMixin, BaseDetector):

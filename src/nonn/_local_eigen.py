@@ -1,11 +1,12 @@
 """Batched neighbourhood eigen-decompositions and the Eq. 2 projection.
 
-Layout: after re-ordering, the D columns are zero-padded to S*L so that the
-feature sets form a regular ``(S, L)`` grid. A shorter last set of ``r < L``
-features is decomposed on its own ``r x r`` covariance; its eigenvectors sit
-in the top-left ``r x r`` block of an ``L x L`` block whose padding is zero,
-and its padded eigenvalue slots carry weight 0. Padded coordinates of every
-difference vector are zero, so padding contributes exactly nothing.
+Layout: the training data are stored with their D columns re-ordered (not
+padded; search backends see plain D-dimensional rows). Set s holds columns
+``s*L .. s*L + sizes[s]``. A shorter last set of ``r < L`` features is
+decomposed on its own ``r x r`` covariance; its eigenvectors sit in the
+top-left ``r x r`` block of an ``L x L`` block whose padding is zero, and its
+padded eigenvalue slots count for nothing. The numpy reference path below
+zero-pads to S*L columns on the fly so that sets form a regular (S, L) grid.
 """
 
 from __future__ import annotations
@@ -15,11 +16,18 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 
-def to_grid(X, order, n_sets, set_size):
-    """``X[:, order]`` zero-padded to ``n_sets * set_size`` columns."""
-    n, d = X.shape
-    out = np.zeros((n, n_sets * set_size), dtype=X.dtype)
-    out[:, :d] = X[:, order]
+def permute(X, order):
+    """``X[:, order]`` as a C-contiguous array."""
+    return np.ascontiguousarray(X[:, order])
+
+
+def pad(A, width):
+    """Zero-pad the last axis of ``A`` to ``width``."""
+    d = A.shape[-1]
+    if d == width:
+        return A
+    out = np.zeros(A.shape[:-1] + (width,), dtype=A.dtype)
+    out[..., :d] = A
     return out
 
 
@@ -28,7 +36,7 @@ def floor_scale(Xg, sizes, set_size):
     variance of the set's features over the training set. Falls back to the
     mean over all features for a constant set, and to 1 for constant data."""
     n_sets = len(sizes)
-    var = Xg.astype(np.float64).var(axis=0).reshape(n_sets, set_size)
+    var = pad(Xg.astype(np.float64).var(axis=0), n_sets * set_size).reshape(n_sets, set_size)
     per_set = var.sum(axis=1) / sizes
     total = var.sum() / sizes.sum()
     if total <= 0:
@@ -119,7 +127,7 @@ def _neighbourhood_eigen_numpy(Xg, groups, sizes, set_size, n_jobs=1):
     n_sets = len(sizes)
     L = set_size
     c, m = groups.shape
-    G = Xg[groups].reshape(c, m, n_sets, L)
+    G = pad(Xg[groups], n_sets * L).reshape(c, m, n_sets, L)
     G -= G.mean(axis=1, keepdims=True)
     G = np.ascontiguousarray(G.transpose(0, 2, 1, 3))  # (c, S, M, L)
     # Covariance with divisor M (maximum likelihood). The divisor is only a
@@ -162,7 +170,8 @@ def score_eq2(Qg, idx, Xg, evecs, evals, sizes, floor, n_jobs=1, engine="auto"):
         finally:
             numba.set_num_threads(prev)
         return out
-    diff = (Qg[:, None, :] - Xg[idx]).reshape(idx.shape + (len(sizes), evecs.shape[-1]))
+    L = evecs.shape[-1]
+    diff = pad(Qg[:, None, :] - Xg[idx], len(sizes) * L).reshape(idx.shape + (len(sizes), L))
     return project_l1(diff, evecs[idx], evals[idx], sizes, floor).sum(axis=1)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 import zipfile
 
 import numpy as np
@@ -186,8 +187,15 @@ def load(path):
     # threads are a property of the machine that loads the model, not the one that saved it
     est.n_jobs_ = resolve_n_jobs(est.n_jobs)
     est.dtype_ = np.dtype(meta["dtype"])
-    # The search index is rebuilt from the stored training data.
-    est._search = est._make_backend(est._fit_X)
-    est.backend_ = meta["fitted"].get("backend_", est.backend_)
+    # The search index is rebuilt from the stored training data, with the
+    # backend the model was fitted with; if that one cannot run here (say a
+    # CUDA model on a CPU machine), "auto" picks one and backend_ says which.
+    saved = meta["fitted"].get("backend_")
+    try:
+        est._search = est._make_backend(est._fit_X, name=saved)
+    except (ImportError, RuntimeError) as exc:
+        warnings.warn(f"{path!r} was fitted with backend {saved!r}, which cannot run here "
+                      f"({exc}); searching with backend='auto' instead.", stacklevel=2)
+        est._search = est._make_backend(est._fit_X, name="auto")
     return est
 

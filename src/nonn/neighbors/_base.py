@@ -8,12 +8,18 @@ A backend is fitted on the training matrix and answers ``kneighbors``:
 * ``X=None`` means "the training set itself", each point excluded **by
   index** (never by ``distance == 0``, so exact duplicates stay neighbours).
 
+Every backend's constructor takes ``metric``, ``working_memory`` (MiB for
+one block of work), ``verbose`` and ``n_jobs`` (threads of the library it
+drives; None leaves that library's setting alone) as keyword arguments, plus
+its own options (``backend_params`` of the estimators).
+
 Estimators only talk to this protocol, so FAISS, GPU or distributed backends
 plug in without touching them.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -61,3 +67,55 @@ def squared_to_metric(sq, metric):
         sq *= 0.5
         return sq
     return np.sqrt(sq, out=sq)
+
+
+def resolve_threads(n_jobs):
+    """Thread count for a library's own pool; None = leave the library's default."""
+    if n_jobs is None:
+        return None
+    cpus = os.cpu_count() or 1
+    if n_jobs < 0:
+        return max(cpus + 1 + int(n_jobs), 1)
+    return max(int(n_jobs), 1)
+
+
+def check_n_neighbors(n_neighbors, n_train, self_query):
+    """``n_neighbors`` as an int, checked against what this search can return."""
+    k = int(n_neighbors)
+    max_k = n_train - 1 if self_query else n_train
+    if not 1 <= k <= max_k:
+        raise ValueError(
+            f"n_neighbors must be in [1, {max_k}] for this search; got {k}. "
+            "Ask for fewer neighbours or fit on more data."
+        )
+    return k
+
+
+def drop_self(dist, ind, row_ids, k):
+    """Remove each row's own id from ``k + 1`` sorted neighbours.
+
+    The own id is dropped **by index** wherever it appears, so exact
+    duplicates stay neighbours at distance 0. Where the own id is absent (an
+    approximate index missed it, or more than ``k`` duplicates tie at 0) the
+    last, farthest column is dropped instead.
+    """
+    is_self = ind == np.asarray(row_ids)[:, None]
+    # keep only the first match: guards against an index repeating an id
+    first = is_self & (np.cumsum(is_self, axis=1) == 1)
+    no_self = ~first.any(axis=1)
+    first[no_self, -1] = True
+    keep = ~first
+    n = ind.shape[0]
+    return dist[keep].reshape(n, k), ind[keep].reshape(n, k)
+
+
+def refine_sorted(X, q, cand):
+    """Exact squared distances from the candidates ``cand`` (q, m) to the
+    queries ``q``, recomputed from the differences (no cancellation error of
+    the ``|a|^2 - 2ab + |b|^2`` expansion, and true values for compressed
+    indices), with the candidates sorted by them (stable)."""
+    diff = X[cand]
+    diff -= q[:, None, :]
+    sq = np.einsum("ijk,ijk->ij", diff, diff)
+    order = np.argsort(sq, axis=1, kind="stable")
+    return np.take_along_axis(sq, order, axis=1), np.take_along_axis(cand, order, axis=1)

@@ -9,10 +9,12 @@ the expansion.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
 
 from .._chunks import chunk_rows, progress
-from ._base import check_metric, squared_to_metric, unit_rows
+from ._base import check_metric, check_n_neighbors, resolve_threads, squared_to_metric, unit_rows
 
 
 class BruteForceBackend:
@@ -24,14 +26,18 @@ class BruteForceBackend:
     working_memory : float or None
         MiB allowed for one block of the distance matrix (None: scikit-learn's
         ``working_memory`` setting, 1024 MiB by default).
+    n_jobs : int, optional
+        BLAS threads during a search (through threadpoolctl, restored
+        afterwards); None leaves the BLAS setting alone.
     """
 
     name = "brute"
     exact = True
 
-    def __init__(self, metric="euclidean", working_memory=None, verbose=False):
+    def __init__(self, metric="euclidean", working_memory=None, verbose=False, n_jobs=None):
         self.metric = check_metric(metric)
         self.working_memory = working_memory
+        self.n_jobs = n_jobs
         self.verbose = verbose
 
     def fit(self, X):
@@ -50,18 +56,11 @@ class BruteForceBackend:
         self_query = X is None
         if self_query:
             Q = Xt
-            max_k = n_train - 1
         else:
             Q = np.asarray(X, dtype=Xt.dtype)
             if self.metric == "cosine":
                 Q = unit_rows(Q)
-            max_k = n_train
-        k = int(n_neighbors)
-        if not 1 <= k <= max_k:
-            raise ValueError(
-                f"n_neighbors must be in [1, {max_k}] for this search; got {k}. "
-                "Ask for fewer neighbours or fit on more data."
-            )
+        k = check_n_neighbors(n_neighbors, n_train, self_query)
         nq = Q.shape[0]
         dist = np.empty((nq, k), dtype=Xt.dtype)
         ind = np.empty((nq, k), dtype=np.int64)
@@ -69,6 +68,15 @@ class BruteForceBackend:
         # candidates used to recompute exact distances
         row_bytes = n_train * (Xt.dtype.itemsize + 8) + k * Xt.shape[1] * Xt.dtype.itemsize * 2
         step = chunk_rows(row_bytes, self.working_memory)
+        threads = resolve_threads(self.n_jobs)
+        with _blas_threads(threads):
+            self._search(Q, k, self_query, step, dist, ind)
+        return dist, ind
+
+    def _search(self, Q, k, self_query, step, dist, ind):
+        Xt = self._X
+        n_train = Xt.shape[0]
+        nq = Q.shape[0]
         for start in progress(range(0, nq, step), self.verbose, "k-NN search",
                               total=-(-nq // step)):
             stop = min(start + step, nq)
@@ -92,4 +100,11 @@ class BruteForceBackend:
             dist[start:stop] = squared_to_metric(
                 np.take_along_axis(exact_sq, order, axis=1), self.metric
             )
-        return dist, ind
+
+
+def _blas_threads(threads):
+    if threads is None:
+        return nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=threads, user_api="blas")

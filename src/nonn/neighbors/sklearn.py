@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.neighbors import NearestNeighbors
 
-from ._base import check_metric, squared_to_metric, unit_rows
+from ._base import check_metric, check_n_neighbors, drop_self, squared_to_metric, unit_rows
 
 
 class SklearnBackend:
@@ -32,25 +32,12 @@ class SklearnBackend:
 
     def kneighbors(self, X=None, n_neighbors=1):
         n_train = self._X.shape[0]
-        k = int(n_neighbors)
-        max_k = n_train - 1 if X is None else n_train
-        if not 1 <= k <= max_k:
-            raise ValueError(
-                f"n_neighbors must be in [1, {max_k}] for this search; got {k}. "
-                "Ask for fewer neighbours or fit on more data."
-            )
+        k = check_n_neighbors(n_neighbors, n_train, X is None)
         if X is None:
             # Ask for one more and drop each point by index, not by distance,
             # so exact duplicates stay neighbours of each other.
             dist, ind = self._nn.kneighbors(self._X, k + 1)
-            rows = np.arange(n_train)[:, None]
-            is_self = ind == rows
-            # where self is absent (many duplicates tie at 0) drop the last column
-            no_self = ~is_self.any(axis=1)
-            is_self[no_self, -1] = True
-            keep = ~is_self
-            ind = ind[keep].reshape(n_train, k)
-            dist = dist[keep].reshape(n_train, k)
+            dist, ind = drop_self(dist, ind, np.arange(n_train), k)
         else:
             Q = np.asarray(X, dtype=self._X.dtype)
             if self.metric == "cosine":

@@ -1,0 +1,293 @@
+"""Search with FAISS: exact (flat) or approximate (any index-factory string).
+
+``index="Flat"`` is exact (``IndexFlatL2``, or ``IndexFlatIP`` on unit rows
+for the cosine metric); any other FAISS index-factory string builds an
+approximate index, e.g. ``"HNSW32"``, ``"IVF1024,Flat"``, ``"IVF256,PQ32"``.
+
+FAISS computes in float32. The data are converted chunk by chunk (never a
+whole float32 copy of float64 data on top of FAISS's own store), and the
+distances of the returned neighbours are recomputed from the stored
+training rows in the input dtype, so they are true distances (no
+cancellation error of the ``|a|^2 - 2ab + |b|^2`` expansion, no product-
+quantisation error) and sorted by those true values.
+
+``faiss`` is imported only here; install it with ``pip install "nonn[faiss]"``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .._chunks import chunk_rows, progress
+from ._base import (
+    check_metric,
+    check_n_neighbors,
+    drop_self,
+    refine_sorted,
+    resolve_threads,
+    squared_to_metric,
+    unit_rows,
+)
+
+
+def import_faiss():
+    try:
+        import faiss
+    except ImportError as exc:  # pragma: no cover - exercised only without faiss
+        raise ImportError(
+            "The 'faiss' backend needs FAISS, which is not installed. Install it with "
+            'pip install "nonn[faiss]" (or pip install faiss-cpu), or use backend="brute".'
+        ) from exc
+    return faiss
+
+
+#: nonn metric -> FAISS metric, and how a raw FAISS score becomes the distance
+#: (used only with ``recompute_distances=False``).
+_METRICS = {
+    "euclidean": {
+        "faiss": "METRIC_L2",
+        "to_distance": lambda s: np.sqrt(np.maximum(s, 0, out=s), out=s),
+    },
+    "cosine": {  # inner product of unit rows = cos; distance = 1 - cos
+        "faiss": "METRIC_INNER_PRODUCT",
+        "to_distance": lambda s: np.subtract(1, s, out=s),
+    },
+}
+
+# Below this many query rows per search call FAISS's flat search stops using
+# its blocked BLAS path and gets much slower per row.
+_MIN_CHUNK = 2048
+
+
+class FaissBackend:
+    """k-NN search on a FAISS index.
+
+    Parameters
+    ----------
+    metric : {"euclidean", "cosine"}
+    index : str, default="Flat"
+        FAISS index-factory string. ``"Flat"`` is exact; anything else
+        (``"HNSW32"``, ``"IVF1024,Flat"``, ``"IVF256,PQ32"``, ...) is
+        approximate.
+    nprobe : int, optional
+        Inverted lists visited per query (IVF indexes). Default:
+        ``max(1, nlist // 16)``, capped at ``nlist``.
+    efSearch : int, optional
+        Candidate list size of an HNSW search. Default: ``max(64, 2 * k)``
+        for a search of ``k`` neighbours.
+    efConstruction : int, optional
+        Candidate list size while building an HNSW graph (FAISS's default: 40).
+    train_size : int, optional
+        Rows sampled (without replacement) to train an index that needs
+        training (IVF, PQ). Default: ``max(64 * nlist, 12800)``, at most all rows.
+    random_state : int, default=0
+        Seed of that sample.
+    recompute_distances : bool, default=True
+        Recompute the returned distances from the training rows (true,
+        sorted distances in the input dtype). ``False`` returns FAISS's own
+        float32 values converted to distances (faster, approximate for
+        compressed indexes).
+    n_jobs : int, optional
+        OpenMP threads for FAISS during fit and search (restored afterwards);
+        None leaves FAISS's setting alone (all cores).
+    working_memory : float, optional
+        MiB for one chunk of queries (None: scikit-learn's setting).
+    verbose : bool, default=False
+
+    Attributes
+    ----------
+    exact : bool
+        True for ``index="Flat"``.
+    index_ : faiss.Index
+    nprobe_, efSearch_ : int or None
+        The values used (None where the index has no such parameter; an
+        ``efSearch_`` of None on an HNSW index means "from k at search time").
+    """
+
+    name = "faiss"
+
+    def __init__(self, metric="euclidean", index="Flat", nprobe=None, efSearch=None,
+                 efConstruction=None, train_size=None, random_state=0,
+                 recompute_distances=True, n_jobs=None, working_memory=None, verbose=False):
+        self.metric = check_metric(metric)
+        if not isinstance(index, str) or not index.strip():
+            raise ValueError(
+                f"The 'index' parameter of the faiss backend must be a FAISS index-factory "
+                f"string. Got {index!r} instead. For example: index='Flat' (exact) or "
+                "index='HNSW32'."
+            )
+        self.index = index
+        self.nprobe = nprobe
+        self.efSearch = efSearch
+        self.efConstruction = efConstruction
+        self.train_size = train_size
+        self.random_state = random_state
+        self.recompute_distances = recompute_distances
+        self.n_jobs = n_jobs
+        self.working_memory = working_memory
+        self.verbose = verbose
+        self.exact = index.replace(" ", "") == "Flat"
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, X):
+        faiss = import_faiss()
+        X = np.asarray(X)
+        if X.dtype not in (np.float32, np.float64):
+            X = X.astype(np.float64)
+        self._X = unit_rows(X) if self.metric == "cosine" else X
+        n, d = self._X.shape
+        metric = getattr(faiss, _METRICS[self.metric]["faiss"])
+        with _threads(faiss, self.n_jobs):
+            if self.exact:
+                index = faiss.IndexFlatL2(d) if metric == faiss.METRIC_L2 else faiss.IndexFlatIP(d)
+            else:
+                try:
+                    index = faiss.index_factory(d, self.index, metric)
+                except RuntimeError as exc:
+                    raise ValueError(
+                        f"FAISS could not build the index {self.index!r} "
+                        f"({str(exc).strip().splitlines()[-1]}). Use a FAISS index-factory "
+                        "string such as 'Flat', 'HNSW32', 'IVF1024,Flat' or 'IVF256,PQ32'."
+                    ) from exc
+            ivf = faiss.try_extract_index_ivf(index)
+            hnsw = _find_hnsw(faiss, index)
+            if hnsw is not None and self.efConstruction is not None:
+                hnsw.efConstruction = int(self.efConstruction)
+            if not index.is_trained:
+                self._train(index, ivf, n)
+            step = chunk_rows(d * 4, self.working_memory, min_rows=_MIN_CHUNK)
+            for start in progress(range(0, n, step), self.verbose, "faiss add",
+                                  total=-(-n // step)):
+                index.add(np.ascontiguousarray(self._X[start:start + step], dtype=np.float32))
+        self.nprobe_ = None
+        if ivf is not None:
+            nlist = int(ivf.nlist)
+            nprobe = max(1, nlist // 16) if self.nprobe is None else int(self.nprobe)
+            self.nprobe_ = min(max(nprobe, 1), nlist)
+            faiss.ParameterSpace().set_index_parameter(index, "nprobe", self.nprobe_)
+        self._hnsw = hnsw
+        self.efSearch_ = None if self.efSearch is None else int(self.efSearch)
+        self.index_ = index
+        self._fallback = None
+        return self
+
+    def _train(self, index, ivf, n):
+        nlist = 0 if ivf is None else int(ivf.nlist)
+        if n < nlist:
+            raise ValueError(
+                f"The FAISS index {self.index!r} has {nlist} inverted lists but only {n} "
+                f"training points were given; it needs at least as many points as lists "
+                f"(and ideally 39 times as many). Use fewer lists, for example "
+                f"index='IVF{max(1, n // 39)},Flat', or backend='brute' for small data."
+            )
+        size = max(64 * nlist, 12800) if self.train_size is None else int(self.train_size)
+        size = min(max(size, nlist, 1), n)
+        if size < n:
+            rng = np.random.default_rng(self.random_state)
+            rows = np.sort(rng.choice(n, size, replace=False))
+            sample = self._X[rows]
+        else:
+            sample = self._X
+        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+
+    @property
+    def n_samples_fit_(self):
+        return self._X.shape[0]
+
+    # --------------------------------------------------------------- search
+    def kneighbors(self, X=None, n_neighbors=1):
+        faiss = import_faiss()
+        Xt = self._X
+        n_train, d = Xt.shape
+        self_query = X is None
+        k = check_n_neighbors(n_neighbors, n_train, self_query)
+        if self_query:
+            Q = Xt
+        else:
+            Q = np.asarray(X, dtype=Xt.dtype)
+            if self.metric == "cosine":
+                Q = unit_rows(Q)
+        # one more for the training set: each point's own id is then dropped
+        kk = min(k + 1, n_train) if self_query else k
+        self._set_ef(faiss, kk)
+        nq = Q.shape[0]
+        dist = np.empty((nq, k), dtype=Xt.dtype)
+        ind = np.empty((nq, k), dtype=np.int64)
+        item = Xt.dtype.itemsize
+        # FAISS's ids and scores, the float32 query copy, the gathered
+        # candidates and their differences
+        row_bytes = kk * (16 + 2 * item) + d * 4 + 2 * kk * d * item
+        step = chunk_rows(row_bytes, self.working_memory, min_rows=_MIN_CHUNK)
+        with _threads(faiss, self.n_jobs):
+            for start in progress(range(0, nq, step), self.verbose, "faiss search",
+                                  total=-(-nq // step)):
+                stop = min(start + step, nq)
+                q = Q[start:stop]
+                s, cand = self.index_.search(np.ascontiguousarray(q, dtype=np.float32), kk)
+                padded = (cand < 0).any(axis=1)
+                if padded.any():
+                    # an approximate index found fewer than kk candidates for
+                    # these rows: search them exactly
+                    cand[padded] = self._exact_ids(q[padded], kk)
+                    s[padded] = np.nan
+                    recompute = True
+                else:
+                    recompute = self.recompute_distances
+                cand = cand.astype(np.int64, copy=False)
+                if recompute:
+                    sq, cand = refine_sorted(Xt, q, cand)
+                    dd = squared_to_metric(sq, self.metric)
+                else:
+                    dd = _METRICS[self.metric]["to_distance"](s).astype(Xt.dtype, copy=False)
+                if self_query:
+                    dd, cand = drop_self(dd, cand, np.arange(start, stop), k)
+                dist[start:stop] = dd
+                ind[start:stop] = cand
+        return dist, ind
+
+    def _set_ef(self, faiss, kk):
+        if self._hnsw is None:
+            return
+        ef = self.efSearch_ if self.efSearch_ is not None else max(64, 2 * kk)
+        faiss.ParameterSpace().set_index_parameter(self.index_, "efSearch", int(ef))
+
+    def _exact_ids(self, q, kk):
+        """Ids of the exact ``kk`` nearest training rows of ``q`` (exact
+        blocked search on the stored rows; only for rows an approximate
+        index could not fill)."""
+        if self._fallback is None:
+            from .brute import BruteForceBackend
+
+            # the stored rows are already unit rows under cosine, where the
+            # Euclidean order is the cosine order
+            self._fallback = BruteForceBackend(working_memory=self.working_memory).fit(self._X)
+        return self._fallback.kneighbors(q, kk)[1]
+
+
+def _find_hnsw(faiss, index):
+    """The HNSW graph inside ``index`` (possibly wrapped), or None."""
+    idx = faiss.downcast_index(index)
+    while idx is not None:
+        if hasattr(idx, "hnsw"):
+            return idx.hnsw
+        sub = getattr(idx, "index", None)
+        idx = faiss.downcast_index(sub) if sub is not None else None
+    return None
+
+
+class _threads:
+    """Set FAISS's OpenMP thread count for a block, then restore it."""
+
+    def __init__(self, faiss, n_jobs):
+        self.faiss, self.n = faiss, resolve_threads(n_jobs)
+
+    def __enter__(self):
+        if self.n is not None:
+            self.prev = self.faiss.omp_get_max_threads()
+            self.faiss.omp_set_num_threads(self.n)
+        return self
+
+    def __exit__(self, *exc):
+        if self.n is not None:
+            self.faiss.omp_set_num_threads(self.prev)
+        return False

@@ -1,0 +1,177 @@
+"""Exact search with PyTorch matrix products, on CPU or CUDA.
+
+Per block of queries: one GEMM for ``|q|^2 - 2 q.x + |x|^2`` against all
+training rows, ``topk`` of the smallest, then the selected candidates'
+distances recomputed exactly from the differences and sorted, all on the
+device. Training points are excluded from their own search by index (their
+own column is set to +inf), so exact duplicates stay neighbours.
+
+``torch`` is imported only here; install it with ``pip install torch``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from .._chunks import chunk_rows, progress
+from ._base import check_metric, check_n_neighbors, resolve_threads, squared_to_metric, unit_rows
+
+
+def import_torch():
+    try:
+        import torch
+    except ImportError as exc:  # pragma: no cover - exercised only without torch
+        raise ImportError(
+            "The 'torch' backend needs PyTorch, which is not installed. Install it with "
+            "pip install torch (see pytorch.org for the CUDA build), or use backend='brute'."
+        ) from exc
+    return torch
+
+
+_DEVICES = ("auto", "cpu", "cuda")
+
+# Without a working_memory setting, a CUDA block may use this share of the
+# free device memory (GEMM blocks much larger than the CPU default keep the
+# GPU busy), capped so several searches can share a device.
+_CUDA_SHARE = 0.25
+_CUDA_CAP_MIB = 8192
+
+
+class TorchBackend:
+    """Exact k-NN by batched matrix products in PyTorch.
+
+    Parameters
+    ----------
+    metric : {"euclidean", "cosine"}
+    device : {"auto", "cpu", "cuda"} or a torch device string such as "cuda:1"
+        "auto" = CUDA when ``torch.cuda.is_available()``, else the CPU.
+    batch_size : int, optional
+        Queries per block; default from the memory budget.
+    n_jobs : int, optional
+        CPU threads for torch during a search (restored afterwards); None
+        leaves torch's setting alone.
+    working_memory : float, optional
+        MiB for one block (None: scikit-learn's setting on the CPU, a quarter
+        of the free device memory up to 8 GiB on CUDA).
+    verbose : bool, default=False
+
+    Attributes
+    ----------
+    device_ : str
+        The device the training rows live on.
+    """
+
+    name = "torch"
+    exact = True
+
+    def __init__(self, metric="euclidean", device="auto", batch_size=None, n_jobs=None,
+                 working_memory=None, verbose=False):
+        self.metric = check_metric(metric)
+        if not isinstance(device, str) or device.split(":")[0] not in _DEVICES:
+            raise ValueError(
+                f"The 'device' parameter of the torch backend must be one of {_DEVICES} "
+                f"(or 'cuda:N'). Got {device!r} instead. For example: device='auto'."
+            )
+        self.device = device
+        self.batch_size = batch_size
+        self.n_jobs = n_jobs
+        self.working_memory = working_memory
+        self.verbose = verbose
+
+    def _resolve_device(self, torch):
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(
+                f"device={self.device!r} was asked for but torch.cuda.is_available() is "
+                "False (no GPU, or a CPU-only torch build). Use device='auto' or 'cpu'."
+            )
+        return self.device
+
+    def fit(self, X):
+        torch = import_torch()
+        X = np.asarray(X)
+        if X.dtype not in (np.float32, np.float64):
+            X = X.astype(np.float64)
+        self._X = np.ascontiguousarray(unit_rows(X) if self.metric == "cosine" else X)
+        self.device_ = self._resolve_device(torch)
+        self._Xt = _as_tensor(torch, self._X, self.device_)
+        self._sqnorm = (self._Xt * self._Xt).sum(dim=1)
+        return self
+
+    @property
+    def n_samples_fit_(self):
+        return self._X.shape[0]
+
+    def _block_rows(self, torch, row_bytes):
+        if self.batch_size is not None:
+            return max(int(self.batch_size), 1)
+        budget = self.working_memory
+        if budget is None and self.device_.startswith("cuda"):
+            free, _ = torch.cuda.mem_get_info(torch.device(self.device_))
+            budget = min(_CUDA_SHARE * free / 2**20, _CUDA_CAP_MIB)
+        return chunk_rows(row_bytes, budget)
+
+    def kneighbors(self, X=None, n_neighbors=1):
+        torch = import_torch()
+        Xt = self._Xt
+        n_train, d = self._X.shape
+        self_query = X is None
+        k = check_n_neighbors(n_neighbors, n_train, self_query)
+        if self_query:
+            Q = None
+            nq = n_train
+        else:
+            Q = np.asarray(X, dtype=self._X.dtype)
+            if self.metric == "cosine":
+                Q = unit_rows(Q)
+            Q = np.ascontiguousarray(Q)
+            nq = Q.shape[0]
+        item = self._X.dtype.itemsize
+        # distance row, topk's working copy, gathered candidates + differences
+        row_bytes = 2 * n_train * item + 2 * k * d * item + d * item + k * 24
+        step = self._block_rows(torch, row_bytes)
+        dist = np.empty((nq, k), dtype=self._X.dtype)
+        ind = np.empty((nq, k), dtype=np.int64)
+        threads = resolve_threads(self.n_jobs)
+        prev = torch.get_num_threads()
+        if threads is not None:
+            torch.set_num_threads(threads)
+        try:
+            with torch.no_grad():
+                for start in progress(range(0, nq, step), self.verbose, "torch k-NN search",
+                                      total=-(-nq // step)):
+                    stop = min(start + step, nq)
+                    q = Xt[start:stop] if self_query else _as_tensor(
+                        torch, Q[start:stop], self.device_)
+                    qn = self._sqnorm[start:stop] if self_query else (q * q).sum(dim=1)
+                    sq = torch.addmm(self._sqnorm[None, :], q, Xt.T, beta=1, alpha=-2)
+                    sq += qn[:, None]
+                    if self_query:
+                        rows = torch.arange(stop - start, device=sq.device)
+                        sq[rows, start + rows] = float("inf")
+                    _, cand = torch.topk(sq, k, dim=1, largest=False, sorted=False)
+                    del sq
+                    diff = Xt[cand]
+                    diff -= q[:, None, :]
+                    exact_sq = (diff * diff).sum(dim=2)
+                    del diff
+                    exact_sq, order = torch.sort(exact_sq, dim=1, stable=True)
+                    cand = torch.gather(cand, 1, order)
+                    dist[start:stop] = squared_to_metric(exact_sq.cpu().numpy(), self.metric)
+                    ind[start:stop] = cand.cpu().numpy()
+        finally:
+            if threads is not None:
+                torch.set_num_threads(prev)
+        return dist, ind
+
+
+def _as_tensor(torch, a, device):
+    # from_numpy shares the memory on the CPU (no copy); it warns on read-only
+    # arrays although nothing here writes to them
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.from_numpy(a)
+    return t.to(device) if device != "cpu" else t
