@@ -315,3 +315,21 @@ def test_help_defaults_are_the_estimators():
     defaults = nonn.KNNN().get_params()
     for flag, name, kwargs in _FIT_OPTIONS:
         assert f"default: {defaults[name]})" in kwargs["help"], flag
+
+
+def test_bench_help_and_tiny_run(tmp_path):
+    from nonn.cli import main
+
+    assert main(["bench", "--help"]) == 0
+    pytest.importorskip("pandas")
+    try:
+        from nonn.datasets import data_home
+
+        data_home()
+    except FileNotFoundError:
+        pytest.skip("real data folder absent")
+    rc = main(["bench", "--suite", "mvtec", "--seeds", "1", "--datasets", "bottle",
+               "--detectors", "KNN-mean-euclidean,KNNN", "--out", str(tmp_path)])
+    assert rc == 0
+    text = (tmp_path / "mvtec" / "summary.md").read_text()
+    assert "KNNN" in text and "KNN-mean-euclidean" in text

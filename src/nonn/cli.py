@@ -197,6 +197,19 @@ def _cmd_demo(args):
     return 0
 
 
+# ------------------------------------------------------------------- bench
+def _cmd_bench(args):
+    from .evaluation import run_benchmark
+
+    suites = ["mvtec", "classical", "cifar10", "mvtec_union"] if args.suite == "all" else [args.suite]
+    for suite in suites:
+        out = os.path.join(args.out, suite)
+        run_benchmark(suite, out, detectors=args.detectors, seeds=tuple(range(args.seeds)),
+                      datasets=args.datasets, progress=True, resume=args.resume)
+        print(f"wrote {out}/summary.md, summary.csv, summary.png, results.csv")
+    return 0
+
+
 # ------------------------------------------------------------------ parser
 def build_parser():
     """The argparse parser of the ``nonn`` command."""
@@ -267,7 +280,31 @@ def build_parser():
                       help="a fast smoke run: 2 seeds, sizes 100,300 and a coarser figure "
                       "(overrides --seeds and --sizes)")
     demo.set_defaults(handler=_cmd_demo)
+
+    bench = sub.add_parser(
+        "bench", help="accuracy benchmark on the real datasets (needs NONN_DATA)",
+        description="Run the accuracy benchmark: the novelty protocol on ADBench data "
+        "(train on normals, test on held-out normals + all anomalies), every detector "
+        "and peer side by side, several seeds. Writes CSV, Markdown and a PNG per suite.",
+    )
+    bench.add_argument("--suite", choices=["mvtec", "classical", "cifar10", "mvtec_union", "all"],
+                       default="mvtec", help="which suite (default: mvtec, the paper's Table 1)")
+    bench.add_argument("--out", metavar="DIR", default="nonn-bench",
+                       help="output folder; one sub-folder per suite (default: nonn-bench)")
+    bench.add_argument("--seeds", type=int, default=3, metavar="N",
+                       help="seeds 0..N-1 (default: 3)")
+    bench.add_argument("--detectors", type=_csv_list, metavar="NAME,...",
+                       help="detector names or patterns such as 'KNN-*' (default: all available)")
+    bench.add_argument("--datasets", type=_csv_list, metavar="NAME,...",
+                       help="only these datasets of the suite")
+    bench.add_argument("--resume", action="store_true",
+                       help="continue from the suite's results.csv checkpoint")
+    bench.set_defaults(handler=_cmd_bench)
     return parser
+
+
+def _csv_list(text):
+    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def _one_line(exc):
