@@ -318,7 +318,7 @@ def write_scores(path, anomaly_score, score_samples, labels):
     index = np.arange(len(a), dtype=np.int64)
     writer = {".csv": _write_csv, ".npy": _write_npy, ".npz": _write_npz,
               ".parquet": _write_parquet}[ext]
-    _atomic_write(path, lambda fh: writer(fh, index, a, s, lab))
+    atomic_write(path, lambda fh: writer(fh, index, a, s, lab))
     return path
 
 
@@ -355,7 +355,7 @@ def _umask():
     return mask
 
 
-def _atomic_write(path, write):
+def atomic_write(path, write):
     """Call ``write(binary_file)`` on a temporary file next to ``path``, then
     rename it over ``path``; on any error (or interrupt) nothing is left."""
     path = os.fspath(path)
