@@ -183,7 +183,9 @@ class KNNN(_SetGridMixin, BaseDetector):
         self._fit_X = Xg
         self._search = self._make_backend(Xg)
         m = max(self.n_neighbors_of_neighbors_ - 1, self.n_neighbors_)
-        _, others = self._search.kneighbors(None, m)
+        # ids only, in the backend's own order: the neighbourhoods and the
+        # leave-one-out neighbours need no distances
+        others = self._search.kneighbors(None, m, return_distance=False)
         Kp = self.n_neighbors_of_neighbors_
         self.neighborhoods_ = np.concatenate(
             [np.arange(n, dtype=np.int64)[:, None], others[:, : Kp - 1]], axis=1
@@ -203,11 +205,9 @@ class KNNN(_SetGridMixin, BaseDetector):
         # covariance, eigenvectors and LAPACK's copies; the kernels need less
         row_bytes = item * n_sets * L * (2 * Kp + 4 * L)
         for sl in self._query_chunks(n, row_bytes, "neighbourhood eigen"):
-            w, v = neighbourhood_eigen(
-                Xg, self.neighborhoods_[sl], self.set_sizes_, L, self.n_jobs_
-            )
-            self.eigenvalues_[sl] = w
-            self.eigenvectors_[sl] = v
+            # written in place (the kernel needs no intermediate)
+            neighbourhood_eigen(Xg, self.neighborhoods_[sl], self.set_sizes_, L, self.n_jobs_,
+                                out=(self.eigenvalues_[sl], self.eigenvectors_[sl]))
 
     def _score_neighbours(self, Qg, idx):
         """Eq. 2 for grid queries ``Qg`` whose neighbours are ``idx`` (q, k)."""
@@ -227,6 +227,6 @@ class KNNN(_SetGridMixin, BaseDetector):
         row_bytes = X.dtype.itemsize * len(self.set_sizes_) * self.set_size_ * 2
         for sl in self._query_chunks(X.shape[0], row_bytes * 64, "k-NNN queries"):
             Qg = self._to_grid(X[sl])
-            _, idx = self._search.kneighbors(Qg, self.n_neighbors_)
+            idx = self._search.kneighbors(Qg, self.n_neighbors_, return_distance=False)
             out[sl] = self._score_neighbours(Qg, idx)
         return out

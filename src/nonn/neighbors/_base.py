@@ -1,10 +1,17 @@
 """The one protocol every nearest-neighbour search backend follows.
 
-A backend is fitted on the training matrix and answers ``kneighbors``:
+A backend is fitted on the training matrix and answers
+``kneighbors(X=None, n_neighbors=1, return_distance=True)``:
 
 * ``(distances, indices)`` of shape ``(n_queries, n_neighbors)``, sorted
   ascending, true distances (not squared), ``int64`` indices, no ``-1``
   padding;
+* ``return_distance=False`` (scikit-learn's convention) returns only the
+  ``indices``: the same ids, ordered by the backend's own ranking values
+  (for example the ``|x|^2 - 2 q.x`` expansion, or an index's compressed
+  distances), so the order may differ from the true-distance order only
+  between near-ties. Backends skip the exact-distance recompute then;
+  callers that need ids only (a k-NN graph) should ask for them this way;
 * ``X=None`` means "the training set itself", each point excluded **by
   index** (never by ``distance == 0``, so exact duplicates stay neighbours).
 
@@ -50,7 +57,8 @@ class NeighborsBackend(Protocol):
 
     def fit(self, X: np.ndarray) -> "NeighborsBackend": ...
 
-    def kneighbors(self, X: np.ndarray | None = None, n_neighbors: int = 1): ...
+    def kneighbors(self, X: np.ndarray | None = None, n_neighbors: int = 1,
+                   return_distance: bool = True): ...
 
 
 def unit_rows(X):
@@ -97,7 +105,8 @@ def drop_self(dist, ind, row_ids, k):
     The own id is dropped **by index** wherever it appears, so exact
     duplicates stay neighbours at distance 0. Where the own id is absent (an
     approximate index missed it, or more than ``k`` duplicates tie at 0) the
-    last, farthest column is dropped instead.
+    last, farthest column is dropped instead. ``dist=None`` drops from the
+    ids only (and returns ``None`` for the distances).
     """
     is_self = ind == np.asarray(row_ids)[:, None]
     # keep only the first match: guards against an index repeating an id
@@ -106,16 +115,22 @@ def drop_self(dist, ind, row_ids, k):
     first[no_self, -1] = True
     keep = ~first
     n = ind.shape[0]
-    return dist[keep].reshape(n, k), ind[keep].reshape(n, k)
+    ids = ind[keep].reshape(n, k)
+    return (None if dist is None else dist[keep].reshape(n, k)), ids
 
 
 def refine_sorted(X, q, cand):
-    """Exact squared distances from the candidates ``cand`` (q, m) to the
-    queries ``q``, recomputed from the differences (no cancellation error of
-    the ``|a|^2 - 2ab + |b|^2`` expansion, and true values for compressed
-    indices), with the candidates sorted by them (stable)."""
-    diff = X[cand]
-    diff -= q[:, None, :]
-    sq = np.einsum("ijk,ijk->ij", diff, diff)
-    order = np.argsort(sq, axis=1, kind="stable")
-    return np.take_along_axis(sq, order, axis=1), np.take_along_axis(cand, order, axis=1)
+    """Exact squared distances (float64) from the candidates ``cand`` (q, m)
+    to the queries ``q``, recomputed from the differences (no cancellation
+    error of the ``|a|^2 - 2ab + |b|^2`` expansion, and true values for
+    compressed indices), with the candidates sorted by them (stable).
+
+    A compiled kernel does it without gathering the (q, m, d) candidates."""
+    from .. import _kernels
+
+    q = np.ascontiguousarray(q, dtype=X.dtype)
+    cand = np.ascontiguousarray(cand, dtype=np.int64)
+    sq = np.empty(cand.shape, dtype=np.float64)
+    ids = np.empty(cand.shape, dtype=np.int64)
+    _kernels.exact_sq_sorted(X, q, cand, sq, ids)
+    return sq, ids

@@ -1,15 +1,23 @@
 """Exact blocked brute-force search on BLAS.
 
-Distances are computed block by block as ``|q|^2 - 2 q.x + |x|^2`` (one GEMM
-per block, threaded by the BLAS), the ``k`` smallest are selected with
-``argpartition``, and their distances are then recomputed exactly from the
-differences so the returned values do not carry the cancellation error of
-the expansion.
+Work is split into tasks run on numba's thread pool; each task multiplies
+its block of queries by a block of training rows (a single-thread BLAS GEMM,
+so the BLAS's own thread pool never competes with this one for the cores)
+and merges the ranking values ``|x|^2 / 2 - q.x`` (the squared distance up
+to the per-row constant ``|q|^2``, halved: the same order) into the running
+top-k heaps of its queries, a SIMD check first so most candidates cost a
+single pass. The training set against itself computes only the blocks of
+the symmetric ``X @ X.T`` on and above the diagonal (half the GEMM work),
+each merged into the heaps of its rows and of its columns. A point is
+excluded from its own neighbours by index; ties go to the lowest id.
+
+With ``return_distance=True`` the selected candidates' distances are then
+recomputed exactly from the differences (float64 accumulation), so the
+returned values do not carry the cancellation error of the expansion, and
+the candidates are sorted by them.
 """
 
 from __future__ import annotations
-
-from contextlib import nullcontext
 
 import numpy as np
 
@@ -24,11 +32,11 @@ class BruteForceBackend:
     ----------
     metric : {"euclidean", "cosine"}
     working_memory : float or None
-        MiB allowed for one block of the distance matrix (None: scikit-learn's
-        ``working_memory`` setting, 1024 MiB by default).
+        MiB allowed for the products being merged at once (None:
+        scikit-learn's ``working_memory`` setting, 1024 MiB by default).
     n_jobs : int, optional
-        BLAS threads during a search (through threadpoolctl, restored
-        afterwards); None leaves the BLAS setting alone.
+        Threads of a search (numba's pool, restored afterwards; the BLAS runs
+        one thread per task meanwhile); None uses numba's setting (all cores).
     """
 
     name = "brute"
@@ -42,69 +50,108 @@ class BruteForceBackend:
 
     def fit(self, X):
         X = np.asarray(X)
-        self._X = unit_rows(X) if self.metric == "cosine" else X
-        self._sqnorm = np.einsum("ij,ij->i", self._X, self._X)
+        if X.dtype not in (np.float32, np.float64):
+            X = X.astype(np.float64)
+        self._X = np.ascontiguousarray(unit_rows(X) if self.metric == "cosine" else X)
+        self._half_sqnorm = 0.5 * np.einsum("ij,ij->i", self._X, self._X)
         return self
 
     @property
     def n_samples_fit_(self):
         return self._X.shape[0]
 
-    def kneighbors(self, X=None, n_neighbors=1):
+    def kneighbors(self, X=None, n_neighbors=1, return_distance=True):
         Xt = self._X
         n_train = Xt.shape[0]
         self_query = X is None
         if self_query:
             Q = Xt
         else:
-            Q = np.asarray(X, dtype=Xt.dtype)
+            Q = np.ascontiguousarray(X, dtype=Xt.dtype)
             if self.metric == "cosine":
                 Q = unit_rows(Q)
         k = check_n_neighbors(n_neighbors, n_train, self_query)
         nq = Q.shape[0]
-        dist = np.empty((nq, k), dtype=Xt.dtype)
+        dist = np.empty((nq, k), dtype=Xt.dtype) if return_distance else None
         ind = np.empty((nq, k), dtype=np.int64)
-        # a block holds its distances, argpartition's int64 ids and the gathered
-        # candidates used to recompute exact distances
-        row_bytes = n_train * (Xt.dtype.itemsize + 8) + k * Xt.shape[1] * Xt.dtype.itemsize * 2
-        step = chunk_rows(row_bytes, self.working_memory)
-        threads = resolve_threads(self.n_jobs)
-        with _blas_threads(threads):
-            self._search(Q, k, self_query, step, dist, ind)
-        return dist, ind
+        with _numba_threads(resolve_threads(self.n_jobs)) as pool:
+            for start, stop in self._query_blocks(nq, k, self_query):
+                self._search(Q, start, stop, k, self_query, pool.threads, dist, ind)
+        return (dist, ind) if return_distance else ind
 
-    def _search(self, Q, k, self_query, step, dist, ind):
+    def _query_blocks(self, nq, k, self_query):
+        """Query row ranges searched at once: all of them for the training
+        set (its heaps are (N, k) anyway), else within the memory budget."""
+        if self_query:
+            return [(0, nq)]
+        step = chunk_rows(k * 32 + self._X.shape[1] * self._X.dtype.itemsize,
+                          self.working_memory)
+        starts = range(0, nq, step)
+        return progress([(a, min(a + step, nq)) for a in starts], self.verbose,
+                        "k-NN search", total=len(starts))
+
+    def _search(self, Q, start, stop, k, self_query, threads, dist, ind):
+        import scipy.linalg.cython_blas  # noqa: F401  (the BLAS the kernels call)
+        from threadpoolctl import threadpool_limits
+
+        from .. import _kernels
+
         Xt = self._X
-        n_train = Xt.shape[0]
-        nq = Q.shape[0]
-        for start in progress(range(0, nq, step), self.verbose, "k-NN search",
-                              total=-(-nq // step)):
-            stop = min(start + step, nq)
-            q = Q[start:stop]
-            sq = q @ Xt.T
-            sq *= -2
-            sq += self._sqnorm[None, :]
-            sq += np.einsum("ij,ij->i", q, q)[:, None]
+        n = Xt.shape[0]
+        item = Xt.dtype.itemsize
+        # per-thread product buffers within the memory budget
+        per_thread = chunk_rows(item * threads, self.working_memory)
+        heap_v = np.full((stop - start, k), np.inf, dtype=Xt.dtype)
+        heap_i = np.full((stop - start, k), n, dtype=np.int64)
+        # the kernels run the BLAS one thread per task: no second pool
+        with threadpool_limits(limits=1, user_api="blas"):
             if self_query:
-                rows = np.arange(stop - start)
-                sq[rows, start + rows] = np.inf
-            if k < n_train:
-                cand = np.argpartition(sq, k - 1, axis=1)[:, :k]
+                bs = int(max(min(_SELF_BLOCK, np.sqrt(per_thread)), 1))
+                buf = np.empty((threads, bs * bs), dtype=Xt.dtype)
+                _kernels.knn_self(Xt, self._half_sqnorm, bs, buf, heap_v, heap_i)
             else:
-                cand = np.broadcast_to(np.arange(n_train), (stop - start, n_train)).copy()
-            # exact distances of the selected candidates, then sort them
-            diff = Xt[cand] - q[:, None, :]
-            exact_sq = np.einsum("ijk,ijk->ij", diff, diff)
-            order = np.argsort(exact_sq, axis=1, kind="stable")
-            ind[start:stop] = np.take_along_axis(cand, order, axis=1)
-            dist[start:stop] = squared_to_metric(
-                np.take_along_axis(exact_sq, order, axis=1), self.metric
-            )
+                rows = int(max(min(_QUERY_ROWS, -(-(stop - start) // threads)), 1))
+                bs = int(max(min(_QUERY_BLOCK, per_thread // rows), 1))
+                buf = np.empty((threads, rows * bs), dtype=Xt.dtype)
+                _kernels.knn_query(Q[start:stop], Xt, self._half_sqnorm, rows, bs, buf,
+                                   heap_v, heap_i)
+        if dist is None:
+            ind[start:stop] = heap_i
+            return
+        # exact distances of the selected candidates, then sort them
+        sq = np.empty((stop - start, k), dtype=np.float64)
+        _kernels.exact_sq_sorted(Xt, Q[start:stop], heap_i, sq, ind[start:stop])
+        dist[start:stop] = squared_to_metric(sq, self.metric)
 
 
-def _blas_threads(threads):
-    if threads is None:
-        return nullcontext()
-    from threadpoolctl import threadpool_limits
+#: side of the square blocks of ``X @ X.T`` for the training set's own graph
+#: (smaller when ``working_memory`` is): large enough for an efficient GEMM,
+#: small enough that the diagonal blocks (computed whole) waste little and a
+#: block stays in the cache for its two merges.
+_SELF_BLOCK = 1024
+#: queries per task, and training rows per product, of a search for new points
+_QUERY_ROWS = 256
+_QUERY_BLOCK = 2048
 
-    return threadpool_limits(limits=threads, user_api="blas")
+
+class _numba_threads:
+    """Set numba's thread count for a block (``n``; None keeps it), then
+    restore it; ``threads`` is the count in use."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __enter__(self):
+        import numba
+
+        self.prev = numba.get_num_threads()
+        if self.n is not None:
+            numba.set_num_threads(max(1, min(self.n, numba.config.NUMBA_NUM_THREADS)))
+        self.threads = numba.config.NUMBA_NUM_THREADS
+        return self
+
+    def __exit__(self, *exc):
+        import numba
+
+        numba.set_num_threads(self.prev)
+        return False

@@ -7,9 +7,11 @@ approximate index, e.g. ``"HNSW32"``, ``"IVF1024,Flat"``, ``"IVF256,PQ32"``.
 FAISS computes in float32. The data are converted chunk by chunk (never a
 whole float32 copy of float64 data on top of FAISS's own store), and the
 distances of the returned neighbours are recomputed from the stored
-training rows in the input dtype, so they are true distances (no
-cancellation error of the ``|a|^2 - 2ab + |b|^2`` expansion, no product-
-quantisation error) and sorted by those true values.
+training rows (accumulated in float64, returned in the input dtype), so they
+are true distances (no cancellation error of the ``|a|^2 - 2ab + |b|^2``
+expansion, no product-quantisation error) and sorted by those true values.
+With ``return_distance=False`` only the ids come back, in FAISS's own order,
+and nothing is recomputed.
 
 ``faiss`` is imported only here; install it with ``pip install "nonn[faiss]"``.
 """
@@ -195,7 +197,7 @@ class FaissBackend:
         return self._X.shape[0]
 
     # --------------------------------------------------------------- search
-    def kneighbors(self, X=None, n_neighbors=1):
+    def kneighbors(self, X=None, n_neighbors=1, return_distance=True):
         faiss = import_faiss()
         Xt = self._X
         n_train, d = Xt.shape
@@ -211,12 +213,11 @@ class FaissBackend:
         kk = min(k + 1, n_train) if self_query else k
         self._set_ef(faiss, kk)
         nq = Q.shape[0]
-        dist = np.empty((nq, k), dtype=Xt.dtype)
+        dist = np.empty((nq, k), dtype=Xt.dtype) if return_distance else None
         ind = np.empty((nq, k), dtype=np.int64)
-        item = Xt.dtype.itemsize
-        # FAISS's ids and scores, the float32 query copy, the gathered
-        # candidates and their differences
-        row_bytes = kk * (16 + 2 * item) + d * 4 + 2 * kk * d * item
+        # FAISS's ids and scores, the float32 query copy, the candidates'
+        # exact distances and sorted ids
+        row_bytes = kk * 40 + d * 4
         step = chunk_rows(row_bytes, self.working_memory, min_rows=_MIN_CHUNK)
         with _threads(faiss, self.n_jobs):
             for start in progress(range(0, nq, step), self.verbose, "faiss search",
@@ -234,16 +235,21 @@ class FaissBackend:
                 else:
                     recompute = self.recompute_distances
                 cand = cand.astype(np.int64, copy=False)
-                if recompute:
+                if not return_distance:
+                    # FAISS's order (its own float32 distances); the exact
+                    # fallback's rows come sorted by true distances
+                    dd = None
+                elif recompute:
                     sq, cand = refine_sorted(Xt, q, cand)
-                    dd = squared_to_metric(sq, self.metric)
+                    dd = squared_to_metric(sq, self.metric).astype(Xt.dtype, copy=False)
                 else:
                     dd = _METRICS[self.metric]["to_distance"](s).astype(Xt.dtype, copy=False)
                 if self_query:
                     dd, cand = drop_self(dd, cand, np.arange(start, stop), k)
-                dist[start:stop] = dd
+                if return_distance:
+                    dist[start:stop] = dd
                 ind[start:stop] = cand
-        return dist, ind
+        return (dist, ind) if return_distance else ind
 
     def _set_ef(self, faiss, kk):
         if self._hnsw is None:
@@ -261,7 +267,7 @@ class FaissBackend:
             # the stored rows are already unit rows under cosine, where the
             # Euclidean order is the cosine order
             self._fallback = BruteForceBackend(working_memory=self.working_memory).fit(self._X)
-        return self._fallback.kneighbors(q, kk)[1]
+        return self._fallback.kneighbors(q, kk, return_distance=False)
 
 
 def _find_hnsw(faiss, index):

@@ -30,7 +30,7 @@ class SklearnBackend:
     def n_samples_fit_(self):
         return self._X.shape[0]
 
-    def kneighbors(self, X=None, n_neighbors=1):
+    def kneighbors(self, X=None, n_neighbors=1, return_distance=True):
         n_train = self._X.shape[0]
         k = check_n_neighbors(n_neighbors, n_train, X is None)
         if X is None:
@@ -43,7 +43,10 @@ class SklearnBackend:
             if self.metric == "cosine":
                 Q = unit_rows(Q)
             dist, ind = self._nn.kneighbors(Q, k)
+        ind = ind.astype(np.int64, copy=False)
+        if not return_distance:
+            return ind
         dist = dist.astype(self._X.dtype, copy=False)
         if self.metric == "cosine":
             dist = squared_to_metric(dist * dist, "cosine")
-        return dist, ind.astype(np.int64, copy=False)
+        return dist, ind

@@ -1,10 +1,12 @@
 """Exact search with PyTorch matrix products, on CPU or CUDA.
 
-Per block of queries: one GEMM for ``|q|^2 - 2 q.x + |x|^2`` against all
-training rows, ``topk`` of the smallest, then the selected candidates'
-distances recomputed exactly from the differences and sorted, all on the
-device. Training points are excluded from their own search by index (their
-own column is set to +inf), so exact duplicates stay neighbours.
+Per block of queries: one GEMM for the ranking values ``|x|^2 - 2 q.x``
+(the squared distance less the per-row constant ``|q|^2``: the same order)
+against all training rows, ``topk`` of the smallest, then (unless
+``return_distance=False``) the selected candidates' distances recomputed
+exactly from the differences and sorted, all on the device. Training points
+are excluded from their own search by index (their own column is set to
++inf), so exact duplicates stay neighbours.
 
 ``torch`` is imported only here; install it with ``pip install torch``.
 """
@@ -114,7 +116,7 @@ class TorchBackend:
             budget = min(_CUDA_SHARE * free / 2**20, _CUDA_CAP_MIB)
         return chunk_rows(row_bytes, budget)
 
-    def kneighbors(self, X=None, n_neighbors=1):
+    def kneighbors(self, X=None, n_neighbors=1, return_distance=True):
         torch = import_torch()
         Xt = self._Xt
         n_train, d = self._X.shape
@@ -133,7 +135,7 @@ class TorchBackend:
         # distance row, topk's working copy, gathered candidates + differences
         row_bytes = 2 * n_train * item + 2 * k * d * item + d * item + k * 24
         step = self._block_rows(torch, row_bytes)
-        dist = np.empty((nq, k), dtype=self._X.dtype)
+        dist = np.empty((nq, k), dtype=self._X.dtype) if return_distance else None
         ind = np.empty((nq, k), dtype=np.int64)
         threads = resolve_threads(self.n_jobs)
         prev = torch.get_num_threads()
@@ -146,12 +148,17 @@ class TorchBackend:
                     stop = min(start + step, nq)
                     q = Xt[start:stop] if self_query else _as_tensor(
                         torch, Q[start:stop], self.device_)
-                    qn = self._sqnorm[start:stop] if self_query else (q * q).sum(dim=1)
+                    # ranking values: |q|^2 is constant along a row, left out
                     sq = torch.addmm(self._sqnorm[None, :], q, Xt.T, beta=1, alpha=-2)
-                    sq += qn[:, None]
                     if self_query:
                         rows = torch.arange(stop - start, device=sq.device)
                         sq[rows, start + rows] = float("inf")
+                    if not return_distance:
+                        # ids only: topk's own order (by the expansion)
+                        _, cand = torch.topk(sq, k, dim=1, largest=False, sorted=True)
+                        del sq
+                        ind[start:stop] = cand.cpu().numpy()
+                        continue
                     _, cand = torch.topk(sq, k, dim=1, largest=False, sorted=False)
                     del sq
                     diff = Xt[cand]
@@ -165,7 +172,7 @@ class TorchBackend:
         finally:
             if threads is not None:
                 torch.set_num_threads(prev)
-        return dist, ind
+        return (dist, ind) if return_distance else ind
 
 
 def _as_tensor(torch, a, device):
