@@ -193,6 +193,35 @@ def test_n_neighbors_out_of_range(spec_id):
         b.kneighbors(X[:3], 0)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("working_memory", [None, 0.02, 0.002])
+def test_brute_blocks_match_oracle(dtype, working_memory):
+    """The brute backend's blocked search (the training set: blocks of the
+    symmetric product merged into rows and columns, in round-robin rounds;
+    queries: blocks of rows against blocks of the training set) gives the
+    oracle's neighbours whatever the block sizes (a small budget makes
+    many, and an odd count of, uneven blocks), ties going to the lowest id."""
+    X = data_with_duplicates(dtype, n=300)
+    n = len(X)
+    b = make_backend("brute", working_memory=working_memory).fit(X)
+    off = oracle_sq(X, X, "euclidean") + np.diag(np.full(n, np.inf))
+    for k in (1, 7, n - 1):
+        dist, ind = b.kneighbors(None, k)
+        np.testing.assert_allclose(dist, np.sqrt(np.sort(off, axis=1)[:, :k]), **tol(dtype))
+        np.testing.assert_allclose(dist, np.sqrt(np.take_along_axis(off, ind, 1)), **tol(dtype))
+        ids = b.kneighbors(None, k, return_distance=False)
+        np.testing.assert_array_equal(np.sort(ids, axis=1), np.sort(ind, axis=1))
+    # exact duplicates tie at 0: the lowest ids come first
+    np.testing.assert_array_equal(b.kneighbors(None, 2, return_distance=False)[7], [8, 9])
+    rng = np.random.default_rng(3)
+    Q = (X[rng.integers(0, n, 41)] + rng.normal(scale=0.2, size=(41, X.shape[1]))).astype(dtype)
+    sq = oracle_sq(Q, X, "euclidean")
+    for k in (1, 9, n):
+        dist, ind = b.kneighbors(Q, k)
+        np.testing.assert_allclose(dist, np.sqrt(np.sort(sq, axis=1)[:, :k]), **tol(dtype))
+        np.testing.assert_allclose(dist, np.sqrt(np.take_along_axis(sq, ind, 1)), **tol(dtype))
+
+
 # --------------------------------------------------------------- recall
 def clustered(seed=0, n=4000, n_q=500, d=32, n_clusters=20):
     rng = np.random.default_rng(seed)

@@ -91,9 +91,6 @@ class BruteForceBackend:
                         "k-NN search", total=len(starts))
 
     def _search(self, Q, start, stop, k, self_query, threads, dist, ind):
-        import scipy.linalg.cython_blas  # noqa: F401  (the BLAS the kernels call)
-        from threadpoolctl import threadpool_limits
-
         from .. import _kernels
 
         Xt = self._X
@@ -104,7 +101,7 @@ class BruteForceBackend:
         heap_v = np.full((stop - start, k), np.inf, dtype=Xt.dtype)
         heap_i = np.full((stop - start, k), n, dtype=np.int64)
         # the kernels run the BLAS one thread per task: no second pool
-        with threadpool_limits(limits=1, user_api="blas"):
+        with _single_thread_blas():
             if self_query:
                 bs = int(max(min(_SELF_BLOCK, np.sqrt(per_thread)), 1))
                 buf = np.empty((threads, bs * bs), dtype=Xt.dtype)
@@ -132,6 +129,21 @@ _SELF_BLOCK = 1024
 #: queries per task, and training rows per product, of a search for new points
 _QUERY_ROWS = 256
 _QUERY_BLOCK = 2048
+
+
+_BLAS_CONTROLLER = []
+
+
+def _single_thread_blas():
+    """Limit the BLAS libraries (the one numba's ``np.dot`` calls included)
+    to one thread for a block. The libraries are looked up once per process
+    (a lookup costs milliseconds, a limit microseconds)."""
+    if not _BLAS_CONTROLLER:
+        import scipy.linalg.cython_blas  # noqa: F401  (the BLAS the kernels call)
+        from threadpoolctl import ThreadpoolController
+
+        _BLAS_CONTROLLER.append(ThreadpoolController())
+    return _BLAS_CONTROLLER[0].limit(limits=1, user_api="blas")
 
 
 class _numba_threads:
