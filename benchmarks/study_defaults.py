@@ -778,8 +778,19 @@ def stage_boundary(args):
         print("boundary: the stage-2 winner stays")
 
 
-def winner_params():
-    w = json.loads((OUT / "winner.json").read_text())["config"]
+def stage_runner_up(args):
+    """Cost-constrained runner-up (added after stage 2 because L=40 costs ~20x
+    the fit time and 8x the memory of L=5): the same rule as the winner,
+    restricted to the stage-2 cells with L <= 20. Chosen on dev only."""
+    import pandas as pd
+
+    g = pd.read_csv(OUT / "grid.csv", index_col=0)
+    keep = [i for i in g.index if i == "default" or "L=40" not in i]
+    pick_winner(g.loc[keep], [], OUT / "winner_l20.json")
+
+
+def winner_params(path="winner.json"):
+    w = json.loads((OUT / path).read_text())["config"]
     return dict(n_neighbors=w["k"], n_neighbors_of_neighbors=w["Kp"], set_size=w["L"],
                 reorder=w["reorder"], eig_floor=w["floor"], metric=w["metric"],
                 normalize=w["normalize"], norm=w["norm"], centre=w["centre"],
@@ -798,6 +809,10 @@ def study_detectors():
         Detector("KNNN-auto", lambda seed: AutoKNNN(random_state=seed, **wp),
                  family="custom", description="winner options, (K', k, L, floor) label-free"),
     ]
+    if (OUT / "winner_l20.json").exists():
+        rp = winner_params("winner_l20.json")
+        dets.append(Detector("KNNN-study (L<=20 runner-up)", lambda seed: StudyKNNN(**rp),
+                             family="custom", description=f"StudyKNNN({rp})"))
     return dets
 
 
@@ -985,7 +1000,7 @@ def auto_report():
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("stage", choices=["check", "oat", "grid", "boundary", "confirm", "report",
-                                     "picks", "sweep"])
+                                     "picks", "sweep", "runner_up"])
     p.add_argument("--suites", nargs="*", default=None)
     p.add_argument("--extra", nargs="*", default=None,
                    help="extra grid cells as JSON dicts of changes from DEFAULT")
@@ -999,6 +1014,7 @@ def main(argv=None):
     print(f"study_defaults {args.stage}: nonn at {commit}, python {sys.version.split()[0]}, "
           f"{os.cpu_count()} cpus", flush=True)
     {"check": stage_check, "oat": stage_oat, "grid": stage_grid, "boundary": stage_boundary,
+     "runner_up": stage_runner_up,
      "confirm": stage_confirm,
      "report": stage_report, "picks": lambda a: auto_report(),
      "sweep": lambda a: sweep_report()}[args.stage](args)
