@@ -50,12 +50,14 @@ BACKENDS = {
 
 
 #: "auto" uses an exact FAISS flat index from this many training points on
-#: (when faiss is installed). Measured on the 2-core reference machine, k-NN
-#: graph with K' = 25, float32: FAISS's heap selection beats brute's
-#: argpartition from a few thousand points at any dimension (N = 3000:
-#: 1.1x at D = 512 to 3.9x at D = 16; N = 20000, D = 512: about 1.6-2.8x),
-#: and below this size both take well under a second, so brute (no import,
-#: float64 kept end to end) stays the default there.
+#: (when faiss is installed). The threshold was set when brute selected with
+#: numpy's argpartition, which FAISS's heap selection beat from a few
+#: thousand points. Since brute merges into top-k heaps in compiled tasks
+#: (and computes half of ``X @ X.T`` for the training set), it is as fast or
+#: faster on the 2-core reference machine, float32, K' = 25: graph 1.5 s vs
+#: 2.5 s at N = 20000, D = 512; 0.41 s vs 0.90 s at D = 16; N = 3000-5000
+#: about equal. Whether "auto" should then keep FAISS (float32 search of
+#: float64 data, approximate indexes one parameter away) is open.
 AUTO_FAISS_MIN_SAMPLES = 5000
 #: ... and the torch backend on CUDA from this much data (N * D) on, when a
 #: GPU is visible: a GPU GEMM outruns every CPU backend once the data is
