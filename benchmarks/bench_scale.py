@@ -211,14 +211,7 @@ def _reset_hwm():
         return False
 
 
-def _busy_seconds():
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    busy = v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)
-    return busy / os.sysconf("SC_CLK_TCK")
+_busy_seconds = bench_core._system_busy_seconds
 
 
 class Meter:
