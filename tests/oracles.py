@@ -71,8 +71,9 @@ def naive_floor(X, sets, rel):
     return floors
 
 
-def naive_knnn_scores(X, Q, k, Kp, L, order, rel_floor, loo=False):
-    """Eq. 2 with explicit sums over i, s, j."""
+def naive_knnn_scores(X, Q, k, Kp, L, order, rel_floor, loo=False, aggregate="sum"):
+    """Eq. 2 with explicit sums over i, s, j; ``aggregate="min"`` takes the
+    smallest per-neighbour sum instead of summing over i."""
     Xr = X[:, order]
     Qr = Q[:, order]
     d = Xr.shape[1]
@@ -92,12 +93,14 @@ def naive_knnn_scores(X, Q, k, Kp, L, order, rel_floor, loo=False):
     out = []
     for qi, q in enumerate(Qr):
         nbrs = naive_knn_ids(Xr, q, k, exclude=qi if loo else None)
-        total = 0.0
+        per_neighbour = []
         for i in nbrs:
+            total = 0.0
             for si, s in enumerate(sets):
                 e, V = eigen(i, si)
                 total += eq2_term(q[s] - Xr[i][s], e, V, floors[si])
-        out.append(total)
+            per_neighbour.append(total)
+        out.append(sum(per_neighbour) if aggregate == "sum" else min(per_neighbour))
     return np.array(out)
 
 

@@ -26,24 +26,50 @@ def well_conditioned(seed, n=60, d=12, n_q=8):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("reorder", ["none", "greedy"])
 @pytest.mark.parametrize("d,L", [(12, 5), (10, 5), (7, 3)])
-def test_knnn_matches_naive_eq2(seed, reorder, d, L):
+@pytest.mark.parametrize("aggregate", ["sum", "min"])
+def test_knnn_matches_naive_eq2(seed, reorder, d, L, aggregate):
     X, Q = well_conditioned(seed, d=d)
     k, Kp, rel = 3, 15, 1e-3
-    det = KNNN(n_neighbors=k, n_neighbors_of_neighbors=Kp, set_size=L, reorder=reorder,
-               eig_floor=rel).fit(X)
     order = naive_greedy_order(X, L) if reorder == "greedy" else np.arange(d)
-    np.testing.assert_array_equal(det.feature_order_, order)
-    expected = naive_knnn_scores(X, Q, k, Kp, L, order, rel)
-    np.testing.assert_allclose(det.anomaly_score(Q), expected, rtol=1e-6)
+    expected = naive_knnn_scores(X, Q, k, Kp, L, order, rel, aggregate=aggregate)
     # leave-one-out training scores: a point is not its own neighbour
-    loo = naive_knnn_scores(X, X, k, Kp, L, order, rel, loo=True)
-    np.testing.assert_allclose(-det.train_scores_, loo, rtol=1e-6)
+    loo = naive_knnn_scores(X, X, k, Kp, L, order, rel, loo=True, aggregate=aggregate)
+    for memory in ("precomputed", "lean"):
+        det = KNNN(n_neighbors=k, n_neighbors_of_neighbors=Kp, set_size=L, reorder=reorder,
+                   eig_floor=rel, aggregate=aggregate, memory=memory).fit(X)
+        np.testing.assert_array_equal(det.feature_order_, order)
+        np.testing.assert_allclose(det.anomaly_score(Q), expected, rtol=1e-6)
+        np.testing.assert_allclose(-det.train_scores_, loo, rtol=1e-6)
+
+
+def test_lean_memory_same_scores_less_state():
+    """memory="lean" keeps no eigen-state and gives the precomputed scores,
+    whatever the chunking (a tiny working_memory forces many chunks)."""
+    rng = np.random.default_rng(7)
+    X = rng.normal(size=(600, 16)).astype(np.float32)
+    Q = rng.normal(size=(120, 16)).astype(np.float32) * 1.5
+    full = KNNN().fit(X)
+    lean = KNNN(memory="lean", working_memory=0.05).fit(X)
+    assert not hasattr(lean, "eigenvectors_") and not hasattr(lean, "eigenvalues_")
+    np.testing.assert_array_equal(lean.train_scores_, full.train_scores_)
+    np.testing.assert_array_equal(lean.anomaly_score(Q), full.anomaly_score(Q))
+    assert lean.offset_ == full.offset_
+
+
+def test_min_aggregate_is_never_more_than_sum_over_k():
+    X, Q = well_conditioned(9, d=8)
+    s_min = KNNN(n_neighbors=4, aggregate="min").fit(X).anomaly_score(Q)
+    s_sum = KNNN(n_neighbors=4, aggregate="sum").fit(X).anomaly_score(Q)
+    # min_i a_i <= sum_i a_i / k <= sum_i a_i (all terms are non-negative)
+    assert np.all(s_min <= s_sum / 4 + 1e-12)
+    assert KNNN(n_neighbors=1, aggregate="min").fit(X).anomaly_score(Q) == pytest.approx(
+        KNNN(n_neighbors=1, aggregate="sum").fit(X).anomaly_score(Q))
 
 
 def test_knnn_float32_close_to_oracle():
     X, Q = well_conditioned(3, d=10)
     det = KNNN(n_neighbors_of_neighbors=20, reorder="none").fit(X.astype(np.float32))
-    expected = naive_knnn_scores(X, Q, 3, 20, 5, np.arange(10), 1e-3)
+    expected = naive_knnn_scores(X, Q, 3, 20, 5, np.arange(10), 1e-3, aggregate="min")
     np.testing.assert_allclose(det.anomaly_score(Q.astype(np.float32)), expected, rtol=1e-3)
 
 
@@ -53,7 +79,8 @@ def test_eq1_is_eq2_with_one_set():
     det = KNNN(set_size=6, reorder="none", n_neighbors_of_neighbors=20).fit(X)
     assert det.set_sizes_.tolist() == [6]
     np.testing.assert_allclose(
-        det.anomaly_score(Q), naive_knnn_scores(X, Q, 3, 20, 6, np.arange(6), 1e-3), rtol=1e-6
+        det.anomaly_score(Q),
+        naive_knnn_scores(X, Q, 3, 20, 6, np.arange(6), 1e-3, aggregate="min"), rtol=1e-6
     )
 
 
@@ -280,3 +307,50 @@ def test_kernels_match_numpy_reference(dtype):
     s1 = le.score_eq2(Qg, idx, Xg, v1, w1, sizes, floor, engine="numba")
     s2 = le.score_eq2(Qg, idx, Xg, v2, w2, sizes, floor, engine="numpy")
     np.testing.assert_allclose(s1, s2, rtol=10 * tol)
+
+
+# ----------------------------------------------- label-free "auto" selection
+def test_auto_selection_refits_the_pick_and_is_reproducible():
+    rng = np.random.default_rng(11)
+    X = np.vstack([rng.normal(size=(150, 6)), rng.normal(size=(150, 6)) * 0.3 + 4])
+    det = KNNN(n_neighbors="auto", n_neighbors_of_neighbors="auto", set_size="auto",
+               eig_floor="auto", random_state=0).fit(X)
+    from nonn._knnn import AUTO_GRID
+
+    pick = det.auto_params_
+    assert set(pick) == set(AUTO_GRID)
+    for name, value in pick.items():
+        assert value in AUTO_GRID[name]
+    # every candidate was tried, best first, and the pick is within the tie of the best
+    assert len(det.auto_table_) == np.prod([len(v) for v in AUTO_GRID.values()])
+    aucs = [a for _, a in det.auto_table_]
+    assert aucs == sorted(aucs, reverse=True)
+    assert dict(det.auto_table_[0][0]) is not None
+    best = aucs[0]
+    picked_auc = dict((tuple(sorted(c.items())), a) for c, a in det.auto_table_)[
+        tuple(sorted(pick.items()))]
+    assert picked_auc >= best - 1e-3
+    # the fitted model is exactly KNNN with the picked values (set_size capped at D)
+    explicit = KNNN(**{**pick, "set_size": min(pick["set_size"], 6)}).fit(X)
+    Q = rng.normal(size=(40, 6)) * 2
+    np.testing.assert_array_equal(det.anomaly_score(Q), explicit.anomaly_score(Q))
+    again = KNNN(n_neighbors="auto", n_neighbors_of_neighbors="auto", set_size="auto",
+                 eig_floor="auto", random_state=0).fit(X)
+    assert again.auto_params_ == pick
+
+
+def test_auto_only_varies_the_auto_parameters():
+    X, _ = well_conditioned(2, d=8)
+    det = KNNN(n_neighbors_of_neighbors="auto", n_neighbors=2, set_size=4,
+               random_state=1).fit(X)
+    assert set(det.auto_params_) == {"n_neighbors_of_neighbors"}
+    assert det.n_neighbors_ == 2 and det.set_size_ == 4 and det.eig_floor_rel_ == 1e-3
+    assert len(det.auto_table_) == 3
+
+
+def test_auto_with_few_rows_keeps_the_defaults():
+    X = np.random.default_rng(0).normal(size=(30, 4))
+    det = KNNN(n_neighbors_of_neighbors="auto", n_neighbors="auto").fit(X)
+    # the defaults (first of the grid), capped silently to the 30 rows
+    assert det.auto_params_ == {"n_neighbors": 3, "n_neighbors_of_neighbors": 30}
+    assert det.auto_table_ == []

@@ -37,6 +37,24 @@ def test_round_trip_identical_scores(cls, dtype, tmp_path):
     assert det2.anomaly_score(Q).dtype == dtype
 
 
+@pytest.mark.parametrize("params", [
+    dict(memory="lean"),
+    dict(n_neighbors="auto", n_neighbors_of_neighbors="auto", random_state=3),
+])
+def test_round_trip_lean_and_auto(params, tmp_path):
+    det = KNNN(**params).fit(X)
+    det.save(tmp_path / "m.nonn")
+    with np.load(tmp_path / "m.nonn", allow_pickle=False) as npz:
+        stored = set(npz.files)
+    assert ("eigenvectors_" in stored) == (params.get("memory") != "lean")
+    det2 = load(tmp_path / "m.nonn")
+    assert det2.get_params() == det.get_params()
+    assert det2.auto_params_ == det.auto_params_
+    assert (det2.n_neighbors_, det2.n_neighbors_of_neighbors_) == (
+        det.n_neighbors_, det.n_neighbors_of_neighbors_)
+    np.testing.assert_array_equal(det2.anomaly_score(Q), det.anomaly_score(Q))
+
+
 def test_calibrated_threshold_survives(tmp_path):
     det = KNNN().fit(X[:80]).calibrate(X[80:], false_alarm_rate=0.2)
     det.save(tmp_path / "m.nonn")

@@ -73,6 +73,11 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         "aggregate": "'mean'",
     }
 
+    @classmethod
+    def _state_arrays_for(cls, params):
+        """The fitted arrays a model with constructor ``params`` holds."""
+        return cls._state_arrays
+
     # ----------------------------------------------------------------- fit
     def _check_params(self):
         constraints = dict(self._common_constraints)

@@ -340,17 +340,19 @@ def neighbourhood_eigen(Xg, groups, sizes, L, tol, w_out, V_out):
 
 @njit(cache=True, parallel=True, error_model="numpy")
 def score_eq2(Qg, idx, Xg, evecs, evals, sizes, floor, out):
-    """Eq. 2 for grid queries ``Qg`` with neighbour ids ``idx`` (q, k), using
-    the stored eigen-state of each neighbour; floored directions are summed
-    basis-free (see ``_local_eigen.project_l1``)."""
+    """Eq. 2's inner sums per (query, neighbour): ``out[u, i]`` is the sum over
+    sets and eigen-directions of neighbour ``idx[u, i]`` for grid query ``u``,
+    from that neighbour's stored eigen-state (rows ``idx[u, i]`` of ``Xg``,
+    ``evecs`` and ``evals``). Floored directions are summed basis-free (see
+    ``_local_eigen.project_l1``). Aggregating over ``i`` is the caller's."""
     q, k = idx.shape
     n_sets = sizes.shape[0]
     L = evecs.shape[2]
     for u in prange(q):
-        total = 0.0
         d = np.empty(L)
         for i in range(k):
             nb = idx[u, i]
+            total = 0.0
             for s in range(n_sets):
                 off = s * L
                 r = sizes[s]
@@ -368,7 +370,7 @@ def score_eq2(Qg, idx, Xg, evecs, evals, sizes, floor, out):
                     else:
                         total += abs(proj) / math.sqrt(e)
                 total += math.sqrt(sq) / math.sqrt(fl)
-        out[u] = total
+            out[u, i] = total
 
 
 # --------------------------------------------------------------- k-NN search

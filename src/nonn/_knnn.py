@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+import warnings
+
 import numpy as np
 
-from ._base import BaseDetector, cap
+from ._base import BaseDetector, CappedParameterWarning, cap
 from ._local_eigen import (
+    aggregate_terms,
     floor_scale,
     neighbourhood_eigen,
     pad,
@@ -13,16 +17,18 @@ from ._local_eigen import (
     score_eq2,
 )
 from ._partition import feature_order, set_sizes
-from ._validation import Interval, Options
+from ._validation import Interval, IsNone, Options
 
 
 class _SetGridMixin:
     """Feature re-ordering, partition into sets and the relative eigenvalue
     floor, shared by :class:`KNNN` and :class:`LocalEigenKNN`."""
 
-    def _fit_grid(self, X):
+    def _fit_grid(self, X, set_size=None, eig_floor=None):
         d = X.shape[1]
-        self.set_size_ = cap(self.set_size, d, "set_size", "the number of features")
+        set_size = self.set_size if set_size is None else set_size
+        eig_floor = self.eig_floor if eig_floor is None else eig_floor
+        self.set_size_ = cap(set_size, d, "set_size", "the number of features")
         self.feature_order_ = feature_order(X, self.set_size_, self.reorder)
         self.set_sizes_ = set_sizes(d, self.set_size_)
         Xg = permute(X, self.feature_order_)
@@ -30,7 +36,7 @@ class _SetGridMixin:
         # constant columns, K' <= L or low-rank data give finite scores and a
         # uniform rescaling of all data leaves every score unchanged. The eps
         # term keeps eig_floor=0 finite too.
-        rel = max(float(self.eig_floor), 10 * np.finfo(X.dtype).eps)
+        rel = max(float(eig_floor), 10 * np.finfo(X.dtype).eps)
         self.eig_floor_ = (rel * floor_scale(Xg, self.set_sizes_, self.set_size_)).astype(X.dtype)
         return Xg
 
@@ -44,35 +50,69 @@ class _SetGridMixin:
         return diff.reshape(idx.shape + (n_sets, L))
 
 
+#: The label-free selection grid (``"auto"`` parameters), in trial order; the
+#: first value of each is the class default, so ties keep the default.
+AUTO_GRID = {
+    "n_neighbors": (3, 1, 10),
+    "n_neighbors_of_neighbors": (50, 10, 25),
+    "set_size": (5, 10, 20),
+    "eig_floor": (1e-3, 1e-2, 1e-1, 1.0),
+}
+#: fractions of features swapped in the synthetic outliers of the selection
+AUTO_RHO = (0.05, 0.25, 1.0)
+#: candidates within this synthetic AUROC of the best count as tied
+AUTO_TIE = 1e-3
+
+
 class KNNN(_SetGridMixin, BaseDetector):
     """k nearest neighbours of neighbours anomaly detector.
 
     Fit stores, for every training point and every feature set, the
     eigenvectors and eigenvalues of the covariance of its neighbourhood (the
     point itself and its ``n_neighbors_of_neighbors - 1`` nearest other
-    training points). A query's anomaly score is Eq. 2 of the paper::
+    training points). For a query ``f`` and each of its ``n_neighbors``
+    nearest training points ``f_i``, the per-neighbour sum of Eq. 2 is::
 
-        AS(f) = sum_i sum_s sum_j |(f_s - f_{i,s}) . v_{i,j,s}| / sqrt(e_{i,j,s})
+        AS_i(f) = sum_s sum_j |(f_s - f_{i,s}) . v_{i,j,s}| / sqrt(e_{i,j,s})
 
-    over its ``n_neighbors`` nearest training points ``f_i``.
+    The paper's anomaly score (Eq. 2) is their sum over i
+    (``aggregate="sum"``); nonn's default takes their minimum
+    (``aggregate="min"``), which the defaults study (docs/defaults-study.md)
+    found at least as accurate on every suite. The paper-exact operator is
+    ``KNNN(n_neighbors=3, n_neighbors_of_neighbors=25, set_size=5,
+    aggregate="sum")``.
 
     Parameters
     ----------
-    n_neighbors : int, default=3
+    n_neighbors : int or "auto", default=3
         k, neighbours of a query.
-    n_neighbors_of_neighbors : int, default=25
+    n_neighbors_of_neighbors : int or "auto", default=50
         K', size of each training point's neighbourhood (itself included).
-    set_size : int, default=5
+        (The paper uses 25.)
+    set_size : int or "auto", default=5
         L, features per set; the last set may be shorter (never dropped).
+        Larger sets can be more accurate (L=40 gained +0.025 AUROC on MVTec
+        in the defaults study) but fit cost grows like L**2 per point and
+        the stored eigenvectors like L.
     reorder : {"greedy", "none"}, default="greedy"
         The paper's greedy correlation ordering of the features before they
         are cut into sets, or keep the given order.
-    eig_floor : float, default=1e-3
+    eig_floor : float or "auto", default=1e-3
         Relative eigenvalue floor: eigenvalues of a set are floored at
         ``eig_floor`` times the mean training variance of the set's features.
         Keeps singular neighbourhoods finite and makes the score invariant to
         a uniform rescaling of the data. ``0`` means the smallest safe floor
         (10 machine epsilons), the closest to the paper's unfloored maths.
+    aggregate : {"min", "sum"}, default="min"
+        How the k per-neighbour sums combine: "sum" is the paper's Eq. 2,
+        "min" the smallest of them.
+    memory : {"precomputed", "lean"}, default="precomputed"
+        "precomputed" stores every training point's eigen-state, as the
+        paper does (n_samples * n_features * set_size values): fastest
+        scoring. "lean" stores only the n_samples x K' neighbourhood graph
+        and computes the eigen-state of each query's k neighbours when it
+        scores (memory O(n_samples * n_features); the same scores; scoring
+        does up to k eigen-decompositions per query more).
     metric : {"euclidean", "cosine"}, default="euclidean"
         Distance used to find neighbours (Eq. 2 itself is unchanged).
     backend : str, default="auto"
@@ -83,6 +123,9 @@ class KNNN(_SetGridMixin, BaseDetector):
     contamination : "auto" or float in (0, 0.5], default="auto"
         Share of the (leave-one-out scored) training points to flag;
         "auto" = 0.01.
+    random_state : int or None, default=None
+        Seed of the label-free selection of "auto" parameters (its 80/20
+        split and synthetic outliers); unused otherwise.
     working_memory : float, default=None
         MiB for one chunk of work (None: scikit-learn's ``working_memory``).
     n_jobs : int, default=None
@@ -93,7 +136,16 @@ class KNNN(_SetGridMixin, BaseDetector):
     Attributes
     ----------
     n_neighbors_, n_neighbors_of_neighbors_, set_size_ : int
-        The counts used (capped to the data with a warning when too large).
+        The counts used (capped to the data with a warning when too large,
+        or chosen by the "auto" selection).
+    eig_floor_rel_ : float
+        The relative eigenvalue floor used.
+    auto_params_ : dict or None
+        The values the label-free selection picked for the "auto"
+        parameters; None when no parameter is "auto".
+    auto_table_ : list of (dict, float) or None
+        Every candidate of the selection with its mean synthetic AUROC,
+        best first.
     feature_order_ : ndarray (n_features,)
         Column permutation applied before the partition.
     set_sizes_ : ndarray (n_sets,)
@@ -101,8 +153,10 @@ class KNNN(_SetGridMixin, BaseDetector):
         Ids of each training point's neighbourhood; column 0 is the point.
     eigenvalues_ : ndarray (n_samples, n_sets, set_size_)
         Ascending per set; the padding of a shorter last set is 0.
+        Absent with ``memory="lean"``.
     eigenvectors_ : ndarray (n_samples, n_sets, set_size_, set_size_)
         ``eigenvectors_[p, s, :, j]`` is eigenvector j of point p, set s.
+        Absent with ``memory="lean"``.
     eig_floor_ : ndarray (n_sets,)
         Absolute eigenvalue floor per set.
     train_scores_ : ndarray (n_samples,)
@@ -128,32 +182,40 @@ class KNNN(_SetGridMixin, BaseDetector):
     """
 
     _constraints = {
-        "n_neighbors": [Interval("int", 1, None)],
-        "n_neighbors_of_neighbors": [Interval("int", 1, None)],
-        "set_size": [Interval("int", 1, None)],
+        "n_neighbors": [Interval("int", 1, None), Options("auto")],
+        "n_neighbors_of_neighbors": [Interval("int", 1, None), Options("auto")],
+        "set_size": [Interval("int", 1, None), Options("auto")],
         "reorder": [Options("greedy", "none")],
-        "eig_floor": [Interval("real", 0, None)],
+        "eig_floor": [Interval("real", 0, None), Options("auto")],
+        "aggregate": [Options("min", "sum")],
+        "memory": [Options("precomputed", "lean")],
+        "random_state": [IsNone(), Interval("int", 0, None)],
     }
+    _hints = {**BaseDetector._hints, "aggregate": "'min'", "memory": "'lean'",
+              "random_state": 0}
     _state_arrays = (
         "_fit_X", "feature_order_", "set_sizes_", "neighborhoods_", "eigenvalues_",
         "eigenvectors_", "eig_floor_", "train_scores_",
     )
     _state_scalars = (
-        "n_neighbors_", "n_neighbors_of_neighbors_", "set_size_", "offset_",
-        "contamination_", "threshold_source_", "backend_",
+        "n_neighbors_", "n_neighbors_of_neighbors_", "set_size_", "eig_floor_rel_", "offset_",
+        "contamination_", "threshold_source_", "backend_", "auto_params_",
     )
 
     def __init__(
         self,
         n_neighbors=3,
-        n_neighbors_of_neighbors=25,
+        n_neighbors_of_neighbors=50,
         set_size=5,
         reorder="greedy",
         eig_floor=1e-3,
+        aggregate="min",
+        memory="precomputed",
         metric="euclidean",
         backend="auto",
         backend_params=None,
         contamination="auto",
+        random_state=None,
         working_memory=None,
         n_jobs=None,
         verbose=False,
@@ -163,23 +225,49 @@ class KNNN(_SetGridMixin, BaseDetector):
         self.set_size = set_size
         self.reorder = reorder
         self.eig_floor = eig_floor
+        self.aggregate = aggregate
+        self.memory = memory
         self.metric = metric
         self.backend = backend
         self.backend_params = backend_params
         self.contamination = contamination
+        self.random_state = random_state
         self.working_memory = working_memory
         self.n_jobs = n_jobs
         self.verbose = verbose
 
+    @classmethod
+    def _state_arrays_for(cls, params):
+        if params.get("memory") == "lean":
+            return tuple(a for a in cls._state_arrays
+                         if a not in ("eigenvalues_", "eigenvectors_"))
+        return cls._state_arrays
+
+    # ------------------------------------------------------------------ fit
     def _fit(self, X):
+        auto = [name for name in AUTO_GRID if getattr(self, name) == "auto"]
+        if auto:
+            chosen, table = self._select_auto(X, auto)
+            # chosen values are capped to the data silently
+            limits = {"n_neighbors": X.shape[0] - 1, "n_neighbors_of_neighbors": X.shape[0],
+                      "set_size": X.shape[1], "eig_floor": np.inf}
+            chosen = {name: (min(v, limits[name]) if name in auto else v)
+                      for name, v in chosen.items()}
+            self.auto_params_ = {name: chosen[name] for name in auto}
+            self.auto_table_ = table
+        else:
+            chosen = {name: getattr(self, name) for name in AUTO_GRID}
+            self.auto_params_ = None
+            self.auto_table_ = None
         n = X.shape[0]
         # a training point is scored against the n - 1 others (leave-one-out)
-        self.n_neighbors_ = cap(self.n_neighbors, n - 1, "n_neighbors",
+        self.n_neighbors_ = cap(chosen["n_neighbors"], n - 1, "n_neighbors",
                                 "the number of other training points")
         self.n_neighbors_of_neighbors_ = cap(
-            self.n_neighbors_of_neighbors, n, "n_neighbors_of_neighbors",
+            chosen["n_neighbors_of_neighbors"], n, "n_neighbors_of_neighbors",
             "the number of training points")
-        Xg = self._fit_grid(X)
+        self.eig_floor_rel_ = float(chosen["eig_floor"])
+        Xg = self._fit_grid(X, set_size=chosen["set_size"], eig_floor=chosen["eig_floor"])
         self._fit_X = Xg
         self._search = self._make_backend(Xg)
         m = max(self.n_neighbors_of_neighbors_ - 1, self.n_neighbors_)
@@ -190,36 +278,78 @@ class KNNN(_SetGridMixin, BaseDetector):
         self.neighborhoods_ = np.concatenate(
             [np.arange(n, dtype=np.int64)[:, None], others[:, : Kp - 1]], axis=1
         )
+        loo_idx = np.ascontiguousarray(others[:, : self.n_neighbors_])
+        del others
+        if self.memory == "lean":
+            return self._loo_lean(Xg, loo_idx)
         self._fit_eigen()
-        return self._score_neighbours(Xg, others[:, : self.n_neighbors_])
+        return self._score_neighbours(Xg, loo_idx)
+
+    def _eigen_row_bytes(self):
+        n_sets, L = len(self.set_sizes_), self.set_size_
+        Kp = self.neighborhoods_.shape[1]
+        # numpy path: gathered neighbourhood (gather + transposed copy),
+        # covariance, eigenvectors and LAPACK's copies; the kernels need less
+        return self._fit_X.dtype.itemsize * n_sets * L * (2 * Kp + 4 * L)
+
+    def _eigen_of(self, points):
+        """Eigen-state (values, vectors) of the neighbourhoods of ``points``."""
+        return neighbourhood_eigen(self._fit_X, self.neighborhoods_[points], self.set_sizes_,
+                                   self.set_size_, self.n_jobs_)
 
     def _fit_eigen(self):
         Xg = self._fit_X
         n = Xg.shape[0]
         n_sets, L = len(self.set_sizes_), self.set_size_
-        Kp = self.neighborhoods_.shape[1]
         self.eigenvalues_ = np.empty((n, n_sets, L), dtype=Xg.dtype)
         self.eigenvectors_ = np.empty((n, n_sets, L, L), dtype=Xg.dtype)
-        item = Xg.dtype.itemsize
-        # numpy path: gathered neighbourhood (gather + transposed copy),
-        # covariance, eigenvectors and LAPACK's copies; the kernels need less
-        row_bytes = item * n_sets * L * (2 * Kp + 4 * L)
-        for sl in self._query_chunks(n, row_bytes, "neighbourhood eigen"):
+        for sl in self._query_chunks(n, self._eigen_row_bytes(), "neighbourhood eigen"):
             # written in place (the kernel needs no intermediate)
             neighbourhood_eigen(Xg, self.neighborhoods_[sl], self.set_sizes_, L, self.n_jobs_,
                                 out=(self.eigenvalues_[sl], self.eigenvectors_[sl]))
+
+    def _loo_lean(self, Xg, loo_idx):
+        """Leave-one-out scores without storing the eigen-state: each training
+        point's eigen-state is computed once, in chunks, and scores every
+        training point that has it as a neighbour; then it is dropped."""
+        n, k = loo_idx.shape
+        flat = loo_idx.ravel()
+        order = np.argsort(flat, kind="stable")
+        sorted_ids = flat[order]
+        terms = np.empty(n * k, dtype=Xg.dtype)
+        row_bytes = self._eigen_row_bytes() + Xg.dtype.itemsize * Xg.shape[1] * (k + 1)
+        for sl in self._query_chunks(n, row_bytes, "neighbourhood eigen (lean)"):
+            lo, hi = np.searchsorted(sorted_ids, [sl.start, sl.stop])
+            if lo == hi:
+                continue
+            pairs = order[lo:hi]  # flat (query, neighbour) positions
+            w, v = self._eigen_of(sl)
+            local = (flat[pairs] - sl.start)[:, None]
+            terms[pairs] = score_eq2(Xg[pairs // k], local, Xg[sl], v, w, self.set_sizes_,
+                                     self.eig_floor_, self.n_jobs_, aggregate=None)[:, 0]
+        return aggregate_terms(terms.reshape(n, k), self.aggregate)
 
     def _score_neighbours(self, Qg, idx):
         """Eq. 2 for grid queries ``Qg`` whose neighbours are ``idx`` (q, k)."""
         q, k = idx.shape
         n_sets, L = len(self.set_sizes_), self.set_size_
         out = np.empty(q, dtype=Qg.dtype)
+        if self.memory == "lean":
+            # the k neighbours' eigen-state, computed here (once per distinct one)
+            row_bytes = k * (self._eigen_row_bytes() + Qg.dtype.itemsize * Qg.shape[1])
+            for sl in self._query_chunks(q, row_bytes):
+                uniq, inv = np.unique(idx[sl], return_inverse=True)
+                w, v = self._eigen_of(uniq)
+                out[sl] = score_eq2(Qg[sl], inv.reshape(-1, k), self._fit_X[uniq], v, w,
+                                    self.set_sizes_, self.eig_floor_, self.n_jobs_,
+                                    aggregate=self.aggregate)
+            return out
         # the numpy path gathers (k, S, L, L) eigenvectors per query
         row_bytes = Qg.dtype.itemsize * k * n_sets * L * (L + 4)
         for sl in self._query_chunks(q, row_bytes):
             out[sl] = score_eq2(Qg[sl], idx[sl], self._fit_X, self.eigenvectors_,
                                 self.eigenvalues_, self.set_sizes_, self.eig_floor_,
-                                self.n_jobs_)
+                                self.n_jobs_, aggregate=self.aggregate)
         return out
 
     def _anomaly_score(self, X):
@@ -230,3 +360,97 @@ class KNNN(_SetGridMixin, BaseDetector):
             idx = self._search.kneighbors(Qg, self.n_neighbors_, return_distance=False)
             out[sl] = self._score_neighbours(Qg, idx)
         return out
+
+    # ------------------------------------------------- label-free selection
+    def _select_auto(self, X, auto):
+        """Pick the "auto" parameters from the normal training data alone.
+
+        The training rows are split 80/20 (seeded by ``random_state``). Each
+        candidate of :data:`AUTO_GRID` (the "auto" parameters vary, the others
+        keep their given values) is fitted on the 80 % and scores the held-out
+        20 % against synthetic outliers made from them: each is a held-out
+        row with a random fraction rho of its features (rho in
+        :data:`AUTO_RHO`, at least one feature) replaced by the same features
+        of other held-out rows. The candidate with the best mean AUROC wins;
+        candidates within :data:`AUTO_TIE` of the best count as tied and the
+        first in grid order (the defaults first) is taken. With fewer than 50
+        training rows the defaults are kept.
+        """
+        from sklearn.metrics import roc_auc_score
+
+        grid = {name: (AUTO_GRID[name] if name in auto else (getattr(self, name),))
+                for name in AUTO_GRID}
+        first = {name: values[0] for name, values in grid.items()}
+        n = X.shape[0]
+        n_h = n // 5
+        if n_h < 10:
+            return first, []
+        rng = np.random.default_rng(self.random_state)
+        perm = rng.permutation(n)
+        H, F = X[perm[:n_h]], X[perm[n_h:]]
+        Q = np.vstack([H] + [_swap_features(H, rho, rng) for rho in AUTO_RHO])
+        y = np.r_[np.zeros(n_h), np.ones(n_h)]
+        nf = F.shape[0]
+        kmax = min(max(grid["n_neighbors"]), nf)
+        kpmax = min(max(grid["n_neighbors_of_neighbors"]), nf)
+        probe = KNNN(metric=self.metric, backend=self.backend,
+                     backend_params=self.backend_params, working_memory=self.working_memory,
+                     n_jobs=self.n_jobs)
+        probe.n_jobs_ = self.n_jobs_
+        # distances do not depend on the column order: one graph for all L
+        search = probe._make_backend(F)
+        nbhd = np.concatenate([np.arange(nf, dtype=np.int64)[:, None],
+                               search.kneighbors(None, kpmax - 1, return_distance=False)], 1)
+        q_idx = search.kneighbors(Q, kmax, return_distance=False)
+        results = {}
+        done = {}  # set sizes capped at D give the same grid
+        for L in grid["set_size"]:
+            if min(L, X.shape[1]) in done:
+                prev = done[min(L, X.shape[1])]
+                results.update({(k, kp, L, fl): a for (k, kp, L0, fl), a in list(results.items())
+                                if L0 == prev})
+                continue
+            done[min(L, X.shape[1])] = L
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", CappedParameterWarning)
+                Fg = probe._fit_grid(F, set_size=L, eig_floor=1.0)
+            probe._fit_X = Fg
+            Qg = probe._to_grid(Q)
+            scale = probe.eig_floor_  # floor_scale for a relative floor of 1
+            for kp in grid["n_neighbors_of_neighbors"]:
+                probe.neighborhoods_ = nbhd[:, :min(kp, kpmax)]
+                w, v = probe._eigen_of(slice(None))
+                for fl in grid["eig_floor"]:
+                    rel = max(float(fl), 10 * np.finfo(X.dtype).eps)
+                    terms = score_eq2(Qg, q_idx, Fg, v, w, probe.set_sizes_,
+                                      (rel * scale).astype(X.dtype), self.n_jobs_,
+                                      aggregate=None)
+                    for k in grid["n_neighbors"]:
+                        s = aggregate_terms(terms[:, :min(k, kmax)], self.aggregate)
+                        auc = np.mean([roc_auc_score(y, np.r_[s[:n_h], s[j * n_h:(j + 1) * n_h]])
+                                       for j in range(1, len(AUTO_RHO) + 1)])
+                        results[(k, kp, L, fl)] = float(auc)
+                del w, v
+        cands = [dict(zip(AUTO_GRID, c)) for c in
+                 itertools.product(*(grid[name] for name in AUTO_GRID))]
+        keyed = [(c, results[(c["n_neighbors"], c["n_neighbors_of_neighbors"], c["set_size"],
+                              c["eig_floor"])]) for c in cands]
+        best = max(a for _, a in keyed)
+        pick = next(c for c, a in keyed if a >= best - AUTO_TIE)
+        table = sorted(keyed, key=lambda ca: -ca[1])
+        return pick, table
+
+
+def _swap_features(H, rho, rng):
+    """Synthetic outliers: each row of ``H`` with a random fraction ``rho`` of
+    its features (at least one) replaced by the same features of other,
+    independently drawn rows of ``H``."""
+    n, d = H.shape
+    m = max(1, int(round(rho * d)))
+    out = H.copy()
+    for i in range(n):
+        cols = rng.choice(d, m, replace=False) if m < d else np.arange(d)
+        donors = rng.integers(0, n - 1, size=m)
+        donors += donors >= i  # never the row itself
+        out[i, cols] = H[donors, cols]
+    return out

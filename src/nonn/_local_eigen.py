@@ -178,9 +178,23 @@ def _neighbourhood_eigen_numpy(Xg, groups, sizes, set_size, n_jobs=1):
     return evals, evecs
 
 
-def score_eq2(Qg, idx, Xg, evecs, evals, sizes, floor, n_jobs=1, engine="auto"):
+def aggregate_terms(terms, how):
+    """Combine per-neighbour Eq. 2 sums ``terms`` (q, k) into one score per
+    query: ``"sum"`` is the paper's Eq. 2, ``"min"`` the smallest of the k
+    (the query is as normal as its most fitting neighbour says)."""
+    if how == "sum":
+        return terms.sum(axis=1)
+    if how == "min":
+        return terms.min(axis=1)
+    raise ValueError(f"aggregate must be 'sum' or 'min'; got {how!r}.")
+
+
+def score_eq2(Qg, idx, Xg, evecs, evals, sizes, floor, n_jobs=1, engine="auto",
+              aggregate="sum"):
     """Eq. 2 for grid queries ``Qg`` (q, S*L) whose neighbours are ``idx``
-    (q, k), from the stored eigen-state of the training points."""
+    (q, k), from the eigen-state of the training points (rows ``idx`` of
+    ``Xg``, ``evecs`` and ``evals``). ``aggregate`` combines the k
+    per-neighbour sums: "sum" (Eq. 2), "min", or None for the (q, k) terms."""
     if engine == "auto":
         engine = "numba" if have_kernels() else "numpy"
     if engine == "numba":
@@ -188,19 +202,22 @@ def score_eq2(Qg, idx, Xg, evecs, evals, sizes, floor, n_jobs=1, engine="auto"):
 
         from . import _kernels
 
-        out = np.empty(idx.shape[0], dtype=Qg.dtype)
+        terms = np.empty(idx.shape, dtype=Qg.dtype)
         prev = numba.get_num_threads()
         numba.set_num_threads(max(1, min(n_jobs, numba.config.NUMBA_NUM_THREADS)))
         try:
             _kernels.score_eq2(Qg, np.ascontiguousarray(idx, dtype=np.int64), Xg, evecs, evals,
                                np.asarray(sizes, dtype=np.int64),
-                               np.asarray(floor, dtype=np.float64), out)
+                               np.asarray(floor, dtype=np.float64), terms)
         finally:
             numba.set_num_threads(prev)
-        return out
-    L = evecs.shape[-1]
-    diff = pad(Qg[:, None, :] - Xg[idx], len(sizes) * L).reshape(idx.shape + (len(sizes), L))
-    return project_l1(diff, evecs[idx], evals[idx], sizes, floor).sum(axis=1)
+    else:
+        L = evecs.shape[-1]
+        diff = pad(Qg[:, None, :] - Xg[idx], len(sizes) * L).reshape(
+            idx.shape + (len(sizes), L))
+        terms = project_l1(diff, evecs[idx], evals[idx], sizes, floor).astype(
+            Qg.dtype, copy=False)
+    return terms if aggregate is None else aggregate_terms(terms, aggregate)
 
 
 def project_l1(diff, evecs, evals, sizes, floor):

@@ -45,16 +45,44 @@ def _contamination(text):
             f"expected 'auto' or a float in (0, 0.5], got {text!r}") from None
 
 
+def _int_or_auto(text):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int or 'auto', got {text!r}") from None
+
+
+def _float_or_auto(text):
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
+
 #: fit options: (flag, parameter name, argparse keywords). Defaults are the
 #: estimators' own: an option the user does not give is not passed at all.
 _FIT_OPTIONS = (
     ("--n-neighbors", "n_neighbors",
-     dict(type=int, metavar="K", help="k, neighbours of a query (default: 3)")),
+     dict(type=_int_or_auto, metavar="K|auto",
+          help="k, neighbours of a query; auto = chosen from the training data "
+          "(knnn only) (default: 3)")),
     ("--n-neighbors-of-neighbors", "n_neighbors_of_neighbors",
-     dict(type=int, metavar="KP", help="K', size of each training point's neighbourhood, "
-          "itself included (knnn only; default: 25)")),
+     dict(type=_int_or_auto, metavar="KP|auto", help="K', size of each training point's "
+          "neighbourhood, itself included (knnn only; default: 50)")),
     ("--set-size", "set_size",
-     dict(type=int, metavar="L", help="L, features per set (knnn, local; default: 5)")),
+     dict(type=_int_or_auto, metavar="L|auto",
+          help="L, features per set (knnn, local; default: 5)")),
+    ("--aggregate", "aggregate",
+     dict(choices=("min", "sum"), help="how a query's k per-neighbour sums combine: "
+          "sum = the paper's Eq. 2 (knnn only; default: min)")),
+    ("--memory", "memory",
+     dict(choices=("precomputed", "lean"), help="store every training point's eigen-state, "
+          "or only the neighbour graph and compute it when scoring (knnn only; "
+          "default: precomputed)")),
     ("--reorder", "reorder",
      dict(choices=("greedy", "none"), help="correlation re-ordering of the features before "
           "they are cut into sets (knnn, local; default: greedy)")),
@@ -69,7 +97,7 @@ _FIT_OPTIONS = (
           help="share of training points to flag, in (0, 0.5]; auto = 0.01 "
           "(default: auto)")),
     ("--eig-floor", "eig_floor",
-     dict(type=float, metavar="FLOAT", help="relative eigenvalue floor "
+     dict(type=_float_or_auto, metavar="FLOAT|auto", help="relative eigenvalue floor "
           "(knnn, global, local; default: 0.001)")),
 )
 
@@ -101,6 +129,10 @@ def _note(message):
 # --------------------------------------------------------------------- fit
 def _cmd_fit(args):
     cls = DETECTORS[args.detector]
+    cluster = getattr(args, "cluster", None)
+    if cluster is not None and cls is not KNNN:
+        raise ValueError(f"--cluster fits --detector knnn only; got --detector {args.detector}. "
+                         "Drop --cluster to fit it on this machine.")
     accepted = cls().get_params()
     params = {}
     for flag, name, _ in _FIT_OPTIONS:
@@ -112,7 +144,9 @@ def _cmd_fit(args):
             _note(f"note: {flag} does not apply to --detector {args.detector}; ignored.")
     # Fail before the (possibly long) fit, not after it.
     _io.check_output_folder(args.output)
-    X = _io.read_matrix(args.train, key=args.key)
+    if cluster is not None:
+        return _fit_on_cluster(args, cluster, params)
+    X = _io.read_matrix_or_shards(args.train, key=args.key)
     det = cls(verbose=True, **params)
     start = time.perf_counter()
     det.fit(X)
@@ -121,21 +155,57 @@ def _cmd_fit(args):
     # it; `nonn score` switches them back on.
     det.set_params(verbose=False)
     det.save(args.output)
-    n, d = X.shape
-    print(f"fitted {cls.__name__} on {n} samples x {d} features "
-          f"({np.dtype(det.dtype_).name}) in {seconds:.2f} s")
+    _print_fit(det, X.shape, seconds, args.output)
+    return 0
+
+
+def _print_fit(det, shape, seconds, output, where=""):
+    n, d = shape
+    print(f"fitted {type(det).__name__} on {n} samples x {d} features "
+          f"({np.dtype(det.dtype_).name}){where} in {seconds:.2f} s")
     print(f"  backend_: {det.backend_}   offset_: {det.offset_:.6g}   "
           f"contamination_: {det.contamination_:g}")
-    print(f"  saved to {args.output} ({_human_bytes(os.path.getsize(args.output))})")
+    print(f"  saved to {output} ({_human_bytes(os.path.getsize(output))})")
+
+
+def _client_arg(cluster):
+    """--cluster value -> DistributedKNNN's client (None: an embedded LocalCluster)."""
+    return None if cluster == "local" else cluster
+
+
+def _fit_on_cluster(args, cluster, params):
+    from .distributed import DistributedKNNN, read_shards
+
+    if _io.is_shard_folder(args.train):
+        X = read_shards(args.train, key=args.key)  # read on the workers
+    else:
+        X = _io.read_matrix(args.train, key=args.key)
+    with DistributedKNNN(client=_client_arg(cluster), **params) as det:
+        start = time.perf_counter()
+        det.fit(X)
+        seconds = time.perf_counter() - start
+        # a regular KNNN model file (the state gathered): `nonn score` and
+        # nonn.load read it; `nonn score --cluster` spreads it out again
+        det.save(args.output)
+        where = f" on {det.n_partitions_} partitions ({_cluster_name(det.client_)})"
+        _print_fit(det, X.shape, seconds, args.output, where)
     return 0
+
+
+def _cluster_name(client):
+    workers = client.scheduler_info().get("workers", {})
+    return f"{len(workers)} Dask workers at {client.scheduler.address}"
 
 
 # ------------------------------------------------------------------- score
 def _cmd_score(args):
+    cluster = getattr(args, "cluster", None)
+    if cluster is not None:
+        return _score_on_cluster(args, cluster)
     _io.check_scores_path(args.output)
     det = load(args.model)
     det.set_params(verbose=True)
-    Q = _io.read_matrix(args.queries, key=args.key)
+    Q = _io.read_matrix_or_shards(args.queries, key=args.key)
     start = time.perf_counter()
     anomaly = det.anomaly_score(Q)
     # score_samples and predict would each recompute the search and Eq. 2;
@@ -144,11 +214,62 @@ def _cmd_score(args):
     labels = np.where(samples - det.offset_ < 0, -1, 1)
     seconds = time.perf_counter() - start
     _io.write_scores(args.output, anomaly, samples, labels)
-    n_out = int((labels == -1).sum())
-    print(f"scored {len(anomaly)} queries with {type(det).__name__} in {seconds:.2f} s: "
-          f"{n_out} flagged as anomalies (label -1)")
-    print(f"  wrote {args.output}")
+    _print_score(det, len(anomaly), int((labels == -1).sum()), seconds, args.output)
     return 0
+
+
+def _print_score(det, n, n_out, seconds, output, where=""):
+    print(f"scored {n} queries with {type(det).__name__}{where} in {seconds:.2f} s: "
+          f"{n_out} flagged as anomalies (label -1)")
+    print(f"  wrote {output}")
+
+
+def _score_on_cluster(args, cluster):
+    """Score with the model spread over the cluster. SCORES is a file (the
+    scores are gathered here, then written as without --cluster) or a folder
+    (no extension): Parquet part files written by the workers."""
+    from .distributed import DistributedKNNN, read_shards
+
+    folder = _io._extension(args.output) == "" or os.path.isdir(args.output)
+    if folder:
+        parent = os.path.dirname(os.path.abspath(args.output))
+        if not os.path.isdir(parent):
+            raise FileNotFoundError(f"Cannot write {args.output!r}: the folder {parent!r} "
+                                    "does not exist.")
+        if os.path.isdir(args.output) and os.listdir(args.output):
+            raise FileExistsError(f"Cannot write Parquet parts into {args.output!r}: the "
+                                  "folder is not empty. Give a new or empty folder.")
+    else:
+        _io.check_scores_path(args.output)
+    model = load(args.model)
+    if type(model) is not KNNN:
+        raise ValueError(f"--cluster scores KNNN models; {args.model!r} holds a "
+                         f"{type(model).__name__}. Drop --cluster to score it here.")
+    if _io.is_shard_folder(args.queries):
+        Q = read_shards(args.queries, key=args.key)
+    else:
+        Q = _io.read_matrix(args.queries, key=args.key)
+    with DistributedKNNN.from_knnn(model, client=_client_arg(cluster)) as det:
+        start = time.perf_counter()
+        where = f" on {det.n_partitions_} partitions ({_cluster_name(det.client_)})"
+        if folder:
+            n = det.write_scores(Q, args.output)
+            n_out = _count_flagged(args.output)
+        else:
+            anomaly = np.asarray(det.client_.compute(det.anomaly_score(Q), sync=True)
+                                 if hasattr(Q, "dask") else det.anomaly_score(Q))
+            samples = -anomaly
+            labels = np.where(samples - det.offset_ < 0, -1, 1)
+            _io.write_scores(args.output, anomaly, samples, labels)
+            n, n_out = len(anomaly), int((labels == -1).sum())
+        seconds = time.perf_counter() - start
+        _print_score(det, n, n_out, seconds, args.output, where)
+    return 0
+
+
+def _count_flagged(folder):
+    _, pq = _io._pyarrow()
+    return int((pq.read_table(folder, columns=["label"]).column("label").to_numpy() == -1).sum())
 
 
 # -------------------------------------------------------------------- info
@@ -227,7 +348,9 @@ def build_parser():
         "Options a detector does not have are ignored with a note.",
     )
     fit.add_argument("train", metavar="TRAIN",
-                     help="training matrix: .npy, .npz, .csv or .parquet, one sample per row")
+                     help="training matrix: .npy, .npz, .csv or .parquet, one sample per row; "
+                     "or a folder of .npy/.parquet shards (rows concatenated in file-name "
+                     "order)")
     fit.add_argument("-o", "--output", metavar="MODEL", required=True,
                      help="model file to write (for example model.nonn)")
     fit.add_argument("--detector", choices=tuple(DETECTORS), default="knnn",
@@ -238,6 +361,10 @@ def build_parser():
     fit.add_argument("--key", metavar="NAME",
                      help="array in a .npz file (default: 'X' or the only array), or "
                      "embedding column in a .parquet file")
+    fit.add_argument("--cluster", metavar="ADDRESS|local",
+                     help="fit on a Dask cluster (knnn only; needs nonn[distributed]): a "
+                     "scheduler address such as tcp://host:8786, or 'local' for a LocalCluster "
+                     "on this machine. Shards of a TRAIN folder are read by the workers")
     fit.set_defaults(handler=_cmd_fit)
 
     score = sub.add_parser(
@@ -248,11 +375,17 @@ def build_parser():
     )
     score.add_argument("model", metavar="MODEL", help="model file written by `nonn fit`")
     score.add_argument("queries", metavar="QUERIES",
-                       help="query matrix: .npy, .npz, .csv or .parquet, one sample per row")
+                       help="query matrix: .npy, .npz, .csv or .parquet, one sample per row; "
+                       "or a folder of .npy/.parquet shards")
     score.add_argument("-o", "--output", metavar="SCORES", required=True,
-                       help="scores file: .csv, .npy (structured array), .npz or .parquet")
+                       help="scores file: .csv, .npy (structured array), .npz or .parquet; "
+                       "with --cluster also a folder (no extension) that receives Parquet "
+                       "part files written by the workers")
     score.add_argument("--key", metavar="NAME",
                        help="array in a .npz file, or embedding column in a .parquet file")
+    score.add_argument("--cluster", metavar="ADDRESS|local",
+                       help="score on a Dask cluster (KNNN models; needs nonn[distributed]): "
+                       "a scheduler address, or 'local' for a LocalCluster on this machine")
     score.set_defaults(handler=_cmd_score)
 
     info = sub.add_parser(
@@ -300,6 +433,12 @@ def build_parser():
     bench.add_argument("--resume", action="store_true",
                        help="continue from the suite's results.csv checkpoint")
     bench.set_defaults(handler=_cmd_bench)
+
+    # Image subcommands (fit-images, score-images) live with the vision extra;
+    # the module imports without torch and loads it only when a command runs.
+    from .vision import cli as vision_cli
+
+    vision_cli.register(sub)
     return parser
 
 

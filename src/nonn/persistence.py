@@ -61,7 +61,7 @@ def save(estimator, path):
             f"This {cls} instance is not fitted yet. Call 'fit' before saving it."
         )
     arrays = {name.lstrip("_"): np.ascontiguousarray(getattr(estimator, name))
-              for name in estimator._state_arrays}
+              for name in type(estimator)._state_arrays_for(estimator.get_params())}
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -145,7 +145,7 @@ def load(path):
         except TypeError as exc:
             raise ModelFileError(f"{path!r} has parameters this nonn does not accept: {exc}")
         expected = meta.get("arrays", {})
-        for name in cls._state_arrays:
+        for name in cls._state_arrays_for(meta["params"]):
             key = name.lstrip("_")
             spec = expected.get(key)
             try:
