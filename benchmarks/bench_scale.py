@@ -1076,9 +1076,15 @@ def parse_args(argv=None):
                    help="skip a measurement whose estimated extra memory exceeds this share "
                         "of the available memory (0.9)")
     p.add_argument("--repeats", type=int, default=1, help="best-of repeats per timing (1)")
-    p.add_argument("--kprime", type=int, default=25, help="K', neighbourhood size (25)")
-    p.add_argument("-k", "--k", type=int, default=3, help="k, neighbours of a query (3)")
-    p.add_argument("--set-size", type=int, default=5, help="L (5)")
+    from nonn import KNNN
+
+    dflt = KNNN().get_params()
+    p.add_argument("--kprime", type=int, default=dflt["n_neighbors_of_neighbors"],
+                   help="K', neighbourhood size (KNNN's default: %(default)s)")
+    p.add_argument("-k", "--k", type=int, default=dflt["n_neighbors"],
+                   help="k, neighbours of a query (KNNN's default: %(default)s)")
+    p.add_argument("--set-size", type=int, default=dflt["set_size"],
+                   help="L (KNNN's default: %(default)s)")
     p.add_argument("--knnn-params", default="{}",
                    help='extra KNNN keyword arguments as JSON, e.g. \'{"n_jobs": 2}\'')
     p.add_argument("--exact-sample", type=int, default=1000,

@@ -302,11 +302,12 @@ def test_auto_is_exact_and_follows_shape(monkeypatch):
     monkeypatch.setattr(nb, "_installed", lambda m: m in ("faiss", "torch"))
     assert resolve_backend("auto", 100_000, 3) == "sklearn"
     assert resolve_backend("auto", 1000, 512) == "brute"
-    assert resolve_backend("auto", nb.AUTO_FAISS_MIN_SAMPLES, 16) == "faiss"
-    assert resolve_backend("auto", 100_000, 512) == "faiss"
+    # exact FAISS flat is never auto's pick: brute measured faster at every size
+    assert resolve_backend("auto", 5000, 16) == "brute"
+    assert resolve_backend("auto", 100_000, 512) == "brute"
     monkeypatch.setattr(nb, "_cuda_available", lambda: True)
     assert resolve_backend("auto", 100_000, 512) == "torch"
-    assert resolve_backend("auto", nb.AUTO_FAISS_MIN_SAMPLES, 16) == "faiss"
+    assert resolve_backend("auto", 5000, 16) == "brute"  # too small for the GPU
     monkeypatch.setattr(nb, "_installed", lambda m: False)
     assert resolve_backend("auto", 100_000, 512) == "brute"
     for shape in [(100, 2), (1000, 64), (10_000, 64)]:
@@ -321,7 +322,7 @@ def test_auto_recorded_on_the_estimator():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(300, 5)).astype(np.float32)
     assert KNNN(n_neighbors_of_neighbors=10).fit(X).backend_ == "brute"
-    X = rng.normal(size=(nb.AUTO_FAISS_MIN_SAMPLES, 4)).astype(np.float32)
+    X = rng.normal(size=(5000, 4)).astype(np.float32)
     expected = resolve_backend("auto", *X.shape)
     assert KNNN(n_neighbors_of_neighbors=10, set_size=2).fit(X).backend_ == expected
 

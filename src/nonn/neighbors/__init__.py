@@ -49,16 +49,13 @@ BACKENDS = {
 }
 
 
-#: "auto" uses an exact FAISS flat index from this many training points on
-#: (when faiss is installed). The threshold was set when brute selected with
-#: numpy's argpartition, which FAISS's heap selection beat from a few
-#: thousand points. Since brute merges into top-k heaps in compiled tasks
-#: (and computes half of ``X @ X.T`` for the training set), it is as fast or
-#: faster on the 2-core reference machine, float32, K' = 25: graph 1.5 s vs
-#: 2.5 s at N = 20000, D = 512; 0.41 s vs 0.90 s at D = 16; N = 3000-5000
-#: about equal. Whether "auto" should then keep FAISS (float32 search of
-#: float64 data, approximate indexes one parameter away) is open.
-AUTO_FAISS_MIN_SAMPLES = 5000
+#: "auto" no longer picks FAISS's exact flat index: brute (compiled blocks of
+#: ``X @ X.T`` merged into top-k heaps, half the products for the training
+#: graph) beat it at every size measured on the 2-core reference machine,
+#: float32, D = 512: graph 1.5 s vs 2.5 s at N = 20000 (K' = 25, quiet);
+#: graph 34-41 s vs 54-71 s and query 11-15 s vs 16-18 s at N = 40000
+#: (K' = 50, 10000 queries, same run, under load); 0.41 s vs 0.90 s at D = 16.
+#: FAISS stays one parameter away for its approximate indexes.
 #: ... and the torch backend on CUDA from this much data (N * D) on, when a
 #: GPU is visible: a GPU GEMM outruns every CPU backend once the data is
 #: large enough to pay for torch's import and CUDA's start-up.
@@ -85,9 +82,8 @@ def resolve_backend(name, n_samples, n_features):
     * ``n_features <= 3``: ``"sklearn"`` (trees beat BLAS in very low dimension);
     * ``n_samples * n_features >= AUTO_CUDA_MIN_SIZE``, torch installed and
       ``torch.cuda.is_available()``: ``"torch"`` (on the GPU);
-    * ``n_samples >= AUTO_FAISS_MIN_SAMPLES`` and faiss installed: ``"faiss"``
-      (exact flat index);
-    * otherwise ``"brute"``.
+    * otherwise ``"brute"`` (compiled exact search; faster than FAISS's flat
+      index here, see the note above).
     """
     if name != "auto":
         if name not in BACKENDS:
@@ -101,8 +97,6 @@ def resolve_backend(name, n_samples, n_features):
     if (n_samples * n_features >= AUTO_CUDA_MIN_SIZE and _installed("torch")
             and _cuda_available()):
         return "torch"
-    if n_samples >= AUTO_FAISS_MIN_SAMPLES and _installed("faiss"):
-        return "faiss"
     return "brute"
 
 
