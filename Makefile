@@ -15,9 +15,11 @@ demo: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[plot]"
 	$(BIN)/nonn demo --out demo_output
 
-# The test suite (tests needing ../shared/data skip when it is absent).
+# The test suite (tests needing ../shared/data skip when it is absent). torch is
+# pinned first: its CPU build (an unpinned `torch` may pull a multi-GB CUDA one).
 test: $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet "torch==2.13.0"
+	$(BIN)/python -m pip install --quiet -e ".[test,vision,distributed]"
 	$(BIN)/python -m pytest -q
 
 clean:
