@@ -376,3 +376,93 @@ def atomic_write(path, write):
             os.unlink(tmp)
         raise
     return path
+
+
+# ------------------------------------------------------------- shard folders
+#: file formats of a shard folder (one matrix per file, rows concatenated)
+SHARD_FORMATS = (".npy", ".parquet")
+
+
+def is_shard_folder(path):
+    """Whether ``path`` is a folder (of matrix shards)."""
+    return os.path.isdir(os.fspath(path))
+
+
+def shard_paths(folder):
+    """The ``.npy`` / ``.parquet`` files of a shard folder, in name order
+    (their rows are concatenated in that order). Hidden files and other
+    extensions are skipped; a folder without shards is an error."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder!r} is not a folder of shards.")
+    paths = [os.path.join(folder, name) for name in sorted(os.listdir(folder))
+             if not name.startswith(".") and _extension(name) in SHARD_FORMATS
+             and os.path.isfile(os.path.join(folder, name))]
+    if not paths:
+        raise ValueError(
+            f"The folder {folder!r} holds no {_formats(SHARD_FORMATS)} shards. Put one matrix "
+            "per file in it (rows are concatenated in file-name order), or pass a file.")
+    return paths
+
+
+def shard_info(path, key=None):
+    """``(n_rows, n_features, dtype)`` of one shard, read from its header
+    (``.npy``) or metadata (``.parquet``) without loading the rows (a list
+    column's length is read from its first row)."""
+    path = os.fspath(path)
+    if _extension(path) == ".npy":
+        if key is not None:
+            raise ValueError(f"A key ({key!r}) names a column in .parquet shards; {path!r} is "
+                             "a .npy file. Drop the key.")
+        try:
+            A = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise ValueError(f"Cannot read {path!r} as a .npy array: {exc}") from exc
+        _check_matrix(A[:0], path)
+        return A.shape[0], A.shape[1], A.dtype
+    pa, pq = _pyarrow()
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise ValueError(f"Cannot read {path!r} as a parquet file: {exc}") from exc
+    n = pf.metadata.num_rows
+    schema = pf.schema_arrow
+    names = [key] if key is not None else schema.names
+    types = [schema.field(name).type for name in names if name in schema.names]
+    if len(types) == 1 and _is_list(pa, types[0]):
+        first = next(pf.iter_batches(batch_size=1, columns=names), None)
+        one = (_read_parquet_table(pa, first, key, path) if first is not None
+               else np.empty((0, 0)))
+        return n, one.shape[1], _float_dtype(types[0].value_type)
+    if not types or any(not _is_numeric(pa, t) for t in types):
+        # let the full reader raise its precise error
+        read_matrix(path, key=key)
+    dt = np.result_type(*[_float_dtype(t) for t in types])
+    return n, len(types), dt
+
+
+def _float_dtype(arrow_type):
+    """The dtype a shard column becomes in the estimators: float32 stays
+    float32, every other number becomes float64."""
+    return np.dtype(np.float32) if str(arrow_type) == "float" else np.dtype(np.float64)
+
+
+def _read_parquet_table(pa, batch, key, path):
+    table = pa.Table.from_batches([batch])
+    name = key if key is not None else table.column_names[0]
+    return _list_column(pa, table.column(name), name, path)
+
+
+def read_shards(folder, key=None):
+    """All shards of a folder concatenated in memory (name order)."""
+    parts = [read_matrix(p, key=key) for p in shard_paths(folder)]
+    widths = {p.shape[1] for p in parts}
+    if len(widths) > 1:
+        raise ValueError(f"The shards of {os.fspath(folder)!r} have different numbers of "
+                         f"features {sorted(widths)}; expected one.")
+    return np.concatenate(parts)
+
+
+def read_matrix_or_shards(path, key=None):
+    """:func:`read_matrix` for a file, :func:`read_shards` for a folder."""
+    return read_shards(path, key) if is_shard_folder(path) else read_matrix(path, key=key)

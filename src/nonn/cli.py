@@ -2,10 +2,13 @@
 
 ::
 
-    nonn fit TRAIN -o MODEL [--detector knnn|knn|global|local] [options]
-    nonn score MODEL QUERIES -o SCORES
+    nonn fit TRAIN -o MODEL [--detector knnn|knn|global|local] [--cluster ADDRESS|local] [options]
+    nonn score MODEL QUERIES -o SCORES [--cluster ADDRESS|local]
     nonn info MODEL
     nonn demo [--out DIR] [--seeds N] [--sizes 100,200,...] [--quick]
+
+TRAIN and QUERIES are a matrix file or a folder of .npy/.parquet shards;
+``--cluster`` runs fit and score on Dask (``nonn.distributed``).
 
 Every command has ``--help``. Errors print one ``nonn: error: ...`` line on
 stderr and exit with status 2; success exits with 0.

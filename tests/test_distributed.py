@@ -1,0 +1,367 @@
+"""nonn.distributed: DistributedKNNN on a Dask LocalCluster of 2 workers.
+
+Every comparison is against a single-machine ``KNNN`` built from the same
+``get_params()`` (minus ``client``), never against hard-coded values, so a
+change of KNNN's defaults or maths is followed here automatically.
+"""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import warnings
+
+import numpy as np
+import pytest
+
+da = pytest.importorskip("dask.array")
+distributed = pytest.importorskip("distributed")
+
+import nonn  # noqa: E402
+from nonn import KNNN  # noqa: E402
+from nonn.distributed import DistributedKNNN  # noqa: E402
+
+#: KNNN's aggregate values to check, when KNNN has that parameter
+AGGREGATES = ["sum", "min"] if "aggregate" in KNNN().get_params() else [None]
+
+
+def agg_params(aggregate):
+    return {} if aggregate is None else {"aggregate": aggregate}
+
+
+@pytest.fixture(scope="module")
+def client():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                                           dashboard_address=None)
+        cl = distributed.Client(cluster)
+    yield cl
+    cl.close()
+    cluster.close()
+
+
+def data(seed=0, n=300, d=12, n_q=40, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    A = rng.normal(size=(d, d)) + 2 * np.eye(d)
+    X = rng.normal(size=(n, d)) @ A
+    Q = np.vstack([rng.normal(size=(n_q, d)) @ A, 4 + 3 * rng.normal(size=(5, d))])
+    return X.astype(dtype), Q.astype(dtype)
+
+
+def reference(det, X):
+    return KNNN(**det.knnn_params()).fit(X)
+
+
+def gather(det, a):
+    """A fitted dask array computed on the estimator's own client (its
+    persisted blocks live there; the default client may be another one)."""
+    return det.client_.compute(a, sync=True) if isinstance(a, da.Array) else np.asarray(a)
+
+
+def assert_same_model(det, ref, X, Q, rtol):
+    np.testing.assert_array_equal(det.feature_order_, ref.feature_order_)
+    np.testing.assert_array_equal(det.set_sizes_, ref.set_sizes_)
+    np.testing.assert_allclose(det.eig_floor_, ref.eig_floor_, rtol=rtol)
+    assert det.n_neighbors_ == ref.n_neighbors_
+    assert det.n_neighbors_of_neighbors_ == ref.n_neighbors_of_neighbors_
+    # the same neighbourhoods (order inside a neighbourhood is immaterial)
+    nb = gather(det, det.neighborhoods_)
+    np.testing.assert_array_equal(nb[:, 0], np.arange(len(X)))
+    np.testing.assert_array_equal(np.sort(nb, axis=1), np.sort(ref.neighborhoods_, axis=1))
+    np.testing.assert_allclose(gather(det, det.eigenvalues_), ref.eigenvalues_, rtol=rtol,
+                               atol=rtol * np.abs(ref.eigenvalues_).max())
+    train = gather(det, det.train_scores_)
+    assert train.shape == ref.train_scores_.shape and train.dtype == ref.train_scores_.dtype
+    np.testing.assert_allclose(train, ref.train_scores_, rtol=rtol)
+    np.testing.assert_allclose(det.offset_, ref.offset_, rtol=rtol)
+    np.testing.assert_allclose(det.anomaly_score(Q), ref.anomaly_score(Q), rtol=rtol)
+
+
+# ------------------------------------------------------------ exactness
+@pytest.mark.parametrize("aggregate", AGGREGATES)
+@pytest.mark.parametrize("chunks", [None, 300, 100, 71])
+def test_equals_knnn_brute(client, chunks, aggregate):
+    X, Q = data(0)
+    det = DistributedKNNN(client=client, backend="brute", n_neighbors_of_neighbors=15,
+                          **agg_params(aggregate))
+    det.fit(X if chunks is None else da.from_array(X, chunks=(chunks, -1)))
+    if chunks is not None:
+        assert det.n_partitions_ == -(-len(X) // chunks)
+    assert_same_model(det, reference(det, X), X, Q, rtol=1e-9)
+
+
+@pytest.mark.parametrize("metric,reorder,d,L", [("cosine", "greedy", 13, 5),
+                                                ("euclidean", "none", 7, 3)])
+def test_equals_knnn_options(client, metric, reorder, d, L):
+    X, Q = data(1, n=200, d=d)
+    det = DistributedKNNN(client=client, backend="brute", metric=metric, reorder=reorder,
+                          set_size=L, n_neighbors=4, n_neighbors_of_neighbors=12)
+    det.fit(da.from_array(X, chunks=(64, -1)))
+    assert_same_model(det, reference(det, X), X, Q, rtol=1e-9)
+
+
+def test_equals_knnn_float32(client):
+    X, Q = data(2, dtype=np.float32)
+    det = DistributedKNNN(client=client, backend="brute").fit(da.from_array(X, chunks=(90, -1)))
+    assert det.dtype_ == np.float32
+    assert det.anomaly_score(Q).dtype == np.float32
+    assert_same_model(det, reference(det, X), X, Q, rtol=2e-4)
+
+
+def test_equals_knnn_faiss_flat(client):
+    pytest.importorskip("faiss")
+    X, Q = data(3, dtype=np.float32)
+    det = DistributedKNNN(client=client, backend="faiss",
+                          backend_params={"index": "Flat"}).fit(da.from_array(X, chunks=(120, -1)))
+    ref = KNNN(**{**det.knnn_params(), "backend": "brute", "backend_params": None}).fit(X)
+    assert_same_model(det, ref, X, Q, rtol=2e-4)
+
+
+def test_defaults_follow_knnn(client):
+    """No parameter given: whatever KNNN's defaults are, the results agree."""
+    X, Q = data(4, n=120)
+    det = DistributedKNNN(client=client).fit(da.from_array(X, chunks=(50, -1)))
+    assert_same_model(det, KNNN().fit(X), X, Q, rtol=1e-7)
+
+
+def test_small_partitions_and_caps(client):
+    """Partitions smaller than K' (neighbours come from several shards) and
+    counts capped to the data, with KNNN's warnings."""
+    X, Q = data(5, n=30, d=6)
+    det = DistributedKNNN(client=client, backend="brute", n_neighbors_of_neighbors=40,
+                          set_size=10)
+    with pytest.warns(nonn._base.CappedParameterWarning):
+        det.fit(da.from_array(X, chunks=(7, -1)))
+    with pytest.warns(nonn._base.CappedParameterWarning):
+        ref = reference(det, X)
+    assert det.n_neighbors_of_neighbors_ == ref.n_neighbors_of_neighbors_ == 30
+    assert_same_model(det, ref, X, Q, rtol=1e-9)
+
+
+# ------------------------------------------------------------------ API
+def test_params_mirror_knnn():
+    names = set(KNNN().get_params())
+    det = DistributedKNNN()
+    assert set(det.get_params()) == names | {"client"}
+    assert set(det.knnn_params()) == names
+    assert {k: v for k, v in det.knnn_params().items()} == KNNN().get_params()
+    with pytest.raises(TypeError):
+        DistributedKNNN(not_a_parameter=1)
+    from sklearn.base import clone
+
+    c = clone(DistributedKNNN(n_neighbors=5, client="tcp://nowhere:1"))
+    assert c.n_neighbors == 5 and c.client == "tcp://nowhere:1"
+
+
+def test_return_types(client):
+    X, Q = data(6, n=150)
+    det = DistributedKNNN(client=client, backend="brute").fit(da.from_array(X, chunks=(50, -1)))
+    assert isinstance(det.train_scores_, da.Array)
+    Qd = da.from_array(Q, chunks=(20, -1))
+    ref = reference(det, X)
+    for method in ("anomaly_score", "score_samples", "decision_function", "predict"):
+        lazy = getattr(det, method)(Qd)
+        eager = getattr(det, method)(Q)
+        assert isinstance(lazy, da.Array), method
+        assert isinstance(eager, np.ndarray), method
+        assert lazy.shape == (len(Q),)
+        with det.client_.as_current():
+            np.testing.assert_allclose(lazy.compute(), eager, rtol=1e-12)
+        np.testing.assert_allclose(eager, getattr(ref, method)(Q), rtol=1e-9)
+    np.testing.assert_array_equal(det.predict(Q), ref.predict(Q))
+    # numpy fit: numpy training scores
+    det2 = DistributedKNNN(client=client, backend="brute").fit(X)
+    assert isinstance(det2.train_scores_, np.ndarray)
+    np.testing.assert_array_equal(det2.fit_predict(X), ref.fit_predict(X))
+
+
+def test_calibrate(client):
+    X, Q = data(16, n=150)
+    det = DistributedKNNN(client=client, backend="brute").fit(da.from_array(X, chunks=(50, -1)))
+    ref = reference(det, X)
+    det.calibrate(da.from_array(Q, chunks=(20, -1)), 0.1)
+    ref.calibrate(Q, 0.1)
+    np.testing.assert_allclose(det.offset_, ref.offset_, rtol=1e-9)
+    assert det.threshold_source_ == ref.threshold_source_
+
+
+def test_input_errors(client):
+    X, Q = data(7, n=80)
+    Xn = X.copy()
+    Xn[33, 2] = np.nan
+    det = DistributedKNNN(client=client, backend="brute")
+    with pytest.raises(ValueError, match="NaN"):
+        det.fit(da.from_array(Xn, chunks=(40, -1)))
+    assert not hasattr(det, "offset_")
+    det.fit(da.from_array(X, chunks=(40, -1)))
+    with pytest.raises(ValueError, match="features"):
+        det.anomaly_score(da.from_array(Q[:, :5], chunks=(20, -1)))
+    with pytest.raises(ValueError, match="n_neighbors"):
+        DistributedKNNN(client=client, n_neighbors=0).fit(X)
+    with pytest.raises(TypeError, match="client"):
+        DistributedKNNN(client=3).fit(X)
+
+
+def test_address_and_save_load(client, tmp_path):
+    X, Q = data(8, n=120)
+    det = DistributedKNNN(client=client.scheduler.address, backend="brute")
+    det.fit(da.from_array(X, chunks=(40, -1)))
+    assert det.client_ is not client
+    path = det.save(tmp_path / "m.nonn")
+    loaded = nonn.load(path)
+    assert type(loaded) is KNNN
+    np.testing.assert_allclose(loaded.anomaly_score(Q), det.anomaly_score(Q), rtol=1e-9)
+    assert loaded.offset_ == det.offset_
+    det.close()
+    assert client.status == "running"  # a client passed in is never closed
+    with pytest.raises(RuntimeError, match="closed"):
+        det.anomaly_score(Q)
+
+
+def test_write_scores_parquet(client, tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    X, Q = data(9, n=120)
+    det = DistributedKNNN(client=client, backend="brute").fit(X)
+    n = det.write_scores(da.from_array(Q, chunks=(16, -1)), tmp_path / "scores")
+    assert n == len(Q)
+    files = sorted(os.listdir(tmp_path / "scores"))
+    assert files == [f"part-{b:05d}.parquet" for b in range(3)]
+    table = pq.read_table(tmp_path / "scores").to_pandas().sort_values("index")
+    np.testing.assert_array_equal(table["index"], np.arange(len(Q)))
+    np.testing.assert_allclose(table["anomaly_score"], det.anomaly_score(Q), rtol=1e-12)
+    np.testing.assert_array_equal(table["label"], det.predict(Q))
+
+
+def test_embedded_local_cluster():
+    X, Q = data(10, n=100, d=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with DistributedKNNN(backend="brute") as det:
+            det.fit(X)
+            client = det.client_
+            assert client.status == "running"
+            np.testing.assert_allclose(det.anomaly_score(Q),
+                                       reference(det, X).anomaly_score(Q), rtol=1e-9)
+    assert client.status == "closed"
+
+
+def test_core_imports_without_dask():
+    code = (
+        "import sys\n"
+        "for m in ('dask', 'distributed'): sys.modules[m] = None\n"
+        "import nonn\n"
+        "nonn.KNNN().fit(__import__('numpy').random.default_rng(0).normal(size=(50, 4)))\n"
+        "try:\n"
+        "    import nonn.distributed\n"
+        "except ImportError as e:\n"
+        "    print('HINT', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert 'pip install "nonn[distributed]"' in out.stdout
+
+
+# -------------------------------------------------------- worker failure
+@pytest.fixture(scope="module")
+def proc_client():
+    """Worker processes (os._exit kills one, not the test), restarted by
+    their nannies; one retry per task."""
+    import dask
+
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1}), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                           dashboard_address=None, silence_logs=50)
+        cl = distributed.Client(cluster)
+    yield cl
+    cl.close()
+    cluster.close()
+
+
+def _killer(block, marker, always):
+    """Kills the worker running it: once (a marker file remembers), or always."""
+    if block.size and (always or not os.path.exists(marker)):
+        open(marker, "w").close()
+        os._exit(1)
+    return block
+
+
+def test_worker_killed_mid_fit_is_retried(proc_client, tmp_path):
+    proc_client.wait_for_workers(2, timeout=300)
+    X, Q = data(11, n=200)
+    Xd = da.from_array(X, chunks=(50, -1)).map_blocks(
+        _killer, str(tmp_path / "killed"), False, meta=np.empty((0, 0), X.dtype))
+    det = DistributedKNNN(client=proc_client, backend="brute").fit(Xd)
+    assert os.path.exists(tmp_path / "killed")  # a worker did die
+    assert_same_model(det, reference(det, X), X, Q, rtol=1e-9)
+
+
+def test_worker_always_dying_is_a_clear_error(proc_client, tmp_path):
+    proc_client.wait_for_workers(2, timeout=300)
+    X, _ = data(12, n=100)
+    Xd = da.from_array(X, chunks=(50, -1)).map_blocks(
+        _killer, str(tmp_path / "killed"), True, meta=np.empty((0, 0), X.dtype))
+    det = DistributedKNNN(client=proc_client, backend="brute")
+    with pytest.raises(distributed.KilledWorker):
+        det.fit(Xd)
+    assert not hasattr(det, "offset_")  # nothing half-fitted
+    with pytest.raises(Exception, match="not fitted"):
+        det.anomaly_score(X)
+
+
+def test_worker_killed_at_a_random_time(proc_client):
+    """A worker process killed from outside while the fit runs: the result is
+    the full, correct model or an exception, never a partial one."""
+    proc_client.wait_for_workers(2, timeout=300)
+    X, Q = data(13, n=1500, d=16)
+    det = DistributedKNNN(client=proc_client, backend="brute", n_neighbors_of_neighbors=20)
+    victim = sorted(proc_client.scheduler_info()["workers"])[0]
+
+    def kill():
+        time.sleep(0.5)
+        try:
+            proc_client.run(os._exit, 1, workers=[victim])
+        except Exception:
+            pass
+
+    t = threading.Thread(target=kill)
+    t.start()
+    try:
+        det.fit(da.from_array(X, chunks=(250, -1)))
+    except (distributed.KilledWorker, RuntimeError, distributed.client.FutureCancelledError,
+            OSError) as exc:
+        assert not hasattr(det, "offset_"), exc
+    else:
+        assert_same_model(det, reference(det, X), X, Q, rtol=1e-9)
+    finally:
+        t.join()
+    proc_client.wait_for_workers(2, timeout=300)
+
+
+# ------------------------------------------------- KNNN options as they come
+@pytest.mark.skipif("memory" not in KNNN().get_params(), reason="KNNN has no memory option")
+def test_memory_lean_same_scores_and_lean_model_file(client, tmp_path):
+    X, Q = data(14, n=150)
+    det = DistributedKNNN(client=client, backend="brute", memory="lean")
+    det.fit(da.from_array(X, chunks=(60, -1)))
+    ref = reference(det, X)
+    np.testing.assert_allclose(det.anomaly_score(Q), ref.anomaly_score(Q), rtol=1e-9)
+    np.testing.assert_allclose(det.offset_, ref.offset_, rtol=1e-9)
+    loaded = nonn.load(det.save(tmp_path / "lean.nonn"))
+    assert loaded.memory == "lean"
+    np.testing.assert_allclose(loaded.anomaly_score(Q), ref.anomaly_score(Q), rtol=1e-9)
+
+
+@pytest.mark.skipif(not hasattr(nonn._knnn, "AUTO_GRID"), reason="KNNN has no 'auto' values")
+def test_auto_parameters_pick_what_knnn_picks(client):
+    X, Q = data(15, n=120, d=6)
+    det = DistributedKNNN(client=client, backend="brute", n_neighbors="auto",
+                          eig_floor="auto", random_state=0)
+    det.fit(da.from_array(X, chunks=(50, -1)))
+    ref = reference(det, X)
+    assert det.auto_params_ == ref.auto_params_
+    assert_same_model(det, ref, X, Q, rtol=1e-9)
