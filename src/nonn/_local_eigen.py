@@ -36,8 +36,14 @@ def floor_scale(Xg, sizes, set_size):
     """Per-set reference variance for the relative eigenvalue floor: the mean
     variance of the set's features over the training set. Falls back to the
     mean over all features for a constant set, and to 1 for constant data."""
+    return floor_scale_from_variance(column_variance(Xg), sizes, set_size)
+
+
+def floor_scale_from_variance(var, sizes, set_size):
+    """:func:`floor_scale` from the per-column variances ``var`` of the grid
+    data (for statistics summed over data partitions)."""
     n_sets = len(sizes)
-    var = pad(column_variance(Xg), n_sets * set_size).reshape(n_sets, set_size)
+    var = pad(var, n_sets * set_size).reshape(n_sets, set_size)
     per_set = var.sum(axis=1) / sizes
     total = var.sum() / sizes.sum()
     if total <= 0:

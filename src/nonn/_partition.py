@@ -23,7 +23,13 @@ def abs_correlation(X):
     dt = np.float32 if X.dtype == np.float32 else np.float64
     X = X.astype(dt, copy=False)
     Xc = X - X.mean(axis=0, dtype=np.float64).astype(dt)
-    G = (Xc.T @ Xc).astype(np.float64, copy=False)
+    return abs_correlation_from_gram((Xc.T @ Xc).astype(np.float64, copy=False))
+
+
+def abs_correlation_from_gram(G):
+    """|Pearson correlation| from the Gram matrix ``G`` of centred columns
+    (float64); constant columns as in :func:`abs_correlation`. Lets
+    statistics summed over data partitions give the same order."""
     std = np.sqrt(np.maximum(np.diag(G), 0.0))
     safe = np.where(std > 0, std, 1.0)
     C = np.abs(G)

@@ -36,7 +36,7 @@ import weakref
 import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
-from .. import _knnn, _partition
+from .. import _knnn, _local_eigen, _partition
 from .._base import cap, resolve_n_jobs
 from .._knnn import KNNN
 from .._validation import check_array_input
@@ -273,12 +273,13 @@ class DistributedKNNN(KNNN):
         moments = _tree([_at(where, j, _tasks.centred_moments, b, mean, need_gram)
                          for j, b in enumerate(raw)], _tasks.add)
         gram, sq = client.compute(moments).result()
-        order = (_partition.greedy_order(_abs_correlation_from_gram(gram), set_size_)
+        order = (_partition.greedy_order(_partition.abs_correlation_from_gram(gram), set_size_)
                  if need_gram else np.arange(d, dtype=np.int64))
         var = _variance(sq, count, mean, dtype)[order]
         sizes = _partition.set_sizes(d, set_size_)
         rel = max(float(chosen["eig_floor"]), 10 * np.finfo(dtype).eps)
-        eig_floor_ = (rel * _floor_scale_from_variance(var, sizes, set_size_)).astype(dtype)
+        eig_floor_ = (rel * _local_eigen.floor_scale_from_variance(var, sizes, set_size_)
+                      ).astype(dtype)
 
         # 2. the grid and one index per partition
         Xg = [_at(where, j, _tasks.permute, b, order) for j, b in enumerate(raw)]
@@ -609,38 +610,13 @@ class DistributedKNNN(KNNN):
 
 
 # ---------------------------------------------------------------------------
-# The formulas below are those of nonn._partition.abs_correlation,
-# nonn._local_eigen.column_variance and nonn._local_eigen.floor_scale, fed
-# with statistics summed over the partitions instead of one in-memory matrix.
-
-
-def _abs_correlation_from_gram(G):
-    std = np.sqrt(np.maximum(np.diag(G), 0.0))
-    safe = np.where(std > 0, std, 1.0)
-    C = np.abs(G)
-    C /= safe[:, None]
-    C /= safe[None, :]
-    C[std == 0, :] = 0.0
-    C[:, std == 0] = 0.0
-    np.fill_diagonal(C, 1.0)
-    return C
+# The variance below is nonn._local_eigen.column_variance's formula fed with
+# sums over the partitions instead of one in-memory matrix.
 
 
 def _variance(sq, n, mean, dtype):
     shift = mean - mean.astype(dtype)
     return np.maximum(sq / max(n, 1) - shift * shift, 0.0)
-
-
-def _floor_scale_from_variance(var, sizes, set_size):
-    from .._local_eigen import pad
-
-    n_sets = len(sizes)
-    var = pad(var, n_sets * set_size).reshape(n_sets, set_size)
-    per_set = var.sum(axis=1) / sizes
-    total = var.sum() / sizes.sum()
-    if total <= 0:
-        total = 1.0
-    return np.where(per_set > 0, per_set, total)
 
 
 def _eigen_blocks(where, Xg, groups, bounds, sizes, set_size, n_jobs, working_memory):
