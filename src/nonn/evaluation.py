@@ -912,7 +912,8 @@ def table7_grid(dataset="MVTec-union-15", ks=(1, 3, 4, 5, 10), kprimes=(0, 5, 15
     pairs : iterable of (k, K'), default=None
         Explicit cells, e.g. the paper's ``[(k, kp) for k, kp, _ in PAPER_TABLE7]``.
     knnn_params : dict, default=None
-        Other ``KNNN`` parameters, the same in every cell.
+        Other ``KNNN`` parameters, the same in every cell (``aggregate``
+        defaults to the paper's ``"sum"`` here).
     **run_kw
         Passed to :func:`run_suite` (``max_train``, ``scale``, ``home``...).
 
@@ -928,7 +929,7 @@ def table7_grid(dataset="MVTec-union-15", ks=(1, 3, 4, 5, 10), kprimes=(0, 5, 15
     from ._knnn import KNNN
 
     cells = list(pairs) if pairs is not None else [(k, kp) for k in ks for kp in kprimes]
-    params = dict(knnn_params or {})
+    params = {"aggregate": "sum", **(knnn_params or {})}  # the paper's Eq. 2 by default
     dets = []
     for k, kp in cells:
         k, kp = int(k), int(kp)

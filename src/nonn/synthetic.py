@@ -166,7 +166,8 @@ def make_detectors():
         "k-NN": KNN(n_neighbors=3),
         "Local": LocalEigenKNN(n_neighbors=3, set_size=2),
         "Global": GlobalEigenKNN(n_neighbors=3),
-        "k-NNN": KNNN(n_neighbors=3, n_neighbors_of_neighbors=25, set_size=2),
+        "k-NNN": KNNN(n_neighbors=3, n_neighbors_of_neighbors=25, set_size=2,
+                      aggregate="sum"),
     }
 
 
