@@ -260,7 +260,7 @@ def summarise(rows, timings, fit_timing, extract224, args, total_s, quiet=False)
         return "—" if v is None else f"{v:.3f}"
 
     lines = ["# Image benchmark: the paper's Tables 2 and 3, k-NN vs k-NNN", "",
-             "Produced by `nice -n 19 python benchmarks/bench_images.py "
+             "Produced by `python benchmarks/bench_images.py "
              f"{' '.join(sys.argv[1:])}` in {total_s / 60:.1f} min on this machine "
              "(2 shared CPU cores).", "",
              "**Backbone differs from the paper's**: EfficientNet-Lite0 (the only ImageNet "
