@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cli import _contamination  # one parser for the contamination option
+
 
 def _note(message):
     print(f"nonn: {message}", file=sys.stderr)
@@ -32,16 +34,6 @@ def _positive_int(text):
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
     return v
-
-
-def _contamination(text):
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected 'auto' or a float in (0, 0.5], got {text!r}") from None
 
 
 def _require_vision():
