@@ -22,6 +22,7 @@ Usage (repository root, venv active)::
 
     python benchmarks/bench_million.py                          # ~20-30 min
     python benchmarks/bench_million.py -N 200000 --ef 64        # smaller check
+    python benchmarks/bench_million.py --ef 64 --ef-construction 80 --refine 2
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ def main(argv=None):
     p.add_argument("--ef", type=int, default=128, help="efSearch for the fit (128)")
     p.add_argument("--ef-construction", type=int, default=None)
     p.add_argument("--memory", default="lean", choices=["lean", "precomputed"])
+    p.add_argument("--refine", type=int, default=0,
+                   help="rounds of neighbours-of-neighbours graph refinement (0)")
+    p.add_argument("--refine-fanout", type=int, default=None)
+    p.add_argument("--refine-reverse", type=int, default=None)
+    p.add_argument("--verbose", action="store_true", help="progress bars of every phase")
     p.add_argument("--sample", type=int, default=1000)
     p.add_argument("--out", default="benchmarks/results/scale_1m_lean")
     p.add_argument("--seed", type=int, default=0)
@@ -75,7 +81,10 @@ def main(argv=None):
     params = {"index": a.index, "efSearch": a.ef}
     if a.ef_construction:
         params["efConstruction"] = a.ef_construction
-    det = KNNN(backend="faiss", backend_params=params, memory=a.memory, verbose=False)
+    for name in ("refine", "refine_fanout", "refine_reverse"):
+        if getattr(a, name):
+            params[name] = getattr(a, name)
+    det = KNNN(backend="faiss", backend_params=params, memory=a.memory, verbose=a.verbose)
     t0 = time.perf_counter()
     det.fit(X)
     fit_s = time.perf_counter() - t0
@@ -99,6 +108,9 @@ def main(argv=None):
 
     rec_fit = recall(det.neighborhoods_[rows, 1:])
     say(f"recall@{kp1} of the fitted neighbourhoods: {rec_fit:.4f}")
+    if a.refine:
+        say(f"  (after {a.refine} refinement round(s); the efSearch sweep below is the bare "
+            "index, unrefined)")
     index = det._search.index_
     curve = []
     for ef in sorted({32, 64, 128, 256, 512, a.ef}):
@@ -119,7 +131,8 @@ def main(argv=None):
         f"{rss_peak_mib():.0f} MiB")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"million_N{a.N}_{a.index}_ef{a.ef}_{a.memory}"
+    stem = out / (f"million_N{a.N}_{a.index}_ef{a.ef}_{a.memory}"
+                  + (f"_refine{a.refine}" if a.refine else ""))
     stem.with_suffix(".json").write_text(json.dumps(dict(
         args=vars(a), fit_s=fit_s, score_s=score_s, auroc=auc, recall_fit=rec_fit,
         curve=curve, peak_rss_mib=rss_peak_mib()), indent=2))

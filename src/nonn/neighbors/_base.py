@@ -134,3 +134,77 @@ def refine_sorted(X, q, cand):
     ids = np.empty(cand.shape, dtype=np.int64)
     _kernels.exact_sq_sorted(X, q, cand, sq, ids)
     return sq, ids
+
+
+def reverse_lists(ind, cap):
+    """CSR (ptr, ids) of the reverse k-NN graph: for row ``j`` the rows that
+    list ``j`` among their neighbours, nearest ranks first, at most ``cap``."""
+    n, k = ind.shape
+    src = np.repeat(np.arange(n, dtype=np.int64), k)
+    rank = np.tile(np.arange(k, dtype=np.int64), n)
+    dst = ind.ravel()
+    order = np.lexsort((rank, dst))
+    dst, src, rank = dst[order], src[order], rank[order]
+    counts = np.bincount(dst, minlength=n)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    pos = np.arange(dst.size) - np.repeat(starts, counts)
+    keep = pos < cap
+    kept = np.bincount(dst[keep], minlength=n)
+    ptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(kept, out=ptr[1:])
+    return ptr, src[keep]
+
+
+def refine_graph(X, ind, rounds=1, fanout=10, reverse=0, working_memory=None, verbose=False):
+    """Improve an approximate k-NN graph of the training set by "neighbours
+    of neighbours" rounds (the local join of NN-descent, Dong et al. 2011).
+
+    ``ind`` (n, k) holds each training row's approximate neighbours, its own
+    id excluded. Each round gives every row the exact ``k`` nearest among
+    its current neighbours and the neighbours of its first ``fanout`` ones
+    (``k + fanout * k`` distance evaluations per row), so neighbours the
+    index missed but that sit next to ones it found come in. ``reverse > 0``
+    adds up to that many reverse neighbours (rows that list this one) as
+    candidates, as NN-descent does. Returns the
+    squared Euclidean distances (float64, sorted) and ids (int64) of the
+    last round.
+    """
+    from .. import _kernels
+    from .._chunks import chunk_rows, progress
+
+    rounds = int(rounds)
+    fanout = int(fanout)
+    ind = np.ascontiguousarray(ind, dtype=np.int64)
+    n, k = ind.shape
+    if rounds < 1 or fanout < 1 or n <= k:
+        raise ValueError(f"refine_graph needs rounds >= 1, fanout >= 1 and more rows than "
+                         f"neighbours; got rounds={rounds}, fanout={fanout}, shape {ind.shape}.")
+    d = X.shape[1]
+    # per row: the candidate ids, and the output rows
+    step = chunk_rows((k + fanout * k) * 8 + k * 16 + d * 8, working_memory, min_rows=4096,
+                      max_rows=65536)
+    sq = np.empty((n, k), dtype=np.float64)
+    for r in range(rounds):
+        new = np.empty_like(ind)
+        if reverse:
+            rev_ptr, rev_ids = reverse_lists(ind, int(reverse))
+        else:
+            rev_ptr, rev_ids = np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        for start in progress(range(0, n, step), verbose, f"refine graph {r + 1}/{rounds}",
+                              total=-(-n // step)):
+            stop = min(start + step, n)
+            _kernels.refine_by_neighbours(X, X[start:stop], ind[start:stop], ind, fanout,
+                                          rev_ptr[start:stop + 1] if reverse else rev_ptr,
+                                          rev_ids, np.arange(start, stop, dtype=np.int64),
+                                          sq[start:stop], new[start:stop])
+        # a row with fewer than k distinct candidates (an index that repeated
+        # ids) keeps its old list
+        short = new[:, -1] == np.iinfo(np.int64).max
+        if short.any():
+            diff = X[ind[short]].astype(np.float64) - X[short][:, None, :]
+            sq_s = np.einsum("ijk,ijk->ij", diff, diff)
+            order = np.argsort(sq_s, axis=1, kind="stable")
+            sq[short] = np.take_along_axis(sq_s, order, 1)
+            new[short] = np.take_along_axis(ind[short], order, 1)
+        ind = new
+    return sq, ind

@@ -25,6 +25,7 @@ from ._base import (
     check_metric,
     check_n_neighbors,
     drop_self,
+    refine_graph,
     refine_sorted,
     resolve_threads,
     squared_to_metric,
@@ -84,6 +85,22 @@ class FaissBackend:
         training (IVF, PQ). Default: ``max(64 * nlist, 12800)``, at most all rows.
     random_state : int, default=0
         Seed of that sample.
+    refine : int, default=0
+        Rounds of "neighbours of neighbours" refinement of the training
+        set's k-NN graph (``kneighbors(None, k)``) after an approximate
+        search: each row's exact ``k`` nearest among its found neighbours and
+        the neighbours of its first ``refine_fanout`` ones (the local join of
+        NN-descent), plus up to ``refine_reverse`` rows that list it. Raises
+        graph recall at about ``refine_fanout * k`` exact distances per row
+        and round (at N = 200k, D = 512, HNSW32: recall@49 0.83 -> 0.92 after
+        one round, 0.93 after two, each round about as long as the search);
+        ignored by the exact ``"Flat"`` index. Queries of new points are not
+        refined.
+    refine_fanout : int, default=20
+        Neighbours whose own neighbours are candidates in a refinement round.
+    refine_reverse : int, optional
+        Reverse neighbours taken as candidates per row and round (nearest
+        ranks first); default: the graph's ``k``. 0 for none.
     recompute_distances : bool, default=True
         Recompute the returned distances from the training rows (true,
         sorted distances in the input dtype). ``False`` returns FAISS's own
@@ -109,8 +126,9 @@ class FaissBackend:
     name = "faiss"
 
     def __init__(self, metric="euclidean", index="Flat", nprobe=None, efSearch=None,
-                 efConstruction=None, train_size=None, random_state=0,
-                 recompute_distances=True, n_jobs=None, working_memory=None, verbose=False):
+                 efConstruction=None, train_size=None, random_state=0, refine=0,
+                 refine_fanout=20, refine_reverse=None, recompute_distances=True, n_jobs=None,
+                 working_memory=None, verbose=False):
         self.metric = check_metric(metric)
         if not isinstance(index, str) or not index.strip():
             raise ValueError(
@@ -124,6 +142,15 @@ class FaissBackend:
         self.efConstruction = efConstruction
         self.train_size = train_size
         self.random_state = random_state
+        for name, value, low in (("refine", refine, 0), ("refine_fanout", refine_fanout, 1),
+                                 ("refine_reverse", 0 if refine_reverse is None else
+                                  refine_reverse, 0)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ValueError(f"The '{name}' parameter of the faiss backend must be an int "
+                                 f"in the range [{low}, inf). Got {value!r} instead.")
+        self.refine = int(refine)
+        self.refine_fanout = int(refine_fanout)
+        self.refine_reverse = None if refine_reverse is None else int(refine_reverse)
         self.recompute_distances = recompute_distances
         self.n_jobs = n_jobs
         self.working_memory = working_memory
@@ -249,6 +276,12 @@ class FaissBackend:
                 if return_distance:
                     dist[start:stop] = dd
                 ind[start:stop] = cand
+            if self_query and self.refine and not self.exact and k < n_train - 1:
+                rev = k if self.refine_reverse is None else self.refine_reverse
+                sq, ind = refine_graph(Xt, ind, self.refine, self.refine_fanout, rev,
+                                       self.working_memory, self.verbose)
+                if return_distance:
+                    dist = squared_to_metric(sq, self.metric).astype(Xt.dtype, copy=False)
         return (dist, ind) if return_distance else ind
 
     def _set_ef(self, faiss, kk):
