@@ -149,6 +149,10 @@ def test_not_a_model(tmp_path):
     p.write_text("hello")
     with pytest.raises(ModelFileError, match="not a readable nonn model"):
         load(p)
+    npy = tmp_path / "x.npy"
+    np.save(npy, np.arange(3))
+    with pytest.raises(ModelFileError, match="single array, not a nonn model"):
+        load(npy)
 
 
 def test_missing_file(tmp_path):

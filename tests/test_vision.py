@@ -344,6 +344,129 @@ def test_spade_pixel_distances_equal_naive_nearest_location():
                 assert got[i, r, c] == pytest.approx(best, rel=1e-4)
 
 
+def _old_pixel_maps(system, feats, maps):
+    """SPADE's pixel matching as it was before ``map_nn`` (frozen copy)."""
+    train = np.asarray(system.train_features_, dtype=np.float32)
+    feats = np.asarray(feats, dtype=np.float32)
+    kk = min(system.n_map_neighbors, train.shape[0])
+    d2 = ((feats ** 2).sum(1)[:, None] - 2 * feats @ train.T + (train ** 2).sum(1)[None])
+    nbrs = np.argsort(d2, axis=1, kind="stable")[:, :kk]
+    out = np.empty((len(feats), system.map_size, system.map_size), dtype=np.float32)
+    for i in range(len(feats)):
+        q = torch.from_numpy(maps[i].astype(np.float32)).flatten(1).T
+        g = torch.from_numpy(system.train_maps_[nbrs[i]].astype(np.float32))
+        g = g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])
+        out[i] = torch.cdist(q, g).min(dim=1).values.reshape(system.map_size,
+                                                             system.map_size).numpy()
+    return out
+
+
+def _random_spade(seed, n_train=6, channels=12, m=4, **params):
+    rng = np.random.default_rng(seed)
+    system = SPADE(map_size=m, **params)
+    system.train_features_ = rng.normal(size=(n_train, 5)).astype(np.float32)
+    system.train_maps_ = rng.normal(size=(n_train, channels, m, m)).astype(np.float16)
+    feats = rng.normal(size=(3, 5)).astype(np.float32)
+    qmaps = rng.normal(size=(3, channels, m, m)).astype(np.float16)
+    return system, feats, qmaps
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_spade_map_nn_knn_is_the_default_and_reproduces_the_old_maps(seed):
+    system, feats, qmaps = _random_spade(seed, n_map_neighbors=2)
+    assert system.map_nn == "knn"
+    np.testing.assert_array_equal(system._pixel_maps(feats, qmaps, torch),
+                                  _old_pixel_maps(system, feats, qmaps))
+    system.set_params(map_nn="knnn")
+    assert not np.allclose(system._pixel_maps(feats, qmaps, torch),
+                           _old_pixel_maps(system, feats, qmaps))
+
+
+def _gallery(system, feats_i):
+    """Gallery rows of one query, built by loops: image, row, column."""
+    d_img = ((system.train_features_.astype(np.float64) - feats_i) ** 2).sum(1)
+    ids = np.argsort(d_img, kind="stable")[:system.n_map_neighbors]
+    m = system.map_size
+    return np.array([system.train_maps_[j, :, r, c] for j in ids for r in range(m)
+                     for c in range(m)], dtype=np.float32)
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_spade_knnn_pixel_values_equal_a_direct_knnn_fit_on_the_gallery(seed):
+    system, feats, qmaps = _random_spade(seed, n_map_neighbors=2, map_nn="knnn",
+                                         map_n_neighbors_of_neighbors=8)
+    got = system._pixel_maps(feats, qmaps, torch)
+    assert got.shape == (3, 4, 4) and got.dtype == np.float32
+    for i, (r, c) in [(0, (0, 0)), (1, (2, 3)), (2, (3, 1))]:
+        oracle = KNNN(n_neighbors=1, n_neighbors_of_neighbors=8).fit(_gallery(system, feats[i]))
+        want = oracle.anomaly_score(qmaps[i, :, r, c].astype(np.float32)[None])[0]
+        assert got[i, r, c] == pytest.approx(want, rel=1e-5)
+
+
+def test_spade_knnn_pixel_value_equals_naive_eq2():
+    """Eq. 2 by hand: the query location's nearest gallery location, its own
+    K' nearest gallery locations, covariance (divisor K') and eigen-basis per
+    set of L consecutive channels; sum_s sum_j |d_s . v_j| / sqrt(e_j)."""
+    L, kp = 3, 8
+    system, feats, qmaps = _random_spade(
+        5, n_map_neighbors=2, map_nn="knnn", map_n_neighbors_of_neighbors=kp,
+        map_detector_params={"set_size": L, "reorder": "none", "eig_floor": 0.0})
+    got = system._pixel_maps(feats, qmaps, torch)
+    for i in range(3):
+        g = _gallery(system, feats[i]).astype(np.float64)
+        for r, c in [(0, 0), (1, 2), (3, 3)]:
+            q = qmaps[i, :, r, c].astype(np.float64)
+            nearest = np.argmin(((g - q) ** 2).sum(1))
+            d_g = ((g - g[nearest]) ** 2).sum(1)
+            d_g[nearest] = -1  # the point itself first, then its K' - 1 nearest
+            hood = g[np.argsort(d_g, kind="stable")[:kp]]
+            total = 0.0
+            for s in range(0, g.shape[1], L):
+                x = hood[:, s:s + L] - hood[:, s:s + L].mean(0)
+                e, v = np.linalg.eigh(x.T @ x / kp)
+                total += (np.abs((q[s:s + L] - g[nearest, s:s + L]) @ v) / np.sqrt(e)).sum()
+            assert got[i, r, c] == pytest.approx(total, rel=2e-3)
+
+
+def test_spade_knnn_maps_shape_zero_on_a_training_image_and_find_the_defect(normal_images):
+    system = SPADE(nn="knn", n_neighbors=5, n_map_neighbors=3, map_size=8, image_size=SIZE,
+                   map_nn="knnn", map_n_neighbors_of_neighbors=10, device="cpu",
+                   verbose=False).fit(normal_images)
+    same = normal_images[4]
+    perturbed = np.clip(same.astype(int) + np.random.default_rng(7).integers(
+        -25, 26, size=same.shape), 0, 255).astype(np.uint8)
+    defect = make_images(1, seed=12, defect=True)[0]
+    odd = make_images(1, seed=3, h=50, w=70)[0]
+    queries = [same, perturbed, defect, odd]
+    feats, qmaps = system.extractor_.transform_pyramid(queries, system.map_size)
+    raw = system._pixel_maps(feats, qmaps, torch)
+    assert raw.shape == (4, 8, 8) and np.isfinite(raw).all()
+    # the query's own locations are in its gallery: Eq. 2 is ~0 everywhere
+    assert raw[0].max() < 1e-3 * raw[1].mean()
+    assert raw[1].min() > 0
+    scores, maps = system.score_with_maps(queries)
+    assert [m.shape for m in maps] == [(40, 48)] * 3 + [(50, 70)]
+    assert maps[0].max() < 1e-3 * maps[1].mean()
+    square = np.zeros((40, 48), bool)
+    square[8:24, 12:30] = True
+    assert maps[2][square].mean() > maps[2][~square].mean()
+    # knn and knnn agree on where the defect is, not on the scale
+    knn_maps = system.set_params(map_nn="knn").anomaly_maps([defect])
+    assert np.corrcoef(knn_maps[0].ravel(), maps[2].ravel())[0, 1] > 0.5
+
+
+def test_spade_map_params_are_validated():
+    system, feats, qmaps = _random_spade(0, map_nn="kNNN")
+    with pytest.raises(ValueError, match="'map_nn' parameter of SPADE must be 'knn' or 'knnn'"):
+        system._pixel_maps(feats, qmaps, torch)
+    system.set_params(map_nn="knnn", map_n_neighbors_of_neighbors=0)
+    with pytest.raises(ValueError, match="'map_n_neighbors_of_neighbors' parameter"):
+        system._pixel_maps(feats, qmaps, torch)
+    system, feats, qmaps = _random_spade(0, m=1, n_map_neighbors=1, map_nn="knnn")
+    with pytest.raises(ValueError, match="at least 2 gallery locations"):
+        system._pixel_maps(feats, qmaps, torch)
+
+
 def test_panda_tunes_only_the_tail_and_scores_consistently(normal_images):
     ref = B.load_backbone("efficientnet_lite0")
     system = PANDA(nn="knnn", n_neighbors_of_neighbors=10, epochs=2, lr=1e-3,

@@ -1,8 +1,12 @@
 """``nonn fit-images`` / ``nonn score-images`` with the real offline backbone."""
 
 import csv
+import json
+import struct
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -122,3 +126,193 @@ def test_errors_are_one_line(folders, tmp_path, capsys):
     assert main(["score-images", str(tmp_path / "none.nonn"), str(folders / "new"), "-o",
                  str(tmp_path / "s.csv")]) == 2
     assert "No image model file" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------- info
+@pytest.fixture(scope="module")
+def spade_model(folders, tmp_path_factory):
+    """A SPADE (k-NNN image score) fitted through the CLI on the 24 good images."""
+    model = tmp_path_factory.mktemp("models") / "spade.nonn"
+    assert main(["fit-images", str(folders / "good"), "-o", str(model), "--system", "spade",
+                 "--nn", "knnn", "--image-size", "64", "--n-neighbors", "5",
+                 "--n-neighbors-of-neighbors", "10", "--map-size", "8", "--map-neighbors", "3",
+                 "--device", "cpu"]) == 0
+    return model
+
+
+def _info(capsys, *args):
+    rc = main(["info", *map(str, args)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_info_describes_a_spade_image_model(spade_model, capsys):
+    from nonn.cli import _human_bytes
+
+    capsys.readouterr()
+    rc, out, err = _info(capsys, spade_model)
+    assert rc == 0, err
+    system = load(spade_model)
+    lines = {line.split(":", 1)[0].strip(): line.split(":", 1)[1].strip()
+             for line in out.splitlines() if ":" in line and not line.startswith(" ")}
+    assert lines["model"] == (f"{spade_model} ({_human_bytes(spade_model.stat().st_size)} "
+                              "on disk)")
+    assert lines["format"].startswith("nonn-vision-model version 1")
+    assert lines["system"] == "SPADE (nn = knnn: KNNN detector)"
+    assert lines["backbone"].startswith("efficientnet_lite0 ")
+    assert lines["image_size"] == "64 x 64"
+    assert lines["training"].startswith("24 images, feature dimension 1280")
+    assert lines["threshold"] == (f"offset_ = {system.offset_!r}, contamination_ = 0.01 "
+                                  "(contamination = 'auto')")
+    assert lines["pixel maps"].startswith("stored: 24 pyramids of 176 channels x 8 x 8 "
+                                          "(float16, 528.0 KiB); map_nn = knn, "
+                                          "n_map_neighbors = 3")
+    assert lines["detector"].startswith("KNNN on 1280 features (float32)")
+    # the system's and the detector's parameters, the detector's fitted values
+    assert "  n_map_neighbors = 3\n" in out and "  map_size = 8\n" in out
+    assert "    n_neighbors = 5\n" in out and "    n_neighbors_of_neighbors = 10\n" in out
+    assert f"    offset_ = {system.offset_!r}\n" in out
+    assert "train_maps      (24, 176, 8, 8)" in out and "eigenvectors_" in out
+    assert "verified" not in out
+    rc, out, err = _info(capsys, spade_model, "--verify")
+    assert rc == 0, err
+    assert "verified:     the model loads; every array matches its metadata" in out
+
+
+def test_info_describes_a_feature_model_with_knn(folders, tmp_path, capsys):
+    model = tmp_path / "f.nonn"
+    FeatureDetector(nn="knn", n_neighbors=2, image_size=48, device="cpu", verbose=False,
+                    contamination=0.1).fit(str(folders / "good")).save(model)
+    rc, out, err = _info(capsys, model, "--verify")
+    assert rc == 0, err
+    assert "system:       FeatureDetector (nn = knn: KNN detector)" in out
+    assert "image_size:   48 x 48" in out
+    assert "training:     24 images, feature dimension 1280" in out
+    assert "contamination_ = 0.1 (contamination = 0.1)" in out
+    assert "pixel maps:   none" in out
+    assert "verified:" in out
+
+
+def _rewrite(src, dst, change):
+    """Copy an image model with ``change(arrays, meta)`` applied."""
+    with np.load(src) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    meta = json.loads(bytes(arrays["__meta__"]).decode())
+    change(arrays, meta)
+    arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    with open(dst, "wb") as fh:
+        np.savez(fh, **arrays)
+    return dst
+
+
+def test_info_refuses_broken_image_models_clearly(spade_model, tmp_path, capsys):
+    capsys.readouterr()
+    data = spade_model.read_bytes()
+    # truncated: not even a zip any more
+    cut = tmp_path / "cut.nonn"
+    cut.write_bytes(data[: len(data) // 2])
+    rc, out, err = _info(capsys, cut)
+    assert rc == 2 and out == ""
+    assert err.startswith("nonn: error:") and "truncated, corrupted" in err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    # bytes flipped inside the stored pyramids: the metadata still reads, the
+    # zip's CRC-32 catches it when --verify reads the array
+    bad = tmp_path / "flipped.nonn"
+    with zipfile.ZipFile(spade_model) as zf:
+        zi = zf.getinfo("train_maps.npy")
+    head = data[zi.header_offset:zi.header_offset + 30]
+    start = zi.header_offset + 30 + struct.unpack("<H", head[26:28])[0] + struct.unpack(
+        "<H", head[28:30])[0]
+    flipped = bytearray(data)
+    flipped[start + 1000:start + 1016] = bytes(255 - b for b in flipped[start + 1000:start + 1016])
+    bad.write_bytes(bytes(flipped))
+    rc, out, err = _info(capsys, bad)
+    assert rc == 0 and "system:       SPADE" in out
+    rc, out, err = _info(capsys, bad, "--verify")
+    assert rc == 2 and "'train_maps' is corrupted" in err and "CRC" in err
+    # parts that each match their metadata but disagree with each other
+    def drop_maps(arrays, meta):
+        arrays["train_maps"] = arrays["train_maps"][:20]
+        meta["arrays"]["train_maps"]["shape"][0] = 20
+
+    odd = _rewrite(spade_model, tmp_path / "odd.nonn", drop_maps)
+    rc, out, err = _info(capsys, odd, "--verify")
+    assert rc == 2 and "is inconsistent: train_maps has shape (20, 176, 8, 8)" in err
+    # an array that does not match the metadata
+    def lie(arrays, meta):
+        meta["arrays"]["train_features"]["shape"] = [23, 1280]
+
+    liar = _rewrite(spade_model, tmp_path / "liar.nonn", lie)
+    rc, out, err = _info(capsys, liar, "--verify")
+    assert rc == 2 and "'train_features'" in err and "does not match its metadata" in err
+    # a newer image format is named as such, not as "not a model"
+    def newer(arrays, meta):
+        meta["format_version"] = 99
+
+    rc, out, err = _info(capsys, _rewrite(spade_model, tmp_path / "new.nonn", newer))
+    assert rc == 2 and "newer nonn (image model format 99)" in err
+    # files that are no model at all keep the core reader's messages
+    text = tmp_path / "notes.nonn"
+    text.write_text("not a model\n")
+    rc, out, err = _info(capsys, text)
+    assert rc == 2 and "is not a readable nonn model file" in err
+    plain = tmp_path / "plain.npz"
+    np.savez(plain, X=np.zeros(3))
+    rc, out, err = _info(capsys, plain)
+    assert rc == 2 and "has no nonn metadata" in err
+    rc, out, err = _info(capsys, tmp_path / "missing.nonn")
+    assert rc == 2 and "No model file" in err
+
+
+def test_a_spade_file_saved_before_map_nn_loads_with_knn_maps(spade_model, tmp_path):
+    def old(arrays, meta):
+        for name in ("map_nn", "map_n_neighbors_of_neighbors", "map_detector_params"):
+            del meta["params"][name]
+        meta.pop("nonn_version")
+
+    system = load(_rewrite(spade_model, tmp_path / "old.nonn", old))
+    assert system.map_nn == "knn" and system.map_n_neighbors_of_neighbors == 25
+
+
+# ----------------------------------------------------- k-NNN heat maps (CLI)
+def test_score_images_map_nn_knnn_writes_the_knnn_maps(spade_model, folders, tmp_path, capsys):
+    files = [str(f) for f in sorted((folders / "new").iterdir())]
+    heat = tmp_path / "heat"
+    capsys.readouterr()
+    assert main(["score-images", str(spade_model), *files, "-o", str(tmp_path / "s.csv"),
+                 "--heatmaps", str(heat), "--map-nn", "knnn",
+                 "--map-neighbors-of-neighbors", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "pixel matching knnn" in out
+    system = load(spade_model)
+    knn = system.anomaly_maps(files)
+    knnn = system.set_params(map_nn="knnn", map_n_neighbors_of_neighbors=12).anomaly_maps(files)
+    for f, a, b in zip(files, knn, knnn):
+        got = np.load(heat / f"{Path(f).stem}_map.npy")
+        assert got.shape == (36, 44)
+        np.testing.assert_allclose(got, b, rtol=1e-5, atol=1e-6)
+        assert not np.allclose(got, a)
+    # the defect is where the k-NNN map is hot
+    bad = np.load(heat / "bad0_map.npy")
+    assert bad[6:20, 10:26].mean() > bad[28:, 30:].mean()
+    # without --heatmaps the map options are noted and ignored
+    assert main(["score-images", str(spade_model), files[0], "-o", str(tmp_path / "t.csv"),
+                 "--map-nn", "knnn"]) == 0
+    assert "apply to --heatmaps; ignored" in capsys.readouterr().err
+
+
+def test_fit_images_stores_the_pixel_matching(folders, tmp_path, capsys):
+    model = tmp_path / "s.nonn"
+    assert main(["fit-images", str(folders / "good"), "-o", str(model), "--system", "spade",
+                 "--nn", "knn", "--image-size", "48", "--map-size", "4", "--map-nn", "knnn",
+                 "--map-neighbors-of-neighbors", "7", "--device", "cpu"]) == 0
+    system = load(model)
+    assert system.map_nn == "knnn" and system.map_n_neighbors_of_neighbors == 7
+    capsys.readouterr()
+    rc, out, err = _info(capsys, model)
+    assert rc == 0 and "system:       SPADE (nn = knn: KNN detector)" in out
+    assert "map_nn = knnn, n_map_neighbors = 5" in out
+    # the map options mean nothing to a feature model: noted, not stored
+    assert main(["fit-images", str(folders / "good"), "-o", str(tmp_path / "f.nonn"),
+                 "--image-size", "48", "--map-nn", "knnn", "--device", "cpu"]) == 0
+    assert "apply to --system spade; ignored" in capsys.readouterr().err

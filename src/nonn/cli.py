@@ -4,7 +4,7 @@
 
     nonn fit TRAIN -o MODEL [--detector knnn|knn|global|local] [--cluster ADDRESS|local] [options]
     nonn score MODEL QUERIES -o SCORES [--cluster ADDRESS|local]
-    nonn info MODEL
+    nonn info MODEL [--verify]      (also image models from `nonn fit-images`)
     nonn demo [--out DIR] [--seeds N] [--sizes 100,200,...] [--quick]
 
 TRAIN and QUERIES are a matrix file or a folder of .npy/.parquet shards;
@@ -27,7 +27,7 @@ import numpy as np
 from . import KNN, KNNN, GlobalEigenKNN, LocalEigenKNN, __version__
 from . import _io
 from .neighbors import BACKENDS, METRICS
-from .persistence import load, read_meta
+from .persistence import ModelFileError, load, read_meta
 
 #: --detector name -> estimator class
 DETECTORS = {
@@ -277,32 +277,106 @@ def _count_flagged(folder):
 
 # -------------------------------------------------------------------- info
 def _cmd_info(args):
-    meta = read_meta(args.model)
+    try:
+        meta = read_meta(args.model)
+    except ModelFileError:
+        # an image model (`nonn fit-images`) is refused by the core reader;
+        # anything else keeps the core reader's message
+        from .vision import systems as vision
+
+        if vision.is_image_model(args.model):
+            return _info_image(args)
+        raise
     print(f"model:        {args.model} ({_human_bytes(os.path.getsize(args.model))} on disk)")
     print(f"format:       {meta.get('format')} version {meta.get('format_version')}")
     print(f"nonn version: {meta.get('nonn_version')}")
     print(f"estimator:    {meta.get('estimator')}")
     print(f"n_features:   {meta.get('n_features_in')} ({meta.get('dtype')})")
-    print("params:")
-    for name, value in (meta.get("params") or {}).items():
-        print(f"  {name} = {value!r}")
-    print("fitted:")
-    for name, value in (meta.get("fitted") or {}).items():
-        print(f"  {name} = {value!r}")
-    print("arrays:")
-    arrays = meta.get("arrays") or {}
-    width = max((len(k) for k in arrays), default=0)
-    total = 0
-    for name, spec in arrays.items():
-        shape = tuple(spec.get("shape", ()))
-        dtype = np.dtype(spec.get("dtype", "V"))
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        total += nbytes
-        print(f"  {name:<{width}}  {str(shape):<20} {dtype.name:<8} {_human_bytes(nbytes)}")
+    _print_values("params:", meta.get("params"))
+    _print_values("fitted:", meta.get("fitted"))
+    total = _print_arrays("arrays:", meta.get("arrays"))
     print(f"memory:       {_human_bytes(total)} of arrays when loaded")
     if args.verify:
         load(args.model)
         print("verified:     every array matches its metadata; the model loads")
+    return 0
+
+
+def _print_values(title, values, indent="  "):
+    print(title)
+    for name, value in (values or {}).items():
+        print(f"{indent}{name} = {value!r}")
+
+
+def _array_bytes(spec):
+    shape = tuple(spec.get("shape", ()))
+    return shape, np.dtype(spec.get("dtype", "V")), int(np.prod(shape, dtype=np.int64))
+
+
+def _print_arrays(title, arrays, indent="  "):
+    """Print a metadata array table; returns the bytes the arrays take."""
+    print(title)
+    arrays = arrays or {}
+    width = max((len(k) for k in arrays), default=0)
+    total = 0
+    for name, spec in arrays.items():
+        shape, dtype, size = _array_bytes(spec)
+        nbytes = size * dtype.itemsize
+        total += nbytes
+        print(f"{indent}{name:<{width}}  {str(shape):<20} {dtype.name:<8} {_human_bytes(nbytes)}")
+    return total
+
+
+def _info_image(args):
+    """``nonn info`` of a model written by ``nonn fit-images``."""
+    from .vision import systems as vision
+
+    meta = vision.read_meta(args.model)
+    det = meta["detector"]
+    params = meta["params"]
+    arrays = meta["arrays"]
+    fitted = det.get("fitted") or {}
+    feats = arrays.get("train_features", {})
+    n_train, dim = (list(feats.get("shape", [])) + [None, None])[:2]
+    print(f"model:        {args.model} ({_human_bytes(os.path.getsize(args.model))} on disk)")
+    print(f"format:       {meta.get('format')} version {meta.get('format_version')} "
+          "(image model, `nonn fit-images`)")
+    print(f"nonn version: {meta.get('nonn_version') or det.get('nonn_version')}")
+    print(f"system:       {meta.get('system')} (nn = {params.get('nn')}: "
+          f"{det.get('estimator')} detector)")
+    weights = params.get("weights")
+    print(f"backbone:     {params.get('backbone')} "
+          f"(weights: {weights if weights else 'the packaged/default file'})")
+    size = params.get("image_size")
+    print(f"image_size:   {size} x {size}")
+    print(f"training:     {n_train} images, feature dimension {dim} "
+          f"(normalize = {params.get('normalize')})")
+    print(f"threshold:    offset_ = {fitted.get('offset_')!r}, contamination_ = "
+          f"{fitted.get('contamination_')!r} (contamination = {params.get('contamination')!r})")
+    maps = arrays.get("train_maps")
+    if maps is not None:
+        shape, dtype, n = _array_bytes(maps)
+        print(f"pixel maps:   stored: {shape[0]} pyramids of {shape[1]} channels x "
+              f"{shape[2]} x {shape[3]} ({dtype.name}, {_human_bytes(n * dtype.itemsize)}); "
+              f"map_nn = {params.get('map_nn', 'knn')}, n_map_neighbors = "
+              f"{params.get('n_map_neighbors')}, sigma = {params.get('sigma')}")
+    else:
+        print(f"pixel maps:   none (a {meta.get('system')} stores no feature pyramids; "
+              "fit with --system spade for heat maps)")
+    _print_values("params:", params)
+    print(f"detector:     {det.get('estimator')} on {det.get('n_features_in')} features "
+          f"({det.get('dtype')}), nonn-model version {det.get('format_version')}")
+    _print_values("  params:", det.get("params"), indent="    ")
+    _print_values("  fitted:", fitted, indent="    ")
+    total = _print_arrays("arrays:", arrays)
+    total += _print_arrays("  detector arrays:", det.get("arrays"), indent="    ")
+    print(f"memory:       {_human_bytes(total)} of arrays when loaded")
+    if args.verify:
+        vision.load(args.model)
+        print("verified:     the model loads; every array matches its metadata (the zip's "
+              "CRC-32 checked as it is read; the format has no other checksum), the "
+              "embedded detector passes the core checks, and the features, pyramids and "
+              "detector agree in shape")
     return 0
 
 
@@ -394,11 +468,15 @@ def build_parser():
     info = sub.add_parser(
         "info", help="describe a saved model",
         description="Print a model file's format, nonn version, estimator, parameters, "
-        "fitted values and arrays, without loading the arrays.",
+        "fitted values and arrays, without loading the arrays. Image models (`nonn "
+        "fit-images`) also show the system, backbone, image size, training images, "
+        "feature dimension and stored pixel-map pyramids.",
     )
-    info.add_argument("model", metavar="MODEL", help="model file written by `nonn fit`")
+    info.add_argument("model", metavar="MODEL",
+                      help="model file written by `nonn fit` or `nonn fit-images`")
     info.add_argument("--verify", action="store_true",
-                      help="also load the model, checking every array against its metadata")
+                      help="also load the model, checking every array against its metadata "
+                      "(image models: and the parts against each other)")
     info.set_defaults(handler=_cmd_info)
 
     demo = sub.add_parser(

@@ -94,12 +94,17 @@ def _open(path):
         raise FileNotFoundError(f"No model file at {path!r}. Check the path, or create one "
                                 "with `nonn fit` / estimator.save().")
     try:
-        return np.load(path, allow_pickle=False)
+        npz = np.load(path, allow_pickle=False)
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
         raise ModelFileError(
             f"{path!r} is not a readable nonn model file (truncated, corrupted, or not a "
             f"model at all: {exc}). Re-save the model from the fitted estimator."
         ) from exc
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        # a lone .npy array loads as an ndarray
+        raise ModelFileError(f"{path!r} holds a single array, not a nonn model file "
+                             "(a model is the .npz archive `nonn fit` / estimator.save() write).")
+    return npz
 
 
 def _meta(npz, path):
