@@ -234,6 +234,231 @@ def test_write_scores_parquet(client, tmp_path):
     np.testing.assert_array_equal(table["label"], det.predict(Q))
 
 
+# ------------------------------------------------------------ score output
+SCORE_ARRAYS = {"anomaly_score", "score_samples", "label"}
+
+
+def _fitted(client, dtype=np.float64):
+    X, Q = data(9, n=120, dtype=dtype)
+    return DistributedKNNN(client=client, backend="brute").fit(X), Q
+
+
+def _read_zarr(path):
+    zarr = pytest.importorskip("zarr")
+    g = zarr.open_group(str(path), mode="r")
+    return g, {name: g[name][:] for name in g.array_keys()}
+
+
+def _read_output(path):
+    """The score table at ``path`` (Zarr store or folder of Parquet parts)."""
+    if str(path).rstrip("/").endswith(".zarr"):
+        return _read_zarr(path)[1]
+    pq = pytest.importorskip("pyarrow.parquet")
+    t = pq.read_table(str(path)).to_pandas().sort_values("index")
+    return {c: t[c].to_numpy() for c in t.columns if c != "index"}
+
+
+def _settle(client):
+    """Wait until no task runs on the workers (a failed write's other blocks)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if not any(client.run(lambda dask_worker: len(dask_worker.state.executing)).values()):
+            return
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("chunks,dtype,suffix", [((16, -1), np.float64, ""),
+                                                 (((10, 20, 15), -1), np.float32, "/")])
+def test_write_scores_zarr(client, tmp_path, chunks, dtype, suffix):
+    """Three arrays equal to the in-memory results, one zarr chunk per
+    (regular) query block, the threshold in the attributes."""
+    pytest.importorskip("zarr")
+    det, Q = _fitted(client, dtype)
+    Qd = da.from_array(Q, chunks=chunks)
+    path = tmp_path / "x.zarr"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no irregular-chunk warning from dask or zarr
+        n = det.write_scores(Qd, str(path) + suffix)
+    assert n == len(Q)
+    g, got = _read_zarr(path)
+    assert set(got) == SCORE_ARRAYS and set(g.group_keys()) == set()
+    step = max(Qd.chunks[0])  # the largest query block, 16 or 20 rows
+    for name, dt in (("anomaly_score", dtype), ("score_samples", dtype), ("label", np.int64)):
+        assert g[name].shape == (len(Q),) and g[name].chunks == (step,), name
+        assert g[name].dtype == dt, name
+    rtol = 1e-12 if dtype == np.float64 else 1e-6
+    np.testing.assert_allclose(got["anomaly_score"], det.anomaly_score(Q), rtol=rtol)
+    np.testing.assert_allclose(got["score_samples"], det.score_samples(Q), rtol=rtol)
+    np.testing.assert_array_equal(got["label"], det.predict(Q))
+    assert (got["label"] == -1).any() and (got["label"] == 1).any()
+    assert g.attrs["offset"] == pytest.approx(det.offset_, rel=1e-12)
+    assert os.listdir(tmp_path) == ["x.zarr"]  # no temporary left beside it
+
+
+def test_write_scores_zarr_numpy_and_empty_queries(client, tmp_path):
+    pytest.importorskip("zarr")
+    det, Q = _fitted(client)
+    assert det.write_scores(Q, tmp_path / "np.zarr") == len(Q)
+    np.testing.assert_allclose(_read_output(tmp_path / "np.zarr")["anomaly_score"],
+                               det.anomaly_score(Q), rtol=1e-12)
+    assert det.write_scores(da.from_array(Q[:0], chunks=(8, -1)), tmp_path / "e.zarr") == 0
+    got = _read_output(tmp_path / "e.zarr")
+    assert set(got) == SCORE_ARRAYS and all(v.shape == (0,) for v in got.values())
+
+
+def test_write_scores_zarr_needs_zarr(client, tmp_path, monkeypatch):
+    det, Q = _fitted(client)
+    monkeypatch.setitem(sys.modules, "zarr", None)
+    with pytest.raises(ImportError, match="pip install zarr"):
+        det.write_scores(Q, tmp_path / "x.zarr")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", ["x.zarr", "parts"])
+def test_write_scores_replaces_previous_output(client, tmp_path, name):
+    """A previous score output at the path is replaced as a whole: no stale
+    rows, arrays or part files of the longer first write survive."""
+    pytest.importorskip("zarr" if name.endswith(".zarr") else "pyarrow")
+    det, Q = _fitted(client)
+    path = tmp_path / name
+    assert det.write_scores(da.from_array(Q, chunks=(16, -1)), path) == 45
+    assert det.write_scores(da.from_array(Q[:20], chunks=(10, -1)), path) == 20
+    got = _read_output(path)
+    assert set(got) == SCORE_ARRAYS
+    np.testing.assert_allclose(got["anomaly_score"], det.anomaly_score(Q[:20]), rtol=1e-12)
+    if name.endswith(".zarr"):
+        assert _read_zarr(path)[0]["label"].chunks == (10,)
+    else:  # the third part of the first write is gone
+        assert sorted(os.listdir(path)) == [f"part-{b:05d}.parquet" for b in range(2)]
+    assert os.listdir(tmp_path) == [name]
+    # an empty folder (as `nonn score -o` accepts) is a new output too
+    os.makedirs(tmp_path / "empty.zarr")
+    os.makedirs(tmp_path / "empty")
+    for p in ("empty.zarr", "empty"):
+        if p.endswith(".zarr") == name.endswith(".zarr"):
+            assert det.write_scores(Q[:5], tmp_path / p) == 5
+
+
+@pytest.mark.parametrize("name", ["x.zarr", "parts"])
+def test_write_scores_refuses_to_replace_other_data(client, tmp_path, name):
+    """A path holding anything but a previous score output is refused before
+    any work, and left untouched."""
+    zarr = pytest.importorskip("zarr") if name.endswith(".zarr") else None
+    det, Q = _fitted(client)
+    path = tmp_path / name
+    os.makedirs(path)
+    if zarr is not None:  # a Zarr store of other arrays (say, the embeddings)
+        g = zarr.open_group(str(path), mode="w")
+        g.create_array("embeddings", shape=(3,), dtype="f8")[:] = [1.0, 2.0, 3.0]
+    open(path / "notes.txt", "w").write("keep me")
+    before = sorted(os.listdir(path))
+    with pytest.raises(FileExistsError, match="not a previous score output"):
+        det.write_scores(Q, path)
+    assert sorted(os.listdir(path)) == before
+    assert open(path / "notes.txt").read() == "keep me"
+    a_file = "file.zarr" if zarr is not None else "file"
+    open(tmp_path / a_file, "w").write("a file")
+    with pytest.raises(FileExistsError, match="a file"):
+        det.write_scores(Q, tmp_path / a_file)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        det.write_scores(Q, tmp_path / "missing" / name)
+    with pytest.raises(ValueError, match="not a URL"):
+        det.write_scores(Q, "s3://bucket/" + name)
+    assert sorted(os.listdir(tmp_path)) == sorted([name, a_file])
+
+
+def _failing(kind, Q, monkeypatch, zarr_out):
+    """Queries (8-row blocks) whose last block fails: "nan", it holds a NaN
+    (scoring fails); "write", its writer raises after writing its rows (a
+    disk filling up), so the failure comes with rows already written."""
+    Qd = da.from_array(Q, chunks=(8, -1))
+    if kind == "nan":
+        Qn = Q.copy()
+        Qn[-1, 0] = np.nan
+        return da.from_array(Qn, chunks=(8, -1)), ValueError, "NaN"
+    from nonn.distributed import _tasks
+
+    name = "write_zarr_block" if zarr_out else "write_parquet_part"
+    real = getattr(_tasks, name)
+    last = len(Q) - Qd.chunks[0][-1]
+
+    def write(where, start, anomaly, offset):
+        n = real(where, start, anomaly, offset)
+        if start == last:
+            raise OSError("No space left on device (simulated)")
+        return n
+
+    monkeypatch.setattr(_tasks, name, write)  # the workers are threads of this process
+    return Qd, OSError, "No space left"
+
+
+@pytest.mark.parametrize("kind", ["nan", "write"])
+@pytest.mark.parametrize("name", ["x.zarr", "parts"])
+def test_write_scores_failure_leaves_nothing(client, tmp_path, monkeypatch, name, kind):
+    """A block failing mid-write leaves no output at the path (nothing that
+    looks complete), no temporary beside it, and a previous output intact."""
+    zarr_out = name.endswith(".zarr")
+    pytest.importorskip("zarr" if zarr_out else "pyarrow")
+    det, Q = _fitted(client)
+    path = tmp_path / name
+    Qbad, error, match = _failing(kind, Q, monkeypatch, zarr_out)
+    with pytest.raises(error, match=match):
+        det.write_scores(Qbad, path)
+    _settle(client)
+    assert os.listdir(tmp_path) == []
+    # over a previous output: the previous output stays, whole
+    monkeypatch.undo()
+    det.write_scores(da.from_array(Q[:20], chunks=(10, -1)), path)
+    before = _read_output(path)
+    Qbad, error, match = _failing(kind, Q, monkeypatch, zarr_out)
+    with pytest.raises(error, match=match):
+        det.write_scores(Qbad, path)
+    _settle(client)
+    assert os.listdir(tmp_path) == [name]
+    after = _read_output(path)
+    assert set(after) == SCORE_ARRAYS and len(after["label"]) == 20
+    for key in before:
+        np.testing.assert_array_equal(after[key], before[key])
+
+def test_partition_tasks_keep_their_placement(client, tmp_path):
+    """The scheduler receives the worker of every per-partition task (fit:
+    index, eigen-state, leave-one-out Eq. 2; scoring: Eq. 2 on the worker
+    holding the neighbour's eigen-state). Without it, Dask places them by
+    its own estimates and may move a partition's eigen-state (D·(L+1)
+    values a row) to the queries instead of the queries to it."""
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    class Placement(SchedulerPlugin):
+        name = "nonn-test-placement"
+
+        def __init__(self):
+            self.workers = {}
+
+        def update_graph(self, scheduler, *, annotations=None, **kwargs):
+            self.workers.update((annotations or {}).get("workers", {}))
+
+    X, Q = data(17, n=150)
+    det = DistributedKNNN(client=client, backend="brute")
+    scheduler = client.cluster.scheduler  # in-process: the plugin is this object
+    workers = set(scheduler.workers)
+    calls = (("fit", lambda: det.fit(da.from_array(X, chunks=(75, -1))),
+              ("ShardIndex", "block_eigen", "pair_scores")),
+             ("anomaly_score", lambda: det.anomaly_score(Q), ("pair_scores",)),
+             ("write_scores", lambda: det.write_scores(da.from_array(Q, chunks=(20, -1)),
+                                                       tmp_path / "s"), ("pair_scores",)))
+    for name, call, kinds in calls:
+        seen = Placement()
+        scheduler.add_plugin(seen)
+        try:
+            call()
+        finally:
+            scheduler.remove_plugin(name=seen.name)
+        for kind in kinds:
+            placed = [w for k, w in seen.workers.items() if str(k).startswith(kind)]
+            assert len(placed) >= 2, (name, kind)  # one per partition at least
+            assert all(len(w) == 1 and set(w) <= workers for w in placed), (name, kind)
+    assert sorted(det._shards["where"]) == sorted(workers)  # one partition per worker
+
 def test_embedded_local_cluster():
     X, Q = data(10, n=100, d=6)
     with warnings.catch_warnings():

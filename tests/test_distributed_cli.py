@@ -1,5 +1,6 @@
 """`nonn fit/score --cluster` and shard-folder inputs."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -101,6 +102,16 @@ def test_fit_and_score_on_cluster(tmp_path, data, address, capsys):
     parts = pq.read_table(tmp_path / "scores").to_pandas().sort_values("index")
     np.testing.assert_allclose(parts["anomaly_score"], table[:, 1], rtol=1e-6)
     np.testing.assert_array_equal(parts["label"], table[:, 3])
+    # ... or into a Zarr store
+    if importlib.util.find_spec("zarr") is not None:
+        import zarr
+
+        assert main(["score", str(model), str(queries), "-o", str(tmp_path / "s.zarr"),
+                     "--cluster", address]) == 0
+        assert f"{int((table[:, 3] == -1).sum())} flagged" in capsys.readouterr().out
+        g = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
+        np.testing.assert_allclose(g["anomaly_score"][:], table[:, 1], rtol=1e-6)
+        np.testing.assert_array_equal(g["label"][:], table[:, 3])
     # a shard folder works without a cluster too
     assert main(["score", str(model), str(queries), "-o", str(tmp_path / "t.csv")]) == 0
     np.testing.assert_allclose(np.loadtxt(tmp_path / "t.csv", delimiter=",", skiprows=1)[:, 1],

@@ -230,16 +230,18 @@ def _print_score(det, n, n_out, seconds, output, where=""):
 def _score_on_cluster(args, cluster):
     """Score with the model spread over the cluster. SCORES is a file (the
     scores are gathered here, then written as without --cluster) or a folder
-    (no extension): Parquet part files written by the workers."""
+    (no extension): Parquet part files written by the workers, or a Zarr
+    store (a path ending in .zarr) written by the workers."""
     from .distributed import DistributedKNNN, read_shards
 
-    folder = _io._extension(args.output) == "" or os.path.isdir(args.output)
+    zarr_out = args.output.rstrip("/\\").endswith(".zarr")
+    folder = zarr_out or _io._extension(args.output) == "" or os.path.isdir(args.output)
     if folder:
         parent = os.path.dirname(os.path.abspath(args.output))
         if not os.path.isdir(parent):
             raise FileNotFoundError(f"Cannot write {args.output!r}: the folder {parent!r} "
                                     "does not exist.")
-        if os.path.isdir(args.output) and os.listdir(args.output):
+        if not zarr_out and os.path.isdir(args.output) and os.listdir(args.output):
             raise FileExistsError(f"Cannot write Parquet parts into {args.output!r}: the "
                                   "folder is not empty. Give a new or empty folder.")
     else:
@@ -257,9 +259,12 @@ def _score_on_cluster(args, cluster):
         where = f" on {det.n_partitions_} partitions ({_cluster_name(det.client_)})"
         if folder:
             n = det.write_scores(Q, args.output)
-            n_out = _count_flagged(args.output)
+            n_out = _count_flagged(args.output, zarr_out)
         else:
-            anomaly = np.asarray(det.client_.compute(det.anomaly_score(Q), sync=True)
+            # optimize_graph=False keeps each partition's tasks on the worker
+            # holding its eigen-state (dask's array optimisation drops that)
+            anomaly = np.asarray(det.client_.compute(det.anomaly_score(Q), sync=True,
+                                                     optimize_graph=False)
                                  if hasattr(Q, "dask") else det.anomaly_score(Q))
             samples = -anomaly
             labels = np.where(samples - det.offset_ < 0, -1, 1)
@@ -270,7 +275,11 @@ def _score_on_cluster(args, cluster):
     return 0
 
 
-def _count_flagged(folder):
+def _count_flagged(folder, zarr_out=False):
+    if zarr_out:
+        import zarr
+
+        return int((zarr.open_group(folder, mode="r")["label"][:] == -1).sum())
     _, pq = _io._pyarrow()
     return int((pq.read_table(folder, columns=["label"]).column("label").to_numpy() == -1).sum())
 
@@ -457,7 +466,7 @@ def build_parser():
     score.add_argument("-o", "--output", metavar="SCORES", required=True,
                        help="scores file: .csv, .npy (structured array), .npz or .parquet; "
                        "with --cluster also a folder (no extension) that receives Parquet "
-                       "part files written by the workers")
+                       "part files, or a .zarr store, written by the workers")
     score.add_argument("--key", metavar="NAME",
                        help="array in a .npz file, or embedding column in a .parquet file")
     score.add_argument("--cluster", metavar="ADDRESS|local",

@@ -31,6 +31,10 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import shutil
+import tempfile
+import time
 import weakref
 
 import numpy as np
@@ -38,6 +42,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from .. import _knnn, _local_eigen, _partition
 from .._base import cap, resolve_n_jobs
+from .._io import _umask
 from .._knnn import KNNN
 from .._validation import check_array_input
 from ..neighbors import resolve_backend
@@ -258,7 +263,7 @@ class DistributedKNNN(KNNN):
         raw = client.persist(raw)
         # from now on each partition's work goes where its rows are (a soft
         # preference: a lost worker's partitions are recomputed elsewhere)
-        where = _holders(client, raw)
+        where = _holders(client, raw, where)
         chosen, auto_params_, auto_table_ = self._choose(client, raw, X.chunks[0], d)
         n_neighbors_ = cap(chosen["n_neighbors"], n - 1, "n_neighbors",
                            "the number of other training points")
@@ -447,12 +452,20 @@ class DistributedKNNN(KNNN):
     def anomaly_score(self, X):
         """The paper's anomaly score AS(f) (higher = more anomalous).
 
-        A dask array for dask input (lazy; compute it with the client, or
-        write it with :meth:`write_scores`), else an ndarray."""
+        A dask array for dask input (lazy), else an ndarray. Compute the
+        lazy array with ``det.client_.compute(a, optimize_graph=False)``, or
+        write it with :meth:`write_scores`: Dask's array optimization drops
+        the placement of the per-partition tasks (dask/dask#7036), and Dask
+        may then move a partition's eigen-state to the queries rather than
+        the queries to it."""
         client = self._check_fitted()
         Xd, _, was_numpy = self._as_dask(X, reset=False)
         scores = self._lazy_scores(Xd)
-        return client.compute(scores).result() if was_numpy else scores
+        if not was_numpy:
+            return scores
+        # unoptimized: the array optimizer's low-level fusion would drop the
+        # tasks' worker annotations (dask/dask#7036)
+        return client.compute(scores, optimize_graph=False).result()
 
     def calibrate(self, X_normal, false_alarm_rate=0.01):
         """As :meth:`nonn.KNNN.calibrate`; a dask ``X_normal`` (held-out
@@ -468,38 +481,68 @@ class DistributedKNNN(KNNN):
     def write_scores(self, X, path):
         """Score ``X`` and write the table without gathering it on the client.
 
-        ``path`` ending in ``.zarr``: a Zarr group with ``anomaly_score``,
-        ``score_samples`` and ``label`` arrays (needs zarr). Otherwise a folder
-        of Parquet part files ``part-00000.parquet``, ... (one per query
-        block; columns ``index``, ``anomaly_score``, ``score_samples``,
-        ``label`` as ``nonn score``). Returns the number of rows written.
+        ``path`` ending in ``.zarr``: a Zarr (format 3) group with three 1-D
+        arrays of one row per query, ``anomaly_score`` and ``score_samples``
+        (in the fitted dtype) and ``label`` (int64, +1 / -1 as
+        :meth:`predict`), all chunked alike: one chunk per query block (the
+        largest block's row count when the blocks differ), and the threshold
+        in the group's attribute ``offset``. Needs zarr >= 3. Otherwise a
+        folder of Parquet part files ``part-00000.parquet``, ... (one per
+        query block; columns ``index``, ``anomaly_score``, ``score_samples``,
+        ``label`` as ``nonn score``).
+
+        The workers write into a hidden temporary folder beside ``path``,
+        which is renamed to ``path`` once every block is written: ``path``
+        holds the complete table or nothing new. A previous score output
+        there (a folder of only part files, or a Zarr group of only these
+        three arrays, or an empty folder) is replaced whole; anything else
+        at ``path`` is refused with ``FileExistsError`` before any work. On
+        failure the temporary folder is removed and ``path`` is left as it
+        was. ``path`` must be on a file system that this process and all
+        workers share. Returns the number of rows written.
         """
         import dask
-        import dask.array as da
 
         client = self._check_fitted()
+        path = os.fspath(path)
+        zarr_out = path.rstrip("/" + os.sep).endswith(".zarr")
+        if zarr_out:
+            _zarr_module()  # fail before any work without it
+        target = _output_target(path, zarr_out)
         Xd, _, _ = self._as_dask(X, reset=False)
         scores = self._lazy_scores(Xd)
-        path = os.fspath(path)
-        if path.rstrip("/").endswith(".zarr"):
-            try:
-                import zarr  # noqa: F401
-            except ImportError as exc:
-                raise ImportError("Writing scores to Zarr needs zarr: pip install zarr. "
-                                  "Or give a folder name for Parquet parts.") from exc
-            s = -scores
-            lab = da.where(s - self.offset_ < 0, -1, 1).astype(np.int64)
-            stored = [da.to_zarr(a, path, component=name, compute=False, overwrite=True)
-                      for name, a in (("anomaly_score", scores), ("score_samples", s),
-                                      ("label", lab))]
-            client.compute(stored, sync=True)
-            return int(scores.shape[0])
-        os.makedirs(path, exist_ok=True)
-        starts = np.concatenate([[0], np.cumsum(scores.chunks[0])[:-1]])
-        parts = [dask.delayed(_tasks.write_parquet_part)(
-                 os.path.join(path, f"part-{b:05d}.parquet"), int(starts[b]), blk, self.offset_)
-                 for b, blk in enumerate(scores.to_delayed().ravel())]
-        return int(sum(client.compute(parts, sync=True)))
+        offset = self.offset_
+        if zarr_out:
+            # one zarr chunk per block: two blocks never write the same chunk
+            # (concurrent read-modify-writes of a chunk would lose rows)
+            step = max(max(scores.chunks[0], default=0), 1)
+            scores = scores.rechunk({0: step})
+        starts = np.concatenate([[0], np.cumsum(scores.chunks[0])[:-1]]).astype(np.int64)
+        # unoptimized, to keep the tasks' worker annotations (dask/dask#7036)
+        blocks = scores.to_delayed(optimize_graph=False).ravel()
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.nonn-", suffix=".tmp",
+                               dir=os.path.dirname(target))
+        futures = []
+        try:
+            # mkdtemp makes the folder private (0700); the output gets the
+            # permissions of any new folder there
+            os.chmod(tmp, 0o777 & ~_umask())
+            if zarr_out:
+                _create_score_group(tmp, len(scores), step, scores.dtype, offset)
+                parts = [dask.delayed(_tasks.write_zarr_block)(tmp, int(starts[b]), blk, offset)
+                         for b, blk in enumerate(blocks) if scores.chunks[0][b]]
+            else:
+                parts = [dask.delayed(_tasks.write_parquet_part)(
+                         os.path.join(tmp, f"part-{b:05d}.parquet"), int(starts[b]), blk,
+                         offset) for b, blk in enumerate(blocks)]
+            futures = client.compute(parts)
+            n = int(sum(client.gather(futures)))
+            _publish(tmp, target)
+        except BaseException:
+            _abandon(client, futures)
+            _remove(tmp)
+            raise
+        return n
 
     # --------------------------------------------------------- single node
     @classmethod
@@ -535,7 +578,7 @@ class DistributedKNNN(KNNN):
             return [_at(where, j, np.ascontiguousarray, blk) for j, blk in enumerate(blocks)]
 
         (Xg,) = _persist(client, spread(model._fit_X))
-        where = _holders(client, Xg)
+        where = _holders(client, Xg, where)
         params = dict(det.backend_params or {})
         params.setdefault("working_memory", det.working_memory)
         params.setdefault("verbose", False)
@@ -659,10 +702,18 @@ def _at(where, j, fn, *args):
         return dask.delayed(fn, pure=True)(*args)
 
 
-def _holders(client, persisted):
-    """The worker holding each persisted block (None where unknown)."""
-    who = client.who_has(futures_of_list(persisted))
-    return [(who.get(d.key) or [None])[0] for d in persisted]
+def _holders(client, persisted, planned):
+    """The worker holding each persisted block, once computed (``planned[j]``
+    where Dask names none). Persisting returns at once: asked before the
+    blocks exist, Dask names no holder, and the tasks placed by :func:`_on`
+    would carry no placement at all (Dask then places them by its own
+    estimates, and may move a partition's eigen-state to the queries)."""
+    from distributed import wait
+
+    futures = futures_of_list(persisted)
+    wait(futures)
+    who = client.who_has(futures)
+    return [(who.get(d.key) or [planned[j]])[0] for j, d in enumerate(persisted)]
 
 
 def futures_of_list(persisted):
@@ -692,6 +743,113 @@ def _exact_percentile(client, blocks, n, percentile):
     # numpy's _lerp, for the same rounding as np.percentile
     diff = b - a
     return float(b - diff * (1 - t) if t >= 0.5 else a + diff * t)
+
+
+def _zarr_module():
+    """zarr (>= 3), or an ImportError that says what to install."""
+    try:
+        import zarr
+    except ImportError as exc:
+        raise ImportError("Writing scores to Zarr needs zarr >= 3: pip install zarr. "
+                          "Or give a folder name for Parquet parts.") from exc
+    if int(zarr.__version__.split(".")[0]) < 3:
+        raise ImportError(f"Writing scores to Zarr needs zarr >= 3; this is zarr "
+                          f"{zarr.__version__}. Upgrade it with pip install -U zarr, or give "
+                          "a folder name for Parquet parts.")
+    return zarr
+
+
+#: what a previous score output may hold (and so may be replaced)
+_ZARR_OUTPUT = frozenset(_tasks.SCORE_COLUMNS) | {"zarr.json"}
+_PARQUET_PART = re.compile(r"part-\d{5}\.parquet")
+
+
+def _output_target(path, zarr_out):
+    """The absolute path a score output goes to, after checking that it is
+    new, empty or a previous score output of the same kind."""
+    if "://" in path:
+        raise ValueError(f"Cannot write scores to {path!r}: write_scores writes to a file "
+                         "system path (shared by this process and the workers), not a URL.")
+    target = os.path.abspath(path)
+    parent = os.path.dirname(target)
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"Cannot write {path!r}: the folder {parent!r} does not exist.")
+    if not os.path.lexists(target):
+        return target
+    if not os.path.isdir(target) or os.path.islink(target):
+        raise FileExistsError(f"Cannot write scores to {path!r}: it is a file (or a link), "
+                              "not a previous score output. Give a new path, or remove it.")
+    names = os.listdir(target)
+    if zarr_out:
+        other = [n for n in names if n not in _ZARR_OUTPUT]
+    else:
+        other = [n for n in names if not _PARQUET_PART.fullmatch(n)]
+    if other:
+        kind = "Zarr score store" if zarr_out else "folder of Parquet score parts"
+        raise FileExistsError(
+            f"Cannot write scores to {path!r}: it holds {sorted(other)[:3]!r}, so it is not a "
+            f"previous score output (a {kind}) that may be replaced. Give a new path, or "
+            "remove it.")
+    return target
+
+
+def _create_score_group(folder, n, step, dtype, offset):
+    """The empty score arrays the workers fill, block by block."""
+    zarr = _zarr_module()
+    group = zarr.open_group(folder, mode="w", zarr_format=3)
+    group.attrs["offset"] = float(offset)
+    for name, dt in zip(_tasks.SCORE_COLUMNS, (dtype, dtype, np.int64)):
+        group.create_array(name, shape=(n,), chunks=(step,), dtype=dt)
+
+
+def _abandon(client, futures, timeout=60.0):
+    """Cancel the write tasks and wait until no worker knows any of them: a
+    block being written when the failure came finishes first, so that the
+    temporary folder, removed after this, is not re-created by a late
+    write (zarr creates the folders it writes into)."""
+    if not futures:
+        return
+    keys = {f.key for f in futures}
+    client.cancel(futures)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            left = client.run(_tasks.known_keys, keys)
+        except Exception:  # pragma: no cover - a worker lost meanwhile
+            return
+        if not any(left.values()):
+            return
+        time.sleep(0.05)
+
+
+def _publish(tmp, target):
+    """Rename the finished ``tmp`` to ``target``, replacing what is there (a
+    previous output, checked by :func:`_output_target`). Two renames: a
+    reader sees the old output, none, or the new one, never a partial one."""
+    if not os.path.lexists(target):
+        os.rename(tmp, target)
+        return
+    old = tmp + ".old"
+    os.rename(target, old)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    _remove(old)
+
+
+def _remove(folder):
+    """Remove ``folder``, first renamed away: should a worker still write a
+    block (:func:`_abandon` timed out), it finds the folder gone and fails."""
+    if not os.path.lexists(folder):
+        return
+    gone = folder + ".gone"
+    try:
+        os.rename(folder, gone)
+    except OSError:
+        gone = folder
+    shutil.rmtree(gone, ignore_errors=True)
 
 
 def read_shards(folder, key=None):

@@ -158,7 +158,9 @@ def merged_ids(merged, k, need):
     """The first ``k`` ids of a merge; a short result (a lost or truncated
     shard) is an error, never a silently smaller neighbourhood."""
     ids = merged[1]
-    if ids.shape[1] < need:
+    # an empty query block has no neighbours to return (every shard answers
+    # (0, 0)); only a block with rows can be short
+    if ids.shape[1] < need and ids.shape[0]:
         raise RuntimeError(
             f"The sharded k-NN search returned {ids.shape[1]} neighbours per point where "
             f"{need} were needed; a partition's result is missing. Refit.")
@@ -292,19 +294,66 @@ def negate(v):
 
 
 # ------------------------------------------------------------------ output
+#: the score columns of a written table, in order (``nonn score``'s)
+SCORE_COLUMNS = ("anomaly_score", "score_samples", "label")
+
+
+def score_columns(anomaly, offset):
+    """``anomaly_score``, ``score_samples`` and ``label`` of a block, as
+    ``KNNN`` computes them (label -1 where ``score_samples - offset < 0``)."""
+    a = np.asarray(anomaly)
+    s = -a
+    return a, s, np.where(s - offset < 0, -1, 1).astype(np.int64)
+
+
+def _check_alive(folder):
+    """Raise unless the temporary output ``folder`` still exists: a block
+    finishing after its write was abandoned (and the folder removed) must
+    fail, not re-create the folder with a stray part or chunk."""
+    import os
+
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"The score output folder {folder!r} is gone: this write "
+                                "was abandoned.")
+
+
+def known_keys(keys, dask_worker):
+    """How many of ``keys`` this worker still knows (queued, running, or
+    cancelled but still running: Dask cannot stop a running task)."""
+    tasks = dask_worker.state.tasks
+    return sum(key in tasks for key in keys)
 
 
 def write_parquet_part(path, start, anomaly, offset):
     """One part file of a score table (the columns of :mod:`nonn._io`)."""
+    import os
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from .._io import atomic_write
 
-    a = np.asarray(anomaly)
-    s = -a
-    lab = np.where(s - offset < 0, -1, 1).astype(np.int64)
+    _check_alive(os.path.dirname(path))
+    a, s, lab = score_columns(anomaly, offset)
     table = pa.table({"index": np.arange(start, start + len(a), dtype=np.int64),
                       "anomaly_score": a, "score_samples": s, "label": lab})
     atomic_write(path, lambda fh: pq.write_table(table, fh))
     return len(a)
+
+
+def write_zarr_block(folder, start, anomaly, offset):
+    """The rows ``[start, start + len(anomaly))`` of the score arrays of the
+    Zarr group ``folder`` (created by the client with one chunk per block, so
+    no two blocks write the same chunk)."""
+    import os
+
+    import zarr
+
+    _check_alive(folder)
+    if not os.path.isfile(os.path.join(folder, "zarr.json")):
+        raise FileNotFoundError(f"{folder!r} holds no Zarr group; this write was abandoned.")
+    group = zarr.open_group(folder, mode="r+")
+    stop = start + len(anomaly)
+    for name, values in zip(SCORE_COLUMNS, score_columns(anomaly, offset)):
+        group[name][start:stop] = values
+    return len(anomaly)
