@@ -763,6 +763,10 @@ def parse_args(argv=None):
     p.add_argument("--n-neighbors", type=int, default=dflt["n_neighbors"], help="k (%(default)s)")
     p.add_argument("--set-size", type=int, default=dflt["set_size"], help="L (%(default)s)")
     p.add_argument("--backend", default="brute", help="nonn backend for KNNN and floors (brute)")
+    p.add_argument("--backend-params", default="{}", type=json.loads,
+                   help='JSON backend_params for KNNN and floors, e.g. \'{"index": "IVF128,Flat", '
+                   '"nprobe": 8, "refine": 1}\' (an approximate backend: the FAISS-flat '
+                   'overlap line is then its recall)')
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true",
                    help="smoke size: N=1500, D=64, Q=200, one repeat each")
@@ -798,7 +802,10 @@ def main(argv=None):
     Kp, k, L = args.n_neighbors_of_neighbors, args.n_neighbors, args.set_size
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"bench_core_{args.backend}_N{N}_D{D}_Q{NQ}"
+    bp = dict(args.backend_params)
+    tag = "".join(ch if ch.isalnum() else "-" for ch in str(bp.get("index", "")))
+    stem = f"bench_core_{args.backend}{'-' + tag if tag else ''}" + (
+        "-refine%d" % bp["refine"] if bp.get("refine") else "") + f"_N{N}_D{D}_Q{NQ}"
     rep = Report()
     result = {"config": {k_: v for k_, v in vars(args).items()}, "environment": environment()}
 
@@ -824,7 +831,8 @@ def main(argv=None):
     warm_up()
     # load / compile nonn's kernels (numba) outside the timed runs
     _Xw, _Qw = embedding_like(300, 20, min(D, 64), seed=args.seed + 1)
-    KNNN(backend=args.backend).fit(_Xw).anomaly_score(_Qw)
+    _bw = dict(bp, index="Flat") if "index" in bp else bp  # tiny warm-up set: no IVF lists
+    KNNN(backend=args.backend, backend_params=_bw).fit(_Xw).anomaly_score(_Qw)
 
     rows = {}  # name -> dict(seconds, runs, repeats, peak_rss_mib, floor, note)
 
@@ -832,19 +840,22 @@ def main(argv=None):
     # Rounds of (graph floor, KNNN.fit, query floor, KNNN.anomaly_score), so
     # that a burst of load from other processes hits floor and nonn alike.
     def graph_floor():
-        b = make_backend(args.backend, metric="euclidean", n_samples=N, n_features=D).fit(X)
+        b = make_backend(args.backend, metric="euclidean", n_samples=N, n_features=D,
+                         **bp).fit(X)
         return b.kneighbors(None, Kp - 1)
 
     def make_det():
         return KNNN(n_neighbors=k, n_neighbors_of_neighbors=Kp, set_size=L,
-                    backend=args.backend)
+                    backend=args.backend, backend_params=bp or None)
 
-    graph_key = "floor: exact k-NN graph, K'=%d (%s)" % (Kp, args.backend)
-    query_key = "floor: exact k-NN query, k=%d (%s)" % (k, args.backend)
+    kind = "exact" if make_backend(args.backend, **bp).exact else "approximate"
+    bname = args.backend + (f" {bp}" if bp else "")
+    graph_key = "floor: %s k-NN graph, K'=%d (%s)" % (kind, Kp, bname)
+    query_key = "floor: %s k-NN query, k=%d (%s)" % (kind, k, bname)
     fit_key = "nonn KNNN.fit"
     score_key = "nonn KNNN.anomaly_score"
     recs = {graph_key: [], query_key: [], fit_key: [], score_key: []}
-    qb = make_backend(args.backend, metric="euclidean", n_samples=N, n_features=D).fit(X)
+    qb = make_backend(args.backend, metric="euclidean", n_samples=N, n_features=D, **bp).fit(X)
     det = g_ind = None
     for r in range(max(args.repeats, args.fit_repeats, 1)):
         if r < args.repeats or g_ind is None:
@@ -938,7 +949,7 @@ def main(argv=None):
     if not args.no_tracemalloc:
         print("tracemalloc runs (untimed) ...", flush=True)
         traced[graph_key] = traced_peak_mib(graph_floor)
-        qb = make_backend(args.backend, metric="euclidean").fit(X)
+        qb = make_backend(args.backend, metric="euclidean", **bp).fit(X)
         traced[query_key] = traced_peak_mib(lambda: qb.kneighbors(Q, k))
         del qb
         traced[fit_key] = traced_peak_mib(lambda: make_det().fit(X))
@@ -976,7 +987,8 @@ def main(argv=None):
             "its fit time includes its float64 copy of X.")
     rep(f"- nonn fitted state (grid X, eigenvalues, eigenvectors, neighbourhoods): "
         f"{state_mib:.0f} MiB; nonn graph == floor graph for {graph_agree:.1%} of entries"
-        + (f"; FAISS/nonn neighbourhood overlap {result['checks'].get('faiss_vs_nonn_neighbourhood_overlap_first2000', float('nan')):.1%}"
+        + (f"; FAISS-flat (exact)/nonn neighbourhood overlap, i.e. recall@K' of nonn's graph "
+           f"{result['checks'].get('faiss_vs_nonn_neighbourhood_overlap_first2000', float('nan')):.1%}"
            if faiss_graph is not None else ""))
     loads = [x for r in rows.values() for x in r["others_cpu_share"] if x == x]
     if loads:
