@@ -461,8 +461,8 @@ def refine_by_neighbours(X, Q, first, graph, fanout, rev_ptr, rev_ids, self_ids,
     its reverse neighbours ``rev_ids[rev_ptr[i]:rev_ptr[i + 1]]`` (rows that
     list it; an empty ``rev_ptr`` of length 1 for none); each
     distinct candidate other than ``self_ids[i]`` (-1: none) is measured
-    exactly (squared Euclidean, accumulated in float64) and the ``k`` nearest
-    are kept, sorted by (distance, id). Writes ``sq_out`` / ``ids_out``
+    (squared Euclidean in the data's precision) and the ``k`` nearest are
+    kept, re-measured in float64 and sorted by (distance, id). Writes ``sq_out`` / ``ids_out``
     (nq, k). A true neighbour an index missed is usually a neighbour of a
     neighbour it found, so one round lifts recall at the cost of
     ``fanout * K`` distance evaluations per row."""
@@ -500,11 +500,22 @@ def refine_by_neighbours(X, Q, first, graph, fanout, rev_ptr, rev_ids, self_ids,
             if j == prev or j == me or j < 0:
                 continue
             prev = j
-            s = 0.0
+            # ranking value in the data's precision (SIMD-wide); the kept
+            # ones are re-measured in float64 below
+            s = X.dtype.type(0)
+            for ff in range(d):
+                df = X[j, ff] - Q[i, ff]
+                s += df * df
+            _heap_offer(hv, hi, k, np.float64(s), j)
+        for a in range(k):
+            j = hi[a]
+            if j == np.iinfo(np.int64).max:
+                continue
+            s64 = 0.0
             for ff in range(d):
                 df = np.float64(X[j, ff]) - np.float64(Q[i, ff])
-                s += df * df
-            _heap_offer(hv, hi, k, s, j)
+                s64 += df * df
+            hv[a] = s64
         _sort_pairs(hv, hi, k)
         for a in range(k):
             sq_out[i, a] = hv[a]
