@@ -502,3 +502,30 @@ def test_refine_parameters_are_checked():
                 {"refine_reverse": -2}, {"refine": True}):
         with pytest.raises(ValueError, match="parameter of the faiss backend must be an int"):
             make_backend("faiss", index="HNSW8", **bad)
+
+
+def test_knnn_refines_query_neighbours_against_its_graph(tmp_path):
+    """With ``refine``, KNNN's query neighbours are the exact k nearest among
+    the index's finds and their stored neighbourhoods (a plain-loop oracle),
+    which lifts query recall; the result survives save / load."""
+    pytest.importorskip("faiss")
+    import nonn
+
+    X, Q = clustered(n=3000, n_q=300)
+    params = {"index": "HNSW4", "efSearch": 4, "efConstruction": 8}
+    det = KNNN(n_neighbors=5, n_neighbors_of_neighbors=12, set_size=4, backend="faiss",
+               backend_params=dict(params, refine=2)).fit(X)
+    Qg = det._to_grid(Q)
+    found = det._search.kneighbors(Qg, 5, return_distance=False)
+    got = det._query_neighbours(Qg)
+    Xg = det._fit_X.astype(np.float64)
+    for q, f, g in zip(Qg.astype(np.float64), found, got):
+        cand = np.unique(np.r_[f, det.neighborhoods_[f].ravel()])
+        d = ((Xg[cand] - q) ** 2).sum(1)
+        np.testing.assert_array_equal(g, cand[np.lexsort((cand, d))][:5])
+    truth = make_backend("brute").fit(Xg).kneighbors(Qg.astype(np.float64), 5)[1]
+    # measured 0.43 -> 0.67 (a deliberately poor index, K' = 12)
+    assert recall(got, truth) >= recall(found, truth) + 0.15
+    path = tmp_path / "m.nonn"
+    det.save(path)
+    np.testing.assert_array_equal(nonn.load(path).anomaly_score(Q), det.anomaly_score(Q))

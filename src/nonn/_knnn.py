@@ -119,7 +119,10 @@ class KNNN(_SetGridMixin, BaseDetector):
         Search backend by name (see :mod:`nonn.neighbors`); the fitted
         attribute ``backend_`` says which one "auto" picked.
     backend_params : dict, default=None
-        Extra keyword arguments for the backend.
+        Extra keyword arguments for the backend. With an approximate FAISS
+        index, ``{"refine": 1}`` or more refines the training graph by
+        neighbours of neighbours (see :class:`nonn.neighbors.faiss.FaissBackend`)
+        and each query's k neighbours once against the stored neighbourhoods.
     contamination : "auto" or float in (0, 0.5], default="auto"
         Share of the (leave-one-out scored) training points to flag;
         "auto" = 0.01.
@@ -357,9 +360,32 @@ class KNNN(_SetGridMixin, BaseDetector):
         row_bytes = X.dtype.itemsize * len(self.set_sizes_) * self.set_size_ * 2
         for sl in self._query_chunks(X.shape[0], row_bytes * 64, "k-NNN queries"):
             Qg = self._to_grid(X[sl])
-            idx = self._search.kneighbors(Qg, self.n_neighbors_, return_distance=False)
+            idx = self._query_neighbours(Qg)
             out[sl] = self._score_neighbours(Qg, idx)
         return out
+
+    def _query_neighbours(self, Qg):
+        """The ``n_neighbors_`` training neighbours (ids) of grid queries.
+
+        With an approximate backend asked to refine its graph
+        (``backend_params={"refine": R, ...}``, FAISS), the found neighbours
+        are refined once more against the stored neighbourhoods: each
+        query's exact k nearest among the found ones and their K' - 1
+        neighbours (the graph is part of the model, so this is the same
+        after saving and loading)."""
+        k = self.n_neighbors_
+        idx = self._search.kneighbors(Qg, k, return_distance=False)
+        if getattr(self._search, "refine", 0) and not self._search.exact:
+            from ._kernels import refine_by_neighbours
+
+            sq = np.empty(idx.shape, dtype=np.float64)
+            out = np.empty_like(idx)
+            none = np.zeros(1, dtype=np.int64)
+            refine_by_neighbours(self._fit_X, np.ascontiguousarray(Qg, dtype=self._fit_X.dtype),
+                                 idx, self.neighborhoods_, k, none, none[:0],
+                                 np.full(len(idx), -1, dtype=np.int64), sq, out)
+            idx = out
+        return idx
 
     # ------------------------------------------------- label-free selection
     def _select_auto(self, X, auto):

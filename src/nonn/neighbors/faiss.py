@@ -94,8 +94,9 @@ class FaissBackend:
         graph recall at about ``refine_fanout * k`` exact distances per row
         and round (at N = 200k, D = 512, HNSW32: recall@49 0.83 -> 0.92 after
         one round, 0.93 after two, each round about as long as the search);
-        ignored by the exact ``"Flat"`` index. Queries of new points are not
-        refined.
+        ignored by the exact ``"Flat"`` index. This backend does not refine
+        queries of new points (it keeps no graph); ``KNNN`` does, once,
+        against its stored neighbourhoods when its backend has ``refine``.
     refine_fanout : int, default=20
         Neighbours whose own neighbours are candidates in a refinement round.
     refine_reverse : int, optional
