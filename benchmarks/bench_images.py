@@ -29,7 +29,9 @@ Declared up front (this machine: 2 shared CPU cores, a 30-minute budget)
 - SPADE (image level; these datasets have no pixel masks): k = 50 (SPADE's
   K), on the same pooled features.
 - PANDA: compactness loss on the tail only, at most ``PANDA_EPOCHS`` epochs,
-  SGD lr ``PANDA_LR``, early stopping on 10% held-out normals, at most
+  SGD lr ``PANDA_LR``, early stopping on 10% held-out normals, the collapse
+  guard of ``panda_finetune`` (an epoch that halves the held-out features'
+  effective rank is undone and retried at lr / 10, at most twice), at most
   ``PANDA_MAX_TRAIN`` training images per fit; then k = 2 (PANDA's k).
 - One seed. Timings: per-image feature extraction (at the benchmark size and
   at the default 224), KNNN fit per training image and score per query.
@@ -218,13 +220,20 @@ def run_dataset(name, args, rows, timings, fit_timing):
                 Ptr, Pte, hist = panda_features(Ztr[fit_idx], Ztr[tr], Zte, seed=c)
                 Ptr, Pte = prep(Ptr, args), prep(Pte, args)
                 res["PANDA"] = auroc_pair(2, Ptr, Pte, lab)
+                undone = sum(bool(h.get("collapsed")) for h in hist)
+                kept = [h for h in hist[1:] if not h.get("collapsed")]
+                panda_note = (f"  [PANDA: {undone} collapsed epoch(s) undone, "
+                              f"{'lr ' + format(kept[-1]['lr'], 'g') if kept else 'pretrained tail kept'}]"
+                              if undone else "")
+            else:
+                panda_note = ""
             for system, r in res.items():
                 rows.append({"dataset": name, "table": table, "class": c, "system": system,
                              "knn": r["knn"], "knnn": r["knnn"], "n_train": len(tr),
                              "n_test": len(lab)})
             log(f"  table {table} class {c}: " + "  ".join(
                 f"{s} {r['knn']:.3f}->{r['knnn']:.3f}" for s, r in res.items())
-                + f"  ({time.perf_counter() - t0:.1f} s)")
+                + f"  ({time.perf_counter() - t0:.1f} s)" + panda_note)
 
 
 # --------------------------------------------------------------- output

@@ -642,7 +642,30 @@ def test_panda_early_stopping_keeps_the_best_tail(extractor, normal_images):
     before = [p.clone() for m in bb.tail_modules() for p in m.parameters()]
     # a step size that wrecks the tail: the held-out loss gets worse, so
     # training stops after `patience` epochs and the initial tail comes back
-    hist = panda_finetune(bb, trunk, epochs=5, lr=10.0, batch_size=8, patience=1)
+    hist = panda_finetune(bb, trunk, epochs=5, lr=10.0, batch_size=8, patience=1,
+                          collapse_ratio=0)
     assert len(hist) == 2 and not hist[1]["val_loss"] < hist[0]["val_loss"]
     after = [p for m in bb.tail_modules() for p in m.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(after, before))
+
+
+def test_panda_collapse_guard_restores_the_tail(extractor, normal_images):
+    """An epoch whose held-out features lose effective rank below
+    ``collapse_ratio`` times the pretrained one is undone and retried at a
+    tenth of the learning rate, at most ``max_backoffs`` times (a ratio no
+    epoch can meet forces it); ``collapse_ratio=0`` never intervenes."""
+    from nonn.vision.systems import panda_finetune
+
+    trunk = extractor.transform_trunk(normal_images)
+    bb = B.load_backbone("efficientnet_lite0")
+    before = [p.clone() for m in bb.tail_modules() for p in m.parameters()]
+    hist = panda_finetune(bb, trunk, epochs=3, lr=1e-5, batch_size=8, collapse_ratio=1e9)
+    assert len(hist) == 4 and all(h["collapsed"] is True for h in hist[1:])
+    np.testing.assert_allclose([h["lr"] for h in hist[1:]], [1e-5, 1e-6, 1e-7])
+    assert hist[0]["effective_rank"] > 1
+    after = [p for m in bb.tail_modules() for p in m.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(after, before))
+    hist = panda_finetune(bb, trunk, epochs=1, lr=1e-5, batch_size=8, collapse_ratio=0)
+    assert "collapsed" not in hist[-1] and hist[1]["val_loss"] < hist[0]["val_loss"]
+    after = [p for m in bb.tail_modules() for p in m.parameters()]
+    assert not all(torch.equal(a, b) for a, b in zip(after, before))

@@ -442,7 +442,8 @@ class SPADE(_ImageSystem):
 
 # -------------------------------------------------------------------- PANDA
 def panda_finetune(backbone, trunk, epochs=2, lr=1e-4, batch_size=64, weight_decay=5e-5,
-                   validation_fraction=0.1, patience=1, random_state=0, verbose=False):
+                   validation_fraction=0.1, patience=1, collapse_ratio=0.5, max_backoffs=2,
+                   random_state=0, verbose=False):
     """Fine-tune ``backbone``'s tail (in place) on cached trunk outputs of
     normal images with PANDA's compactness loss ``||f(x) - c||^2``, ``c`` the
     centre of the normal features before training.
@@ -451,6 +452,21 @@ def panda_finetune(backbone, trunk, epochs=2, lr=1e-4, batch_size=64, weight_dec
     against the *initial* centre; training stops when it has not improved for
     ``patience`` epochs, and the best tail is kept. Batch-norm statistics stay
     frozen (eval mode), as in PANDA's code. Returns the per-epoch history.
+
+    Collapse guard: the compactness loss is also lowered by PANDA's failure
+    mode, catastrophic collapse (features shrinking onto a few dimensions),
+    which the held-out loss cannot tell from adaptation. After each epoch
+    the effective rank of the held-out features (participation ratio
+    ``(sum l)^2 / sum l^2`` of their covariance eigenvalues) is compared with
+    the pretrained tail's; below ``collapse_ratio`` times it, the epoch is
+    undone (``"collapsed": True`` in the history) and retried with a ten
+    times smaller learning rate, at most ``max_backoffs`` times; then
+    training stops with the tail from before. Label-free: it looks at the
+    held-out normal features only. Measured on CIFAR-10 at 96 px with
+    EfficientNet-Lite0 and lr 1e-4: one epoch took the effective rank from
+    21 to 4 and left 12 of 1280 feature dimensions with any variance; at
+    1e-5 it stays 16, at 1e-6 21. ``collapse_ratio=0`` switches the guard
+    off.
     """
     torch = import_torch()
     from nonn._chunks import progress
@@ -468,12 +484,16 @@ def panda_finetune(backbone, trunk, epochs=2, lr=1e-4, batch_size=64, weight_dec
             out, _ = backbone.run_stages(z.to(device), start)
             return backbone.pool(out)
 
-    def mean_loss(idx, centre):
-        total = 0.0
-        for s in range(0, len(idx), 256):
-            f = feats(trunk[idx[s:s + 256]])
-            total += float(((f - centre) ** 2).sum(1).sum())
-        return total / max(len(idx), 1)
+    def held_out(idx, centre):
+        """Mean loss of ``idx`` against ``centre``, and their features'
+        effective rank."""
+        if not len(idx):
+            return None, None
+        f = torch.cat([feats(trunk[idx[s:s + 256]]) for s in range(0, len(idx), 256)])
+        loss = float(((f - centre) ** 2).sum(1).mean())
+        lam = torch.linalg.svdvals((f - f.mean(0)).double()) ** 2
+        rank = float(lam.sum() ** 2 / (lam ** 2).sum()) if float(lam.sum()) > 0 else 0.0
+        return loss, rank
 
     backbone.eval()
     with torch.no_grad():
@@ -483,12 +503,24 @@ def panda_finetune(backbone, trunk, epochs=2, lr=1e-4, batch_size=64, weight_dec
         for p in m.parameters():
             p.requires_grad_(True)
             params.append(p)
-    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    best = mean_loss(val_idx, centre) if n_val else None
+    def sgd(rate):
+        return torch.optim.SGD(params, lr=rate, momentum=0.9, weight_decay=weight_decay)
+
+    def restore(state):
+        with torch.no_grad():
+            for p, b in zip(params, state):
+                p.copy_(b)
+
+    rate = float(lr)
+    opt = sgd(rate)
+    best, rank0 = held_out(val_idx, centre)
     best_state = copy.deepcopy([p.detach().clone() for p in params])
-    history = [{"epoch": 0, "val_loss": best}]
-    bad = 0
-    for epoch in range(1, epochs + 1):
+    history = [{"epoch": 0, "val_loss": best, "effective_rank": rank0}]
+    bad = backoffs = 0
+    epoch = 0
+    while epoch < epochs:
+        epoch += 1
+        start_state = [p.detach().clone() for p in params]
         order = tr_idx[torch.randperm(len(tr_idx), generator=g)]
         starts = range(0, len(order), batch_size)
         for s in progress(starts, verbose, f"PANDA epoch {epoch}", total=len(starts)):
@@ -497,8 +529,19 @@ def panda_finetune(backbone, trunk, epochs=2, lr=1e-4, batch_size=64, weight_dec
             opt.zero_grad()
             loss.backward()
             opt.step()
-        val = mean_loss(val_idx, centre) if n_val else None
-        history.append({"epoch": epoch, "val_loss": val, "train_loss": loss.item()})
+        val, rank = held_out(val_idx, centre)
+        history.append({"epoch": epoch, "val_loss": val, "train_loss": loss.item(),
+                        "effective_rank": rank, "lr": rate})
+        if rank is not None and rank < collapse_ratio * rank0:
+            history[-1]["collapsed"] = True
+            restore(start_state)
+            if backoffs >= max_backoffs:
+                break
+            backoffs += 1
+            rate /= 10
+            opt = sgd(rate)
+            epoch -= 1
+            continue
         if val is None or val < best:
             best, bad = val, 0
             best_state = [p.detach().clone() for p in params]
@@ -506,9 +549,7 @@ def panda_finetune(backbone, trunk, epochs=2, lr=1e-4, batch_size=64, weight_dec
             bad += 1
             if bad >= patience:
                 break
-    with torch.no_grad():
-        for p, b in zip(params, best_state):
-            p.copy_(b)
+    restore(best_state)
     for p in params:
         p.requires_grad_(False)
     backbone.eval()
@@ -534,6 +575,11 @@ class PANDA(_ImageSystem):
         SGD learning rate (momentum 0.9, weight decay 5e-5).
     validation_fraction : float, default=0.1
         Normal images held out for early stopping (0: train all epochs).
+    collapse_ratio : float, default=0.5
+        Undo an epoch that leaves the held-out features' effective rank below
+        this share of the pretrained one (catastrophic collapse) and retry it
+        at a tenth of the learning rate, at most twice (see
+        :func:`panda_finetune`). 0: no guard.
     random_state : int, default=0
 
     Other parameters as :class:`FeatureDetector`. A fitted PANDA holds the
@@ -544,7 +590,7 @@ class PANDA(_ImageSystem):
     _default_k = 2
 
     def __init__(self, nn="knnn", n_neighbors=None, n_neighbors_of_neighbors=25, epochs=2,
-                 lr=1e-4, validation_fraction=0.1, random_state=0,
+                 lr=1e-4, validation_fraction=0.1, collapse_ratio=0.5, random_state=0,
                  backbone="efficientnet_lite0", weights=None, image_size=224, batch_size=32,
                  device="auto", verbose="auto", contamination="auto", detector_params=None,
                  normalize=False):
@@ -554,6 +600,7 @@ class PANDA(_ImageSystem):
         self.epochs = epochs
         self.lr = lr
         self.validation_fraction = validation_fraction
+        self.collapse_ratio = collapse_ratio
         self.random_state = random_state
         self.backbone = backbone
         self.weights = weights
@@ -578,6 +625,7 @@ class PANDA(_ImageSystem):
         self.history_ = panda_finetune(bb, trunk, epochs=self.epochs, lr=self.lr,
                                        batch_size=max(self.batch_size, 2),
                                        validation_fraction=self.validation_fraction,
+                                       collapse_ratio=self.collapse_ratio,
                                        random_state=self.random_state,
                                        verbose=show_progress(self.verbose))
         feats = self.features_from_trunk(trunk)
