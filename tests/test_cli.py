@@ -168,6 +168,26 @@ def test_fit_npz_key(tmp_path, data, capsys):
     assert not (tmp_path / "m2.nonn").exists()
 
 
+def test_fit_backend_params(tmp_path, data, capsys):
+    pytest.importorskip("faiss")
+    X, Q = data
+    np.save(tmp_path / "X.npy", X)
+    assert main(["fit", str(tmp_path / "X.npy"), "-o", str(tmp_path / "m.nonn"),
+                 "--backend", "faiss", "--backend-param", "index=HNSW8",
+                 "--backend-param", "efSearch=32", "--backend-param", "refine=1",
+                 "--backend-param", "recompute_distances=false"]) == 0
+    det = nonn.load(tmp_path / "m.nonn")
+    assert det.backend_params == {"index": "HNSW8", "efSearch": 32, "refine": 1,
+                                  "recompute_distances": False}
+    assert det._search.refine == 1 and det._search.efSearch_ == 32
+    ref = nonn.KNNN(backend="faiss", backend_params=det.backend_params).fit(X)
+    np.testing.assert_array_equal(det.neighborhoods_, ref.neighborhoods_)
+    assert main(["fit", str(tmp_path / "X.npy"), "-o", str(tmp_path / "m2.nonn"),
+                 "--backend-param", "refine"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+    assert not (tmp_path / "m2.nonn").exists()
+
+
 # -------------------------------------------------------------------- info
 def test_info(tmp_path, data, capsys):
     X, _ = data

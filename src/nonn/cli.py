@@ -66,6 +66,25 @@ def _float_or_auto(text):
         raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
 
 
+def _backend_param(text):
+    """KEY=VALUE -> (key, value); VALUE as int, float, true/false/none, or text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(
+            f"expected KEY=VALUE such as index=HNSW32 or refine=2, got {text!r}")
+    low = value.strip().lower()
+    if low in ("true", "false"):
+        return key.strip(), low == "true"
+    if low == "none":
+        return key.strip(), None
+    for conv in (int, float):
+        try:
+            return key.strip(), conv(value)
+        except ValueError:
+            pass
+    return key.strip(), value
+
+
 #: fit options: (flag, parameter name, argparse keywords). Defaults are the
 #: estimators' own: an option the user does not give is not passed at all.
 _FIT_OPTIONS = (
@@ -95,6 +114,11 @@ _FIT_OPTIONS = (
     ("--backend", "backend",
      dict(metavar="NAME", help="search backend: 'auto' or one of "
           f"{', '.join(sorted(BACKENDS))} (default: auto)")),
+    ("--backend-param", "backend_params",
+     dict(type=_backend_param, action="append", metavar="KEY=VALUE",
+          help="an option of the search backend, repeatable; e.g. --backend faiss "
+          "--backend-param index=HNSW32 --backend-param efConstruction=80 "
+          "--backend-param refine=2 (default: None)")),
     ("--contamination", "contamination",
      dict(type=_contamination, metavar="auto|FLOAT",
           help="share of training points to flag, in (0, 0.5]; auto = 0.01 "
@@ -142,7 +166,8 @@ def _cmd_fit(args):
         if name not in vars(args):
             continue
         if name in accepted:
-            params[name] = getattr(args, name)
+            value = getattr(args, name)
+            params[name] = dict(value) if name == "backend_params" else value
         else:
             _note(f"note: {flag} does not apply to --detector {args.detector}; ignored.")
     # Fail before the (possibly long) fit, not after it.
