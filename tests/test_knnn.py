@@ -350,7 +350,9 @@ def test_auto_only_varies_the_auto_parameters():
 
 def test_auto_with_few_rows_keeps_the_defaults():
     X = np.random.default_rng(0).normal(size=(30, 4))
-    det = KNNN(n_neighbors_of_neighbors="auto", n_neighbors="auto").fit(X)
+    # set_size=5 > 4 features: that cap warns, as for any fit
+    with pytest.warns(CappedParameterWarning, match="set_size=5"):
+        det = KNNN(n_neighbors_of_neighbors="auto", n_neighbors="auto").fit(X)
     # the defaults (first of the grid), capped silently to the 30 rows
     assert det.auto_params_ == {"n_neighbors": 3, "n_neighbors_of_neighbors": 30}
     assert det.auto_table_ == []
