@@ -529,3 +529,42 @@ def test_knnn_refines_query_neighbours_against_its_graph(tmp_path):
     path = tmp_path / "m.nonn"
     det.save(path)
     np.testing.assert_array_equal(nonn.load(path).anomaly_score(Q), det.anomaly_score(Q))
+
+
+def test_dedupe_expands_exact_duplicates_like_exact_search():
+    """Approximate indexes hold each distinct row once; a found row stands
+    for all its copies (ascending id, as exact search breaks the ties at 0),
+    a training row's own copies come first. Compared with exact search on
+    data where one row repeats 300 times (as in ADBench donors)."""
+    pytest.importorskip("faiss")
+    from nonn.neighbors.faiss import _duplicate_groups
+
+    rng = np.random.default_rng(6)
+    base = rng.normal(size=(1500, 8)).astype(np.float32)
+    X = np.vstack([base, np.repeat(base[:1], 300, 0), base[5:25]])[rng.permutation(1820)]
+    g = _duplicate_groups(X)
+    assert len(g["first"]) == 1500 and g["ptr"][-1] == 1820
+    for grp in (g["inv"][0], g["inv"][1]):
+        rows = g["members"][g["ptr"][grp]:g["ptr"][grp + 1]]
+        assert (np.diff(rows) > 0).all() and (X[rows] == X[rows[0]]).all()
+        assert g["first"][grp] == rows[0]
+    assert _duplicate_groups(base) is None
+
+    exact = make_backend("brute").fit(X)
+    b = make_backend("faiss", index="HNSW16").fit(X)
+    assert b._groups is not None and b.index_.ntotal == 1500
+    big = np.flatnonzero((X == base[0]).all(1))
+    d_e, i_e = exact.kneighbors(None, 10)
+    d_a, i_a = b.kneighbors(None, 10)
+    check_shape_and_order(d_a, i_a, len(X), 10, len(X), np.float32)
+    assert not (i_a == np.arange(len(X))[:, None]).any()
+    # the big group's rows: their 10 lowest-id other copies, exactly as brute
+    np.testing.assert_array_equal(i_a[big], i_e[big])
+    assert recall(i_a, i_e) >= 0.99
+    np.testing.assert_array_equal(b.kneighbors(None, 10, return_distance=False)[big], i_e[big])
+    Q = np.vstack([base[:1], base[7:9] + 0.01]).astype(np.float32)
+    np.testing.assert_array_equal(b.kneighbors(Q, 10)[1], exact.kneighbors(Q, 10)[1])
+    # off: the index holds every row
+    assert make_backend("faiss", index="HNSW16", dedupe=False).fit(X).index_.ntotal == 1820
+    with pytest.raises(ValueError, match="'dedupe' parameter"):
+        make_backend("faiss", index="HNSW16", dedupe="yes")

@@ -660,3 +660,42 @@ def knn_query(Q, X, half_norm, rows, bs, buf, heap_v, heap_i):
             _merge_rows(G, half_norm, lo, c, heap_v, heap_i, False)
         for i in range(lo, hi):
             _sort_pairs(heap_v[i], heap_i[i], heap_v.shape[1])
+
+
+@njit(cache=True, parallel=True)
+def expand_groups(gids, ptr, members, self_ids, groups_of, out):
+    """Neighbour ids from neighbour *groups* of exact-duplicate rows.
+
+    Row ``i`` takes, in order: the other members of its own group
+    ``groups_of[i]`` (when ``self_ids[i] >= 0``: a training row, excluded by
+    index; its copies are at distance 0), then the members of the groups
+    ``gids[i]`` (nearest first; its own group skipped), each group's
+    members in ascending id (``members[ptr[g]:ptr[g + 1]]``), until
+    ``out.shape[1]`` ids are written. ``-1`` in ``gids`` is skipped."""
+    nq, kg = gids.shape
+    k = out.shape[1]
+    for i in prange(nq):
+        c = 0
+        me = self_ids[i]
+        own = groups_of[i] if me >= 0 else -1
+        if own >= 0:
+            for t in range(ptr[own], ptr[own + 1]):
+                if c >= k:
+                    break
+                j = members[t]
+                if j != me:
+                    out[i, c] = j
+                    c += 1
+        for a in range(kg):
+            if c >= k:
+                break
+            g = gids[i, a]
+            if g < 0 or g == own:
+                continue
+            for t in range(ptr[g], ptr[g + 1]):
+                if c >= k:
+                    break
+                out[i, c] = members[t]
+                c += 1
+        for a in range(c, k):
+            out[i, a] = -1
