@@ -44,7 +44,25 @@ def resolve_n_jobs(n_jobs):
     return int(n_jobs)
 
 
-class BaseDetector(OutlierMixin, BaseEstimator):
+class ScoreConventions:
+    """scikit-learn's outlier conventions on top of ``anomaly_score`` (higher
+    = more anomalous) and a fitted threshold ``offset_``; shared by the
+    detectors and the image systems."""
+
+    def score_samples(self, X):
+        """scikit-learn convention: higher = more normal (``-anomaly_score``)."""
+        return -self.anomaly_score(X)
+
+    def decision_function(self, X):
+        """``score_samples(X) - offset_``: negative = outlier."""
+        return self.score_samples(X) - self.offset_
+
+    def predict(self, X):
+        """+1 for inliers, -1 for outliers."""
+        return np.where(self.decision_function(X) < 0, -1, 1)
+
+
+class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
     """Common behaviour of every nonn detector.
 
     Subclasses implement ``_fit(X) -> loo_anomaly_scores`` (training scores
@@ -152,18 +170,6 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         """
         X = self._validate_query(X)
         return self._anomaly_score(X)
-
-    def score_samples(self, X):
-        """scikit-learn convention: higher = more normal (``-anomaly_score``)."""
-        return -self.anomaly_score(X)
-
-    def decision_function(self, X):
-        """``score_samples(X) - offset_``: negative = outlier."""
-        return self.score_samples(X) - self.offset_
-
-    def predict(self, X):
-        """+1 for inliers, -1 for outliers."""
-        return np.where(self.decision_function(X) < 0, -1, 1)
 
     def fit_predict(self, X, y=None):
         """Fit, then label the training points themselves by their

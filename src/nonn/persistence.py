@@ -88,22 +88,23 @@ def read_meta(path):
         return _meta(npz, path)
 
 
-def _open(path):
+def _open(path, what="model", create="`nonn fit` / estimator.save()"):
+    """The .npz archive of a ``what`` file (image models reuse this)."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"No model file at {path!r}. Check the path, or create one "
-                                "with `nonn fit` / estimator.save().")
+        raise FileNotFoundError(f"No {what} file at {path!r}. Check the path, or create one "
+                                f"with {create}.")
     try:
         npz = np.load(path, allow_pickle=False)
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
         raise ModelFileError(
-            f"{path!r} is not a readable nonn model file (truncated, corrupted, or not a "
-            f"model at all: {exc}). Re-save the model from the fitted estimator."
+            f"{path!r} is not a readable nonn {what} file (truncated, corrupted, or not a "
+            f"{what} at all: {exc}). Re-save it from the fitted estimator."
         ) from exc
     if not isinstance(npz, np.lib.npyio.NpzFile):
         # a lone .npy array loads as an ndarray
-        raise ModelFileError(f"{path!r} holds a single array, not a nonn model file "
-                             "(a model is the .npz archive `nonn fit` / estimator.save() write).")
+        raise ModelFileError(f"{path!r} holds a single array, not a nonn {what} file "
+                             f"(a {what} is the .npz archive {create} write).")
     return npz
 
 

@@ -258,48 +258,15 @@ class FaissBackend:
                 Q = unit_rows(Q)
         # one more for the training set: each point's own id is then dropped
         kk = min(k + 1, n_train) if self_query else k
-        nq = Q.shape[0]
-        dist = np.empty((nq, k), dtype=Xt.dtype) if return_distance else None
-        ind = np.empty((nq, k), dtype=np.int64)
         # FAISS's ids and scores, the float32 query copy, the candidates'
         # exact distances and sorted ids
-        row_bytes = kk * 40 + d * 4
-        step = chunk_rows(row_bytes, self.working_memory, min_rows=_MIN_CHUNK)
-        grouped = self._groups is not None
-        if not grouped:
-            self._set_ef(faiss, kk)
+        step = chunk_rows(kk * 40 + d * 4, self.working_memory, min_rows=_MIN_CHUNK)
         with _threads(faiss, self.n_jobs):
-            if grouped:
+            if self._groups is not None:
                 ind, dist = self._search_grouped(faiss, Q, k, self_query, return_distance, step)
-            for start in progress(range(0, nq if not grouped else 0, step), self.verbose,
-                                  "faiss search", total=-(-nq // step)):
-                stop = min(start + step, nq)
-                q = Q[start:stop]
-                s, cand = self.index_.search(np.ascontiguousarray(q, dtype=np.float32), kk)
-                padded = (cand < 0).any(axis=1)
-                if padded.any():
-                    # an approximate index found fewer than kk candidates for
-                    # these rows: search them exactly
-                    cand[padded] = self._exact_ids(q[padded], kk)
-                    s[padded] = np.nan
-                    recompute = True
-                else:
-                    recompute = self.recompute_distances
-                cand = cand.astype(np.int64, copy=False)
-                if not return_distance:
-                    # FAISS's order (its own float32 distances); the exact
-                    # fallback's rows come sorted by true distances
-                    dd = None
-                elif recompute:
-                    sq, cand = refine_sorted(Xt, q, cand)
-                    dd = squared_to_metric(sq, self.metric).astype(Xt.dtype, copy=False)
-                else:
-                    dd = _METRICS[self.metric]["to_distance"](s).astype(Xt.dtype, copy=False)
-                if self_query:
-                    dd, cand = drop_self(dd, cand, np.arange(start, stop), k)
-                if return_distance:
-                    dist[start:stop] = dd
-                ind[start:stop] = cand
+            else:
+                ind, dist = self._search_rows(faiss, Q, k, kk, self_query, return_distance,
+                                              step)
             if self_query and self.refine and not self.exact and k < n_train - 1:
                 rev = k if self.refine_reverse is None else self.refine_reverse
                 sq, ind = refine_graph(Xt, ind, self.refine, self.refine_fanout, rev,
@@ -307,6 +274,45 @@ class FaissBackend:
                 if return_distance:
                     dist = squared_to_metric(sq, self.metric).astype(Xt.dtype, copy=False)
         return (dist, ind) if return_distance else ind
+
+    def _search_ids(self, q, kk):
+        """FAISS's (scores, int64 ids) of ``kk`` neighbours of ``q``; rows an
+        approximate index could not fill are searched exactly (their scores
+        NaN). Returns also whether any row was."""
+        s, cand = self.index_.search(np.ascontiguousarray(q, dtype=np.float32), kk)
+        padded = (cand < 0).any(axis=1)
+        if padded.any():
+            cand[padded] = self._exact_ids(q[padded], kk)
+            s[padded] = np.nan
+        return s, cand.astype(np.int64, copy=False), bool(padded.any())
+
+    def _search_rows(self, faiss, Q, k, kk, self_query, return_distance, step):
+        """k-NN on an index that holds every training row."""
+        Xt = self._X
+        self._set_ef(faiss, kk)
+        nq = Q.shape[0]
+        dist = np.empty((nq, k), dtype=Xt.dtype) if return_distance else None
+        ind = np.empty((nq, k), dtype=np.int64)
+        for start in progress(range(0, nq, step), self.verbose, "faiss search",
+                              total=-(-nq // step)):
+            stop = min(start + step, nq)
+            q = Q[start:stop]
+            s, cand, padded = self._search_ids(q, kk)
+            if not return_distance:
+                # FAISS's order (its own float32 distances); the exact
+                # fallback's rows come sorted by true distances
+                dd = None
+            elif padded or self.recompute_distances:
+                sq, cand = refine_sorted(Xt, q, cand)
+                dd = squared_to_metric(sq, self.metric).astype(Xt.dtype, copy=False)
+            else:
+                dd = _METRICS[self.metric]["to_distance"](s).astype(Xt.dtype, copy=False)
+            if self_query:
+                dd, cand = drop_self(dd, cand, np.arange(start, stop), k)
+            if return_distance:
+                dist[start:stop] = dd
+            ind[start:stop] = cand
+        return ind, dist
 
     def _search_grouped(self, faiss, Q, k, self_query, return_distance, step):
         """k-NN through the index of distinct rows: search neighbour groups,
@@ -324,12 +330,7 @@ class FaissBackend:
         gids = np.empty((gq.shape[0], kg), dtype=np.int64)
         for start in progress(range(0, gq.shape[0], step), self.verbose, "faiss search",
                               total=-(-gq.shape[0] // step)):
-            q = gq[start:start + step]
-            _, cand = self.index_.search(np.ascontiguousarray(q, dtype=np.float32), kg)
-            padded = (cand < 0).any(axis=1)
-            if padded.any():
-                cand[padded] = self._exact_ids(q[padded], kg)
-            gids[start:start + step] = cand
+            gids[start:start + step] = self._search_ids(gq[start:start + step], kg)[1]
         nq = Q.shape[0]
         ind = np.empty((nq, k), dtype=np.int64)
         dist = np.empty((nq, k), dtype=Xt.dtype) if return_distance else None

@@ -37,6 +37,8 @@ import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
+from nonn._base import ScoreConventions
+
 from . import _images
 from .features import ImageFeatureExtractor, import_torch, show_progress
 
@@ -58,7 +60,7 @@ def make_detector(nn, n_neighbors, n_neighbors_of_neighbors=25, contamination="a
     raise ValueError(f"The 'nn' parameter must be 'knn' or 'knnn'. Got {nn!r} instead.")
 
 
-class _ImageSystem(BaseEstimator):
+class _ImageSystem(ScoreConventions, BaseEstimator):
     """Shared plumbing: extractor, detector, scores, persistence."""
 
     _default_k = 3
@@ -119,18 +121,6 @@ class _ImageSystem(BaseEstimator):
     def anomaly_score(self, X):
         """Image anomaly score (higher = more anomalous), shape (N,)."""
         return self.anomaly_score_features(self._features(X))
-
-    def score_samples(self, X):
-        """Higher = more normal (``-anomaly_score``)."""
-        return -self.anomaly_score(X)
-
-    def decision_function(self, X):
-        """Negative = outlier."""
-        return self.score_samples(X) - self.offset_
-
-    def predict(self, X):
-        """+1 normal, -1 anomalous."""
-        return np.where(self.decision_function(X) < 0, -1, 1)
 
     def labels_from_scores(self, anomaly):
         """``predict`` for already computed anomaly scores."""
@@ -667,19 +657,9 @@ def _saved_classes():
 
 
 def _open(path):
-    from nonn.persistence import ModelFileError
+    from nonn.persistence import _open as open_archive
 
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"No image model file at {path!r}. Create one with "
-                                "`nonn fit-images`.")
-    try:
-        npz = np.load(path, allow_pickle=False)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        raise ModelFileError(f"{path!r} is not a readable nonn image model ({exc}).") from None
-    if not isinstance(npz, np.lib.npyio.NpzFile):  # a lone .npy array
-        raise ModelFileError(f"{path!r} holds one array, not a nonn image model.")
-    return npz
+    return open_archive(path, "image model", "`nonn fit-images` / system.save()")
 
 
 def _raw_meta(npz, path):
