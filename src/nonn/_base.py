@@ -117,6 +117,7 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
         X = check_array_input(self, X, reset=True)
         self.n_jobs_ = resolve_n_jobs(self.n_jobs)
         self.dtype_ = X.dtype
+        X = self._fit_preprocess(X)
         loo = self._fit(X)
         self.train_scores_ = -np.asarray(loo)
         self.contamination_ = (
@@ -148,7 +149,18 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
     def _validate_query(self, X):
         check_is_fitted(self, "offset_")
         X = check_array_input(self, X, reset=False)
-        return X.astype(self.dtype_, copy=False)
+        return self._preprocess(X.astype(self.dtype_, copy=False))
+
+    # ------------------------------------------------------- preprocessing
+    def _fit_preprocess(self, X):
+        """Learn the input transforms from the validated training data and
+        return the transformed training data (what the search and the
+        operator see). Queries go through :meth:`_preprocess`."""
+        return X
+
+    def _preprocess(self, X):
+        """Apply the fitted input transforms to validated queries."""
+        return X
 
     def _query_chunks(self, n, row_bytes, desc="scoring"):
         step = chunk_rows(row_bytes, self.working_memory)
