@@ -42,6 +42,74 @@ def test_knnn_matches_naive_eq2(seed, reorder, d, L, aggregate):
         np.testing.assert_allclose(-det.train_scores_, loo, rtol=1e-6)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("d,L,Kp", [(12, 12, 8), (12, "all", 8), (12, 9, 6), (10, 4, 3),
+                                    (16, 7, 5)])
+@pytest.mark.parametrize("aggregate", ["sum", "min"])
+def test_large_sets_dual_form_match_naive_eq2(seed, d, L, Kp, aggregate):
+    """Sets with more features than a neighbourhood has points (L > K') are
+    decomposed through the K' x K' Gram matrix; the scores are Eq. 2 of the
+    naive oracle (an L x L covariance per set), every L, with the shorter
+    last set, LOO scores and both memory modes."""
+    X, Q = well_conditioned(seed, d=d)
+    k, rel = 3, 1e-2
+    L_num = d if L == "all" else L
+    # one set holds every feature: no reordering (it cannot change a score)
+    order = naive_greedy_order(X, L_num) if L_num < d else np.arange(d)
+    expected = naive_knnn_scores(X, Q, k, Kp, L_num, order, rel, aggregate=aggregate)
+    loo = naive_knnn_scores(X, X, k, Kp, L_num, order, rel, loo=True, aggregate=aggregate)
+    for memory in ("precomputed", "lean"):
+        det = KNNN(n_neighbors=k, n_neighbors_of_neighbors=Kp, set_size=L, eig_floor=rel,
+                   aggregate=aggregate, memory=memory).fit(X)
+        assert det.set_size_ == L_num
+        np.testing.assert_array_equal(det.feature_order_, order)
+        if memory == "precomputed":
+            assert det.eigenvectors_.shape[-2:] == (Kp, Kp)  # the dual state: K' x K'
+        np.testing.assert_allclose(det.anomaly_score(Q), expected, rtol=1e-6)
+        np.testing.assert_allclose(-det.train_scores_, loo, rtol=1e-6)
+
+
+def test_dual_form_equals_primal_form_where_both_apply():
+    """Where both forms apply (L <= K'), the dual kernel run on the same
+    neighbourhoods gives the primal scores."""
+    from nonn import _eq2
+
+    X, Q = well_conditioned(5, d=6, n=40)
+    det = KNNN(n_neighbors=2, n_neighbors_of_neighbors=6, set_size=6, reorder="none",
+               eig_floor=1e-2).fit(X)
+    assert det.eigenvectors_.shape[-1] == 6  # primal
+    groups = det.neighborhoods_
+    from nonn import _eq2_kernels
+
+    w = np.empty((len(X), 1, 6))
+    v = np.empty((len(X), 1, 6, 6))
+    _eq2_kernels.dual_eigen(det._fit_X, groups, det.set_sizes_, 6, w, v)
+    idx = np.arange(len(X))[:, None]
+    Qg = det._to_grid(Q[:1].repeat(len(X), 0))
+    primal = _eq2.score_terms(Qg, idx, det._fit_X, det.eigenvectors_, det.eigenvalues_,
+                              det.set_sizes_, 6, det.eig_floor_)
+    dual = np.empty_like(primal)
+    _eq2_kernels.dual_score(Qg, idx, np.arange(len(X)), det._fit_X, groups, v, w,
+                            det.set_sizes_, 6, det.eig_floor_.astype(np.float64), dual)
+    np.testing.assert_allclose(dual, primal, rtol=1e-8)
+
+
+def test_large_sets_float32_and_lean_bit_for_bit():
+    rng = np.random.default_rng(11)
+    X = rng.normal(size=(300, 40)).astype(np.float32)
+    Q = rng.normal(size=(50, 40)).astype(np.float32) * 1.5
+    full = KNNN(set_size="all", n_neighbors_of_neighbors=20).fit(X)
+    lean = KNNN(set_size="all", n_neighbors_of_neighbors=20, memory="lean",
+                working_memory=0.05).fit(X)
+    s = full.anomaly_score(Q)
+    assert s.dtype == np.float32 and np.isfinite(s).all()
+    np.testing.assert_array_equal(lean.train_scores_, full.train_scores_)
+    np.testing.assert_array_equal(lean.anomaly_score(Q), s)
+    expected = naive_knnn_scores(X.astype(np.float64), Q.astype(np.float64), 3, 20, 40,
+                                 np.arange(40), 1e-3, aggregate="min")
+    np.testing.assert_allclose(s, expected, rtol=2e-3)
+
+
 def test_lean_memory_same_scores_less_state():
     """memory="lean" keeps no eigen-state and gives the precomputed scores,
     whatever the chunking (a tiny working_memory forces many chunks)."""

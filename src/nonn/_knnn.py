@@ -8,14 +8,8 @@ import warnings
 import numpy as np
 
 from ._base import BaseDetector, CappedParameterWarning, cap
-from ._local_eigen import (
-    aggregate_terms,
-    floor_scale,
-    neighbourhood_eigen,
-    pad,
-    permute,
-    score_eq2,
-)
+from ._eq2 import aggregate_terms, eigen_row_bytes, eigen_width, neighborhood_eigen, score_terms
+from ._local_eigen import floor_scale, pad, permute
 from ._partition import feature_order, set_sizes
 from ._validation import Interval, IsNone, Options
 
@@ -28,8 +22,12 @@ class _SetGridMixin:
         d = X.shape[1]
         set_size = self.set_size if set_size is None else set_size
         eig_floor = self.eig_floor if eig_floor is None else eig_floor
+        if set_size == "all":
+            set_size = d
         self.set_size_ = cap(set_size, d, "set_size", "the number of features")
-        self.feature_order_ = feature_order(X, self.set_size_, self.reorder)
+        # one set holds every feature: its order cannot change a score
+        reorder = "none" if self.set_size_ >= d else self.reorder
+        self.feature_order_ = feature_order(X, self.set_size_, reorder)
         self.set_sizes_ = set_sizes(d, self.set_size_)
         Xg = permute(X, self.feature_order_)
         # Floor relative to the data's own scale (per set), so that duplicates,
@@ -187,7 +185,7 @@ class KNNN(_SetGridMixin, BaseDetector):
     _constraints = {
         "n_neighbors": [Interval("int", 1, None), Options("auto")],
         "n_neighbors_of_neighbors": [Interval("int", 1, None), Options("auto")],
-        "set_size": [Interval("int", 1, None), Options("auto")],
+        "set_size": [Interval("int", 1, None), Options("auto", "all")],
         "reorder": [Options("greedy", "none")],
         "eig_floor": [Interval("real", 0, None), Options("auto")],
         "aggregate": [Options("min", "sum")],
@@ -289,27 +287,34 @@ class KNNN(_SetGridMixin, BaseDetector):
         return self._score_neighbours(Xg, loo_idx)
 
     def _eigen_row_bytes(self):
-        n_sets, L = len(self.set_sizes_), self.set_size_
-        Kp = self.neighborhoods_.shape[1]
-        # numpy path: gathered neighbourhood (gather + transposed copy),
-        # covariance, eigenvectors and LAPACK's copies; the kernels need less
-        return self._fit_X.dtype.itemsize * n_sets * L * (2 * Kp + 4 * L)
+        return eigen_row_bytes(self._fit_X.dtype.itemsize, len(self.set_sizes_),
+                               self.set_size_, self.neighborhoods_.shape[1])
 
     def _eigen_of(self, points):
         """Eigen-state (values, vectors) of the neighbourhoods of ``points``."""
-        return neighbourhood_eigen(self._fit_X, self.neighborhoods_[points], self.set_sizes_,
-                                   self.set_size_, self.n_jobs_)
+        return neighborhood_eigen(self._fit_X, self.neighborhoods_[points], self.set_sizes_,
+                                  self.set_size_, self.n_jobs_)
+
+    def _terms(self, Qg, idx, evecs, evals, rows=None):
+        """Per-neighbour Eq. 2 sums (q, k) of grid queries ``Qg``; ``idx``
+        indexes rows of the eigen-state ``evecs``/``evals``, whose training
+        rows are ``rows`` (None: all of them, in order)."""
+        groups = self.neighborhoods_ if rows is None else self.neighborhoods_[rows]
+        return score_terms(Qg, idx, self._fit_X, evecs, evals, self.set_sizes_,
+                           self.set_size_, self.eig_floor_, self.n_jobs_, rows=rows,
+                           groups=groups)
 
     def _fit_eigen(self):
         Xg = self._fit_X
         n = Xg.shape[0]
         n_sets, L = len(self.set_sizes_), self.set_size_
-        self.eigenvalues_ = np.empty((n, n_sets, L), dtype=Xg.dtype)
-        self.eigenvectors_ = np.empty((n, n_sets, L, L), dtype=Xg.dtype)
-        for sl in self._query_chunks(n, self._eigen_row_bytes(), "neighbourhood eigen"):
-            # written in place (the kernel needs no intermediate)
-            neighbourhood_eigen(Xg, self.neighborhoods_[sl], self.set_sizes_, L, self.n_jobs_,
-                                out=(self.eigenvalues_[sl], self.eigenvectors_[sl]))
+        r = eigen_width(L, self.neighborhoods_.shape[1])
+        self.eigenvalues_ = np.empty((n, n_sets, r), dtype=Xg.dtype)
+        self.eigenvectors_ = np.empty((n, n_sets, r, r), dtype=Xg.dtype)
+        for sl in self._query_chunks(n, self._eigen_row_bytes(), "neighborhood eigen"):
+            # written in place (the kernels need no intermediate)
+            neighborhood_eigen(Xg, self.neighborhoods_[sl], self.set_sizes_, L, self.n_jobs_,
+                               out=(self.eigenvalues_[sl], self.eigenvectors_[sl]))
 
     def _loo_lean(self, Xg, loo_idx):
         """Leave-one-out scores without storing the eigen-state: each training
@@ -328,8 +333,8 @@ class KNNN(_SetGridMixin, BaseDetector):
             pairs = order[lo:hi]  # flat (query, neighbour) positions
             w, v = self._eigen_of(sl)
             local = (flat[pairs] - sl.start)[:, None]
-            terms[pairs] = score_eq2(Xg[pairs // k], local, Xg[sl], v, w, self.set_sizes_,
-                                     self.eig_floor_, self.n_jobs_, aggregate=None)[:, 0]
+            rows = np.arange(sl.start, sl.stop, dtype=np.int64)
+            terms[pairs] = self._terms(Xg[pairs // k], local, v, w, rows=rows)[:, 0]
         return aggregate_terms(terms.reshape(n, k), self.aggregate)
 
     def _score_neighbours(self, Qg, idx):
@@ -343,16 +348,13 @@ class KNNN(_SetGridMixin, BaseDetector):
             for sl in self._query_chunks(q, row_bytes):
                 uniq, inv = np.unique(idx[sl], return_inverse=True)
                 w, v = self._eigen_of(uniq)
-                out[sl] = score_eq2(Qg[sl], inv.reshape(-1, k), self._fit_X[uniq], v, w,
-                                    self.set_sizes_, self.eig_floor_, self.n_jobs_,
-                                    aggregate=self.aggregate)
+                out[sl] = aggregate_terms(self._terms(Qg[sl], inv.reshape(-1, k), v, w,
+                                                      rows=uniq), self.aggregate)
             return out
-        # the numpy path gathers (k, S, L, L) eigenvectors per query
-        row_bytes = Qg.dtype.itemsize * k * n_sets * L * (L + 4)
+        row_bytes = Qg.dtype.itemsize * k * n_sets * L * 4
         for sl in self._query_chunks(q, row_bytes):
-            out[sl] = score_eq2(Qg[sl], idx[sl], self._fit_X, self.eigenvectors_,
-                                self.eigenvalues_, self.set_sizes_, self.eig_floor_,
-                                self.n_jobs_, aggregate=self.aggregate)
+            out[sl] = aggregate_terms(self._terms(Qg[sl], idx[sl], self.eigenvectors_,
+                                                  self.eigenvalues_), self.aggregate)
         return out
 
     def _anomaly_score(self, X):
@@ -448,9 +450,8 @@ class KNNN(_SetGridMixin, BaseDetector):
                 w, v = probe._eigen_of(slice(None))
                 for fl in grid["eig_floor"]:
                     rel = max(float(fl), 10 * np.finfo(X.dtype).eps)
-                    terms = score_eq2(Qg, q_idx, Fg, v, w, probe.set_sizes_,
-                                      (rel * scale).astype(X.dtype), self.n_jobs_,
-                                      aggregate=None)
+                    probe.eig_floor_ = (rel * scale).astype(X.dtype)
+                    terms = probe._terms(Qg, q_idx, v, w)
                     for k in grid["n_neighbors"]:
                         s = aggregate_terms(terms[:, :min(k, kmax)], self.aggregate)
                         auc = np.mean([roc_auc_score(y, np.r_[s[:n_h], s[j * n_h:(j + 1) * n_h]])
