@@ -10,11 +10,17 @@ from sklearn.base import BaseEstimator, OutlierMixin
 from sklearn.utils.validation import check_is_fitted
 
 from ._chunks import chunk_rows, progress
+from ._preprocess import fit_whitening, l2_rows, whiten
 from ._validation import Interval, IsDict, IsNone, Options, check_array_input, validate_params
 from .neighbors import make_backend
 
 #: contamination="auto": the share of training points flagged by default.
 AUTO_CONTAMINATION = 0.01
+
+
+def _preprocess_arrays(params):
+    """Fitted arrays of the input transforms a model with ``params`` holds."""
+    return ("whiten_mean_", "whiten_matrix_") if params.get("whiten", 0) else ()
 
 
 class CappedParameterWarning(UserWarning):
@@ -77,6 +83,8 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
         "contamination": [Options("auto"), Interval("real", 0, 0.5, closed="right")],
         "working_memory": [IsNone(), Interval("real", 0, None, closed="neither")],
         "n_jobs": [IsNone(), Interval("int", None, None)],
+        "normalize": [IsNone(), Options("l2")],
+        "whiten": [Interval("real", 0, 1)],
     }
     _constraints: dict = {}
     _hints = {
@@ -89,12 +97,14 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
         "contamination": 0.01,
         "eig_floor": 1e-3,
         "aggregate": "'mean'",
+        "normalize": "'l2'",
+        "whiten": 0.5,
     }
 
     @classmethod
     def _state_arrays_for(cls, params):
         """The fitted arrays a model with constructor ``params`` holds."""
-        return cls._state_arrays
+        return cls._state_arrays + _preprocess_arrays(params)
 
     # ----------------------------------------------------------------- fit
     def _check_params(self):
@@ -155,11 +165,25 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
     def _fit_preprocess(self, X):
         """Learn the input transforms from the validated training data and
         return the transformed training data (what the search and the
-        operator see). Queries go through :meth:`_preprocess`."""
-        return X
+        operator see). Queries go through :meth:`_preprocess`.
 
-    def _preprocess(self, X):
+        In order: unit-length rows (``normalize="l2"``), then global
+        whitening (``whiten > 0``, see :func:`nonn._preprocess.fit_whitening`).
+        """
+        params = self.get_params()
+        if params.get("normalize") == "l2":
+            X = l2_rows(X)
+        if params.get("whiten", 0):
+            self.whiten_mean_, self.whiten_matrix_ = fit_whitening(X, float(params["whiten"]))
+        return self._preprocess(X, _normalize=False)
+
+    def _preprocess(self, X, _normalize=True):
         """Apply the fitted input transforms to validated queries."""
+        params = self.get_params()
+        if _normalize and params.get("normalize") == "l2":
+            X = l2_rows(X)
+        if params.get("whiten", 0):
+            X = whiten(X, self.whiten_mean_, self.whiten_matrix_)
         return X
 
     def _query_chunks(self, n, row_bytes, desc="scoring"):

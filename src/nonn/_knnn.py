@@ -111,6 +111,20 @@ class KNNN(_SetGridMixin, BaseDetector):
         and computes the eigen-state of each query's k neighbours when it
         scores (memory O(n_samples * n_features); the same scores; scoring
         does up to k eigen-decompositions per query more).
+    normalize : {None, "l2"}, default=None
+        ``"l2"`` scales every row (training and query) to unit length first,
+        so that neighbours and Eq. 2 compare directions, not norms (the
+        usual preprocessing of CNN embeddings; cosine k-NN is Euclidean
+        k-NN of unit rows).
+    whiten : float in [0, 1], default=0.0
+        Global whitening after ``normalize``: the data are multiplied by
+        the inverse square root of their Ledoit-Wolf covariance blended
+        with an isotropic one (``whiten`` = the weight of the Ledoit-Wolf
+        part; 1 whitens fully, 0 not at all), learned at fit. It shrinks
+        the local operator toward the global Gaussian: the eigenvalue floor
+        and the directions a neighbourhood does not span are measured in
+        the global covariance's metric. Costs O(D^2) memory and
+        O(N D^2) time.
     metric : {"euclidean", "cosine"}, default="euclidean"
         Distance used to find neighbours (Eq. 2 itself is unchanged).
     backend : str, default="auto"
@@ -212,6 +226,8 @@ class KNNN(_SetGridMixin, BaseDetector):
         eig_floor=1e-3,
         aggregate="min",
         memory="precomputed",
+        normalize=None,
+        whiten=0.0,
         metric="euclidean",
         backend="auto",
         backend_params=None,
@@ -228,6 +244,8 @@ class KNNN(_SetGridMixin, BaseDetector):
         self.eig_floor = eig_floor
         self.aggregate = aggregate
         self.memory = memory
+        self.normalize = normalize
+        self.whiten = whiten
         self.metric = metric
         self.backend = backend
         self.backend_params = backend_params
@@ -239,10 +257,10 @@ class KNNN(_SetGridMixin, BaseDetector):
 
     @classmethod
     def _state_arrays_for(cls, params):
+        names = super()._state_arrays_for(params)
         if params.get("memory") == "lean":
-            return tuple(a for a in cls._state_arrays
-                         if a not in ("eigenvalues_", "eigenvectors_"))
-        return cls._state_arrays
+            return tuple(a for a in names if a not in ("eigenvalues_", "eigenvectors_"))
+        return names
 
     # ------------------------------------------------------------------ fit
     def _fit(self, X):
