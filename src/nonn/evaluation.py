@@ -317,6 +317,20 @@ def _sk_iforest(seed):
     return IsolationForest(random_state=seed)
 
 
+class _LedoitWolfMahalanobis:
+    """Peer: squared Mahalanobis distance to the mean under scikit-learn's
+    Ledoit-Wolf covariance of the training normals (one global Gaussian)."""
+
+    def fit(self, X):
+        from sklearn.covariance import LedoitWolf
+
+        self.lw_ = LedoitWolf().fit(X)
+        return self
+
+    def anomaly_score(self, X):
+        return self.lw_.mahalanobis(X)
+
+
 def _authors(**params):
     def make(seed):
         from knnn import KNNN as AuthorsKNNN
@@ -345,6 +359,10 @@ def _register_builtins():
         for metric in ("euclidean", "cosine"):
             nonn.append((f"KNN-{agg}-{metric}", _nonn("KNN", aggregate=agg, metric=metric),
                          f"nonn KNN, k=3, {agg} distance, {metric}"))
+    for k in (1, 5):
+        for metric in ("euclidean", "cosine"):
+            nonn.append((f"KNN-k{k}-{metric}", _nonn("KNN", n_neighbors=k, metric=metric),
+                         f"nonn KNN, k={k}, mean distance, {metric}"))
     nonn += [
         ("GlobalEigenKNN", _nonn("GlobalEigenKNN"), "nonn GlobalEigenKNN (paper Eq. 3)"),
         ("LocalEigenKNN", _nonn("LocalEigenKNN"), "nonn LocalEigenKNN, L=5"),
@@ -358,6 +376,10 @@ def _register_builtins():
          "PyOD LOF, defaults (k=20)"),
         ("pyod-IForest", _pyod("iforest", "IForest", seeded=True), _decision_function,
          ("pyod",), "PyOD IForest, defaults, random_state=seed"),
+        ("LW-Mahalanobis", lambda seed: _LedoitWolfMahalanobis(), _anomaly_score, (),
+         "global Ledoit-Wolf Mahalanobis distance (scikit-learn LedoitWolf)"),
+        ("pyod-PCA", _pyod("pca", "PCA"), _decision_function, ("pyod",),
+         "PyOD PCA (weighted projections on the principal components), defaults"),
         ("sklearn-LOF", _sk_lof, _neg_score_samples, (),
          "scikit-learn LocalOutlierFactor(novelty=True), k=20"),
         ("sklearn-IForest", _sk_iforest, _neg_score_samples, (),
@@ -442,6 +464,8 @@ def get_detectors(detectors=None):
 # --------------------------------------------------------------------------
 
 _UNION = re.compile(r"^mvtec[-_]union[-_](\d+)$", re.IGNORECASE)
+#: "<dataset>-effnet224-<class>": a one-class task on cached image features
+_IMAGE = re.compile(r"^(cifar10|fashion)-effnet224-(\d)$")
 
 
 def load_dataset(spec, *, home=None):
@@ -453,6 +477,8 @@ def load_dataset(spec, *, home=None):
     """
     from . import datasets
 
+    if isinstance(spec, str) and _IMAGE.match(spec):
+        return _image_one_class(spec, home=home)
     if isinstance(spec, str):
         m = _UNION.match(spec)
         if m:
@@ -617,9 +643,12 @@ def run_suite(datasets, detectors=None, seeds=(0, 1, 2), *, max_train=MAX_TRAIN,
                     continue
                 bar.update(len(dets) - len(todo))
                 try:
-                    tr, te = novelty_split(y, seed, max_train=max_train, max_test=max_test)
+                    if isinstance(y, OneClassTask):
+                        tr, te, y_test = y.split(seed)
+                    else:
+                        tr, te = novelty_split(y, seed, max_train=max_train, max_test=max_test)
+                        y_test = y[te]
                     X_train, X_test = _scale(X[tr], X[te], scale)
-                    y_test = y[te]
                     split_error = ""
                 except Exception as exc:  # noqa: BLE001
                     split_error = _short(f"split: {type(exc).__name__}: {exc}")
@@ -972,6 +1001,8 @@ SUITES = {
     "cifar10": (lambda home: ["CIFAR10_0", "CIFAR10_4", "CIFAR10_6"], None, None),
     "mvtec_union": (lambda home: [f"MVTec-union-{n}" for n in (5, 7, 11, 15)], None,
                     PAPER_TABLE4),
+    "cifar10_effnet": (lambda home: [f"cifar10-effnet224-{c}" for c in range(10)], None, None),
+    "fashion_effnet": (lambda home: [f"fashion-effnet224-{c}" for c in range(10)], None, None),
 }
 
 
@@ -1041,3 +1072,91 @@ def run_benchmark(suite, out=None, *, detectors=None, seeds=(0, 1, 2), datasets=
             except ImportError as exc:
                 warnings.warn(f"no plot: {exc} (pip install 'nonn[plot]')", stacklevel=2)
     return df, summary, md
+
+
+# --------------------------------------------------------------------------
+# one-class tasks on image features (cached on disk)
+# --------------------------------------------------------------------------
+
+#: images per class in the training pool the one-class tasks draw from (the
+#: pool is nonn.vision.datasets' seeded per-class subsample, random_state=0)
+IMAGE_POOL_PER_CLASS = 1000
+#: training images of the normal class drawn per seed from the pool
+IMAGE_TRAIN_PER_CLASS = 400
+_IMAGE_BACKBONE = ("efficientnet_lite0", 224)
+
+
+@dataclass(frozen=True)
+class OneClassTask:
+    """Labels of a one-class task with its own split: the normal class's
+    training images (a per-seed draw of ``n_train`` from ``train_rows``)
+    against the whole test split, every other class anomalous."""
+
+    labels: np.ndarray
+    train_rows: np.ndarray
+    test_rows: np.ndarray
+    normal: int
+    n_train: int = IMAGE_TRAIN_PER_CLASS
+
+    def split(self, seed):
+        pool = self.train_rows[self.labels[self.train_rows] == self.normal]
+        rng = np.random.default_rng(np.random.SeedSequence([int(seed), self.normal]))
+        train = np.sort(rng.choice(pool, min(self.n_train, len(pool)), replace=False))
+        test = self.test_rows
+        return train, test, (self.labels[test] != self.normal).astype(np.int64)
+
+    def __len__(self):
+        return len(self.labels)
+
+
+def feature_cache_dir(cache=None):
+    """Folder of cached image features: ``cache``, else ``$NONN_CACHE``, else
+    ``~/.cache/nonn``."""
+    import os
+
+    if cache is None:
+        cache = os.environ.get("NONN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                             "nonn")
+    return Path(cache) / "features" / f"{_IMAGE_BACKBONE[0]}-{_IMAGE_BACKBONE[1]}"
+
+
+def image_features(dataset, split, *, home=None, cache=None, progress=True):
+    """Pooled EfficientNet-Lite0 features at 224 px of a dataset split, and
+    their labels, extracted once (needs ``nonn[vision]``) and cached.
+
+    ``split`` is ``"test"`` (the whole official test split) or ``"pool"``
+    (:data:`IMAGE_POOL_PER_CLASS` training images per class, nonn's seeded
+    subsample). Returns ``(X float32 (n, 1280), y int64 (n,))``.
+    """
+    from ._io import atomic_write
+
+    if dataset not in ("cifar10", "fashion") or split not in ("test", "pool"):
+        raise ValueError(f"image_features takes dataset 'cifar10' or 'fashion' and split "
+                         f"'test' or 'pool'; got {dataset!r}, {split!r}.")
+    path = feature_cache_dir(cache) / f"{dataset}-{split}.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            return z["X"], z["y"]
+    from .vision import datasets as vds
+    from .vision.features import ImageFeatureExtractor
+
+    loader = vds.load_cifar10 if dataset == "cifar10" else vds.load_fashion_mnist
+    kw = ({"split": "test"} if split == "test" else
+          {"split": "train", "n_per_class": IMAGE_POOL_PER_CLASS, "random_state": 0})
+    images, y = loader(home=home, **kw)
+    ext = ImageFeatureExtractor(backbone=_IMAGE_BACKBONE[0], image_size=_IMAGE_BACKBONE[1],
+                                verbose=progress)
+    X = ext.fit().transform(images)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda fh: np.savez(fh, X=X, y=y))
+    return X, y
+
+
+def _image_one_class(spec, home=None):
+    dataset, normal = _IMAGE.match(spec).groups()
+    Xp, yp = image_features(dataset, "pool", home=home)
+    Xt, yt = image_features(dataset, "test", home=home)
+    X = np.concatenate([Xp, Xt])
+    labels = np.concatenate([yp, yt]).astype(np.int64)
+    task = OneClassTask(labels, np.arange(len(yp)), np.arange(len(yp), len(labels)), int(normal))
+    return spec, X, task
