@@ -71,14 +71,17 @@ def naive_floor(X, sets, rel):
     return floors
 
 
-def naive_knnn_scores(X, Q, k, Kp, L, order, rel_floor, loo=False, aggregate="sum"):
+def naive_knnn_scores(X, Q, k, Kp, L, order, rel_floor, loo=False, aggregate="sum",
+                      floors=None):
     """Eq. 2 with explicit sums over i, s, j; ``aggregate="min"`` takes the
-    smallest per-neighbour sum instead of summing over i."""
+    smallest per-neighbour sum instead of summing over i. ``floors``
+    overrides the per-set floors computed from ``X``."""
     Xr = X[:, order]
     Qr = Q[:, order]
     d = Xr.shape[1]
     sets = naive_sets(d, L)
-    floors = naive_floor(Xr, sets, rel_floor)
+    if floors is None:
+        floors = naive_floor(Xr, sets, rel_floor)
     eig_cache = {}
 
     def eigen(i, si):
@@ -134,4 +137,19 @@ def naive_local_scores(X, Q, k, L, order, rel_floor):
             for i in nbrs:
                 total += eq2_term(q[s] - Xr[i][s], e, V, floors[si])
         out.append(total)
+    return np.array(out)
+
+
+def naive_held_out_scores(X, k, Kp, L, order, rel_floor, aggregate="sum"):
+    """Each training row scored by a model fitted on the other rows (same
+    feature order and floors as the model on all rows): the out-of-sample
+    scores nonn's threshold is set on."""
+    Xr = X[:, order]
+    floors = naive_floor(Xr, naive_sets(X.shape[1], L), rel_floor)
+    out = []
+    for p in range(len(X)):
+        rest = np.delete(X, p, axis=0)
+        out.append(naive_knnn_scores(rest, X[p:p + 1], min(k, len(rest)), min(Kp, len(rest)),
+                                     L, order, rel_floor, aggregate=aggregate,
+                                     floors=floors)[0])
     return np.array(out)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from oracles import (
     naive_global_scores,
+    naive_held_out_scores,
     naive_greedy_order,
     naive_knnn_scores,
     naive_local_scores,
@@ -32,8 +33,8 @@ def test_knnn_matches_naive_eq2(seed, reorder, d, L, aggregate):
     k, Kp, rel = 3, 15, 1e-3
     order = naive_greedy_order(X, L) if reorder == "greedy" else np.arange(d)
     expected = naive_knnn_scores(X, Q, k, Kp, L, order, rel, aggregate=aggregate)
-    # leave-one-out training scores: a point is not its own neighbour
-    loo = naive_knnn_scores(X, X, k, Kp, L, order, rel, loo=True, aggregate=aggregate)
+    # training rows scored out of sample: each by a model fitted without it
+    loo = naive_held_out_scores(X, k, Kp, L, order, rel, aggregate=aggregate)
     for memory in ("precomputed", "lean"):
         det = KNNN(n_neighbors=k, n_neighbors_of_neighbors=Kp, set_size=L, reorder=reorder,
                    eig_floor=rel, aggregate=aggregate, memory=memory).fit(X)
@@ -57,7 +58,7 @@ def test_large_sets_dual_form_match_naive_eq2(seed, d, L, Kp, aggregate):
     # one set holds every feature: no reordering (it cannot change a score)
     order = naive_greedy_order(X, L_num) if L_num < d else np.arange(d)
     expected = naive_knnn_scores(X, Q, k, Kp, L_num, order, rel, aggregate=aggregate)
-    loo = naive_knnn_scores(X, X, k, Kp, L_num, order, rel, loo=True, aggregate=aggregate)
+    loo = naive_held_out_scores(X, k, Kp, L_num, order, rel, aggregate=aggregate)
     for memory in ("precomputed", "lean"):
         det = KNNN(n_neighbors=k, n_neighbors_of_neighbors=Kp, set_size=L, eig_floor=rel,
                    aggregate=aggregate, memory=memory).fit(X)
@@ -424,3 +425,23 @@ def test_auto_with_few_rows_keeps_the_defaults():
     # the defaults (first of the grid), capped silently to the 30 rows
     assert det.auto_params_ == {"n_neighbors": 3, "n_neighbors_of_neighbors": 30}
     assert det.auto_table_ == []
+
+
+def test_threshold_rows_beyond_the_calibration_cap(monkeypatch):
+    """Above CALIBRATION_ROWS training rows, a seeded subset is scored out of
+    sample for the threshold; fit_predict scores every row."""
+    from nonn import _knnn
+
+    monkeypatch.setattr(_knnn, "CALIBRATION_ROWS", 50)
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(120, 6))
+    det = KNNN(n_neighbors_of_neighbors=10).fit(X)
+    assert det.calibration_rows_.shape == (50,) and det.train_scores_.shape == (50,)
+    again = KNNN(n_neighbors_of_neighbors=10).fit(X)
+    np.testing.assert_array_equal(again.calibration_rows_, det.calibration_rows_)
+    labels = KNNN(n_neighbors_of_neighbors=10, contamination=0.1).fit_predict(X)
+    assert labels.shape == (120,) and (labels == -1).sum() == 12
+    # the subset's scores are those of the all-rows fit on the same rows
+    full = KNNN(n_neighbors_of_neighbors=10, contamination=0.1)
+    full.fit_predict(X)
+    np.testing.assert_array_equal(full.train_scores_[det.calibration_rows_], det.train_scores_)

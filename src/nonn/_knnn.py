@@ -289,20 +289,21 @@ class KNNN(_SetGridMixin, BaseDetector):
         Xg = self._fit_grid(X, set_size=chosen["set_size"], eig_floor=chosen["eig_floor"])
         self._fit_X = Xg
         self._search = self._make_backend(Xg)
-        m = max(self.n_neighbors_of_neighbors_ - 1, self.n_neighbors_)
+        Kp = self.n_neighbors_of_neighbors_
+        # one more than a neighbourhood needs: its replacement when a
+        # calibration row leaves it (see _held_out_scores)
+        m = min(max(Kp, self.n_neighbors_), n - 1)
         # ids only, in the backend's own order: the neighbourhoods and the
         # leave-one-out neighbours need no distances
         others = self._search.kneighbors(None, m, return_distance=False)
-        Kp = self.n_neighbors_of_neighbors_
         self.neighborhoods_ = np.concatenate(
             [np.arange(n, dtype=np.int64)[:, None], others[:, : Kp - 1]], axis=1
         )
-        loo_idx = np.ascontiguousarray(others[:, : self.n_neighbors_])
-        del others
-        if self.memory == "lean":
-            return self._loo_lean(Xg, loo_idx)
-        self._fit_eigen()
-        return self._score_neighbours(Xg, loo_idx)
+        if self.memory != "lean":
+            self._fit_eigen()
+        rows = calibration_rows(n, getattr(self, "_calibrate_all", False))
+        self.calibration_rows_ = rows
+        return self._held_out_scores(rows, others)
 
     def _eigen_row_bytes(self):
         return eigen_row_bytes(self._fit_X.dtype.itemsize, len(self.set_sizes_),
@@ -334,26 +335,42 @@ class KNNN(_SetGridMixin, BaseDetector):
             neighborhood_eigen(Xg, self.neighborhoods_[sl], self.set_sizes_, L, self.n_jobs_,
                                out=(self.eigenvalues_[sl], self.eigenvectors_[sl]))
 
-    def _loo_lean(self, Xg, loo_idx):
-        """Leave-one-out scores without storing the eigen-state: each training
-        point's eigen-state is computed once, in chunks, and scores every
-        training point that has it as a neighbour; then it is dropped."""
-        n, k = loo_idx.shape
-        flat = loo_idx.ravel()
-        order = np.argsort(flat, kind="stable")
-        sorted_ids = flat[order]
-        terms = np.empty(n * k, dtype=Xg.dtype)
-        row_bytes = self._eigen_row_bytes() + Xg.dtype.itemsize * Xg.shape[1] * (k + 1)
-        for sl in self._query_chunks(n, row_bytes, "neighbourhood eigen (lean)"):
-            lo, hi = np.searchsorted(sorted_ids, [sl.start, sl.stop])
-            if lo == hi:
-                continue
-            pairs = order[lo:hi]  # flat (query, neighbour) positions
-            w, v = self._eigen_of(sl)
-            local = (flat[pairs] - sl.start)[:, None]
-            rows = np.arange(sl.start, sl.stop, dtype=np.int64)
-            terms[pairs] = self._terms(Xg[pairs // k], local, v, w, rows=rows)[:, 0]
-        return aggregate_terms(terms.reshape(n, k), self.aggregate)
+    def _held_out_scores(self, rows, others):
+        """Out-of-sample anomaly scores of the training rows ``rows``: each
+        row ``p`` is scored as by a model fitted without it — by its k
+        nearest other rows, each with the eigen-state of its neighbourhood
+        *without p* (p, when there, replaced by that neighbour's next
+        nearest row; ``others`` holds one more neighbour than a
+        neighbourhood needs). Keeping p in its neighbours' neighbourhoods
+        would put the difference to them inside the span of their
+        eigenvectors and make these scores optimistic, so that a threshold
+        set on them would flag more held-out normals than asked. The
+        feature order and the eigenvalue floor, statistics of all rows,
+        are kept."""
+        Xg = self._fit_X
+        k = self.n_neighbors_
+        rows = np.arange(Xg.shape[0]) if rows is None else rows
+        c = len(rows)
+        nbrs = others[rows, :k]  # (c, k): the leave-one-out neighbours
+        cand = others[nbrs]  # (c, k, m): each neighbour's nearest others
+        width = min(self.n_neighbors_of_neighbors_ - 1, cand.shape[-1] - 1)
+        keep = cand != rows[:, None, None]
+        first = np.argsort(~keep, axis=-1, kind="stable")[..., :width]
+        groups = np.concatenate([nbrs[..., None], np.take_along_axis(cand, first, -1)], -1)
+        groups = groups.reshape(c * k, width + 1)
+        pair_rows = nbrs.reshape(-1)
+        terms = np.empty(c * k, dtype=Xg.dtype)
+        row_bytes = eigen_row_bytes(Xg.dtype.itemsize, len(self.set_sizes_), self.set_size_,
+                                    width + 1)
+        for sl in self._query_chunks(c * k, row_bytes, "held-out calibration scores"):
+            w, v = neighborhood_eigen(Xg, groups[sl], self.set_sizes_, self.set_size_,
+                                      self.n_jobs_)
+            q = Xg[rows[np.arange(sl.start, sl.stop) // k]]
+            local = np.arange(sl.stop - sl.start, dtype=np.int64)[:, None]
+            terms[sl] = score_terms(q, local, Xg, v, w, self.set_sizes_, self.set_size_,
+                                    self.eig_floor_, self.n_jobs_, rows=pair_rows[sl],
+                                    groups=groups[sl])[:, 0]
+        return aggregate_terms(terms.reshape(c, k), self.aggregate)
 
     def _score_neighbours(self, Qg, idx):
         """Eq. 2 for grid queries ``Qg`` whose neighbours are ``idx`` (q, k)."""
@@ -406,6 +423,23 @@ class KNNN(_SetGridMixin, BaseDetector):
                                  np.full(len(idx), -1, dtype=np.int64), sq, out)
             idx = out
         return idx
+
+    def fit_predict(self, X, y=None):
+        """Fit, then label the training points themselves by their held-out
+        scores (each scored as by a model fitted without it, see
+        ``calibration_rows_``; here every row is), so about
+        ``contamination`` of them are flagged.
+
+        k-NNN is a novelty detector: it models clean normal data. On a
+        training set that itself holds anomalies they shape the
+        neighbourhoods, and their own scores can come out lower than those
+        of normal points (see the user guide)."""
+        self._calibrate_all = True
+        try:
+            self.fit(X)
+        finally:
+            del self._calibrate_all
+        return np.where(self.train_scores_ - self.offset_ < 0, -1, 1)
 
     # ------------------------------------------------- label-free selection
     def _select_auto(self, X, auto):
@@ -484,6 +518,20 @@ class KNNN(_SetGridMixin, BaseDetector):
         pick = next(c for c, a in keyed if a >= best - AUTO_TIE)
         table = sorted(keyed, key=lambda ca: -ca[1])
         return pick, table
+
+
+#: training rows whose held-out scores set the threshold (all of them below
+#: this many; a seeded random subset above): each costs k eigen-decompositions
+CALIBRATION_ROWS = 2000
+
+
+def calibration_rows(n, all_rows=False):
+    """The training rows a fit scores out of sample for its threshold:
+    ``None`` (all) up to :data:`CALIBRATION_ROWS`, else that many, drawn
+    with a fixed seed (the same data give the same threshold)."""
+    if all_rows or n <= CALIBRATION_ROWS:
+        return None
+    return np.sort(np.random.default_rng(0).choice(n, CALIBRATION_ROWS, replace=False))
 
 
 def _swap_features(H, rho, rng):
