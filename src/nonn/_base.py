@@ -64,8 +64,39 @@ class ScoreConventions:
         return self.score_samples(X) - self.offset_
 
     def predict(self, X):
-        """+1 for inliers, -1 for outliers."""
+        """+1 for inliers, -1 for outliers (at the fitted threshold)."""
         return np.where(self.decision_function(X) < 0, -1, 1)
+
+    def pvalue(self, X):
+        """Conformal p-values: for each query, the share of calibration
+        normals scoring at least as high, ``(1 + #{c >= s}) / (n + 1)``.
+
+        The calibration normals are out-of-sample training rows after
+        ``fit`` (``calibration_scores_``), or the held-out normals given to
+        :meth:`calibrate`. For a query drawn like them the p-value is
+        uniform on (0, 1] (up to ties), so ``pvalue(X) <= a`` flags about a
+        share ``a`` of normal data; small values mean unusual in a unit
+        that is comparable across models and data sets.
+        """
+        s = np.asarray(self.anomaly_score(X), dtype=np.float64)
+        cal = np.sort(-np.asarray(self.calibration_scores_, dtype=np.float64))
+        at_least = len(cal) - np.searchsorted(cal, s, side="left")
+        return (1.0 + at_least) / (len(cal) + 1.0)
+
+    def predict_fdr(self, X, fdr=0.05):
+        """+1 / -1 labels of a batch at a false-discovery rate: the
+        Benjamini-Hochberg procedure on :meth:`pvalue` flags the largest set
+        of queries in which, on average, at most a share ``fdr`` are
+        normal (valid for independent queries)."""
+        from scipy.stats import false_discovery_control
+
+        if not Interval("real", 0, 1, closed="neither").accepts(fdr):
+            raise ValueError(f"fdr must be a float in the range (0, 1). Got {fdr!r} instead. "
+                             "For example: predict_fdr(X, fdr=0.05).")
+        p = self.pvalue(X)
+        if not len(p):
+            return np.ones(0, dtype=np.int64)
+        return np.where(false_discovery_control(p, method="bh") <= fdr, -1, 1)
 
 
 class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
@@ -130,11 +161,13 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
         X = self._fit_preprocess(X)
         loo = self._fit(X)
         self.train_scores_ = -np.asarray(loo)
+        self.calibration_scores_ = self.train_scores_
         self.contamination_ = (
             AUTO_CONTAMINATION if self.contamination == "auto" else float(self.contamination)
         )
-        self.offset_ = self._quantile_offset(self.train_scores_, self.contamination_)
-        self.threshold_source_ = "training (leave-one-out)"
+        self.offset_ = self._quantile_offset(self.calibration_scores_, self.contamination_)
+        self.threshold_source_ = (f"training rows scored out of sample "
+                                  f"({len(self.calibration_scores_)} rows)")
         return self
 
     def _make_backend(self, X, name=None):
@@ -210,7 +243,12 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
     def fit_predict(self, X, y=None):
         """Fit, then label the training points themselves by their
         leave-one-out scores (a point is not its own neighbour), so about
-        ``contamination`` of them are flagged."""
+        ``contamination`` of them are flagged.
+
+        nonn's detectors model clean normal data (novelty detection). On a
+        training set that itself holds anomalies they shape the model, and
+        their scores can come out lower than those of normal points; see
+        the user guide before using this on contaminated data."""
         self.fit(X)
         return np.where(self.train_scores_ - self.offset_ < 0, -1, 1)
 
@@ -236,11 +274,36 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
                 "false_alarm_rate must be a float in the range (0, 1). "
                 f"Got {rate!r} instead. For example: calibrate(X_val, false_alarm_rate=0.01)."
             )
-        scores = self.score_samples(X_normal)
+        X_normal = self._validate_query(X_normal)
+        seen = self._training_rows(X_normal)
+        n = X_normal.shape[0]
+        if seen.sum() * 2 > n:
+            raise ValueError(
+                f"{int(seen.sum())} of the {n} rows given to calibrate are training rows of "
+                "this model; their scores are not out of sample (a training row is its own "
+                "nearest neighbour), so the threshold would flag far more new normal data "
+                "than asked. Calibrate on normal data held out from fit.")
+        if seen.any():
+            warnings.warn(f"{int(seen.sum())} of the {n} calibration rows are training rows "
+                          "of this model; their scores are optimistic.", stacklevel=2)
+        scores = -self._anomaly_score(X_normal)
+        self.calibration_scores_ = scores
         self.offset_ = self._quantile_offset(scores, rate)
         self.contamination_ = float(rate)
-        self.threshold_source_ = f"calibrated on {len(scores)} held-out normal samples"
+        self.threshold_source_ = f"calibrated on {n} held-out normal samples"
         return self
+
+    def _training_rows(self, Xp):
+        """Which preprocessed query rows are exactly rows of the training data."""
+        fit = self._fit_X
+        if hasattr(self, "_to_grid"):
+            Xp = self._to_grid(Xp)
+        if Xp.shape[1] != fit.shape[1] or not len(Xp):
+            return np.zeros(len(Xp), dtype=bool)
+        row = np.dtype((np.void, fit.dtype.itemsize * fit.shape[1]))
+        a = np.ascontiguousarray(Xp, dtype=fit.dtype).view(row).ravel()
+        b = np.ascontiguousarray(fit).view(row).ravel()
+        return np.isin(a, b)
 
     # --------------------------------------------------------- persistence
     def save(self, path):
