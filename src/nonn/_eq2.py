@@ -86,7 +86,7 @@ def neighborhood_eigen(Xg, groups, sizes, set_size, n_jobs=1, out=None):
     w, v = out
     ww = w if w.flags.c_contiguous and w.dtype == Xg.dtype else np.empty(w.shape, Xg.dtype)
     vv = v if v.flags.c_contiguous and v.dtype == Xg.dtype else np.empty(v.shape, Xg.dtype)
-    with numba_threads(n_jobs), single_thread_blas():
+    with numba_threads(n_jobs, c * n_sets * Kp * Kp * set_size), single_thread_blas():
         _eq2_kernels.dual_eigen(Xg, groups, np.ascontiguousarray(sizes, dtype=np.int64),
                                 int(set_size), ww, vv)
     if ww is not w:
@@ -120,7 +120,7 @@ def score_terms(Qg, idx, Xg, evecs, evals, sizes, set_size, floor, n_jobs=1, row
     if rows is None:
         rows = np.arange(evecs.shape[0], dtype=np.int64)
     terms = np.empty(idx.shape, dtype=Qg.dtype)
-    with numba_threads(n_jobs):
+    with numba_threads(n_jobs, idx.size * groups.shape[1] * Xg.shape[1]):
         _eq2_kernels.dual_score(np.ascontiguousarray(Qg, dtype=Xg.dtype), idx,
                                 np.ascontiguousarray(rows, dtype=np.int64), Xg,
                                 np.ascontiguousarray(groups, dtype=np.int64), evecs, evals,

@@ -15,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from ._threads import SMALL_WORK
+
 
 def permute(X, order):
     """``X[:, order]`` as a C-contiguous array (``np.take`` along the rows:
@@ -132,6 +134,8 @@ def _neighbourhood_eigen_numba(Xg, groups, sizes, set_size, n_jobs, out=None):
     ww = w if w.flags.c_contiguous and w.dtype == Xg.dtype else np.empty(w.shape, Xg.dtype)
     vv = v if v.flags.c_contiguous and v.dtype == Xg.dtype else np.empty(v.shape, Xg.dtype)
     prev = numba.get_num_threads()
+    if c * groups.shape[1] * Xg.shape[1] * L < SMALL_WORK:
+        n_jobs = 1  # waking the pool costs more than the work
     numba.set_num_threads(max(1, min(n_jobs, numba.config.NUMBA_NUM_THREADS)))
     try:
         _kernels.neighbourhood_eigen(Xg, groups, sizes, L, JACOBI_TOL[Xg.dtype], ww, vv)
@@ -210,6 +214,8 @@ def score_eq2(Qg, idx, Xg, evecs, evals, sizes, floor, n_jobs=1, engine="auto",
 
         terms = np.empty(idx.shape, dtype=Qg.dtype)
         prev = numba.get_num_threads()
+        if idx.size * Qg.shape[1] * evecs.shape[-1] < SMALL_WORK:
+            n_jobs = 1  # waking the pool costs more than the work
         numba.set_num_threads(max(1, min(n_jobs, numba.config.NUMBA_NUM_THREADS)))
         try:
             _kernels.score_eq2(Qg, np.ascontiguousarray(idx, dtype=np.int64), Xg, evecs, evals,

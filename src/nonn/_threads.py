@@ -22,13 +22,21 @@ def resolve_n_jobs(n_jobs):
     return int(n_jobs)
 
 
+#: operations below which a kernel runs on one thread: waking numba's pool
+#: costs more than the work (tens of milliseconds on a loaded machine)
+SMALL_WORK = 1 << 22
+
+
 @contextlib.contextmanager
-def numba_threads(n):
+def numba_threads(n, work=None):
     """numba's thread count set to ``n`` (capped at its pool; None keeps it)
-    for a block, then restored; yields the count in use."""
+    for a block, then restored; yields the count in use. ``work`` (an
+    operation count) below :data:`SMALL_WORK` means one thread."""
     import numba
 
     prev = numba.get_num_threads()
+    if work is not None and work < SMALL_WORK:
+        n = 1
     if n is not None:
         numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
     try:

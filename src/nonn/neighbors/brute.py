@@ -74,7 +74,9 @@ class BruteForceBackend:
         nq = Q.shape[0]
         dist = np.empty((nq, k), dtype=Xt.dtype) if return_distance else None
         ind = np.empty((nq, k), dtype=np.int64)
-        with _numba_threads(resolve_threads(self.n_jobs)) as pool:
+        # a small search runs on one thread: waking the pool costs more
+        threads = 1 if nq * n_train * Xt.shape[1] < _SMALL_WORK else resolve_threads(self.n_jobs)
+        with _numba_threads(threads) as pool:
             for start, stop in self._query_blocks(nq, k, self_query):
                 self._search(Q, start, stop, k, self_query, pool.threads, dist, ind)
         return (dist, ind) if return_distance else ind
@@ -126,6 +128,8 @@ class BruteForceBackend:
 #: small enough that the diagonal blocks (computed whole) waste little and a
 #: block stays in the cache for its two merges.
 _SELF_BLOCK = 1024
+#: multiply-adds below which a search runs on one thread
+_SMALL_WORK = 1 << 22
 #: queries per task, and training rows per product, of a search for new points
 _QUERY_ROWS = 256
 _QUERY_BLOCK = 2048
