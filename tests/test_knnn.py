@@ -164,6 +164,27 @@ def test_global_and_local_match_naive(seed):
                                naive_local_scores(X, Q, 4, 3, order, 1e-3), rtol=1e-6)
 
 
+def test_global_threshold_scores_are_cross_fitted():
+    """GlobalEigenKNN's training scores are out of sample: each fold of rows
+    scored by the naive Eq. 3 model of the other rows. With fewer rows than
+    features a held-out threshold then flags about the share asked for."""
+    from nonn._baselines import _FOLDS
+
+    X, Q = well_conditioned(5, n=40, d=8)
+    g = GlobalEigenKNN(n_neighbors=3, eig_floor=1e-3).fit(X)
+    folds = np.array_split(np.random.default_rng(0).permutation(40), _FOLDS)
+    expected = np.empty(40)
+    for fold in folds:
+        rest = np.setdiff1d(np.arange(40), fold)
+        expected[fold] = naive_global_scores(X[rest], X[fold], 3, 1e-3)
+    np.testing.assert_allclose(-g.train_scores_, expected, rtol=1e-6)
+    rng = np.random.default_rng(0)
+    W = rng.normal(size=(20, 60))
+    normals = rng.normal(size=(400, 20)) @ W  # 60 features, rank 20, 100 training rows
+    det = GlobalEigenKNN(contamination=0.05).fit(normals[:100])
+    assert np.mean(det.predict(normals[100:]) == -1) < 0.15
+
+
 def test_knn_aggregates_hand_computed():
     X = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [4.0, 0.0]])
     q = np.array([[0.0, 0.0]])

@@ -143,6 +143,16 @@ class GlobalEigenKNN(_NeighbourQueries, BaseDetector):
         self.whiten = whiten
 
     def _fit(self, X):
+        self.eigenvalues_, self.components_, self.eig_floor_ = self._eigen_state(X)
+        n = X.shape[0]
+        self.n_neighbors_ = cap(self.n_neighbors, n - 1, "n_neighbors",
+                                "the number of other training points")
+        self._fit_X = X
+        self._search = self._make_backend(X)
+        return self._cross_fitted_scores(X)
+
+    def _eigen_state(self, X):
+        """(eigenvalues, eigenvectors, floor) of the covariance of ``X``."""
         X64 = X.astype(np.float64)
         cov = np.cov(X64, rowvar=False, bias=True).reshape(X.shape[1], X.shape[1])
         w, v = np.linalg.eigh(cov)
@@ -150,20 +160,48 @@ class GlobalEigenKNN(_NeighbourQueries, BaseDetector):
         if scale <= 0:
             scale = 1.0
         rel = max(float(self.eig_floor), 10 * np.finfo(X.dtype).eps)
-        self.eig_floor_ = np.array([rel * scale], dtype=X.dtype)
-        self.eigenvalues_ = np.maximum(w, 0).astype(X.dtype)
-        self.components_ = v.astype(X.dtype)
-        return self._fit_neighbours(X)
+        return (np.maximum(w, 0).astype(X.dtype), v.astype(X.dtype),
+                np.array([rel * scale], dtype=X.dtype))
+
+    def _cross_fitted_scores(self, X):
+        """Out-of-sample scores of every training row by K-fold cross-fitting:
+        the rows of a fold are scored by the model (covariance, floor,
+        neighbours) of the other folds. A leave-one-out score would keep the
+        row in the global covariance: with fewer rows than features every
+        training row then lies in the covariance's span while new rows do
+        not, and a threshold set on such scores flags almost all new data."""
+        n = X.shape[0]
+        folds = np.array_split(np.random.default_rng(0).permutation(n), min(_FOLDS, n))
+        out = np.empty(n, dtype=X.dtype)
+        for fold in folds:
+            rest = np.setdiff1d(np.arange(n), fold)
+            w, v, floor = self._eigen_state(X[rest])
+            k = min(self.n_neighbors_, len(rest))
+            search = self._make_backend(X[rest])
+            _, idx = search.kneighbors(X[fold], k)
+            out[fold] = _global_eq3(X[fold], X[rest], idx, w, v, floor[0], self)
+        self._search = self._make_backend(X)  # _make_backend records backend_
+        return out
 
     def _from_neighbours(self, Q, dist, idx):
-        weights = 1.0 / np.sqrt(np.maximum(self.eigenvalues_, self.eig_floor_[0]))
-        out = np.empty(Q.shape[0], dtype=Q.dtype)
-        row_bytes = Q.dtype.itemsize * idx.shape[1] * Q.shape[1] * 3
-        for sl in self._query_chunks(Q.shape[0], row_bytes):
-            diff = Q[sl, None, :] - self._fit_X[idx[sl]]
-            proj = np.abs(diff @ self.components_)
-            out[sl] = (proj @ weights.astype(Q.dtype)).sum(axis=1)
-        return out
+        return _global_eq3(Q, self._fit_X, idx, self.eigenvalues_, self.components_,
+                           self.eig_floor_[0], self)
+
+
+#: folds of GlobalEigenKNN's cross-fitted calibration scores
+_FOLDS = 5
+
+
+def _global_eq3(Q, X, idx, evals, evecs, floor, det):
+    """Eq. 3: sum_i sum_j |(q - x_i) . v_j| / sqrt(max(e_j, floor))."""
+    weights = (1.0 / np.sqrt(np.maximum(evals, floor))).astype(Q.dtype)
+    out = np.empty(Q.shape[0], dtype=Q.dtype)
+    row_bytes = Q.dtype.itemsize * idx.shape[1] * Q.shape[1] * 3
+    for sl in det._query_chunks(Q.shape[0], row_bytes):
+        diff = Q[sl, None, :] - X[idx[sl]]
+        proj = np.abs(diff @ evecs)
+        out[sl] = (proj @ weights).sum(axis=1)
+    return out
 
 
 class LocalEigenKNN(_SetGridMixin, _NeighbourQueries, BaseDetector):
