@@ -12,7 +12,7 @@ Reading never trusts a size written in the file. Before any data is read:
 * the path must be a regular file (a named pipe or a device is refused
   without being opened, so nothing blocks);
 * the zip's central directory is located from its end record and must be
-  small (``MAX_DIRECTORY_BYTES``), every member stored uncompressed (a
+  small (``MAX_MEMBERS``, ``MAX_DIRECTORY_BYTES``), every member stored uncompressed (a
   compressed member could expand without bound: a "zip bomb") and
   unencrypted, its data inside the file, and the members' sizes must sum to
   at most the file's size (no two entries sharing one member's data);
@@ -43,8 +43,10 @@ import numpy as np
 META = "__meta__"
 #: the JSON metadata of a model is a few KiB; more is not a nonn model
 MAX_META_BYTES = 1 << 20
-#: a model's central directory lists a dozen members (about 100 bytes each)
-MAX_DIRECTORY_BYTES = 1 << 20
+#: a model has a dozen members; zipfile's record of each takes ~10x its
+#: directory entry, so the directory is capped before zipfile parses it
+MAX_MEMBERS = 64
+MAX_DIRECTORY_BYTES = 1 << 16
 #: nonn's metadata nests 4 levels (parameters -> backend_params -> values)
 MAX_JSON_DEPTH = 32
 #: array data are read (and checked) in blocks of this many bytes
@@ -236,7 +238,7 @@ class Archive:
         count, cd_size, cd_offset = _end_record(self._fh, size, self._unreadable)
         if cd_offset + cd_size > size:
             raise self._unreadable("its zip directory lies outside the file")
-        if cd_size > MAX_DIRECTORY_BYTES or count > MAX_DIRECTORY_BYTES // 46:
+        if cd_size > MAX_DIRECTORY_BYTES or count > MAX_MEMBERS:
             raise ModelFileError(f"{where} lists {count} members in a {cd_size}-byte "
                                  "directory; a nonn model has a dozen. It is not a nonn "
                                  "model file.")

@@ -156,15 +156,33 @@ def check_meta(meta, where):
     if meta["n_features_in"] < 1:
         raise ModelFileError(f"{where}: the metadata key 'n_features_in' must be >= 1; got "
                              f"{meta['n_features_in']!r}.")
-    for name, spec in meta["arrays"].items():
-        if (not isinstance(spec, dict) or not isinstance(spec.get("dtype"), str)
-                or not isinstance(spec.get("shape"), list)
-                or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
-                           for n in spec["shape"])):
-            raise ModelFileError(f"{where}: the metadata's entry for the array {name!r} "
-                                 f"must be {{'shape': [ints >= 0], 'dtype': str}}; got "
-                                 f"{spec!r}.")
+    check_array_table(meta["arrays"], where)
     return registry[cls_name]
+
+
+def check_array_table(arrays, where, dims=None):
+    """Check the metadata's table of arrays ``{name: {"shape": [...], "dtype":
+    "<f4"}}`` (what ``nonn info`` prints without reading the arrays);
+    ``dims``: ``{name: number of dimensions}`` of arrays that must be listed."""
+    for name, spec in arrays.items():
+        ok = (isinstance(spec, dict) and isinstance(spec.get("dtype"), str)
+              and len(spec["dtype"]) <= 8 and isinstance(spec.get("shape"), list)
+              and len(spec["shape"]) <= 8
+              and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                      for n in spec["shape"]))
+        if ok:
+            try:
+                ok = np.dtype(spec["dtype"]).kind in "biuf"
+            except TypeError:
+                ok = False
+        if not ok:
+            raise ModelFileError(f"{where}: the metadata's entry for the array {name!r} "
+                                 "must be {'shape': [ints >= 0], 'dtype': a numeric numpy "
+                                 f"dtype}}; got {spec!r}.")
+    for name, n in (dims or {}).items():
+        if name not in arrays or len(arrays[name]["shape"]) != n:
+            raise ModelFileError(f"{where}: the metadata does not list the {n}-dimensional "
+                                 f"array {name!r}; the file is corrupted.")
 
 
 def _make(cls, params, where):

@@ -726,11 +726,15 @@ def _check_meta(meta, where):
     if cls is None:
         raise ModelFileError(f"{where} names an unknown image system "
                              f"{meta.get('system')!r}.")
+    from nonn.persistence import check_array_table
+
     keys = ("params", "arrays") + (("detector",) if version >= 2 else ())
     for key in keys:
         if not isinstance(meta.get(key), dict):
             raise ModelFileError(f"{where}: the metadata key {key!r} is missing or not a "
                                  "dict; the file is corrupted.")
+    check_array_table(meta["arrays"], where, {name.rstrip("_"): len(cls._state_spec[name].shape)
+                                              for name in cls._extra_arrays})
     return cls
 
 
