@@ -409,7 +409,7 @@ def _info_image(args):
         vision.load(args.model)
         print("verified:     the model loads; every array matches its metadata (the zip's "
               "CRC-32 checked as it is read; the format has no other checksum), the "
-              "embedded detector passes the core checks, and the features, pyramids and "
+              "detector passes the core checks, and the features, pyramids and "
               "detector agree in shape")
     return 0
 
