@@ -10,8 +10,9 @@ from sklearn.base import BaseEstimator, OutlierMixin
 from sklearn.utils.validation import check_is_fitted
 
 from ._chunks import chunk_rows, progress
+from ._state import Array, Int, Real, Str
 from ._validation import Interval, IsDict, IsNone, Options, check_array_input, validate_params
-from .neighbors import make_backend
+from .neighbors import BACKENDS, make_backend
 
 #: contamination="auto": the share of training points flagged by default.
 AUTO_CONTAMINATION = 0.01
@@ -89,6 +90,18 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
         "contamination": 0.01,
         "eig_floor": 1e-3,
         "aggregate": "'mean'",
+    }
+
+    #: What a valid fitted attribute is, per saved attribute (checked on
+    #: every load and save; see nonn._state). Subclasses extend it.
+    _state_spec = {
+        "_fit_X": Array("N", "D"),
+        "train_scores_": Array("N"),
+        "n_neighbors_": Int(1, "N-1"),
+        "offset_": Real(),
+        "contamination_": Real(0, 1, positive=True),
+        "threshold_source_": Str(),
+        "backend_": Str(options=tuple(BACKENDS)),
     }
 
     @classmethod

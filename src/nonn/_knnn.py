@@ -17,12 +17,22 @@ from ._local_eigen import (
     score_eq2,
 )
 from ._partition import feature_order, set_sizes
+from ._state import Array, Dict, Int, Optional, Real, permutation
+from ._state import set_sizes as valid_set_sizes
 from ._validation import Interval, IsNone, Options
 
 
 class _SetGridMixin:
     """Feature re-ordering, partition into sets and the relative eigenvalue
     floor, shared by :class:`KNNN` and :class:`LocalEigenKNN`."""
+
+    #: the grid's fitted state (see BaseDetector._state_spec)
+    _grid_state_spec = {
+        "feature_order_": Array("D", dtype="int64", check=permutation),
+        "set_sizes_": Array("S", dtype="int64", check=valid_set_sizes),
+        "eig_floor_": Array("S", positive=True),
+        "set_size_": Int(1, "D", binds="L"),
+    }
 
     def _fit_grid(self, X, set_size=None, eig_floor=None):
         d = X.shape[1]
@@ -204,6 +214,17 @@ class KNNN(_SetGridMixin, BaseDetector):
         "n_neighbors_", "n_neighbors_of_neighbors_", "set_size_", "eig_floor_rel_", "offset_",
         "contamination_", "threshold_source_", "backend_", "auto_params_",
     )
+    _state_spec = {
+        **BaseDetector._state_spec,
+        **_SetGridMixin._grid_state_spec,
+        "neighborhoods_": Array("N", "Kp", dtype="int64", ids="N"),
+        "eigenvalues_": Array("N", "S", "L", low=0),
+        "eigenvectors_": Array("N", "S", "L", "L"),
+        "n_neighbors_of_neighbors_": Int(1, "N", binds="Kp"),
+        "eig_floor_rel_": Real(0, None),
+        "auto_params_": Optional(Dict({"n_neighbors": Int(1), "n_neighbors_of_neighbors": Int(1),
+                                       "set_size": Int(1), "eig_floor": Real(0, None)})),
+    }
 
     def __init__(
         self,
