@@ -7,7 +7,7 @@ import pytest
 
 import nonn
 from nonn import KNN, KNNN, GlobalEigenKNN, LocalEigenKNN, ModelFileError, load
-from nonn import persistence
+from nonn import _archive, persistence
 
 ESTIMATORS = [KNNN, KNN, GlobalEigenKNN, LocalEigenKNN]
 rng = np.random.default_rng(0)
@@ -166,7 +166,7 @@ def test_save_is_atomic(model_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(persistence.np, "savez", broken)
+    monkeypatch.setattr(_archive, "_write_member", broken)
     with pytest.raises(OSError, match="disk full"):
         KNN().fit(X).save(model_path)
     assert model_path.read_bytes() == before  # old model intact

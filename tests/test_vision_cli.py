@@ -157,7 +157,7 @@ def test_info_describes_a_spade_image_model(spade_model, capsys):
              for line in out.splitlines() if ":" in line and not line.startswith(" ")}
     assert lines["model"] == (f"{spade_model} ({_human_bytes(spade_model.stat().st_size)} "
                               "on disk)")
-    assert lines["format"].startswith("nonn-vision-model version 1")
+    assert lines["format"].startswith("nonn-vision-model version 2")
     assert lines["system"] == "SPADE (nn = knnn: KNNN detector)"
     assert lines["backbone"].startswith("efficientnet_lite0 ")
     assert lines["image_size"] == "64 x 64"
@@ -237,7 +237,8 @@ def test_info_refuses_broken_image_models_clearly(spade_model, tmp_path, capsys)
 
     odd = _rewrite(spade_model, tmp_path / "odd.nonn", drop_maps)
     rc, out, err = _info(capsys, odd, "--verify")
-    assert rc == 2 and "is inconsistent: train_maps has shape (20, 176, 8, 8)" in err
+    assert rc == 2 and ("the array 'train_maps' has shape (20, 176, 8, 8); expected shape "
+                        "(N=24, " in err)
     # an array that does not match the metadata
     def lie(arrays, meta):
         meta["arrays"]["train_features"]["shape"] = [23, 1280]

@@ -11,11 +11,16 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._chunks import chunk_rows, progress
 from ._preprocess import fit_whitening, l2_rows, whiten
+from ._state import Array, Int, Real, Str
 from ._validation import Interval, IsDict, IsNone, Options, check_array_input, validate_params
-from .neighbors import make_backend
+from .neighbors import BACKENDS, make_backend
 
 #: contamination="auto": the share of training points flagged by default.
 AUTO_CONTAMINATION = 0.01
+
+
+#: fitted arrays of every detector's threshold and p-values
+CALIBRATION_ARRAYS = ("calibration_rows_", "calibration_scores_")
 
 
 def _preprocess_arrays(params):
@@ -132,10 +137,28 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
         "whiten": 0.5,
     }
 
+    #: What a valid fitted attribute is, per saved attribute (checked on
+    #: every load and save; see nonn._state). Subclasses extend it.
+    _state_spec = {
+        "_fit_X": Array("N", "D"),
+        # out-of-sample scores of the calibration rows, set by fit
+        "train_scores_": Array("C"),
+        "calibration_rows_": Array("C", dtype="int64", ids="N"),
+        # the scores behind offset_ and pvalue (fit's, or calibrate's)
+        "calibration_scores_": Array("M"),
+        "whiten_mean_": Array("D"),
+        "whiten_matrix_": Array("D", "D"),
+        "n_neighbors_": Int(1, "N-1"),
+        "offset_": Real(),
+        "contamination_": Real(0, 1, positive=True),
+        "threshold_source_": Str(),
+        "backend_": Str(options=tuple(BACKENDS)),
+    }
+
     @classmethod
     def _state_arrays_for(cls, params):
         """The fitted arrays a model with constructor ``params`` holds."""
-        return cls._state_arrays + _preprocess_arrays(params)
+        return cls._state_arrays + CALIBRATION_ARRAYS + _preprocess_arrays(params)
 
     # ----------------------------------------------------------------- fit
     def _check_params(self):
@@ -159,8 +182,11 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
         self.n_jobs_ = resolve_n_jobs(self.n_jobs)
         self.dtype_ = X.dtype
         X = self._fit_preprocess(X)
+        self.calibration_rows_ = None
         loo = self._fit(X)
         self.train_scores_ = -np.asarray(loo)
+        if self.calibration_rows_ is None:  # every training row was scored
+            self.calibration_rows_ = np.arange(X.shape[0], dtype=np.int64)
         self.calibration_scores_ = self.train_scores_
         self.contamination_ = (
             AUTO_CONTAMINATION if self.contamination == "auto" else float(self.contamination)

@@ -9,6 +9,7 @@ import numpy as np
 from ._base import BaseDetector, cap
 from ._knnn import _SetGridMixin
 from ._local_eigen import neighbourhood_eigen, project_l1
+from ._state import Array
 from ._validation import Interval, Options
 
 _AGGREGATES = {
@@ -126,6 +127,12 @@ class GlobalEigenKNN(_NeighbourQueries, BaseDetector):
     _state_arrays = ("_fit_X", "components_", "eigenvalues_", "eig_floor_", "train_scores_")
     _state_scalars = ("n_neighbors_", "offset_", "contamination_", "threshold_source_",
                       "backend_")
+    _state_spec = {
+        **BaseDetector._state_spec,
+        "components_": Array("D", "D"),
+        "eigenvalues_": Array("D", low=0),
+        "eig_floor_": Array(1, positive=True),
+    }
 
     def __init__(self, n_neighbors=3, eig_floor=1e-3, metric="euclidean", backend="auto",
                  backend_params=None, contamination="auto", working_memory=None, n_jobs=None,
@@ -233,6 +240,7 @@ class LocalEigenKNN(_SetGridMixin, _NeighbourQueries, BaseDetector):
     _state_arrays = ("_fit_X", "feature_order_", "set_sizes_", "eig_floor_", "train_scores_")
     _state_scalars = ("n_neighbors_", "set_size_", "offset_", "contamination_",
                       "threshold_source_", "backend_")
+    _state_spec = {**BaseDetector._state_spec, **_SetGridMixin._grid_state_spec}
 
     def __init__(self, n_neighbors=3, set_size=5, reorder="greedy", eig_floor=1e-3,
                  metric="euclidean", backend="auto", backend_params=None, contamination="auto",

@@ -41,6 +41,9 @@ def covariances(Xg, groups, sizes, L, out):
     n_sets = sizes.shape[0]
     d = Xg.shape[1]
     width = n_sets * L
+    _check_ids(groups, 0, Xg.shape[0])
+    _check_sets(sizes, L, d, d <= width and out.shape[0] >= c and out.shape[1] >= n_sets
+                and out.shape[2] >= L and out.shape[3] >= L)
     for p in prange(c):
         mean = np.zeros(d)
         for t in range(m):
@@ -267,6 +270,10 @@ def neighbourhood_eigen(Xg, groups, sizes, L, tol, w_out, V_out):
     n_sets = sizes.shape[0]
     d = Xg.shape[1]
     width = n_sets * L
+    _check_ids(groups, 0, Xg.shape[0])
+    _check_sets(sizes, L, d, d <= width and w_out.shape[0] >= c and w_out.shape[1] >= n_sets
+                and w_out.shape[2] >= L and V_out.shape[0] >= c and V_out.shape[1] >= n_sets
+                and V_out.shape[2] >= L and V_out.shape[3] >= L)
     full = 0
     for s in range(n_sets):
         if sizes[s] == L:
@@ -348,6 +355,11 @@ def score_eq2(Qg, idx, Xg, evecs, evals, sizes, floor, out):
     q, k = idx.shape
     n_sets = sizes.shape[0]
     L = evecs.shape[2]
+    _check_ids(idx, 0, min(Xg.shape[0], evecs.shape[0], evals.shape[0]))
+    _check_sets(sizes, L, min(Qg.shape[1], Xg.shape[1]),
+                Qg.shape[0] >= q and out.shape[0] >= q and out.shape[1] >= k
+                and evecs.shape[1] >= n_sets and evecs.shape[3] >= L
+                and evals.shape[1] >= n_sets and evals.shape[2] >= L and floor.shape[0] >= n_sets)
     for u in prange(q):
         d = np.empty(L)
         for i in range(k):
@@ -420,6 +432,9 @@ def exact_sq_sorted(X, Q, cand, sq_out, ids_out):
     the candidates sorted by them (stable: ties keep the given order)."""
     nq, m = cand.shape
     d = X.shape[1]
+    _check_ids(cand, 0, X.shape[0])
+    _check_shapes(Q.shape[0] >= nq and Q.shape[1] >= d and sq_out.shape[0] >= nq
+                  and sq_out.shape[1] >= m and ids_out.shape[0] >= nq and ids_out.shape[1] >= m)
     for i in prange(nq):
         acc = np.empty(m)
         ids = np.empty(m, dtype=np.int64)
@@ -472,6 +487,14 @@ def refine_by_neighbours(X, Q, first, graph, fanout, rev_ptr, rev_ids, self_ids,
     d = X.shape[1]
     f = min(fanout, m0)
     has_rev = rev_ptr.shape[0] > nq
+    # ids < 0 mean "none" here; graph ids are checked where they are read
+    _check_ids(first, _NONE_OK, min(graph.shape[0], X.shape[0]))
+    _check_ids1(rev_ids, _NONE_OK, X.shape[0])
+    _check_ptr(rev_ptr, nq, rev_ids.shape[0], has_rev)
+    _check_shapes(fanout >= 0 and Q.shape[0] >= nq and Q.shape[1] >= d
+                  and self_ids.shape[0] >= nq and sq_out.shape[0] >= nq
+                  and sq_out.shape[1] >= k and ids_out.shape[0] >= nq)
+    bad = np.zeros(nq, dtype=np.bool_)
     for i in prange(nq):
         r0 = rev_ptr[i] if has_rev else 0
         r1 = rev_ptr[i + 1] if has_rev else 0
@@ -499,6 +522,9 @@ def refine_by_neighbours(X, Q, first, graph, fanout, rev_ptr, rev_ids, self_ids,
             j = cs[t]
             if j == prev or j == me or j < 0:
                 continue
+            if j >= X.shape[0]:
+                bad[i] = True
+                continue
             prev = j
             # ranking value in the data's precision (SIMD-wide); the kept
             # ones are re-measured in float64 below
@@ -520,6 +546,9 @@ def refine_by_neighbours(X, Q, first, graph, fanout, rev_ptr, rev_ids, self_ids,
         for a in range(k):
             sq_out[i, a] = hv[a]
             ids_out[i, a] = hi[a]
+    for i in range(nq):
+        if bad[i]:
+            raise IndexError("nonn kernel: a graph id is out of range")
 
 
 #: candidates checked at once (SIMD minimum) before any heap work
@@ -674,6 +703,13 @@ def expand_groups(gids, ptr, members, self_ids, groups_of, out):
     ``out.shape[1]`` ids are written. ``-1`` in ``gids`` is skipped."""
     nq, kg = gids.shape
     k = out.shape[1]
+    n_groups = ptr.shape[0] - 1
+    _check_ids(gids, _NONE_OK, n_groups)
+    _check_ptr(ptr, n_groups, members.shape[0], True)
+    _check_shapes(self_ids.shape[0] >= nq and groups_of.shape[0] >= nq and out.shape[0] >= nq)
+    for i in range(nq):
+        if self_ids[i] >= 0 and groups_of[i] >= n_groups:
+            raise IndexError("nonn kernel: a group id is out of range")
     for i in prange(nq):
         c = 0
         me = self_ids[i]
@@ -699,3 +735,63 @@ def expand_groups(gids, ptr, members, self_ids, groups_of, out):
                 c += 1
         for a in range(c, k):
             out[i, a] = -1
+
+
+# ------------------------------------------------------------- entry checks
+# The kernels above that index by ids or sizes they are given check them on
+# entry (serially, one pass over the ids: a small share of the kernel's own
+# work), so that no input, not even one that skipped nonn's validation (a
+# crafted model file, say), makes them read or write out of bounds. numba
+# raises these exceptions in the caller as ordinary Python exceptions.
+
+#: lowest id accepted where a negative id means "none" (skipped by the kernel)
+_NONE_OK = np.iinfo(np.int64).min
+
+
+@njit(cache=True)
+def _check_ids(ids, low, high):
+    """IndexError unless every entry of the 2-D ``ids`` is in [low, high)."""
+    for i in range(ids.shape[0]):
+        for j in range(ids.shape[1]):
+            if ids[i, j] < low or ids[i, j] >= high:
+                raise IndexError("nonn kernel: an id is out of range")
+
+
+@njit(cache=True)
+def _check_ids1(ids, low, high):
+    """:func:`_check_ids` for a 1-D ``ids``."""
+    for i in range(ids.shape[0]):
+        if ids[i] < low or ids[i] >= high:
+            raise IndexError("nonn kernel: an id is out of range")
+
+
+@njit(cache=True)
+def _check_ptr(ptr, n, total, used):
+    """ValueError unless ``ptr`` (when ``used``) is a CSR pointer of ``n``
+    rows into ``total`` entries: ``n + 1`` non-decreasing offsets in [0, total]."""
+    if not used:
+        return
+    if n < 0 or ptr.shape[0] < n + 1 or ptr[0] < 0 or ptr[n] > total:
+        raise ValueError("nonn kernel: invalid CSR pointers")
+    for i in range(n):
+        if ptr[i + 1] < ptr[i]:
+            raise ValueError("nonn kernel: invalid CSR pointers")
+
+
+@njit(cache=True)
+def _check_shapes(ok):
+    if not ok:
+        raise ValueError("nonn kernel: inconsistent array shapes")
+
+
+@njit(cache=True)
+def _check_sets(sizes, L, width, shapes_ok):
+    """ValueError unless the feature sets fit the layout the kernels index
+    by: at least one set, each of 0..L features, set ``s`` within the first
+    ``width`` columns (``s * L + sizes[s] <= width``), and ``shapes_ok``."""
+    _check_shapes(shapes_ok)
+    if sizes.shape[0] < 1 or L < 1:
+        raise ValueError("nonn kernel: no feature sets")
+    for s in range(sizes.shape[0]):
+        if sizes[s] < 0 or sizes[s] > L or s * L + sizes[s] > width:
+            raise ValueError("nonn kernel: feature-set sizes do not fit the data")

@@ -11,12 +11,22 @@ from ._base import BaseDetector, CappedParameterWarning, cap
 from ._eq2 import aggregate_terms, eigen_row_bytes, eigen_width, neighborhood_eigen, score_terms
 from ._local_eigen import floor_scale, pad, permute
 from ._partition import feature_order, set_sizes
+from ._state import Array, Dict, Int, Optional, Real, permutation
+from ._state import set_sizes as valid_set_sizes
 from ._validation import Interval, IsNone, Options
 
 
 class _SetGridMixin:
     """Feature re-ordering, partition into sets and the relative eigenvalue
     floor, shared by :class:`KNNN` and :class:`LocalEigenKNN`."""
+
+    #: the grid's fitted state (see BaseDetector._state_spec)
+    _grid_state_spec = {
+        "feature_order_": Array("D", dtype="int64", check=permutation),
+        "set_sizes_": Array("S", dtype="int64", check=valid_set_sizes),
+        "eig_floor_": Array("S", positive=True),
+        "set_size_": Int(1, "D", binds="L"),
+    }
 
     def _fit_grid(self, X, set_size=None, eig_floor=None):
         d = X.shape[1]
@@ -60,6 +70,15 @@ AUTO_GRID = {
 AUTO_RHO = (0.05, 0.25, 1.0)
 #: candidates within this synthetic AUROC of the best count as tied
 AUTO_TIE = 1e-3
+
+
+def _eigen_width(arr, sym):
+    """Spec check: eigen-pairs per set are L (primal) or K' (dual form)."""
+    want = eigen_width(sym["L"], sym["Kp"])
+    if sym["R"] != want:
+        return (f"must hold {want} eigen-pairs per set (L={sym['L']}, K'={sym['Kp']}); it "
+                f"holds {sym['R']}.")
+    return None
 
 
 class KNNN(_SetGridMixin, BaseDetector):
@@ -216,6 +235,18 @@ class KNNN(_SetGridMixin, BaseDetector):
         "n_neighbors_", "n_neighbors_of_neighbors_", "set_size_", "eig_floor_rel_", "offset_",
         "contamination_", "threshold_source_", "backend_", "auto_params_",
     )
+    _state_spec = {
+        **BaseDetector._state_spec,
+        **_SetGridMixin._grid_state_spec,
+        "neighborhoods_": Array("N", "Kp", dtype="int64", ids="N"),
+        # L x L per set (primal), or K' x K' (dual, L > K'): see nonn._eq2
+        "eigenvalues_": Array("N", "S", "R", low=0, check=_eigen_width),
+        "eigenvectors_": Array("N", "S", "R", "R"),
+        "n_neighbors_of_neighbors_": Int(1, "N", binds="Kp"),
+        "eig_floor_rel_": Real(0, None),
+        "auto_params_": Optional(Dict({"n_neighbors": Int(1), "n_neighbors_of_neighbors": Int(1),
+                                       "set_size": Int(1), "eig_floor": Real(0, None)})),
+    }
 
     def __init__(
         self,

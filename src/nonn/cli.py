@@ -409,7 +409,7 @@ def _info_image(args):
         vision.load(args.model)
         print("verified:     the model loads; every array matches its metadata (the zip's "
               "CRC-32 checked as it is read; the format has no other checksum), the "
-              "embedded detector passes the core checks, and the features, pyramids and "
+              "detector passes the core checks, and the features, pyramids and "
               "detector agree in shape")
     return 0
 
@@ -594,3 +594,14 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("nonn: interrupted", file=sys.stderr)
         return 130
+    except MemoryError as exc:
+        print(f"nonn: error: out of memory ({_one_line(exc)}). Use a smaller input, or a "
+              "machine with more memory.", file=sys.stderr)
+        return 2
+    except RecursionError:
+        print("nonn: error: an input is nested too deeply to process.", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - the CLI's promise: one line, exit 2
+        print(f"nonn: error: unexpected {type(exc).__name__}: {_one_line(exc)} (this is a "
+              "bug in nonn; please report it with the command that gave it)", file=sys.stderr)
+        return 2

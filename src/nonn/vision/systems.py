@@ -29,21 +29,21 @@ Detection and Segmentation", CVPR 2021.
 from __future__ import annotations
 
 import copy
-import json
-import os
-import tempfile
 
 import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
+from nonn import _archive
+from nonn._archive import ModelFileError
 from nonn._base import ScoreConventions
+from nonn._state import Array
 
 from . import _images
 from .features import ImageFeatureExtractor, import_torch, show_progress
 
 VISION_FORMAT = "nonn-vision-model"
-VISION_FORMAT_VERSION = 1
+VISION_FORMAT_VERSION = 2
 
 
 def make_detector(nn, n_neighbors, n_neighbors_of_neighbors=25, contamination="auto",
@@ -128,30 +128,71 @@ class _ImageSystem(ScoreConventions, BaseEstimator):
 
     # -------------------------------------------------------- persistence
     _extra_arrays = ("train_features_",)
+    #: the saved arrays (see nonn._state): N training images, D feature
+    #: dimensions (the detector's), in float32 as the detector sees them
+    _state_spec = {"train_features_": Array("N", "D", dtype="float32")}
 
     def save(self, path):
         """Write the fitted system (parameters, detector arrays, stored
         features; never the backbone's weights, nor pickle) to ``path``."""
-        from nonn import __version__
-        from nonn._io import atomic_write
-        from nonn.persistence import _jsonable, save as save_detector
-
         check_is_fitted(self, "detector_")
-        with tempfile.TemporaryDirectory() as tmp:
-            p = os.path.join(tmp, "detector.nonn")
-            save_detector(self.detector_, p)
-            with open(p, "rb") as fh:
-                det_bytes = np.frombuffer(fh.read(), dtype=np.uint8)
-        arrays = {name.rstrip("_"): np.ascontiguousarray(getattr(self, name))
-                  for name in self._extra_arrays}
-        meta = {"format": VISION_FORMAT, "format_version": VISION_FORMAT_VERSION,
-                "nonn_version": __version__, "system": type(self).__name__,
-                "params": _jsonable(self.get_params()),
-                "arrays": {k: {"shape": list(v.shape), "dtype": v.dtype.str}
-                           for k, v in arrays.items()}}
-        payload = dict(arrays, detector=det_bytes,
-                       __meta__=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
-        return atomic_write(path, lambda fh: np.savez(fh, **payload))
+        arrays, meta = _system_state(self)
+        return _archive.write(path, arrays, meta)
+
+    def _check_params(self):
+        """Validate the parameters a saved system scores with (``fit``
+        validates the extractor's and detector's own as it builds them)."""
+        name = type(self).__name__
+        problems = []
+
+        def need(param, ok, expected):
+            if not ok(getattr(self, param)):
+                problems.append(f"The {param!r} parameter of {name} must be {expected}. "
+                                f"Got {getattr(self, param)!r} instead.")
+
+        def is_int(v, low=1):
+            return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= low
+
+        need("nn", lambda v: v in ("knn", "knnn"), "'knn' or 'knnn'")
+        need("n_neighbors", lambda v: v is None or is_int(v), "None or an int >= 1")
+        need("n_neighbors_of_neighbors", is_int, "an int >= 1")
+        need("backbone", lambda v: isinstance(v, str), "a backbone name")
+        need("weights", lambda v: v is None or isinstance(v, str), "None or a file path")
+        need("image_size", is_int, "an int >= 1")
+        need("batch_size", is_int, "an int >= 1")
+        need("device", lambda v: isinstance(v, str), "'auto', 'cpu' or 'cuda'")
+        need("verbose", lambda v: v in (True, False, "auto"), "True, False or 'auto'")
+        need("normalize", lambda v: v in (True, False), "True or False")
+        need("detector_params", lambda v: v is None or isinstance(v, dict), "None or a dict")
+        if problems:
+            raise ValueError(problems[0])
+        self._detector()._check_params()
+
+
+def _system_state(system):
+    """``(members, meta)`` of an image model file: the system's arrays, the
+    detector's under ``detector/``, and the metadata (the detector's nested
+    under ``"detector"``), checked as :func:`load` checks them."""
+    from nonn import __version__
+    from nonn.persistence import _jsonable, state as detector_state
+
+    det_arrays, det_meta = detector_state(system.detector_)
+    arrays = {name.rstrip("_"): np.ascontiguousarray(getattr(system, name))
+              for name in system._extra_arrays}
+    meta = {"format": VISION_FORMAT, "format_version": VISION_FORMAT_VERSION,
+            "nonn_version": __version__, "system": type(system).__name__,
+            "params": _jsonable(system.get_params()),
+            "arrays": {k: {"shape": list(v.shape), "dtype": v.dtype.str}
+                       for k, v in arrays.items()},
+            "detector": det_meta}
+    try:
+        _check_system(type(system), meta, {k: (v.shape, v.dtype) for k, v in arrays.items()},
+                      arrays.__getitem__, system.detector_, "the model")
+    except ModelFileError as exc:
+        raise ValueError(f"Refusing to save this {type(system).__name__}: {exc}") from None
+    members = dict(arrays)
+    members.update({_DETECTOR + k: v for k, v in det_arrays.items()})
+    return members, meta
 
 
 # ------------------------------------------------------------------ Feature
@@ -283,6 +324,9 @@ class SPADE(_ImageSystem):
 
     _default_k = 50
     _extra_arrays = ("train_features_", "train_maps_")
+    #: ... and the feature pyramids: C channels of M x M (M = map_size)
+    _state_spec = {**_ImageSystem._state_spec,
+                   "train_maps_": Array("N", "C", "M", "M", dtype="float16")}
 
     def __init__(self, nn="knnn", n_neighbors=None, n_neighbors_of_neighbors=25,
                  n_map_neighbors=5, map_size=28, sigma=4.0, map_nn="knn",
@@ -644,56 +688,53 @@ SYSTEMS = {"feature": FeatureDetector, "spade": SPADE, "panda": PANDA}
 
 
 # -------------------------------------------------------------- load model
-# An image model file is a numpy .npz: ``__meta__`` (JSON: format, version,
-# system class, parameters, shape and dtype of every stored array), the
-# stored arrays (``train_features``, and ``train_maps`` for SPADE) and
-# ``detector``, the bytes of a core ``nonn-model`` file. There is no checksum
-# beyond the zip's CRC-32 of every member (checked when a member is read),
-# as in the core format: loading checks each array against the metadata, the
-# embedded detector with the core loader, and that the parts agree in shape.
+# An image model file is a nonn model archive (see nonn._archive): the JSON
+# ``__meta__`` (format, version, system class, parameters, shape and dtype of
+# every stored array, and under ``"detector"`` the detector's own metadata as
+# a core ``nonn-model`` file has it), the stored arrays (``train_features``,
+# and ``train_maps`` for SPADE) and the detector's arrays under
+# ``detector/``. Format 1 stored the detector as the bytes of a whole core
+# model file in the member ``detector``; it is read in place, through the
+# same checked reader. There is no checksum beyond the zip's CRC-32 of every
+# member (checked as a member is read), as in the core format: the file is
+# validated as a whole (the detector by the core checks, the system's arrays
+# against it and its parameters) before it is used.
+
+_DETECTOR = "detector/"
+_CREATE = "`nonn fit-images` / system.save()"
+
 
 def _saved_classes():
     return {"FeatureDetector": FeatureDetector, "SPADE": SPADE}
 
 
-def _open(path):
-    from nonn.persistence import _open as open_archive
-
-    return open_archive(path, "image model", "`nonn fit-images` / system.save()")
-
-
-def _raw_meta(npz, path):
-    from nonn.persistence import ModelFileError
-
-    try:
-        return json.loads(bytes(npz["__meta__"]).decode())
-    except Exception as exc:  # noqa: BLE001
-        raise ModelFileError(f"{path!r} is not a nonn image model (no readable "
-                             f"metadata: {exc}).") from None
-
-
-def _check_meta(meta, path):
-    """The system class of a validated image-model metadata document."""
-    from nonn.persistence import ModelFileError
-
-    if not isinstance(meta, dict) or meta.get("format") != VISION_FORMAT:
+def _check_meta(meta, where):
+    """The system class of an image model's metadata, after checking its
+    format, version and top-level keys."""
+    if meta.get("format") != VISION_FORMAT:
         hint = (" It looks like a `nonn fit` model; score it with `nonn score`."
-                if isinstance(meta, dict) and meta.get("format") == "nonn-model" else "")
-        raise ModelFileError(f"{path!r} is not a nonn image model file.{hint}")
+                if meta.get("format") == "nonn-model" else "")
+        raise ModelFileError(f"{where} is not a nonn image model file.{hint}")
     version = meta.get("format_version")
-    if not isinstance(version, int) or version < 1:
-        raise ModelFileError(f"{path!r} has an invalid image model format version "
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ModelFileError(f"{where} has an invalid image model format version "
                              f"{version!r}.")
     if version > VISION_FORMAT_VERSION:
-        raise ModelFileError(f"{path!r} was written by a newer nonn (image model format "
+        raise ModelFileError(f"{where} was written by a newer nonn (image model format "
                              f"{version}); upgrade nonn to load it.")
     cls = _saved_classes().get(meta.get("system"))
     if cls is None:
-        raise ModelFileError(f"{path!r} names an unknown image system "
+        raise ModelFileError(f"{where} names an unknown image system "
                              f"{meta.get('system')!r}.")
-    if not isinstance(meta.get("params"), dict) or not isinstance(meta.get("arrays"), dict):
-        raise ModelFileError(f"{path!r} has incomplete metadata (no parameters or array "
-                             "list); the file is corrupted.")
+    from nonn.persistence import check_array_table
+
+    keys = ("params", "arrays") + (("detector",) if version >= 2 else ())
+    for key in keys:
+        if not isinstance(meta.get(key), dict):
+            raise ModelFileError(f"{where}: the metadata key {key!r} is missing or not a "
+                                 "dict; the file is corrupted.")
+    check_array_table(meta["arrays"], where, {name.rstrip("_"): len(cls._state_spec[name].shape)
+                                              for name in cls._extra_arrays})
     return cls
 
 
@@ -701,124 +742,125 @@ def is_image_model(path):
     """Whether ``path`` is a file whose metadata names the image model format
     (it may still be corrupted, or too new to load)."""
     try:
-        with _open(path) as npz:
-            meta = _raw_meta(npz, path)
+        with _archive.Archive.open(path, "image model", _CREATE) as ar:
+            return ar.meta().get("format") == VISION_FORMAT
     except (OSError, ValueError):
         return False
-    return isinstance(meta, dict) and meta.get("format") == VISION_FORMAT
 
 
-def _member(npz, key, path, spec=False):
-    """Array ``key`` of the file; with ``spec`` (the metadata's entry, None
-    if missing), checked against the announced shape and dtype."""
-    import zipfile
-
-    from nonn.persistence import ModelFileError
-
-    try:
-        arr = npz[key]
-    except KeyError:
-        raise ModelFileError(f"{path!r} lacks the array {key!r}; the file is "
-                             "incomplete.") from None
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
-        raise ModelFileError(f"{path!r}: the array {key!r} is corrupted ({exc}). Re-save "
-                             "the model.") from None
-    if spec is not False and (not isinstance(spec, dict) or list(arr.shape) != spec.get("shape")
-                              or arr.dtype.str != spec.get("dtype")):
-        raise ModelFileError(f"{path!r}: the array {key!r} (shape {arr.shape}, dtype "
-                             f"{arr.dtype}) does not match its metadata ({spec}); the file is "
-                             "corrupted.")
-    return arr
-
-
-def _embedded(det_bytes, path, reader):
-    """``reader`` (the core ``load`` or ``read_meta``) applied to the
-    embedded detector, its errors naming the image model file."""
-    from nonn.persistence import ModelFileError
-
-    with tempfile.TemporaryDirectory() as tmp:
-        p = os.path.join(tmp, "detector.nonn")
-        with open(p, "wb") as fh:
-            fh.write(det_bytes)
-        try:
-            return reader(p)
-        except ModelFileError as exc:
-            text = str(exc).replace(repr(p), "it")
-            raise ModelFileError(f"{path!r}: the embedded detector is refused: "
-                                 f"{text}") from None
+def _legacy_detector(ar, where):
+    """The embedded core model of a format-1 file, opened in place."""
+    return ar.embedded("detector", f"{where} (its embedded detector)")
 
 
 def read_meta(path):
-    """The metadata of an image model file, with the embedded detector's
-    (under ``'detector'``, as :func:`nonn.persistence.read_meta` gives it),
-    without reading the stored features and pyramids. Raises
+    """The metadata of an image model file, with the detector's (under
+    ``'detector'``, as :func:`nonn.persistence.read_meta` gives it), without
+    reading the stored arrays. Raises
     :class:`nonn.persistence.ModelFileError` for a file that is not a
     readable image model."""
-    from nonn.persistence import read_meta as read_detector_meta
+    from nonn.persistence import check_meta
 
-    path = os.fspath(path)
-    with _open(path) as npz:
-        meta = _raw_meta(npz, path)
-        _check_meta(meta, path)
-        det_bytes = _member(npz, "detector", path).tobytes()
-    meta = dict(meta)
-    meta["detector"] = _embedded(det_bytes, path, read_detector_meta)
+    with _archive.Archive.open(path, "image model", _CREATE) as ar:
+        meta = ar.meta()
+        _check_meta(meta, ar.where)
+        if meta["format_version"] == 1:
+            with _legacy_detector(ar, ar.where) as inner:
+                meta["detector"] = inner.meta()
+                check_meta(meta["detector"], inner.where)
+        else:
+            check_meta(meta["detector"], f"{ar.where} (its detector)")
     return meta
 
 
-def _check_consistent(system, path):
-    """Refuse a file whose parts disagree (each may match its own metadata)."""
-    from nonn.persistence import ModelFileError
-
-    feats, det = system.train_features_, system.detector_
-    problems = []
-    expected = {"knnn": "KNNN", "knn": "KNN"}.get(system.nn)
-    if expected != type(det).__name__:
-        problems.append(f"nn={system.nn!r} but the detector is a {type(det).__name__}")
-    if feats.ndim != 2 or feats.shape[0] < 1:
-        problems.append(f"train_features has shape {feats.shape}, not (n_train, dim)")
-    else:
-        n, dim = feats.shape
-        if det.n_features_in_ != dim:
-            problems.append(f"the detector has {det.n_features_in_} features, the stored "
-                            f"training features {dim}")
-        if np.shape(det.train_scores_)[0] != n:
-            problems.append(f"the detector was fitted on {np.shape(det.train_scores_)[0]} "
-                            f"images, the file stores features of {n}")
+def _make_system(cls, params, where):
+    if not all(isinstance(k, str) for k in params):
+        raise ModelFileError(f"{where}: the metadata key 'params' has non-string keys.")
+    try:
+        system = cls(**params)
+        system._check_params()
         if isinstance(system, SPADE):
-            maps, m = system.train_maps_, system.map_size
-            if maps.ndim != 4 or maps.shape[0] != n or maps.shape[2:] != (m, m):
-                problems.append(f"train_maps has shape {maps.shape}, not ({n}, channels, "
-                                f"{m}, {m}) for {n} images and map_size={m}")
-    if problems:
-        raise ModelFileError(f"{path!r} is inconsistent: {'; '.join(problems)}. The file is "
-                             "corrupted.")
+            system._check_map_params()
+            system._map_detector(2)._check_params()
+            if (isinstance(system.sigma, bool) or not isinstance(system.sigma, (int, float))
+                    or not np.isfinite(system.sigma) or system.sigma < 0):
+                raise ValueError(f"The 'sigma' parameter of SPADE must be a float >= 0. Got "
+                                 f"{system.sigma!r} instead.")
+    except TypeError as exc:
+        raise ModelFileError(f"{where}: the metadata key 'params' holds parameters this nonn "
+                             f"does not accept ({exc}).") from None
+    except ValueError as exc:
+        raise ModelFileError(f"{where}: the metadata key 'params' is invalid: {exc}") \
+            from None
+    return system
+
+
+def _check_system(cls, meta, headers, read, detector, where):
+    """Check an image system's parameters and arrays (``headers``: member ->
+    (shape, dtype); ``read(member)``: data) against each other and against
+    its loaded ``detector``; returns the system with its state set."""
+    from nonn._state import StateError, check_state
+
+    system = _make_system(cls, meta["params"], where)
+    expected = {"knnn": "KNNN", "knn": "KNN"}[system.nn]
+    if type(detector).__name__ != expected:
+        raise ModelFileError(f"{where} is inconsistent: nn={system.nn!r} but the detector is "
+                             f"a {type(detector).__name__}. The file is corrupted.")
+    members = {name: name.rstrip("_") for name in cls._extra_arrays}
+    extra = sorted(set(headers) - set(members.values()))
+    if extra:
+        raise ModelFileError(f"{where} holds the member {extra[0]!r}, which a {cls.__name__} "
+                             "model does not have; the file is corrupted or crafted.")
+    for key in members.values():
+        if key not in headers:
+            raise ModelFileError(f"{where} lacks the array {key!r}; the file is incomplete.")
+        shape, dtype = headers[key]
+        spec = meta["arrays"].get(key)
+        if (not isinstance(spec, dict) or list(shape) != spec.get("shape")
+                or np.dtype(dtype).str != spec.get("dtype")):
+            raise ModelFileError(f"{where}: the array {key!r} (shape {tuple(shape)}, dtype "
+                                 f"{np.dtype(dtype)}) does not match its metadata ({spec}); "
+                                 "the file is corrupted.")
+    sym = {"dtype": np.dtype(np.float32), "N": detector._fit_X.shape[0],
+           "D": detector.n_features_in_, "M": getattr(system, "map_size", None)}
+    spec = {name: cls._state_spec[name] for name in members}
+    try:
+        values, _ = check_state(spec, sym, {a: headers[k] for a, k in members.items()}, {},
+                                lambda attr: read(members[attr]))
+    except StateError as exc:
+        raise ModelFileError(f"{where}: the array {members[exc.name]!r} {exc} The detector "
+                             f"holds N={sym['N']} images of D={sym['D']} features; the file "
+                             "is corrupted or crafted.") from None
+    for name, value in values.items():
+        setattr(system, name, value)
+    return system
 
 
 def load(path):
     """Load a system saved with ``system.save(path)`` (never unpickles).
 
-    Every stored array is checked against the metadata, the embedded
-    detector by the core loader, and the parts against each other; a file
-    that fails raises :class:`nonn.persistence.ModelFileError`.
+    The file is validated as a whole before it is used: the detector by the
+    core checks (:func:`nonn.load`'s), the stored features and pyramids
+    against the detector and the parameters; a file that fails raises
+    :class:`nonn.persistence.ModelFileError` naming what is wrong.
     """
-    from nonn.persistence import ModelFileError, load as load_detector
+    from nonn.persistence import load_detector
 
-    path = os.fspath(path)
-    with _open(path) as npz:
-        meta = _raw_meta(npz, path)
-        cls = _check_meta(meta, path)
-        try:
-            system = cls(**meta["params"])
-        except TypeError as exc:
-            raise ModelFileError(f"{path!r} has parameters this nonn does not accept: "
-                                 f"{exc}") from None
-        for name in cls._extra_arrays:
-            key = name.rstrip("_")
-            setattr(system, name, _member(npz, key, path, spec=meta["arrays"].get(key)))
-        det_bytes = _member(npz, "detector", path).tobytes()
-    system.detector_ = _embedded(det_bytes, path, load_detector)
-    system.offset_ = system.detector_.offset_
-    _check_consistent(system, path)
+    with _archive.Archive.open(path, "image model", _CREATE) as ar:
+        where = ar.where
+        meta = ar.meta()
+        cls = _check_meta(meta, where)
+        if meta["format_version"] == 1:
+            with _legacy_detector(ar, where) as inner:
+                detector = load_detector(inner, inner.meta())
+            own = ar.names() - {_archive.META, "detector"}
+        else:
+            detector = load_detector(ar, meta["detector"], _DETECTOR,
+                                     f"{where} (its detector)")
+            own = {n for n in ar.names() - {_archive.META} if not n.startswith(_DETECTOR)}
+        headers = {name: ar.header(name) for name in own}
+        system = _check_system(cls, meta, headers, ar.read, detector, where)
+    system.detector_ = detector
+    system.offset_ = detector.offset_
     system.n_train_ = system.train_features_.shape[0]
     return system
