@@ -67,7 +67,7 @@ def test_file_is_plain_npz_with_json_meta(model_path):
         names = zf.namelist()
     assert "__meta__.npy" in names
     meta = persistence.read_meta(model_path)
-    assert meta["format"] == "nonn-model" and meta["format_version"] == 1
+    assert meta["format"] == "nonn-model" and meta["format_version"] == persistence.FORMAT_VERSION
     assert meta["estimator"] == "KNNN" and meta["nonn_version"] == nonn.__version__
     json.dumps(meta)
 
@@ -177,3 +177,30 @@ def test_save_unfitted_refused(tmp_path):
     with pytest.raises(ValueError, match="not fitted"):
         KNNN().save(tmp_path / "m.nonn")
     assert not (tmp_path / "m.nonn").exists()
+
+
+def test_format_1_files_load_with_their_training_scores_as_calibration(tmp_path):
+    """Files of format 1 (before calibration arrays) still load: their
+    leave-one-out training scores become the calibration scores."""
+    import io
+
+    det = KNN(contamination=0.1).fit(X)
+    path = tmp_path / "m.nonn"
+    det.save(path)
+    with zipfile.ZipFile(path) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    meta = json.loads(bytes(np.load(io.BytesIO(members["__meta__.npy"]))).decode())
+    meta["format_version"] = 1
+    for key in ("calibration_rows_", "calibration_scores_"):
+        members.pop(key.lstrip("_") + ".npy")
+        meta["arrays"].pop(key.lstrip("_"))
+    buf = io.BytesIO()
+    np.save(buf, np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+    members["__meta__.npy"] = buf.getvalue()
+    old = tmp_path / "old.nonn"
+    with zipfile.ZipFile(old, "w", zipfile.ZIP_STORED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    det1 = load(old)
+    np.testing.assert_array_equal(det1.calibration_scores_, det.train_scores_)
+    np.testing.assert_array_equal(det1.pvalue(Q), det.pvalue(Q))
