@@ -175,6 +175,16 @@ class KNNN(_SetGridMixin, BaseDetector):
         stored arrays (``eigenvalues_``, ``eig_floor_``, ...) are at that
         working scale.
 
+    Notes
+    -----
+    Ties among equidistant neighbours are broken by the search backend:
+    "brute" (and FAISS's exact "Flat" index) take the lowest training row
+    id, scikit-learn's trees ("auto" with 3 features or fewer) and torch's
+    ``topk`` an unspecified one. On heavily tied data (many distinct rows at
+    equal distances, as with binary features) the neighbourhoods, hence the
+    scores, then depend on the order of the training rows; exact copies
+    alone do not matter (see the README, "Choices the paper leaves open").
+
     References
     ----------
     O. Nizan and A. Tal, "k-NNN: Nearest Neighbors of Neighbors for Anomaly
