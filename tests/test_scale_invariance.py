@@ -234,6 +234,26 @@ def test_eigen_kernel_is_safe_far_from_unit_scale(dtype, cs):
         assert cos.min() > 1 - tol
 
 
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_brute_backend_alone_at_any_scale(dtype, metric):
+    """The search backend used directly: the same neighbours at every scale,
+    true distances in the data's units (cosine distances have none)."""
+    from nonn.neighbors import make_backend
+
+    X, Q = data(6, n=400)
+    ref = make_backend("brute", metric=metric).fit(X.astype(dtype))
+    d0, i0 = ref.kneighbors(Q.astype(dtype), 5)
+    g0 = ref.kneighbors(None, 5, return_distance=False)
+    for c in exponents(dtype, 6):
+        search = make_backend("brute", metric=metric).fit(times_ten_to(X, c, dtype))
+        d, i = search.kneighbors(times_ten_to(Q, c, dtype), 5)
+        np.testing.assert_array_equal(i, i0)
+        np.testing.assert_array_equal(search.kneighbors(None, 5, return_distance=False), g0)
+        unit = 10.0**c if metric == "euclidean" else 1.0
+        np.testing.assert_allclose(d / unit, d0, rtol=KNN_RTOL[dtype])
+
+
 # ----------------------------------------------------------- distributed
 @pytest.fixture(scope="module")
 def client():
