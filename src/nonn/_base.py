@@ -192,10 +192,10 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
         if not np.isfinite(scores).all():
             bad = int(np.count_nonzero(~np.isfinite(scores)))
             raise ValueError(
-                f"{bad} of the {scores.size} {what} anomaly scores overflowed {scores.dtype} "
-                f"(the {what} points are too far from the training data, relative to its "
-                f"spread, to score in {scores.dtype}). Pass float64 data, or check that the "
-                "queries are in the training data's units.")
+                f"{bad} of the {scores.size} {what} anomaly scores are not finite: they "
+                f"overflowed {scores.dtype} (the {what} points are too far from the training "
+                f"data, relative to its spread, to score in {scores.dtype}). Pass float64 "
+                "data, or check that the queries are in the training data's units.")
         return scores
 
     def _query_chunks(self, n, row_bytes, desc="scoring"):
@@ -215,6 +215,12 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
         Returns
         -------
         scores : ndarray of shape (n_queries,), in the training dtype.
+
+        Raises
+        ------
+        ValueError
+            If a score cannot be represented in the training dtype (queries
+            too far out to score in float32, say): never NaN or inf.
         """
         X = self._validate_query(X)
         return self._to_user_units(self._anomaly_score(X))
