@@ -60,7 +60,7 @@ def main():
     ap.add_argument("--backend", default="brute")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
-    print(f"| data | aggregate | max change, query scores | max change, LOO scores |")
+    print("| data | aggregate | max change, query scores | max change, LOO scores |")
     print("|---|---|---|---|")
     for name, (X, Q) in datasets().items():
         for agg in ("min", "sum"):
