@@ -9,6 +9,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, OutlierMixin
 from sklearn.utils.validation import check_is_fitted
 
+from . import _data_scale
 from ._chunks import chunk_rows, progress
 from ._state import Array, Int, Real, Str
 from ._validation import Interval, IsDict, IsNone, Options, check_array_input, validate_params
@@ -102,6 +103,9 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
         "contamination_": Real(0, 1, positive=True),
         "threshold_source_": Str(),
         "backend_": Str(options=tuple(BACKENDS)),
+        # inputs are multiplied by 2**data_scale_exponent_ (files written
+        # before it existed worked at the data's own scale)
+        "data_scale_exponent_": Int(-1200, 1200, default=0),
     }
 
     @classmethod
@@ -131,7 +135,7 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
         self.n_jobs_ = resolve_n_jobs(self.n_jobs)
         self.dtype_ = X.dtype
         X = self._fit_preprocess(X)
-        loo = self._fit(X)
+        loo = self._to_user_units(self._fit(X), "training")
         self.train_scores_ = -np.asarray(loo)
         self.contamination_ = (
             AUTO_CONTAMINATION if self.contamination == "auto" else float(self.contamination)
@@ -169,11 +173,46 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
         """Learn the input transforms from the validated training data and
         return the transformed training data (what the search and the
         operator see). Queries go through :meth:`_preprocess`."""
-        return X
+        # the power-of-two working scale stays the last step: it only
+        # guards the arithmetic of what the search and the operator see
+        return self._fit_data_scale(X)
 
     def _preprocess(self, X):
         """Apply the fitted input transforms to validated queries."""
-        return X
+        return self._apply_data_scale(X)
+
+    #: whether the scores carry the data's units (distances); such scores
+    #: are multiplied back from the working scale (see :mod:`nonn._data_scale`)
+    _scores_carry_units = False
+
+    def _fit_data_scale(self, X):
+        """Learn ``data_scale_exponent_`` (the inputs are multiplied by
+        ``2**data_scale_exponent_``, exact) and scale the training data."""
+        self.data_scale_exponent_ = _data_scale.fit_exponent(X)
+        return _data_scale.scale(X, self.data_scale_exponent_, "The training data")
+
+    def _data_scale_exponent(self):
+        # models saved before the working scale existed were fitted unscaled
+        return _data_scale.check_exponent(getattr(self, "data_scale_exponent_", 0))
+
+    def _apply_data_scale(self, X):
+        return _data_scale.scale(X, self._data_scale_exponent())
+
+    def _to_user_units(self, scores, what="query"):
+        """Scores computed at the working scale, as the user's data give
+        them: unit-carrying scores multiplied back (exact), and anything
+        that is not finite refused with the reason."""
+        scores = np.asarray(scores)
+        if self._scores_carry_units:
+            scores = _data_scale.unscale_scores(scores, self._data_scale_exponent())
+        if not np.isfinite(scores).all():
+            bad = int(np.count_nonzero(~np.isfinite(scores)))
+            raise ValueError(
+                f"{bad} of the {scores.size} {what} anomaly scores are not finite: they "
+                f"overflowed {scores.dtype} (the {what} points are too far from the training "
+                f"data, relative to its spread, to score in {scores.dtype}). Pass float64 "
+                "data, or check that the queries are in the training data's units.")
+        return scores
 
     def _query_chunks(self, n, row_bytes, desc="scoring"):
         step = chunk_rows(row_bytes, self.working_memory)
@@ -192,9 +231,15 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
         Returns
         -------
         scores : ndarray of shape (n_queries,), in the training dtype.
+
+        Raises
+        ------
+        ValueError
+            If a score cannot be represented in the training dtype (queries
+            too far out to score in float32, say): never NaN or inf.
         """
         X = self._validate_query(X)
-        return self._anomaly_score(X)
+        return self._to_user_units(self._anomaly_score(X))
 
     def fit_predict(self, X, y=None):
         """Fit, then label the training points themselves by their

@@ -58,6 +58,13 @@ class KNN(_NeighbourQueries, BaseDetector):
     backend, backend_params, contamination, working_memory, n_jobs, verbose
         As in :class:`nonn.KNNN`.
 
+    Attributes
+    ----------
+    data_scale_exponent_ : int
+        As in :class:`nonn.KNNN`: the search runs on the data multiplied by
+        ``2**data_scale_exponent_``; the scores (distances) are returned in
+        the data's own units.
+
     Examples
     --------
     >>> import numpy as np
@@ -73,7 +80,13 @@ class KNN(_NeighbourQueries, BaseDetector):
     }
     _state_arrays = ("_fit_X", "train_scores_")
     _state_scalars = ("n_neighbors_", "offset_", "contamination_", "threshold_source_",
-                      "backend_")
+                      "backend_", "data_scale_exponent_")
+
+    @property
+    def _scores_carry_units(self):
+        # Euclidean distances carry the data's units (returned in the user's
+        # units); cosine distances do not
+        return self.metric == "euclidean"
 
     def __init__(self, n_neighbors=3, aggregate="mean", metric="euclidean", backend="auto",
                  backend_params=None, contamination="auto", working_memory=None, n_jobs=None,
@@ -115,6 +128,9 @@ class GlobalEigenKNN(_NeighbourQueries, BaseDetector):
     ----------
     components_ : ndarray (n_features, n_features), column j = eigenvector j
     eigenvalues_ : ndarray (n_features,)
+        At the working scale (see ``data_scale_exponent_``).
+    data_scale_exponent_ : int
+        As in :class:`nonn.KNNN`.
     """
 
     _constraints = {
@@ -123,7 +139,7 @@ class GlobalEigenKNN(_NeighbourQueries, BaseDetector):
     }
     _state_arrays = ("_fit_X", "components_", "eigenvalues_", "eig_floor_", "train_scores_")
     _state_scalars = ("n_neighbors_", "offset_", "contamination_", "threshold_source_",
-                      "backend_")
+                      "backend_", "data_scale_exponent_")
     _state_spec = {
         **BaseDetector._state_spec,
         "components_": Array("D", "D"),
@@ -185,6 +201,11 @@ class LocalEigenKNN(_SetGridMixin, _NeighbourQueries, BaseDetector):
     eig_floor : float, default=1e-3
     metric, backend, backend_params, contamination, working_memory, n_jobs, verbose
         As in :class:`nonn.KNNN`.
+
+    Attributes
+    ----------
+    data_scale_exponent_ : int
+        As in :class:`nonn.KNNN`.
     """
 
     _constraints = {
@@ -195,7 +216,7 @@ class LocalEigenKNN(_SetGridMixin, _NeighbourQueries, BaseDetector):
     }
     _state_arrays = ("_fit_X", "feature_order_", "set_sizes_", "eig_floor_", "train_scores_")
     _state_scalars = ("n_neighbors_", "set_size_", "offset_", "contamination_",
-                      "threshold_source_", "backend_")
+                      "threshold_source_", "backend_", "data_scale_exponent_")
     _state_spec = {**BaseDetector._state_spec, **_SetGridMixin._grid_state_spec}
 
     def __init__(self, n_neighbors=3, set_size=5, reorder="greedy", eig_floor=1e-3,

@@ -177,6 +177,23 @@ class KNNN(_SetGridMixin, BaseDetector):
     offset_ : float
         Threshold on ``score_samples``; ``decision_function = score_samples - offset_``.
     backend_ : str
+    data_scale_exponent_ : int
+        The training data and every query are multiplied by
+        ``2**data_scale_exponent_`` before the search and Eq. 2 (exact in
+        floating point), so that data of any finite scale score alike; 0
+        for data of ordinary scale (RMS entry in [2**-16, 2**16]). The
+        stored arrays (``eigenvalues_``, ``eig_floor_``, ...) are at that
+        working scale.
+
+    Notes
+    -----
+    Ties among equidistant neighbours are broken by the search backend:
+    "brute" (and FAISS's exact "Flat" index) take the lowest training row
+    id, scikit-learn's trees ("auto" with 3 features or fewer) and torch's
+    ``topk`` an unspecified one. On heavily tied data (many distinct rows at
+    equal distances, as with binary features) the neighbourhoods, hence the
+    scores, then depend on the order of the training rows; exact copies
+    alone do not matter (see the README, "Choices the paper leaves open").
 
     References
     ----------
@@ -213,6 +230,7 @@ class KNNN(_SetGridMixin, BaseDetector):
     _state_scalars = (
         "n_neighbors_", "n_neighbors_of_neighbors_", "set_size_", "eig_floor_rel_", "offset_",
         "contamination_", "threshold_source_", "backend_", "auto_params_",
+        "data_scale_exponent_",
     )
     _state_spec = {
         **BaseDetector._state_spec,
