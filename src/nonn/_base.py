@@ -10,6 +10,7 @@ from sklearn.base import BaseEstimator, OutlierMixin
 from sklearn.utils.validation import check_is_fitted
 
 from ._chunks import chunk_rows, progress
+from ._scaling import SCALINGS, apply_column_scaling, fit_column_scaling
 from ._validation import Interval, IsDict, IsNone, Options, check_array_input, validate_params
 from .neighbors import make_backend
 
@@ -77,6 +78,7 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
         "contamination": [Options("auto"), Interval("real", 0, 0.5, closed="right")],
         "working_memory": [IsNone(), Interval("real", 0, None, closed="neither")],
         "n_jobs": [IsNone(), Interval("int", None, None)],
+        "scale": [IsNone(), Options(*SCALINGS)],
     }
     _constraints: dict = {}
     _hints = {
@@ -89,11 +91,17 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
         "contamination": 0.01,
         "eig_floor": 1e-3,
         "aggregate": "'mean'",
+        "scale": "'standard'",
     }
+
+    #: fitted arrays of the ``scale`` option (present when it is not None)
+    _scale_arrays = ("scale_center_", "scale_factor_")
 
     @classmethod
     def _state_arrays_for(cls, params):
         """The fitted arrays a model with constructor ``params`` holds."""
+        if params.get("scale") is not None:
+            return cls._state_arrays + cls._scale_arrays
         return cls._state_arrays
 
     # ----------------------------------------------------------------- fit
@@ -156,11 +164,32 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
         """Learn the input transforms from the validated training data and
         return the transformed training data (what the search and the
         operator see). Queries go through :meth:`_preprocess`."""
+        X = self._fit_column_scaling(X)
         return X
 
     def _preprocess(self, X):
         """Apply the fitted input transforms to validated queries."""
+        X = self._apply_column_scaling(X)
         return X
+
+    def _fit_column_scaling(self, X):
+        """The ``scale`` option: learn each column's center and factor (see
+        :mod:`nonn._scaling`) and return the scaled training data."""
+        for name in self._scale_arrays:  # a refit forgets the previous fit's
+            self.__dict__.pop(name, None)
+        method = getattr(self, "scale", None)
+        if method is None:
+            return X
+        self.scale_center_, self.scale_factor_ = fit_column_scaling(
+            X, method, self.working_memory)
+        return self._apply_column_scaling(X)
+
+    def _apply_column_scaling(self, X):
+        # the fitted state decides, not a parameter changed after fit
+        if getattr(self, "scale_center_", None) is None:
+            return X
+        return apply_column_scaling(X, self.scale_center_, self.scale_factor_,
+                                    self.working_memory)
 
     def _query_chunks(self, n, row_bytes, desc="scoring"):
         step = chunk_rows(row_bytes, self.working_memory)

@@ -469,6 +469,23 @@ def load_dataset(spec, *, home=None):
     raise TypeError(f"A dataset must be a name or a (name, X, y) tuple. Got {spec!r:.80}.")
 
 
+def check_datasets(specs, *, home=None):
+    """Raise (``FileNotFoundError`` / ``ValueError``) unless every named
+    dataset of ``specs`` can be found, before any run starts: a typo or a
+    missing data folder is one clear error, not a table of failed runs."""
+    from . import datasets
+
+    for spec in specs:
+        if not isinstance(spec, str):
+            continue
+        m = _UNION.match(spec)
+        if m:
+            for category in datasets._mvtec_names(int(m.group(1))):
+                datasets.resolve_adbench(f"MVTec-AD_{category}", home=home)
+        else:
+            datasets.resolve_adbench(spec, home=home)
+
+
 def _is_single_spec(obj):
     """A ``(name, X, y)`` or ``(name, (X, y))`` tuple (not a tuple of names)."""
     return (isinstance(obj, tuple) and len(obj) in (2, 3) and isinstance(obj[0], str)
@@ -1013,6 +1030,9 @@ def run_benchmark(suite, out=None, *, detectors=None, seeds=(0, 1, 2), datasets=
         raise ValueError(f"Unknown suite {suite!r}. Expected one of {list(SUITES)}.")
     list_fn, default_scale, reference = SUITES[suite]
     specs = list(datasets) if datasets is not None else list_fn(home)
+    if not specs:
+        raise ValueError(f"No datasets to run for the suite {suite!r}.")
+    check_datasets(specs, home=home)
     if scale == "auto":
         scale = default_scale
     checkpoint = None

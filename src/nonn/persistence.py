@@ -49,6 +49,26 @@ def _jsonable(value):
     raise TypeError(f"cannot store {type(value).__name__} {value!r} in a nonn model file")
 
 
+def _feature_names_meta(estimator):
+    """scikit-learn's ``feature_names_in_`` (set when fitted on a DataFrame
+    with string column names) as JSON: a list of str, absent otherwise."""
+    names = getattr(estimator, "feature_names_in_", None)
+    return {} if names is None else {"feature_names_in_": [str(n) for n in names]}
+
+
+def _set_feature_names(est, meta, path):
+    names = meta["fitted"].get("feature_names_in_")
+    if names is None:
+        return
+    if (not isinstance(names, list) or not all(isinstance(n, str) for n in names)
+            or len(names) != est.n_features_in_ or len(set(names)) != len(names)):
+        raise ModelFileError(
+            f"{path!r}: 'feature_names_in_' must be a list of {est.n_features_in_} distinct "
+            "column names (str). The file is corrupted."
+        )
+    est.feature_names_in_ = np.asarray(names, dtype=object)
+
+
 def save(estimator, path):
     """Write a fitted nonn estimator to ``path`` atomically."""
     from . import __version__
@@ -68,8 +88,9 @@ def save(estimator, path):
         "nonn_version": __version__,
         "estimator": cls,
         "params": _jsonable(estimator.get_params()),
-        "fitted": {name: _jsonable(getattr(estimator, name))
-                   for name in estimator._state_scalars},
+        "fitted": {**{name: _jsonable(getattr(estimator, name))
+                      for name in estimator._state_scalars},
+                   **_feature_names_meta(estimator)},
         "n_features_in": int(estimator.n_features_in_),
         "dtype": np.dtype(estimator.dtype_).name,
         "arrays": {k: {"shape": list(v.shape), "dtype": v.dtype.str} for k, v in arrays.items()},
@@ -174,6 +195,7 @@ def load(path):
     from ._base import resolve_n_jobs
 
     est.n_features_in_ = int(meta["n_features_in"])
+    _set_feature_names(est, meta, path)
     # threads are a property of the machine that loads the model, not the one that saved it
     est.n_jobs_ = resolve_n_jobs(est.n_jobs)
     est.dtype_ = np.dtype(meta["dtype"])
