@@ -80,11 +80,12 @@ def read_table(path, key=None, header="auto"):
     header : {"auto", "yes", "no"}, default="auto"
         Whether the first row of a CSV file names the columns. "auto": it
         does when one of its fields is text (not a number and not a
-        missing-value marker such as ``NA``), or when it is exactly
+        missing-value marker such as ``NA``); when it is exactly
         ``0,1,...,d-1``, the names pandas gives an unnamed frame
-        (``df.to_csv(index=False)``). A first row that is all numbers and
-        missing values is data. Only CSV files take a setting other than
-        "auto".
+        (``df.to_csv(index=False)``); or when it is all integers above
+        columns of non-integer numbers (see :func:`_has_header`). Any other
+        first row of numbers and missing values is data. Only CSV files
+        take a setting other than "auto".
 
     Returns
     -------
@@ -282,31 +283,55 @@ def _is_number(field):
     return True
 
 
-def _first_row(path):
-    """The fields of the first row that is neither blank nor a ``#`` comment."""
+#: rows after the first that ``header="auto"`` looks at
+_SNIFF_ROWS = 100
+
+
+def _first_rows(path, n=1 + _SNIFF_ROWS):
+    """The fields of the first ``n`` rows that are neither blank nor ``#`` comments."""
+    rows = []
     try:
         with open(path, encoding="utf-8-sig", newline="") as fh:
             for line in fh:
                 if line.strip() and not line.lstrip().startswith("#"):
-                    return next(csv.reader([line]))
+                    rows.append(next(csv.reader([line])))
+                    if len(rows) == n:
+                        break
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"Cannot read {path!r} as a text CSV file: {exc}") from exc
     except csv.Error as exc:
         raise ValueError(f"Cannot read {path!r} as a CSV file: {exc}") from exc
-    return None
+    return rows
 
 
-def _has_header(fields):
-    """``header="auto"``: whether a first row of ``fields`` names the columns."""
-    values = [f.strip() for f in fields]
+def _has_header(rows):
+    """``header="auto"``: whether the first of ``rows`` names the columns.
+
+    It does when one of its fields is text (neither a number nor a missing
+    value marker); when it is exactly pandas' names for an unnamed frame
+    (``0,1,...``, after an empty name for the index with ``to_csv()``); or,
+    as :meth:`csv.Sniffer.has_header` reasons, when it is all integers above
+    columns that each hold non-integer numbers (``1990,1991`` over
+    measurements). Anything else, numbers and missing values, is data.
+    """
+    values = [f.strip() for f in rows[0]]
     if any(v not in _NA_MARKERS and not _is_number(v) for v in values):
         return True
-    # pandas' names for an unnamed frame: to_csv(index=False) writes 0,1,...;
-    # to_csv() writes an empty name for its index column first
-    if len(values) > 1 and values[0] == "":
-        values = values[1:]
-    return all(_INT.match(v) for v in values) and [int(v) for v in values] == list(
-        range(len(values)))
+    names = values[1:] if len(values) > 1 and values[0] == "" else values
+    if not all(_INT.match(v) for v in names):
+        return False
+    if [int(v) for v in names] == list(range(len(names))):
+        return True
+    below = [[f.strip() for f in r] for r in rows[1:] if len(r) == len(values)]
+    if not below or len(values) != len(names):
+        return False
+    for j in range(len(values)):
+        column = [r[j] for r in below if r[j] not in _NA_MARKERS]
+        if not column or not all(_is_number(v) for v in column):
+            return False
+        if all(_INT.match(v) for v in column):
+            return False  # integers below integers: data like any other row
+    return True
 
 
 def _describe_columns(columns, header, limit=10):
@@ -319,10 +344,11 @@ def _describe_columns(columns, header, limit=10):
 def _read_csv(path, header):
     import pandas as pd
 
-    first = _first_row(path)
-    if first is None:
+    rows = _first_rows(path)
+    if not rows:
         raise ValueError(f"{path!r} has no data rows; expected one sample per row.")
-    has_header = _has_header(first) if header == "auto" else header == "yes"
+    first = rows[0]
+    has_header = _has_header(rows) if header == "auto" else header == "yes"
     try:
         df = pd.read_csv(path, header=0 if has_header else None, comment="#",
                          encoding="utf-8-sig", skip_blank_lines=True, low_memory=False)

@@ -393,9 +393,13 @@ def _print_fit(det, shape, seconds, output, where=""):
 
 def _quiet_dask():
     """Silence Dask's advice meant for Dask programmers ("Sending large graph
-    ... consider loading the data with Dask directly"): the command already
-    does what it can, and the user has nothing to act on."""
+    ... consider loading the data with Dask directly") and its cluster
+    housekeeping below errors (a nanny "killing" a slow worker at shutdown):
+    the command already does what it can, and the user has nothing to act on."""
+    import logging
+
     warnings.filterwarnings("ignore", message=r"(?s)Sending large graph", category=UserWarning)
+    logging.getLogger("distributed").setLevel(logging.ERROR)
 
 
 def _client_arg(cluster):

@@ -79,6 +79,7 @@ __all__ = [
     "plot_results",
     "register_detector",
     "run_benchmark",
+    "scaling_detectors",
     "run_suite",
     "summarize",
     "table7_grid",
@@ -372,6 +373,28 @@ def _register_builtins():
 
 
 _register_builtins()
+
+#: the detector ``scale`` options compared by :func:`scaling_detectors`
+SCALE_OPTIONS = (None, "standard", "minmax", "robust")
+
+
+def scaling_detectors(bases=("KNNN", "KNN"), options=SCALE_OPTIONS):
+    """Detectors that differ only in their ``scale`` option, for measuring
+    the detectors' own column scaling: run them with the harness's scaling
+    off (``run_suite(..., scale=None)``), so that each detector learns its
+    scaling from the training normals it is fitted on.
+
+    Returns a list of :class:`Detector` named ``"<base> scale=<option>"``
+    (``none`` for None), each the base class with its default parameters.
+    """
+    out = []
+    for base in bases:
+        for option in options:
+            label = "none" if option is None else option
+            out.append(Detector(f"{base} scale={label}", _nonn(base, scale=option),
+                                _anomaly_score, (), "nonn",
+                                f"nonn {base}, default parameters, scale={option!r}"))
+    return out
 
 
 def list_detectors(available_only=False):
