@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""The detectors' ``scale`` option on the 43 ADBench tabular sets.
+"""The detectors' ``scale`` option on the 43 ADBench tabular sets (or the
+MVTec ResNet-18 embeddings, ``--suite mvtec``).
 
 Runs the novelty protocol of :mod:`nonn.evaluation` (train on normals, test
 on held-out normals + all anomalies, AUROC averaged over the seeds) with the
@@ -12,12 +13,16 @@ detector), ``summary.md`` (the tables below) and ``summary.csv``.
 
 The mean rank is computed within each base detector (the four scale options
 of KNNN ranked against each other on each dataset, and likewise for KNN),
-average ranks for ties, over the datasets where every option ran.
+average ranks for ties, over the datasets where every option ran. Each
+option is also compared with no scaling, dataset by dataset: wins / ties /
+losses (AUROC rounded to 3 decimals) and a two-sided Wilcoxon signed-rank
+test over the datasets.
 
 Usage::
 
-    python benchmarks/bench_scaling.py                       # ~5-10 min on 2 cores
-    python benchmarks/bench_scaling.py --seeds 0,1,2 --out benchmarks/results/scaling
+    python benchmarks/bench_scaling.py --out benchmarks/results/scaling    # ~1 h on 2 busy cores
+    python benchmarks/bench_scaling.py --suite mvtec --out benchmarks/results/scaling/mvtec
+    python benchmarks/bench_scaling.py --resume ...   # re-summarise, running only missing runs
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ def main(argv=None):
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
     ap.add_argument("--out", default="benchmarks/results/scaling", help="output folder")
     ap.add_argument("--datasets", help="comma-separated subset of the classical suite")
+    ap.add_argument("--suite", choices=("classical", "mvtec"), default="classical")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the runs of --out/results.csv and run only the missing ones")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
 
@@ -49,21 +57,21 @@ def main(argv=None):
 
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     names = ([d.strip() for d in args.datasets.split(",") if d.strip()] if args.datasets
-             else list_adbench("classical"))
+             else list_adbench(args.suite))
     check_datasets(names)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dets = scaling_detectors()
     start = time.time()
     df = run_suite(names, dets, seeds, scale=None, progress=not args.no_progress,
-                   checkpoint=out / "results.csv")
+                   checkpoint=out / "results.csv", resume=args.resume)
     minutes = (time.time() - start) / 60
     summary = summarize(df)
     auroc = summary.auroc.loc[[d for d in summary.auroc.index if d not in summary.dropped]]
 
     lines = [
-        f"### Detector `scale` option on the ADBench tabular suite ({len(auroc)} datasets, "
-        f"seeds {seeds})",
+        f"### Detector `scale` option on the ADBench {args.suite} suite ({len(auroc)} "
+        f"datasets, seeds {seeds})",
         "",
         "Novelty protocol of `nonn.evaluation` with the harness's scaling off "
         "(`run_suite(..., scale=None)`); each detector learns its scaling from its training "
@@ -89,6 +97,21 @@ def main(argv=None):
             lines.append(f"| {base} | {c.split('=', 1)[1]} | {sub[c].mean():.4f} | "
                          f"{ranks[c].mean():.2f} | {int(wins[c])} | {len(sub)} | "
                          f"{o['fit_s']:.1f} | {o['score_s']:.1f} |")
+    from scipy.stats import wilcoxon
+
+    lines += ["", "Against no scaling, dataset by dataset (AUROC rounded to 3 decimals; "
+              "p: two-sided Wilcoxon signed-rank test over the datasets):", "",
+              "| detector | scale | mean AUROC - none | wins | ties | losses | p |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    for base in ("KNNN", "KNN"):
+        ref = auroc[f"{base} scale=none"]
+        for o in SCALE_OPTIONS[1:]:
+            col = auroc[f"{base} scale={o}"]
+            a, b = col.round(3), ref.round(3)
+            diff = col - ref
+            p = wilcoxon(col, ref).pvalue if (diff != 0).any() else float("nan")
+            lines.append(f"| {base} | {o} | {diff.mean():+.4f} | {int((a > b).sum())} | "
+                         f"{int((a == b).sum())} | {int((a < b).sum())} | {p:.3f} |")
     lines += ["", "Per dataset (mean AUROC over seeds):", "",
               "| dataset | " + " | ".join(auroc.columns) + " |",
               "|---|" + "---:|" * len(auroc.columns)]
@@ -98,9 +121,10 @@ def main(argv=None):
     lines += ["", f"Runs with an error: {len(failed)}."]
     if summary.dropped:
         lines.append(f"Datasets dropped (a run failed): {summary.dropped}.")
-    lines += ["", f"Command: `python benchmarks/bench_scaling.py --seeds "
-              f"{','.join(map(str, seeds))} --out {args.out}` ({minutes:.1f} min, "
-              f"{platform.machine()}, Python {platform.python_version()})."]
+    lines += ["", f"Command: `python benchmarks/bench_scaling.py --suite {args.suite} --seeds "
+              f"{','.join(map(str, seeds))} --out {args.out}` ({platform.machine()}, Python "
+              f"{platform.python_version()}; this invocation {minutes:.1f} min"
+              f"{', resumed from a checkpoint' if args.resume else ''})."]
     md = "\n".join(lines) + "\n"
     import pandas as pd
 

@@ -592,3 +592,25 @@ def test_score_on_a_local_cluster_shows_no_dask_advice(folder):
     assert r.returncode == 0, r.stderr
     assert "large graph" not in r.stderr
     assert "warning" not in r.stderr.lower(), r.stderr
+
+
+def test_shard_folder_column_names(tmp_path, X):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    names = list("abcdef")
+    for i, part in enumerate((X[:100], X[100:])):
+        pq.write_table(pa.table({n: part[:, j] for j, n in enumerate(names)}),
+                       folder / f"part-{i}.parquet")
+    got, got_names = _io.read_table_or_shards(folder)
+    assert got_names == names
+    np.testing.assert_array_equal(got, X)
+    np.save(folder / "part-2.npy", X[:5])  # an unnamed shard: columns taken in order
+    assert _io.read_table_or_shards(folder)[1] is None
+    os.remove(folder / "part-2.npy")
+    pq.write_table(pa.table({n: X[:5, j] for j, n in enumerate(names[::-1])}),
+                   folder / "part-2.parquet")
+    with pytest.raises(ValueError, match="name their columns differently"):
+        _io.read_table_or_shards(folder)

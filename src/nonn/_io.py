@@ -766,18 +766,21 @@ def read_shards(folder, key=None):
 
 
 def read_shards_table(folder, key=None):
-    """:func:`read_shards` and the shards' column names (None unless every
-    shard names the same columns in the same order)."""
+    """:func:`read_shards` and the shards' column names: those of the shards
+    when every shard names its columns (alike, else an error), None when
+    one does not (columns are then taken in order)."""
     parts = [read_table(p, key=key) for p in shard_paths(folder)]
     widths = {X.shape[1] for X, _ in parts}
     if len(widths) > 1:
         raise ValueError(f"The shards of {os.fspath(folder)!r} have different numbers of "
                          f"features {sorted(widths)}; expected one.")
     names = [n for _, n in parts]
-    if any(n != names[0] for n in names):
+    named = [n for n in names if n is not None]
+    if any(n != named[0] for n in named):
         raise ValueError(f"The shards of {os.fspath(folder)!r} name their columns differently; "
                          "expected the same columns in the same order in every shard.")
-    return np.concatenate([X for X, _ in parts]), names[0]
+    return np.concatenate([X for X, _ in parts]), (names[0] if len(named) == len(names)
+                                                   else None)
 
 
 def read_matrix_or_shards(path, key=None, header="auto"):
