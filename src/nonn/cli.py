@@ -2,16 +2,21 @@
 
 ::
 
-    nonn fit TRAIN -o MODEL [--detector knnn|knn|global|local] [--cluster ADDRESS|local] [options]
-    nonn score MODEL QUERIES -o SCORES [--cluster ADDRESS|local]
+    nonn fit TRAIN -o MODEL [--detector knnn|knn|global|local] [--scale none|standard|...]
+             [--header auto|yes|no] [--cluster ADDRESS|local] [options]
+    nonn score MODEL QUERIES -o SCORES [--header auto|yes|no] [--cluster ADDRESS|local]
     nonn info MODEL [--verify]      (also image models from `nonn fit-images`)
     nonn demo [--out DIR] [--seeds N] [--sizes 100,200,...] [--quick]
 
 TRAIN and QUERIES are a matrix file or a folder of .npy/.parquet shards;
-``--cluster`` runs fit and score on Dask (``nonn.distributed``).
+``--cluster`` runs fit and score on Dask (``nonn.distributed``). Column
+names (a CSV header, Parquet columns) are stored in the model and QUERIES
+are matched to them by name.
 
 Every command has ``--help``. Errors print one ``nonn: error: ...`` line on
-stderr and exit with status 2; success exits with 0.
+stderr, phrased in flags, and exit with status 2; success exits with 0;
+SIGTERM removes any partial output and exits with 143. Progress bars are
+drawn only when stderr is a terminal (``--progress`` / ``--no-progress``).
 """
 
 from __future__ import annotations
@@ -859,9 +864,10 @@ def build_parser():
 def _add_header_option(parser, what):
     parser.add_argument("--header", choices=_io.HEADER_CHOICES, default="auto",
                         help=f"whether the first row of a CSV {what} names the columns: auto "
-                        "= yes when it holds text, or exactly 0,1,2,... as pandas' "
-                        "to_csv(index=False) writes; a first row of numbers (and missing "
-                        "values) is data (default: auto)")
+                        "= yes when it holds text, when it is exactly 0,1,2,... as pandas' "
+                        "to_csv(index=False) writes, or when it is integers above columns of "
+                        "decimals; any other first row of numbers (and missing values such "
+                        "as NA) is data (default: auto)")
 
 
 def add_progress_option(parser):
