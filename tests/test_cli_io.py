@@ -246,6 +246,15 @@ def test_device_input_is_refused(folder):
                    "is a device")
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes need POSIX")
+def test_special_file_output_is_refused(folder, cli):
+    os.mkfifo(folder / "out.nonn")
+    one_error_line(cli("fit", "X.npy", "-o", "out.nonn", "--detector", "knn", cwd=folder),
+                   "not a regular file")
+    assert stat.S_ISFIFO(os.stat(folder / "out.nonn").st_mode)  # not replaced
+    assert temporaries(folder) == []
+
+
 def test_swapped_model_and_data_never_suggest_pickle(folder, X, cli):
     nonn.KNN().fit(X).save(folder / "m.nonn")
     pd.DataFrame(X).to_csv(folder / "X.csv", index=False)

@@ -504,6 +504,11 @@ def check_output_folder(path):
         raise FileNotFoundError(f"Cannot write {path!r}: the folder {folder!r} does not exist.")
     if os.path.isdir(path):
         raise IsADirectoryError(f"Cannot write {path!r}: it is a folder; give a file name.")
+    if os.path.exists(path) and not os.path.isfile(path):
+        # the result is renamed over the path: that would replace a named
+        # pipe or a device node (/dev/null) with a regular file
+        raise ValueError(f"Cannot write {path!r}: it is a named pipe, a device or another "
+                         "special file, not a regular file; give a file name.")
 
 
 def write_scores(path, anomaly_score, score_samples, labels):
