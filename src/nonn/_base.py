@@ -11,7 +11,8 @@ from sklearn.utils.validation import check_is_fitted
 
 from . import _data_scale
 from ._chunks import chunk_rows, progress
-from ._state import Array, Int, Real, Str
+from ._scaling import SCALINGS, apply_column_scaling, fit_column_scaling
+from ._state import Array, Int, Optional, Real, Str, Strings
 from ._validation import Interval, IsDict, IsNone, Options, check_array_input, validate_params
 from .neighbors import BACKENDS, make_backend
 
@@ -79,6 +80,7 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
         "contamination": [Options("auto"), Interval("real", 0, 0.5, closed="right")],
         "working_memory": [IsNone(), Interval("real", 0, None, closed="neither")],
         "n_jobs": [IsNone(), Interval("int", None, None)],
+        "scale": [IsNone(), Options(*SCALINGS)],
     }
     _constraints: dict = {}
     _hints = {
@@ -91,6 +93,7 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
         "contamination": 0.01,
         "eig_floor": 1e-3,
         "aggregate": "'mean'",
+        "scale": "'standard'",
     }
 
     #: What a valid fitted attribute is, per saved attribute (checked on
@@ -106,11 +109,20 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
         # inputs are multiplied by 2**data_scale_exponent_ (files written
         # before it existed worked at the data's own scale)
         "data_scale_exponent_": Int(-1200, 1200, default=0),
+        # the ``scale`` option's column statistics
+        "scale_center_": Array("D"),
+        "scale_factor_": Array("D", positive=True),
+        # column names, when fitted on a table with string column names
+        "feature_names_in_": Optional(Strings("D"), default=None),
     }
+    #: fitted arrays of the ``scale`` option (present when it is not None)
+    _scale_arrays = ("scale_center_", "scale_factor_")
 
     @classmethod
     def _state_arrays_for(cls, params):
         """The fitted arrays a model with constructor ``params`` holds."""
+        if params.get("scale") is not None:
+            return cls._state_arrays + cls._scale_arrays
         return cls._state_arrays
 
     # ----------------------------------------------------------------- fit
@@ -173,12 +185,14 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
         """Learn the input transforms from the validated training data and
         return the transformed training data (what the search and the
         operator see). Queries go through :meth:`_preprocess`."""
+        X = self._fit_column_scaling(X)
         # the power-of-two working scale stays the last step: it only
         # guards the arithmetic of what the search and the operator see
         return self._fit_data_scale(X)
 
     def _preprocess(self, X):
         """Apply the fitted input transforms to validated queries."""
+        X = self._apply_column_scaling(X)
         return self._apply_data_scale(X)
 
     #: whether the scores carry the data's units (distances); such scores
@@ -213,6 +227,25 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
                 f"data, relative to its spread, to score in {scores.dtype}). Pass float64 "
                 "data, or check that the queries are in the training data's units.")
         return scores
+
+    def _fit_column_scaling(self, X):
+        """The ``scale`` option: learn each column's center and factor (see
+        :mod:`nonn._scaling`) and return the scaled training data."""
+        for name in self._scale_arrays:  # a refit forgets the previous fit's
+            self.__dict__.pop(name, None)
+        method = getattr(self, "scale", None)
+        if method is None:
+            return X
+        self.scale_center_, self.scale_factor_ = fit_column_scaling(
+            X, method, self.working_memory)
+        return self._apply_column_scaling(X)
+
+    def _apply_column_scaling(self, X):
+        # the fitted state decides, not a parameter changed after fit
+        if getattr(self, "scale_center_", None) is None:
+            return X
+        return apply_column_scaling(X, self.scale_center_, self.scale_factor_,
+                                    self.working_memory)
 
     def _query_chunks(self, n, row_bytes, desc="scoring"):
         step = chunk_rows(row_bytes, self.working_memory)

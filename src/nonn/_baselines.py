@@ -55,7 +55,7 @@ class KNN(_NeighbourQueries, BaseDetector):
         maximum, or the k-th distance (equal to max for sorted distances;
         kept as its own name because PyOD users know it).
     metric : {"euclidean", "cosine"}, default="euclidean"
-    backend, backend_params, contamination, working_memory, n_jobs, verbose
+    backend, backend_params, contamination, working_memory, n_jobs, verbose, scale
         As in :class:`nonn.KNNN`.
 
     Attributes
@@ -90,7 +90,7 @@ class KNN(_NeighbourQueries, BaseDetector):
 
     def __init__(self, n_neighbors=3, aggregate="mean", metric="euclidean", backend="auto",
                  backend_params=None, contamination="auto", working_memory=None, n_jobs=None,
-                 verbose=False):
+                 verbose=False, scale=None):
         self.n_neighbors = n_neighbors
         self.aggregate = aggregate
         self.metric = metric
@@ -100,6 +100,7 @@ class KNN(_NeighbourQueries, BaseDetector):
         self.working_memory = working_memory
         self.n_jobs = n_jobs
         self.verbose = verbose
+        self.scale = scale
 
     def _fit(self, X):
         return self._fit_neighbours(X)
@@ -121,7 +122,7 @@ class GlobalEigenKNN(_NeighbourQueries, BaseDetector):
     eig_floor : float, default=1e-3
         Relative floor: eigenvalues below ``eig_floor`` times the mean
         feature variance are raised to it.
-    metric, backend, backend_params, contamination, working_memory, n_jobs, verbose
+    metric, backend, backend_params, contamination, working_memory, n_jobs, verbose, scale
         As in :class:`nonn.KNNN`.
 
     Attributes
@@ -149,7 +150,7 @@ class GlobalEigenKNN(_NeighbourQueries, BaseDetector):
 
     def __init__(self, n_neighbors=3, eig_floor=1e-3, metric="euclidean", backend="auto",
                  backend_params=None, contamination="auto", working_memory=None, n_jobs=None,
-                 verbose=False):
+                 verbose=False, scale=None):
         self.n_neighbors = n_neighbors
         self.eig_floor = eig_floor
         self.metric = metric
@@ -159,6 +160,7 @@ class GlobalEigenKNN(_NeighbourQueries, BaseDetector):
         self.working_memory = working_memory
         self.n_jobs = n_jobs
         self.verbose = verbose
+        self.scale = scale
 
     def _fit(self, X):
         X64 = X.astype(np.float64)
@@ -199,7 +201,7 @@ class LocalEigenKNN(_SetGridMixin, _NeighbourQueries, BaseDetector):
     set_size : int, default=5
     reorder : {"greedy", "none"}, default="greedy"
     eig_floor : float, default=1e-3
-    metric, backend, backend_params, contamination, working_memory, n_jobs, verbose
+    metric, backend, backend_params, contamination, working_memory, n_jobs, verbose, scale
         As in :class:`nonn.KNNN`.
 
     Attributes
@@ -221,7 +223,7 @@ class LocalEigenKNN(_SetGridMixin, _NeighbourQueries, BaseDetector):
 
     def __init__(self, n_neighbors=3, set_size=5, reorder="greedy", eig_floor=1e-3,
                  metric="euclidean", backend="auto", backend_params=None, contamination="auto",
-                 working_memory=None, n_jobs=None, verbose=False):
+                 working_memory=None, n_jobs=None, verbose=False, scale=None):
         self.n_neighbors = n_neighbors
         self.set_size = set_size
         self.reorder = reorder
@@ -233,6 +235,7 @@ class LocalEigenKNN(_SetGridMixin, _NeighbourQueries, BaseDetector):
         self.working_memory = working_memory
         self.n_jobs = n_jobs
         self.verbose = verbose
+        self.scale = scale
 
     def _fit(self, X):
         self._fit_grid(X)

@@ -136,6 +136,12 @@ class KNNN(_SetGridMixin, BaseDetector):
     contamination : "auto" or float in (0, 0.5], default="auto"
         Share of the (leave-one-out scored) training points to flag;
         "auto" = 0.01.
+    scale : {None, "standard", "minmax", "robust"}, default=None
+        Per-column scaling learned at fit and applied to every query (for
+        tabular data whose columns have different units): scikit-learn's
+        StandardScaler, MinMaxScaler or RobustScaler statistics, stored as
+        ``scale_center_`` and ``scale_factor_``; a constant column is left
+        at 0. None feeds the features as given (embeddings).
     random_state : int or None, default=None
         Seed of the label-free selection of "auto" parameters (its 80/20
         split and synthetic outliers); unused otherwise.
@@ -172,6 +178,9 @@ class KNNN(_SetGridMixin, BaseDetector):
         Absent with ``memory="lean"``.
     eig_floor_ : ndarray (n_sets,)
         Absolute eigenvalue floor per set.
+    scale_center_, scale_factor_ : ndarray (n_features,)
+        With ``scale``: the data are ``(X - scale_center_) / scale_factor_``
+        before anything else (training rows and queries alike).
     train_scores_ : ndarray (n_samples,)
         Leave-one-out ``score_samples`` of the training points.
     offset_ : float
@@ -257,6 +266,7 @@ class KNNN(_SetGridMixin, BaseDetector):
         backend="auto",
         backend_params=None,
         contamination="auto",
+        scale=None,
         random_state=None,
         working_memory=None,
         n_jobs=None,
@@ -273,6 +283,7 @@ class KNNN(_SetGridMixin, BaseDetector):
         self.backend = backend
         self.backend_params = backend_params
         self.contamination = contamination
+        self.scale = scale
         self.random_state = random_state
         self.working_memory = working_memory
         self.n_jobs = n_jobs
@@ -280,10 +291,10 @@ class KNNN(_SetGridMixin, BaseDetector):
 
     @classmethod
     def _state_arrays_for(cls, params):
+        arrays = super()._state_arrays_for(params)
         if params.get("memory") == "lean":
-            return tuple(a for a in cls._state_arrays
-                         if a not in ("eigenvalues_", "eigenvectors_"))
-        return cls._state_arrays
+            return tuple(a for a in arrays if a not in ("eigenvalues_", "eigenvectors_"))
+        return arrays
 
     # ------------------------------------------------------------------ fit
     def _fit(self, X):

@@ -55,6 +55,11 @@ _AUTO_MAX_ROWS = 100_000
 _FANIN = 8
 
 
+_NO_SCALE = ("DistributedKNNN does not support the 'scale' option yet: scale the data "
+             "before fitting (for example with dask-ml's StandardScaler), or fit and score "
+             "a KNNN with scale on one machine.")
+
+
 def _close(resources):
     for res in resources:
         try:
@@ -239,6 +244,8 @@ class DistributedKNNN(KNNN):
         from distributed import futures_of, wait
 
         self._check_params()
+        if self.scale is not None:
+            raise ValueError(_NO_SCALE)
         for name in ("offset_", "eigenvalues_"):
             self.__dict__.pop(name, None)
         client = self._connect()
@@ -582,6 +589,8 @@ class DistributedKNNN(KNNN):
         check_is_fitted(model, "offset_")
         if type(model) is not KNNN:
             raise TypeError(f"from_knnn takes a fitted KNNN; got {type(model).__name__}.")
+        if getattr(model, "scale_center_", None) is not None:
+            raise ValueError(_NO_SCALE)
         det = cls(client=client, **model.get_params())
         client = det._connect()
         n, d = model._fit_X.shape
