@@ -258,17 +258,30 @@ def _progress(args):
     return sys.stderr.isatty() if chosen is None else bool(chosen)
 
 
+def _runs_kernels(argv):
+    """Whether the command line ``argv`` can run nonn's compiled kernels
+    (every command but those that only read metadata or print help)."""
+    argv = [str(a) for a in argv]
+    words = [a for a in argv if not a.startswith("-")]
+    if {"--help", "-h", "--version"} & set(argv):
+        return False
+    return not (words[:1] == ["info"] and "--verify" not in argv)
+
+
 class _CompileNotice:
     """One line on stderr when numba compiles nonn's kernels (the first use
     after installing or upgrading, ~20 s); nothing when it loads them from
     its cache. Numba signals real compilations only ("numba:compile" events
     are not sent for cache hits)."""
 
-    def __init__(self):
+    def __init__(self, argv):
         self.said = False
         self.listener = None
+        self.argv = argv
 
     def __enter__(self):
+        if "numba" not in sys.modules and not _runs_kernels(self.argv):
+            return self  # e.g. `nonn info`: no kernel, no need to import numba
         try:
             from numba.core import event
         except ImportError:  # pragma: no cover - numba is a dependency
@@ -915,7 +928,7 @@ def _clean_exit_on_sigterm(main):
 
         previous = signal.signal(signal.SIGTERM, terminate)
         try:
-            with _CompileNotice():
+            with _CompileNotice(sys.argv[1:] if argv is None else argv):
                 return main(argv)
         except Terminated:
             print("nonn: terminated (SIGTERM); no partial output was left", file=sys.stderr)
