@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import nonn
-from nonn._io import read_matrix
+from nonn._io import read_table
 from nonn.cli import main
 
 
@@ -67,7 +67,13 @@ def no_leftovers(folder):
 def check_scores_csv(path, model_path, queries):
     """The CSV holds exactly the library's scores and labels for ``queries``."""
     model = nonn.load(model_path)
-    Qr = read_matrix(queries)
+    Qr, names = read_table(queries)
+    if getattr(model, "feature_names_in_", None) is not None:
+        # a model fitted on named columns takes them by name (scikit-learn)
+        import pandas as pd
+
+        assert names == list(model.feature_names_in_)
+        Qr = pd.DataFrame(Qr, columns=names)
     table = read_scores_csv(path)
     np.testing.assert_array_equal(table[:, 0], np.arange(len(Qr)))
     # exact, not approximately equal
@@ -259,10 +265,11 @@ def test_not_a_model_file(tmp_path, data, capsys):
 
 @pytest.mark.parametrize("argv, fragments", [
     (["fit", "{d}/X.txt", "-o", "{d}/m.nonn"], ["unknown extension '.txt'", ".parquet"]),
+    # phrased in flags, not in the library's Python spelling
     (["fit", "{d}/X.npy", "-o", "{d}/m.nonn", "--contamination", "0.7"],
-     ["'contamination' parameter of KNNN"]),
+     ["--contamination must be", "(0, 0.5]; got 0.7", "For example: --contamination 0.01."]),
     (["fit", "{d}/X.npy", "-o", "{d}/m.nonn", "--n-neighbors", "0"],
-     ["'n_neighbors' parameter of KNNN", "Got 0"]),
+     ["--n-neighbors must be an int in the range [1, inf)", "got 0"]),
     (["fit", "{d}/X.npy", "-o", "{d}/m.nonn", "--backend", "nosuch"], ["nosuch"]),
     (["fit", "{d}/nan.npy", "-o", "{d}/m.nonn"], ["NaN"]),
     (["fit", "{d}/X.npy", "-o", "{d}/no/such/dir/m.nonn"], ["does not exist"]),
@@ -285,7 +292,7 @@ def test_fit_errors_leave_no_model(tmp_path, data, capsys, argv, fragments):
     ("Q.npy", "s.txt", ["unknown extension '.txt'", ".csv"]),
     ("missing.npy", "s.csv", ["does not exist"]),
     ("Q.npy", "no/dir/s.csv", ["does not exist"]),
-    ("Q.csv", "s.csv", ["numeric CSV"]),
+    ("Q.csv", "s.csv", ["non-numeric column(s) 6 (counting from 1)", "'oops' in data row 2"]),
 ])
 def test_score_errors_leave_no_scores(tmp_path, data, capsys, queries, output, fragments):
     X, Q = data
@@ -325,7 +332,7 @@ def test_capped_parameter_is_a_one_line_warning(tmp_path, data, capsys):
     assert main(["fit", str(tmp_path / "X.npy"), "-o", str(tmp_path / "m.nonn"),
                  "--set-size", "50"]) == 0
     err = capsys.readouterr().err
-    assert "nonn: warning: set_size=50 is more than the number of features (6)" in err
+    assert "nonn: warning: --set-size 50 is more than the number of features (6)" in err
     assert nonn.load(tmp_path / "m.nonn").set_size_ == 6
 
 
@@ -334,7 +341,8 @@ def test_help_defaults_are_the_estimators():
 
     defaults = nonn.KNNN().get_params()
     for flag, name, kwargs in _FIT_OPTIONS:
-        assert f"default: {defaults[name]})" in kwargs["help"], flag
+        default = "none" if defaults[name] is None and name == "scale" else defaults[name]
+        assert f"default: {default})" in kwargs["help"], flag
 
 
 def test_bench_help_and_tiny_run(tmp_path):

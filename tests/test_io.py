@@ -90,12 +90,18 @@ def test_csv_bom_comment_header_and_single_row(tmp_path):
 def test_csv_errors_name_the_file_and_the_format(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("a,b\n1,2\n3,x\n")
-    with pytest.raises(ValueError, match="bad.csv.*numeric CSV.*comma-separated"):
+    with pytest.raises(ValueError, match=r"bad.csv' has non-numeric column\(s\) 'b' \(e.g. "
+                       r"'x' in data row 2\)"):
         read_matrix(bad)
     ragged = tmp_path / "ragged.csv"
     ragged.write_text("1,2\n3\n")
-    with pytest.raises(ValueError, match="ragged.csv"):
+    with pytest.raises(ValueError, match=r"ragged.csv' has 1 missing value.*short rows.*column"
+                       r"\(s\) 2 \(counting from 1\).*data row 2"):
         read_matrix(ragged)
+    long_row = tmp_path / "long.csv"
+    long_row.write_text("1,2\n3,4,5\n")
+    with pytest.raises(ValueError, match="long.csv.*numeric CSV.*comma-separated"):
+        read_matrix(long_row)
     empty = tmp_path / "empty.csv"
     empty.write_text("")
     with pytest.raises(ValueError, match="no data rows"):
@@ -139,7 +145,7 @@ def test_parquet_errors(tmp_path):
 
     path = tmp_path / "p.parquet"
     pq.write_table(pa.table({"id": ["a", "b"], "x": [1.0, 2.0]}), path)
-    with pytest.raises(ValueError, match=r"non-numeric columns \['id'\]"):
+    with pytest.raises(ValueError, match=r"non-numeric column\(s\) 'id'"):
         read_matrix(path)
     pq.write_table(pa.table({"x": [1.0, None]}), path)
     with pytest.raises(ValueError, match="missing values"):

@@ -9,9 +9,11 @@ import numpy as np
 from sklearn.base import BaseEstimator, OutlierMixin
 from sklearn.utils.validation import check_is_fitted
 
+from . import _data_scale
 from ._chunks import chunk_rows, progress
 from ._preprocess import fit_whitening, l2_rows, whiten
-from ._state import Array, Int, Real, Str
+from ._scaling import SCALINGS, apply_column_scaling, fit_column_scaling
+from ._state import Array, Int, Optional, Real, Str, Strings
 from ._validation import Interval, IsDict, IsNone, Options, check_array_input, validate_params
 from .neighbors import BACKENDS, make_backend
 
@@ -119,6 +121,7 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
         "contamination": [Options("auto"), Interval("real", 0, 0.5, closed="right")],
         "working_memory": [IsNone(), Interval("real", 0, None, closed="neither")],
         "n_jobs": [IsNone(), Interval("int", None, None)],
+        "scale": [IsNone(), Options(*SCALINGS)],
         "normalize": [IsNone(), Options("l2")],
         "whiten": [Interval("real", 0, 1)],
     }
@@ -133,6 +136,7 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
         "contamination": 0.01,
         "eig_floor": 1e-3,
         "aggregate": "'mean'",
+        "scale": "'standard'",
         "normalize": "'l2'",
         "whiten": 0.5,
     }
@@ -153,12 +157,25 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
         "contamination_": Real(0, 1, positive=True),
         "threshold_source_": Str(),
         "backend_": Str(options=tuple(BACKENDS)),
+        # inputs are multiplied by 2**data_scale_exponent_ (files written
+        # before it existed worked at the data's own scale)
+        "data_scale_exponent_": Int(-1200, 1200, default=0),
+        # the ``scale`` option's column statistics
+        "scale_center_": Array("D"),
+        "scale_factor_": Array("D", positive=True),
+        # column names, when fitted on a table with string column names
+        "feature_names_in_": Optional(Strings("D"), default=None),
     }
+    #: fitted arrays of the ``scale`` option (present when it is not None)
+    _scale_arrays = ("scale_center_", "scale_factor_")
 
     @classmethod
     def _state_arrays_for(cls, params):
         """The fitted arrays a model with constructor ``params`` holds."""
-        return cls._state_arrays + CALIBRATION_ARRAYS + _preprocess_arrays(params)
+        arrays = cls._state_arrays + CALIBRATION_ARRAYS + _preprocess_arrays(params)
+        if params.get("scale") is not None:
+            arrays += cls._scale_arrays
+        return arrays
 
     # ----------------------------------------------------------------- fit
     def _check_params(self):
@@ -183,7 +200,7 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
         self.dtype_ = X.dtype
         X = self._fit_preprocess(X)
         self.calibration_rows_ = None
-        loo = self._fit(X)
+        loo = self._to_user_units(self._fit(X), "training")
         self.train_scores_ = -np.asarray(loo)
         if self.calibration_rows_ is None:  # every training row was scored
             self.calibration_rows_ = np.arange(X.shape[0], dtype=np.int64)
@@ -226,24 +243,85 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
         return the transformed training data (what the search and the
         operator see). Queries go through :meth:`_preprocess`.
 
-        In order: unit-length rows (``normalize="l2"``), then global
-        whitening (``whiten > 0``, see :func:`nonn._preprocess.fit_whitening`).
+        In order: column scaling (``scale``), the power-of-two working scale
+        (exact; it only guards the arithmetic of everything after it),
+        unit-length rows (``normalize="l2"``) and global whitening
+        (``whiten > 0``, see :func:`nonn._preprocess.fit_whitening`).
         """
+        X = self._fit_column_scaling(X)
+        X = self._fit_data_scale(X)
+        return self._row_transforms(X, fit=True)
+
+    def _preprocess(self, X):
+        """Apply the fitted input transforms to validated queries."""
+        X = self._apply_column_scaling(X)
+        X = self._apply_data_scale(X)
+        return self._row_transforms(X)
+
+    def _row_transforms(self, X, fit=False):
         params = self.get_params()
         if params.get("normalize") == "l2":
             X = l2_rows(X)
+        if fit:
+            for name in ("whiten_mean_", "whiten_matrix_"):  # a refit forgets them
+                self.__dict__.pop(name, None)
         if params.get("whiten", 0):
-            self.whiten_mean_, self.whiten_matrix_ = fit_whitening(X, float(params["whiten"]))
-        return self._preprocess(X, _normalize=False)
-
-    def _preprocess(self, X, _normalize=True):
-        """Apply the fitted input transforms to validated queries."""
-        params = self.get_params()
-        if _normalize and params.get("normalize") == "l2":
-            X = l2_rows(X)
-        if params.get("whiten", 0):
+            if fit:
+                self.whiten_mean_, self.whiten_matrix_ = fit_whitening(X, float(params["whiten"]))
             X = whiten(X, self.whiten_mean_, self.whiten_matrix_)
         return X
+
+    #: whether the scores carry the data's units (distances); such scores
+    #: are multiplied back from the working scale (see :mod:`nonn._data_scale`)
+    _scores_carry_units = False
+
+    def _fit_data_scale(self, X):
+        """Learn ``data_scale_exponent_`` (the inputs are multiplied by
+        ``2**data_scale_exponent_``, exact) and scale the training data."""
+        self.data_scale_exponent_ = _data_scale.fit_exponent(X)
+        return _data_scale.scale(X, self.data_scale_exponent_, "The training data")
+
+    def _data_scale_exponent(self):
+        # models saved before the working scale existed were fitted unscaled
+        return _data_scale.check_exponent(getattr(self, "data_scale_exponent_", 0))
+
+    def _apply_data_scale(self, X):
+        return _data_scale.scale(X, self._data_scale_exponent())
+
+    def _to_user_units(self, scores, what="query"):
+        """Scores computed at the working scale, as the user's data give
+        them: unit-carrying scores multiplied back (exact), and anything
+        that is not finite refused with the reason."""
+        scores = np.asarray(scores)
+        if self._scores_carry_units:
+            scores = _data_scale.unscale_scores(scores, self._data_scale_exponent())
+        if not np.isfinite(scores).all():
+            bad = int(np.count_nonzero(~np.isfinite(scores)))
+            raise ValueError(
+                f"{bad} of the {scores.size} {what} anomaly scores are not finite: they "
+                f"overflowed {scores.dtype} (the {what} points are too far from the training "
+                f"data, relative to its spread, to score in {scores.dtype}). Pass float64 "
+                "data, or check that the queries are in the training data's units.")
+        return scores
+
+    def _fit_column_scaling(self, X):
+        """The ``scale`` option: learn each column's center and factor (see
+        :mod:`nonn._scaling`) and return the scaled training data."""
+        for name in self._scale_arrays:  # a refit forgets the previous fit's
+            self.__dict__.pop(name, None)
+        method = getattr(self, "scale", None)
+        if method is None:
+            return X
+        self.scale_center_, self.scale_factor_ = fit_column_scaling(
+            X, method, self.working_memory)
+        return self._apply_column_scaling(X)
+
+    def _apply_column_scaling(self, X):
+        # the fitted state decides, not a parameter changed after fit
+        if getattr(self, "scale_center_", None) is None:
+            return X
+        return apply_column_scaling(X, self.scale_center_, self.scale_factor_,
+                                    self.working_memory)
 
     def _query_chunks(self, n, row_bytes, desc="scoring"):
         step = chunk_rows(row_bytes, self.working_memory)
@@ -262,9 +340,15 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
         Returns
         -------
         scores : ndarray of shape (n_queries,), in the training dtype.
+
+        Raises
+        ------
+        ValueError
+            If a score cannot be represented in the training dtype (queries
+            too far out to score in float32, say): never NaN or inf.
         """
         X = self._validate_query(X)
-        return self._anomaly_score(X)
+        return self._to_user_units(self._anomaly_score(X))
 
     def fit_predict(self, X, y=None):
         """Fit, then label the training points themselves by their

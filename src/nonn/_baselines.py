@@ -55,8 +55,15 @@ class KNN(_NeighbourQueries, BaseDetector):
         maximum, or the k-th distance (equal to max for sorted distances;
         kept as its own name because PyOD users know it).
     metric : {"euclidean", "cosine"}, default="euclidean"
-    backend, backend_params, contamination, working_memory, n_jobs, verbose, normalize, whiten
+    backend, backend_params, contamination, working_memory, n_jobs, verbose, normalize, whiten, scale
         As in :class:`nonn.KNNN`.
+
+    Attributes
+    ----------
+    data_scale_exponent_ : int
+        As in :class:`nonn.KNNN`: the search runs on the data multiplied by
+        ``2**data_scale_exponent_``; the scores (distances) are returned in
+        the data's own units.
 
     Examples
     --------
@@ -73,11 +80,17 @@ class KNN(_NeighbourQueries, BaseDetector):
     }
     _state_arrays = ("_fit_X", "train_scores_")
     _state_scalars = ("n_neighbors_", "offset_", "contamination_", "threshold_source_",
-                      "backend_")
+                      "backend_", "data_scale_exponent_")
+
+    @property
+    def _scores_carry_units(self):
+        # Euclidean distances carry the data's units (returned in the user's
+        # units); cosine distances and distances between unit rows do not
+        return self.metric == "euclidean" and self.normalize is None
 
     def __init__(self, n_neighbors=3, aggregate="mean", metric="euclidean", backend="auto",
                  backend_params=None, contamination="auto", working_memory=None, n_jobs=None,
-                 verbose=False, normalize=None, whiten=0.0):
+                 verbose=False, normalize=None, whiten=0.0, scale=None):
         self.n_neighbors = n_neighbors
         self.aggregate = aggregate
         self.metric = metric
@@ -89,6 +102,7 @@ class KNN(_NeighbourQueries, BaseDetector):
         self.verbose = verbose
         self.normalize = normalize
         self.whiten = whiten
+        self.scale = scale
 
     def _fit(self, X):
         return self._fit_neighbours(X)
@@ -111,13 +125,16 @@ class GlobalEigenKNN(_NeighbourQueries, BaseDetector):
         Relative floor: eigenvalues below ``eig_floor`` times the mean
         feature variance are raised to it.
     metric, backend, backend_params, contamination, working_memory, n_jobs, verbose,
-    normalize, whiten
+    normalize, whiten, scale
         As in :class:`nonn.KNNN`.
 
     Attributes
     ----------
     components_ : ndarray (n_features, n_features), column j = eigenvector j
     eigenvalues_ : ndarray (n_features,)
+        At the working scale (see ``data_scale_exponent_``).
+    data_scale_exponent_ : int
+        As in :class:`nonn.KNNN`.
     """
 
     _constraints = {
@@ -126,7 +143,7 @@ class GlobalEigenKNN(_NeighbourQueries, BaseDetector):
     }
     _state_arrays = ("_fit_X", "components_", "eigenvalues_", "eig_floor_", "train_scores_")
     _state_scalars = ("n_neighbors_", "offset_", "contamination_", "threshold_source_",
-                      "backend_")
+                      "backend_", "data_scale_exponent_")
     _state_spec = {
         **BaseDetector._state_spec,
         "components_": Array("D", "D"),
@@ -136,7 +153,7 @@ class GlobalEigenKNN(_NeighbourQueries, BaseDetector):
 
     def __init__(self, n_neighbors=3, eig_floor=1e-3, metric="euclidean", backend="auto",
                  backend_params=None, contamination="auto", working_memory=None, n_jobs=None,
-                 verbose=False, normalize=None, whiten=0.0):
+                 verbose=False, normalize=None, whiten=0.0, scale=None):
         self.n_neighbors = n_neighbors
         self.eig_floor = eig_floor
         self.metric = metric
@@ -148,6 +165,7 @@ class GlobalEigenKNN(_NeighbourQueries, BaseDetector):
         self.verbose = verbose
         self.normalize = normalize
         self.whiten = whiten
+        self.scale = scale
 
     def _fit(self, X):
         self.eigenvalues_, self.components_, self.eig_floor_ = self._eigen_state(X)
@@ -227,7 +245,12 @@ class LocalEigenKNN(_SetGridMixin, _NeighbourQueries, BaseDetector):
     reorder : {"greedy", "none"}, default="greedy"
     eig_floor : float, default=1e-3
     metric, backend, backend_params, contamination, working_memory, n_jobs, verbose,
-    normalize, whiten
+    normalize, whiten, scale
+        As in :class:`nonn.KNNN`.
+
+    Attributes
+    ----------
+    data_scale_exponent_ : int
         As in :class:`nonn.KNNN`.
     """
 
@@ -239,12 +262,12 @@ class LocalEigenKNN(_SetGridMixin, _NeighbourQueries, BaseDetector):
     }
     _state_arrays = ("_fit_X", "feature_order_", "set_sizes_", "eig_floor_", "train_scores_")
     _state_scalars = ("n_neighbors_", "set_size_", "offset_", "contamination_",
-                      "threshold_source_", "backend_")
+                      "threshold_source_", "backend_", "data_scale_exponent_")
     _state_spec = {**BaseDetector._state_spec, **_SetGridMixin._grid_state_spec}
 
     def __init__(self, n_neighbors=3, set_size=5, reorder="greedy", eig_floor=1e-3,
                  metric="euclidean", backend="auto", backend_params=None, contamination="auto",
-                 working_memory=None, n_jobs=None, verbose=False, normalize=None, whiten=0.0):
+                 working_memory=None, n_jobs=None, verbose=False, normalize=None, whiten=0.0, scale=None):
         self.n_neighbors = n_neighbors
         self.set_size = set_size
         self.reorder = reorder
@@ -258,6 +281,7 @@ class LocalEigenKNN(_SetGridMixin, _NeighbourQueries, BaseDetector):
         self.verbose = verbose
         self.normalize = normalize
         self.whiten = whiten
+        self.scale = scale
 
     def _fit(self, X):
         self._fit_grid(X)

@@ -221,10 +221,26 @@ _POINTS_PER_TASK = 16
 
 
 @njit(cache=True, inline="always")
-def _full_sets_eigen(P, m, L, full, B, tol, A, V, order, p, w_out, V_out):
+def _unit_scale(x):
+    """The power of two ``2**-e`` that brings ``x > 0`` into [0.5, 1) (1 for
+    0 or a non-finite ``x``; clamped to float64's normal range)."""
+    if not (x > 0.0 and x < np.inf):
+        return 1.0
+    e = math.frexp(x)[1]
+    e = max(min(e, 1000), -1000)
+    return math.ldexp(1.0, -e)
+
+
+@njit(cache=True, inline="always")
+def _full_sets_eigen(P, m, L, full, B, tol, A, V, order, sc, p, w_out, V_out):
     """Jacobi on the ``full`` L x L set covariances of point ``p`` (from its
     lagged products ``P``), one SIMD lane per set, results into the outputs.
-    Inlined, so a constant ``L`` at the call site unrolls every loop over it."""
+    Inlined, so a constant ``L`` at the call site unrolls every loop over it.
+
+    Each lane is multiplied by the power of two ``sc[s]`` that brings its
+    largest variance into [0.5, 1) (exact; undone on the eigenvalues): the
+    stopping test squares the entries, which over- or underflows for
+    covariances far from 1, and each set then weighs alike in it."""
     for a in range(L):
         for b in range(L):
             for s in range(B):
@@ -232,10 +248,15 @@ def _full_sets_eigen(P, m, L, full, B, tol, A, V, order, p, w_out, V_out):
                 V[a, b, s] = 0.0
         for s in range(B):
             V[a, a, s] = 1.0
+    for s in range(full):
+        mx = 0.0
+        for a in range(L):
+            mx = max(mx, P[0, s * L + a])
+        sc[s] = _unit_scale(mx / m)
     for lag in range(L):
         for a in range(L - lag):
             for s in range(full):
-                v = P[lag, s * L + a] / m
+                v = P[lag, s * L + a] / m * sc[s]
                 A[a, a + lag, s] = v
                 A[a + lag, a, s] = v
     if L == 5:
@@ -247,7 +268,7 @@ def _full_sets_eigen(P, m, L, full, B, tol, A, V, order, p, w_out, V_out):
         for j in range(L):
             src = order[j]
             e = A[src, src, s]
-            w_out[p, s, j] = e if e > 0.0 else 0.0
+            w_out[p, s, j] = e / sc[s] if e > 0.0 else 0.0
             for a in range(L):
                 V_out[p, s, a, j] = V[a, src, s]
 
@@ -293,6 +314,7 @@ def neighbourhood_eigen(Xg, groups, sizes, L, tol, w_out, V_out):
         A1 = np.empty((L, L, 1), dtype=dt)
         V1 = np.empty((L, L, 1), dtype=dt)
         order = np.empty(L, dtype=np.int64)
+        sc = np.empty(B)
         for p in range(task * _POINTS_PER_TASK, min((task + 1) * _POINTS_PER_TASK, c)):
             # ---- covariance as lagged products along the whole row:
             # P[lag, f] = sum_t G[t, f] G[t, f + lag], cov[s, a, a + lag] = P[lag, s*L + a]
@@ -317,7 +339,7 @@ def neighbourhood_eigen(Xg, groups, sizes, L, tol, w_out, V_out):
                         P[lag, f] += G[t, f] * G[t, f + lag]
             # ---- the full sets, one SIMD lane each
             if full > 0:
-                _full_sets_eigen(P, m, L, full, B, tol, A, V, order, p, w_out, V_out)
+                _full_sets_eigen(P, m, L, full, B, tol, A, V, order, sc, p, w_out, V_out)
             # ---- the short last set, on its own r x r covariance
             if short:
                 r = r_last
@@ -327,9 +349,13 @@ def neighbourhood_eigen(Xg, groups, sizes, L, tol, w_out, V_out):
                         A1[a, b, 0] = 0.0
                         V1[a, b, 0] = 0.0
                     V1[a, a, 0] = 1.0
+                mx = 0.0
+                for a in range(r):
+                    mx = max(mx, P[0, off + a])
+                sc1 = _unit_scale(mx / m)  # as each lane of the full sets
                 for a in range(r):
                     for b in range(a, r):
-                        v = P[b - a, off + a] / m
+                        v = P[b - a, off + a] / m * sc1
                         A1[a, b, 0] = v
                         A1[b, a, 0] = v
                 _jacobi_lanes(A1, V1, r, 1, tol)
@@ -338,7 +364,7 @@ def neighbourhood_eigen(Xg, groups, sizes, L, tol, w_out, V_out):
                     if j < r:
                         src = order[j]
                         e = A1[src, src, 0]
-                        w_out[p, full, j] = e if e > 0.0 else 0.0
+                        w_out[p, full, j] = e / sc1 if e > 0.0 else 0.0
                     else:
                         w_out[p, full, j] = 0.0
                     for a in range(L):

@@ -157,6 +157,12 @@ class KNNN(_SetGridMixin, BaseDetector):
     contamination : "auto" or float in (0, 0.5], default="auto"
         Share of the (leave-one-out scored) training points to flag;
         "auto" = 0.01.
+    scale : {None, "standard", "minmax", "robust"}, default=None
+        Per-column scaling learned at fit and applied to every query (for
+        tabular data whose columns have different units): scikit-learn's
+        StandardScaler, MinMaxScaler or RobustScaler statistics, stored as
+        ``scale_center_`` and ``scale_factor_``; a constant column is left
+        at 0. None feeds the features as given (embeddings).
     random_state : int or None, default=None
         Seed of the label-free selection of "auto" parameters (its 80/20
         split and synthetic outliers); unused otherwise.
@@ -193,11 +199,31 @@ class KNNN(_SetGridMixin, BaseDetector):
         Absent with ``memory="lean"``.
     eig_floor_ : ndarray (n_sets,)
         Absolute eigenvalue floor per set.
+    scale_center_, scale_factor_ : ndarray (n_features,)
+        With ``scale``: the data are ``(X - scale_center_) / scale_factor_``
+        before anything else (training rows and queries alike).
     train_scores_ : ndarray (n_samples,)
         Leave-one-out ``score_samples`` of the training points.
     offset_ : float
         Threshold on ``score_samples``; ``decision_function = score_samples - offset_``.
     backend_ : str
+    data_scale_exponent_ : int
+        The training data and every query are multiplied by
+        ``2**data_scale_exponent_`` before the search and Eq. 2 (exact in
+        floating point), so that data of any finite scale score alike; 0
+        for data of ordinary scale (RMS entry in [2**-16, 2**16]). The
+        stored arrays (``eigenvalues_``, ``eig_floor_``, ...) are at that
+        working scale.
+
+    Notes
+    -----
+    Ties among equidistant neighbours are broken by the search backend:
+    "brute" (and FAISS's exact "Flat" index) take the lowest training row
+    id, scikit-learn's trees ("auto" with 3 features or fewer) and torch's
+    ``topk`` an unspecified one. On heavily tied data (many distinct rows at
+    equal distances, as with binary features) the neighbourhoods, hence the
+    scores, then depend on the order of the training rows; exact copies
+    alone do not matter (see the README, "Choices the paper leaves open").
 
     References
     ----------
@@ -234,6 +260,7 @@ class KNNN(_SetGridMixin, BaseDetector):
     _state_scalars = (
         "n_neighbors_", "n_neighbors_of_neighbors_", "set_size_", "eig_floor_rel_", "offset_",
         "contamination_", "threshold_source_", "backend_", "auto_params_",
+        "data_scale_exponent_",
     )
     _state_spec = {
         **BaseDetector._state_spec,
@@ -263,6 +290,7 @@ class KNNN(_SetGridMixin, BaseDetector):
         backend="auto",
         backend_params=None,
         contamination="auto",
+        scale=None,
         random_state=None,
         working_memory=None,
         n_jobs=None,
@@ -281,6 +309,7 @@ class KNNN(_SetGridMixin, BaseDetector):
         self.backend = backend
         self.backend_params = backend_params
         self.contamination = contamination
+        self.scale = scale
         self.random_state = random_state
         self.working_memory = working_memory
         self.n_jobs = n_jobs

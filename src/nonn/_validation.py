@@ -13,6 +13,25 @@ import numpy as np
 from sklearn.utils.validation import validate_data
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _big_int(value):
+    """Whether ``value`` is an int outside the 64-bit range (counts, seeds and
+    thread numbers are 64-bit ints downstream; numpy cannot even test such an
+    int for finiteness)."""
+    return (isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+            and not _INT64_MIN <= value <= _INT64_MAX)
+
+
+def _as_float(value):
+    """``float(value)``, or None where it overflows."""
+    try:
+        return float(value)
+    except OverflowError:
+        return None
+
+
 class Interval:
     """A numeric range constraint; ``kind`` is "int" or "real"."""
 
@@ -26,6 +45,12 @@ class Interval:
             return False
         if self.kind == "real" and not isinstance(value, numbers.Real):
             return False
+        if _big_int(value):
+            if self.kind == "int":
+                return False
+            value = _as_float(value)
+            if value is None:
+                return False
         if not np.isfinite(value):
             return False
         lo_ok = self.left is None or (
@@ -93,8 +118,28 @@ def validate_params(estimator, constraints, hints=None):
         hint = hints.get(name)
         fix = f" For example: {cls}({name}={hint})." if hint else ""
         raise ValueError(
-            f"The '{name}' parameter of {cls} must be {expected}. Got {value!r} instead.{fix}"
+            f"The '{name}' parameter of {cls} must be {expected}. Got {_show(value)} instead"
+            f"{_why(value, accepted)}.{fix}"
         )
+
+
+def _show(value, limit=60):
+    """``repr(value)``, shortened when it is very long (a huge int)."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:20]}...{text[-10:]} ({len(text)} characters)"
+
+
+def _why(value, accepted):
+    """Why an int the ranges seem to allow is refused anyway."""
+    if not _big_int(value):
+        return ""
+    if any(isinstance(c, Interval) and c.kind == "real" for c in accepted):
+        if _as_float(value) is None:
+            return " (too large for a float)"
+        return ""
+    return " (beyond the 64-bit integer range)"
 
 
 _FIXES = (

@@ -2,23 +2,34 @@
 
 ::
 
-    nonn fit TRAIN -o MODEL [--detector knnn|knn|global|local] [--cluster ADDRESS|local] [options]
-    nonn score MODEL QUERIES -o SCORES [--cluster ADDRESS|local]
+    nonn fit TRAIN -o MODEL [--detector knnn|knn|global|local] [--scale none|standard|...]
+             [--header auto|yes|no] [--cluster ADDRESS|local] [options]
+    nonn score MODEL QUERIES -o SCORES [--header auto|yes|no] [--cluster ADDRESS|local]
     nonn info MODEL [--verify]      (also image models from `nonn fit-images`)
     nonn demo [--out DIR] [--seeds N] [--sizes 100,200,...] [--quick]
 
 TRAIN and QUERIES are a matrix file or a folder of .npy/.parquet shards;
-``--cluster`` runs fit and score on Dask (``nonn.distributed``).
+``--cluster`` runs fit and score on Dask (``nonn.distributed``). Column
+names (a CSV header, Parquet columns) are stored in the model and QUERIES
+are matched to them by name.
 
 Every command has ``--help``. Errors print one ``nonn: error: ...`` line on
-stderr and exit with status 2; success exits with 0.
+stderr, phrased in flags, and exit with status 2; success exits with 0;
+SIGTERM removes any partial output and exits with 143. Progress bars are
+drawn only when stderr is a terminal (``--progress`` / ``--no-progress``).
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import functools
+import inspect
 import os
+import re
+import signal
 import sys
+import threading
 import time
 import warnings
 
@@ -26,7 +37,7 @@ import numpy as np
 
 from . import KNN, KNNN, GlobalEigenKNN, LocalEigenKNN, __version__
 from . import _io
-from .neighbors import BACKENDS, METRICS
+from .neighbors import BACKENDS, METRICS, resolve_backend
 from .persistence import ModelFileError, load, read_meta
 
 #: --detector name -> estimator class
@@ -126,7 +137,19 @@ _FIT_OPTIONS = (
     ("--eig-floor", "eig_floor",
      dict(type=_float_or_auto, metavar="FLOAT|auto", help="relative eigenvalue floor "
           "(knnn, global, local; default: 0.001)")),
+    ("--scale", "scale",
+     dict(choices=("none", "standard", "minmax", "robust"),
+          help="per-column scaling learned from TRAIN and applied to every query, for "
+          "tabular data whose columns have different units: standard (mean 0, "
+          "variance 1), minmax (to [0, 1]) or robust (median 0, inter-quartile range "
+          "1); scikit-learn's scalers' statistics, stored in the model (default: none)")),
 )
+
+#: parameter name -> its flag (for messages phrased in flags)
+_FLAGS = {name: flag for flag, name, _ in _FIT_OPTIONS}
+_FLAGS.update({"device": "--device", "weights": "--weights", "nn": "--nn",
+               "normalize": "--normalize", "image_size": "--image-size",
+               "batch_size": "--batch-size", "map_nn": "--map-nn"})
 
 
 def _sizes(text):
@@ -153,13 +176,142 @@ def _note(message):
     print(f"nonn: {message}", file=sys.stderr)
 
 
+# ------------------------------------------------------- messages in flags
+_ESTIMATOR_CALL = re.compile(r"\b[A-Z]\w*\(((?:\w+=[^()]*?)(?:, \w+=[^()]*?)*)\)")
+_PARAM_GRAMMAR = re.compile(
+    r"The '(?P<name>\w+)' parameter of \w+ must be (?P<expected>.+?)\. "
+    r"Got (?P<got>.+?) instead\.(?: For example: \w+\((?P=name)=(?P<hint>[^()]*)\)\.)?")
+
+
+def _unquote(value):
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    return value
+
+
+def _flag_value(name, value):
+    """``name=value`` (Python) -> ``--flag value`` (``None`` when no flag)."""
+    if name == "backend_params":
+        items = re.findall(r"['\"](\w+)['\"]\s*:\s*('[^']*'|\"[^\"]*\"|[^,}]+)", value)
+        return " ".join(f"--backend-param {k}={_unquote(v)}" for k, v in items) or None
+    if name in ("index", "nprobe", "efSearch", "efConstruction", "refine"):
+        return f"--backend-param {name}={_unquote(value)}"
+    flag = _FLAGS.get(name)
+    if flag is None:
+        return None
+    value = _unquote(value)
+    if value == "True" and name == "normalize":
+        return flag
+    return f"{flag} {'none' if value == 'None' and name == 'scale' else value}"
+
+
+def in_flags(text):
+    """Rephrase the library's Python spellings (``backend='faiss'``,
+    ``KNNN(contamination=0.01)``, "The 'k' parameter of KNNN must be ...")
+    in the command line's flags; text without them is returned unchanged."""
+    def grammar(m):
+        flag = _FLAGS.get(m.group("name"))
+        if flag is None:
+            return m.group(0)
+        out = f"{flag} must be {m.group('expected')}; got {m.group('got')}."
+        if m.group("hint") is not None:
+            out += f" For example: {_flag_value(m.group('name'), m.group('hint'))}."
+        return out
+
+    def call(m):
+        parts = [_flag_value(*arg.split("=", 1)) for arg in
+                 re.split(r", (?=\w+=)", m.group(1))]
+        return " ".join(parts) if all(parts) else m.group(0)
+
+    def assignment(m):
+        return _flag_value(m.group(1), m.group(2)) or m.group(0)
+
+    text = _PARAM_GRAMMAR.sub(grammar, text)
+    text = _ESTIMATOR_CALL.sub(call, text)
+    text = re.sub(r"\b(backend_params)=(\{[^}]*\})", assignment, text)
+    # (not "--backend-param KEY=VALUE", which is already a flag)
+    text = re.sub(r"(?<!-param )(?<![\w.-])(\w+)=('[^']*'|\"[^\"]*\"|[\w.+-]+)",
+                  assignment, text)
+    text = re.sub(r" The value used is stored as the fitted attribute \w+\.",
+                  " `nonn info` shows the value used.", text)
+    return text
+
+
+def _in_flags(handler):
+    """Run a command; its input errors say flags, not Python spellings."""
+    @functools.wraps(handler)
+    def run(args):
+        try:
+            return handler(args)
+        except ValueError as exc:
+            if len(exc.args) == 1 and isinstance(exc.args[0], str):
+                exc.args = (in_flags(exc.args[0]),)
+            raise
+    return run
+
+
+# ---------------------------------------------------------------- progress
+def _progress(args):
+    """Progress bars: on a terminal, unless --progress / --no-progress says."""
+    chosen = getattr(args, "progress", None)
+    return sys.stderr.isatty() if chosen is None else bool(chosen)
+
+
+def _runs_kernels(argv):
+    """Whether the command line ``argv`` can run nonn's compiled kernels
+    (every command but those that only read metadata or print help)."""
+    argv = [str(a) for a in argv]
+    words = [a for a in argv if not a.startswith("-")]
+    if {"--help", "-h", "--version"} & set(argv):
+        return False
+    return not (words[:1] == ["info"] and "--verify" not in argv)
+
+
+class _CompileNotice:
+    """One line on stderr when numba compiles nonn's kernels (the first use
+    after installing or upgrading, ~20 s); nothing when it loads them from
+    its cache. Numba signals real compilations only ("numba:compile" events
+    are not sent for cache hits)."""
+
+    def __init__(self, argv):
+        self.said = False
+        self.listener = None
+        self.argv = argv
+
+    def __enter__(self):
+        if "numba" not in sys.modules and not _runs_kernels(self.argv):
+            return self  # e.g. `nonn info`: no kernel, no need to import numba
+        try:
+            from numba.core import event
+        except ImportError:  # pragma: no cover - numba is a dependency
+            return self
+        notice = self
+
+        class Listener(event.Listener):
+            def on_start(self, ev):
+                dispatcher = (ev.data or {}).get("dispatcher")
+                module = getattr(getattr(dispatcher, "py_func", None), "__module__", "") or ""
+                if not notice.said and module.startswith("nonn."):
+                    notice.said = True
+                    _note("compiling kernels (first use, ~20 s)")
+
+            def on_end(self, ev):
+                pass
+
+        self.listener = Listener()
+        event.register("numba:compile", self.listener)
+        return self
+
+    def __exit__(self, *exc):
+        if self.listener is not None:
+            from numba.core import event
+
+            event.unregister("numba:compile", self.listener)
+
+
 # --------------------------------------------------------------------- fit
-def _cmd_fit(args):
-    cls = DETECTORS[args.detector]
-    cluster = getattr(args, "cluster", None)
-    if cluster is not None and cls is not KNNN:
-        raise ValueError(f"--cluster fits --detector knnn only; got --detector {args.detector}. "
-                         "Drop --cluster to fit it on this machine.")
+def _fit_params(args, cls):
     accepted = cls().get_params()
     params = {}
     for flag, name, _ in _FIT_OPTIONS:
@@ -167,17 +319,78 @@ def _cmd_fit(args):
             continue
         if name in accepted:
             value = getattr(args, name)
-            params[name] = dict(value) if name == "backend_params" else value
+            if name == "backend_params":
+                value = dict(value)
+            elif name == "scale" and value == "none":
+                value = None
+            params[name] = value
         else:
             _note(f"note: {flag} does not apply to --detector {args.detector}; ignored.")
+    # every parameter checked now, before the data are read and the fit runs
+    cls(**params)._check_params()
+    return params
+
+
+def _check_backend_params(params, n, d):
+    """Refuse --backend-param KEY=VALUE the chosen backend does not take,
+    saying which backend that is and what it takes (before the fit)."""
+    given = params.get("backend_params") or {}
+    if not given:
+        return
+    name = params.get("backend", "auto")
+    resolved = resolve_backend(name, n, d)
+    accepted = [p for p in inspect.signature(BACKENDS[resolved]()).parameters
+                if p != "metric"]
+    unknown = [k for k in given if k not in accepted]
+    if not unknown:
+        return
+    items = " ".join(f"--backend-param {k}={given[k]}" for k in unknown)
+    chosen = (f"the {resolved!r} backend, which --backend auto picks for this data"
+              if name == "auto" else f"the {resolved!r} backend")
+    msg = f"{items}: not an option of {chosen}; it takes {', '.join(accepted)}."
+    lower = {a.lower(): a for a in accepted}
+    for k in unknown:
+        close = [lower[k.lower()]] if k.lower() in lower else difflib.get_close_matches(
+            k, accepted, n=1)
+        if close:
+            msg += f" Did you mean --backend-param {close[0]}={given[k]}?"
+    if resolved != "faiss":
+        faiss_params = inspect.signature(BACKENDS["faiss"]()).parameters
+        if any(k in faiss_params for k in unknown):
+            msg += " FAISS index options need --backend faiss."
+    raise ValueError(msg)
+
+
+def _as_frame(X, names):
+    """``X`` with its column names (a DataFrame) so that the estimator stores
+    them as ``feature_names_in_``; ``X`` itself without names."""
+    if names is None:
+        return X
+    import pandas as pd
+
+    return pd.DataFrame(X, columns=names, copy=False)
+
+
+def _cmd_fit(args):
+    cls = DETECTORS[args.detector]
+    cluster = getattr(args, "cluster", None)
+    if cluster is not None and cls is not KNNN:
+        raise ValueError(f"--cluster fits --detector knnn only; got --detector {args.detector}. "
+                         "Drop --cluster to fit it on this machine.")
+    params = _fit_params(args, cls)
+    if cluster is not None and params.get("scale") is not None:
+        raise ValueError("--cluster does not support --scale yet: scale the data before "
+                         "fitting, or drop --cluster to fit on this machine.")
     # Fail before the (possibly long) fit, not after it.
     _io.check_output_folder(args.output)
+    _io.check_not_an_input(args.output, {"TRAIN": args.train})
     if cluster is not None:
         return _fit_on_cluster(args, cluster, params)
-    X = _io.read_matrix_or_shards(args.train, key=args.key)
-    det = cls(verbose=True, **params)
+    X, names = _io.read_table_or_shards(args.train, key=args.key, header=args.header)
+    _check_backend_params(params, *X.shape)
+    det = cls(verbose=_progress(args), **params)
     start = time.perf_counter()
-    det.fit(X)
+    det.fit(_as_frame(X, names))
     seconds = time.perf_counter() - start
     # The saved model should not print progress bars when a library user loads
     # it; `nonn score` switches them back on.
@@ -196,6 +409,17 @@ def _print_fit(det, shape, seconds, output, where=""):
     print(f"  saved to {output} ({_human_bytes(os.path.getsize(output))})")
 
 
+def _quiet_dask():
+    """Silence Dask's advice meant for Dask programmers ("Sending large graph
+    ... consider loading the data with Dask directly") and its cluster
+    housekeeping below errors (a nanny "killing" a slow worker at shutdown):
+    the command already does what it can, and the user has nothing to act on."""
+    import logging
+
+    warnings.filterwarnings("ignore", message=r"(?s)Sending large graph", category=UserWarning)
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+
+
 def _client_arg(cluster):
     """--cluster value -> DistributedKNNN's client (None: an embedded LocalCluster)."""
     return None if cluster == "local" else cluster
@@ -204,10 +428,11 @@ def _client_arg(cluster):
 def _fit_on_cluster(args, cluster, params):
     from .distributed import DistributedKNNN, read_shards
 
+    _quiet_dask()
     if _io.is_shard_folder(args.train):
         X = read_shards(args.train, key=args.key)  # read on the workers
     else:
-        X = _io.read_matrix(args.train, key=args.key)
+        X = _io.read_matrix(args.train, key=args.key, header=args.header)
     with DistributedKNNN(client=_client_arg(cluster), **params) as det:
         start = time.perf_counter()
         det.fit(X)
@@ -226,14 +451,88 @@ def _cluster_name(client):
 
 
 # ------------------------------------------------------------------- score
+def _looks_like_model(path):
+    """Whether ``path`` is a zip holding nonn metadata (a model file)."""
+    import zipfile
+
+    try:
+        if not os.path.isfile(path) or not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as zf:
+            return "__meta__.npy" in zf.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _load_detector(args):
+    """The model of `nonn score`, refused with the right command when it is
+    an image model or when MODEL and QUERIES are swapped."""
+    if (_io._extension(args.model) in _io.MATRIX_FORMATS
+            and not _looks_like_model(args.model) and _looks_like_model(args.queries)):
+        raise ValueError(f"MODEL and QUERIES look swapped: {args.queries!r} is the model file "
+                         f"and {args.model!r} the data. The model comes first: nonn score "
+                         f"{args.queries} {args.model} -o {args.output}")
+    try:
+        return load(args.model)
+    except ModelFileError:
+        from .vision import systems as vision
+
+        if vision.is_image_model(args.model):
+            raise ValueError(f"{args.model!r} is an image model (from `nonn fit-images`); "
+                             "score images with it: nonn score-images "
+                             f"{args.model} IMAGES... -o SCORES.csv") from None
+        raise
+
+
+def _align_columns(Q, names, det, path):
+    """Queries in the model's column order, as the estimator wants them.
+
+    Same names in another order are reordered (with a note); missing or
+    unexpected names are refused, listing them. Without names on one side
+    the columns are taken in order (the estimator checks their number)."""
+    fitted = getattr(det, "feature_names_in_", None)
+    if fitted is None:
+        return Q
+    fitted = [str(n) for n in fitted]
+    if names is None:
+        _note(f"note: {path!r} has no column names; its columns are taken in the order of "
+              f"the model's ({_short_list(fitted)}).")
+        return _as_frame(Q, fitted)
+    if names != fitted:
+        have, want = set(names), set(fitted)
+        missing = [n for n in fitted if n not in have]
+        extra = [n for n in names if n not in want]
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"missing {_short_list(missing)}")
+            if extra:
+                parts.append(f"not in the model {_short_list(extra)}")
+            raise ValueError(
+                f"{path!r} does not have the columns the model was fitted on: "
+                f"{'; '.join(parts)}. Give the model's {len(fitted)} columns "
+                f"({_short_list(fitted)}); `nonn info MODEL` lists them.")
+        Q = Q[:, [names.index(n) for n in fitted]]
+        _note(f"note: {path!r} has the model's columns in another order; reordered to match "
+              "the model.")
+    return _as_frame(Q, fitted)
+
+
+def _short_list(names, limit=8):
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def _cmd_score(args):
     cluster = getattr(args, "cluster", None)
+    _io.check_not_an_input(args.output, {"MODEL": args.model, "QUERIES": args.queries})
     if cluster is not None:
         return _score_on_cluster(args, cluster)
     _io.check_scores_path(args.output)
-    det = load(args.model)
-    det.set_params(verbose=True)
-    Q = _io.read_matrix_or_shards(args.queries, key=args.key)
+    det = _load_detector(args)
+    det.set_params(verbose=_progress(args))
+    Q, names = _io.read_table_or_shards(args.queries, key=args.key, header=args.header)
+    Q = _align_columns(Q, names, det, args.queries)
     start = time.perf_counter()
     anomaly = det.anomaly_score(Q)
     # score_samples and predict would each recompute the search and Eq. 2;
@@ -271,14 +570,20 @@ def _score_on_cluster(args, cluster):
                                   "folder is not empty. Give a new or empty folder.")
     else:
         _io.check_scores_path(args.output)
-    model = load(args.model)
+    _quiet_dask()
+    model = _load_detector(args)
     if type(model) is not KNNN:
         raise ValueError(f"--cluster scores KNNN models; {args.model!r} holds a "
                          f"{type(model).__name__}. Drop --cluster to score it here.")
+    if getattr(model, "scale_center_", None) is not None:
+        raise ValueError(f"--cluster does not support models fitted with --scale yet; "
+                         f"{args.model!r} has scale={model.scale!r}. Drop --cluster to "
+                         "score it here.")
     if _io.is_shard_folder(args.queries):
         Q = read_shards(args.queries, key=args.key)
     else:
-        Q = _io.read_matrix(args.queries, key=args.key)
+        Q, names = _io.read_table(args.queries, key=args.key, header=args.header)
+        Q = np.asarray(_align_columns(Q, names, model, args.queries))
     with DistributedKNNN.from_knnn(model, client=_client_arg(cluster)) as det:
         start = time.perf_counter()
         where = f" on {det.n_partitions_} partitions ({_cluster_name(det.client_)})"
@@ -326,8 +631,15 @@ def _cmd_info(args):
     print(f"nonn version: {meta.get('nonn_version')}")
     print(f"estimator:    {meta.get('estimator')}")
     print(f"n_features:   {meta.get('n_features_in')} ({meta.get('dtype')})")
+    fitted = dict(meta.get("fitted") or {})
+    names = fitted.pop("feature_names_in_", None)
+    if isinstance(names, list):
+        print(f"features:     {', '.join(map(str, names))}")
+    else:
+        print("features:     unnamed (fitted on data without column names; queries are "
+              "matched by position)")
     _print_values("params:", meta.get("params"))
-    _print_values("fitted:", meta.get("fitted"))
+    _print_values("fitted:", fitted)
     total = _print_arrays("arrays:", meta.get("arrays"))
     print(f"memory:       {_human_bytes(total)} of arrays when loaded")
     if args.verify:
@@ -437,7 +749,7 @@ def _cmd_bench(args):
     for suite in suites:
         out = os.path.join(args.out, suite)
         run_benchmark(suite, out, detectors=args.detectors, seeds=tuple(range(args.seeds)),
-                      datasets=args.datasets, progress=True, resume=args.resume)
+                      datasets=args.datasets, progress=_progress(args), resume=args.resume)
         print(f"wrote {out}/summary.md, summary.csv, summary.png, results.csv")
     return 0
 
@@ -472,11 +784,13 @@ def build_parser():
     fit.add_argument("--key", metavar="NAME",
                      help="array in a .npz file (default: 'X' or the only array), or "
                      "embedding column in a .parquet file")
+    _add_header_option(fit, "TRAIN")
     fit.add_argument("--cluster", metavar="ADDRESS|local",
                      help="fit on a Dask cluster (knnn only; needs nonn[distributed]): a "
                      "scheduler address such as tcp://host:8786, or 'local' for a LocalCluster "
                      "on this machine. Shards of a TRAIN folder are read by the workers")
-    fit.set_defaults(handler=_cmd_fit)
+    add_progress_option(fit)
+    fit.set_defaults(handler=_in_flags(_cmd_fit))
 
     score = sub.add_parser(
         "score", help="score queries with a saved model",
@@ -494,10 +808,12 @@ def build_parser():
                        "part files, or a .zarr store, written by the workers")
     score.add_argument("--key", metavar="NAME",
                        help="array in a .npz file, or embedding column in a .parquet file")
+    _add_header_option(score, "QUERIES")
     score.add_argument("--cluster", metavar="ADDRESS|local",
                        help="score on a Dask cluster (KNNN models; needs nonn[distributed]): "
                        "a scheduler address, or 'local' for a LocalCluster on this machine")
-    score.set_defaults(handler=_cmd_score)
+    add_progress_option(score)
+    score.set_defaults(handler=_in_flags(_cmd_score))
 
     info = sub.add_parser(
         "info", help="describe a saved model",
@@ -511,7 +827,7 @@ def build_parser():
     info.add_argument("--verify", action="store_true",
                       help="also load the model, checking every array against its metadata "
                       "(image models: and the parts against each other)")
-    info.set_defaults(handler=_cmd_info)
+    info.set_defaults(handler=_in_flags(_cmd_info))
 
     demo = sub.add_parser(
         "demo", help="run the synthetic demonstration",
@@ -527,7 +843,7 @@ def build_parser():
     demo.add_argument("--quick", action="store_true",
                       help="a fast smoke run: 2 seeds, sizes 100,300 and a coarser figure "
                       "(overrides --seeds and --sizes)")
-    demo.set_defaults(handler=_cmd_demo)
+    demo.set_defaults(handler=_in_flags(_cmd_demo))
 
     bench = sub.add_parser(
         "bench", help="accuracy benchmark on the real datasets (needs NONN_DATA)",
@@ -547,7 +863,8 @@ def build_parser():
                        help="only these datasets of the suite")
     bench.add_argument("--resume", action="store_true",
                        help="continue from the suite's results.csv checkpoint")
-    bench.set_defaults(handler=_cmd_bench)
+    add_progress_option(bench)
+    bench.set_defaults(handler=_in_flags(_cmd_bench))
 
     # Image subcommands (fit-images, score-images) live with the vision extra;
     # the module imports without torch and loads it only when a command runs.
@@ -555,6 +872,22 @@ def build_parser():
 
     vision_cli.register(sub)
     return parser
+
+
+def _add_header_option(parser, what):
+    parser.add_argument("--header", choices=_io.HEADER_CHOICES, default="auto",
+                        help=f"whether the first row of a CSV {what} names the columns: auto "
+                        "= yes when it holds text, when it is exactly 0,1,2,... as pandas' "
+                        "to_csv(index=False) writes, or when it is integers above columns of "
+                        "decimals; any other first row of numbers (and missing values such "
+                        "as NA) is data (default: auto)")
+
+
+def add_progress_option(parser):
+    """--progress / --no-progress (default: bars only when stderr is a terminal)."""
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bars on stderr (default: only when stderr is a "
+                        "terminal, not when it goes to a file or a pipe)")
 
 
 def _csv_list(text):
@@ -570,9 +903,42 @@ def _one_line(exc):
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    print(f"nonn: warning: {' '.join(str(message).split())}", file=sys.stderr)
+    print(f"nonn: warning: {in_flags(' '.join(str(message).split()))}", file=sys.stderr)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that every clean-up runs (a
+    BaseException, like KeyboardInterrupt, so no ``except Exception``
+    swallows it)."""
+
+
+def _clean_exit_on_sigterm(main):
+    """Run ``main`` with SIGTERM turned into :class:`Terminated`: temporary
+    files are removed as on any error, one line is printed, and the status is
+    143 (128 + SIGTERM), what a shell reports for a process SIGTERM ended."""
+    @functools.wraps(main)
+    def run(argv=None):
+        if threading.current_thread() is not threading.main_thread():
+            return main(argv)
+
+        def terminate(signum, frame):
+            # a second SIGTERM must not interrupt the clean-up of the first
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            raise Terminated
+
+        previous = signal.signal(signal.SIGTERM, terminate)
+        try:
+            with _CompileNotice(sys.argv[1:] if argv is None else argv):
+                return main(argv)
+        except Terminated:
+            print("nonn: terminated (SIGTERM); no partial output was left", file=sys.stderr)
+            return 128 + signal.SIGTERM
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    return run
+
+
+@_clean_exit_on_sigterm
 def main(argv=None):
     """Run the ``nonn`` command with ``argv`` (default: ``sys.argv[1:]``).
 

@@ -79,6 +79,7 @@ __all__ = [
     "plot_results",
     "register_detector",
     "run_benchmark",
+    "scaling_detectors",
     "run_suite",
     "summarize",
     "table7_grid",
@@ -395,6 +396,28 @@ def _register_builtins():
 
 _register_builtins()
 
+#: the detector ``scale`` options compared by :func:`scaling_detectors`
+SCALE_OPTIONS = (None, "standard", "minmax", "robust")
+
+
+def scaling_detectors(bases=("KNNN", "KNN"), options=SCALE_OPTIONS):
+    """Detectors that differ only in their ``scale`` option, for measuring
+    the detectors' own column scaling: run them with the harness's scaling
+    off (``run_suite(..., scale=None)``), so that each detector learns its
+    scaling from the training normals it is fitted on.
+
+    Returns a list of :class:`Detector` named ``"<base> scale=<option>"``
+    (``none`` for None), each the base class with its default parameters.
+    """
+    out = []
+    for base in bases:
+        for option in options:
+            label = "none" if option is None else option
+            out.append(Detector(f"{base} scale={label}", _nonn(base, scale=option),
+                                _anomaly_score, (), "nonn",
+                                f"nonn {base}, default parameters, scale={option!r}"))
+    return out
+
 
 def list_detectors(available_only=False):
     """Names in :data:`DETECTORS` (those whose modules are installed, if asked)."""
@@ -493,6 +516,23 @@ def load_dataset(spec, *, home=None):
         name, X, y = spec
         return str(name), np.asarray(X), np.asarray(y)
     raise TypeError(f"A dataset must be a name or a (name, X, y) tuple. Got {spec!r:.80}.")
+
+
+def check_datasets(specs, *, home=None):
+    """Raise (``FileNotFoundError`` / ``ValueError``) unless every named
+    dataset of ``specs`` can be found, before any run starts: a typo or a
+    missing data folder is one clear error, not a table of failed runs."""
+    from . import datasets
+
+    for spec in specs:
+        if not isinstance(spec, str):
+            continue
+        m = _UNION.match(spec)
+        if m:
+            for category in datasets._mvtec_names(int(m.group(1))):
+                datasets.resolve_adbench(f"MVTec-AD_{category}", home=home)
+        else:
+            datasets.resolve_adbench(spec, home=home)
 
 
 def _is_single_spec(obj):
@@ -1044,6 +1084,9 @@ def run_benchmark(suite, out=None, *, detectors=None, seeds=(0, 1, 2), datasets=
         raise ValueError(f"Unknown suite {suite!r}. Expected one of {list(SUITES)}.")
     list_fn, default_scale, reference = SUITES[suite]
     specs = list(datasets) if datasets is not None else list_fn(home)
+    if not specs:
+        raise ValueError(f"No datasets to run for the suite {suite!r}.")
+    check_datasets(specs, home=home)
     if scale == "auto":
         scale = default_scale
     checkpoint = None

@@ -60,10 +60,15 @@ def _jsonable(value):
     raise TypeError(f"cannot store {type(value).__name__} {value!r} in a nonn model file")
 
 
+#: fitted values a model may store besides its class's ``_state_scalars``:
+#: scikit-learn's column names (only when fitted on a table that had them)
+_OPTIONAL_SCALARS = ("feature_names_in_",)
+
+
 def _state_names(cls, params):
     """The fitted arrays and scalars a model of ``cls`` with ``params`` stores."""
     arrays = tuple(cls._state_arrays_for(params))
-    return arrays, tuple(cls._state_scalars)
+    return arrays, tuple(cls._state_scalars) + _OPTIONAL_SCALARS
 
 
 def _spec(cls, params):
@@ -74,6 +79,15 @@ def _spec(cls, params):
     if missing:  # pragma: no cover - a test checks every estimator
         raise TypeError(f"{cls.__name__}._state_spec has no entry for {missing}.")
     return {n: cls._state_spec[n] for n in arrays + scalars}
+
+
+def _fitted_value(estimator, name):
+    """A fitted scalar as stored: column names as a list of str (None when
+    the model was fitted without them)."""
+    value = getattr(estimator, name, None)
+    if name == "feature_names_in_" and value is not None:
+        return [str(v) for v in value]
+    return value
 
 
 def state(estimator):
@@ -97,7 +111,7 @@ def state(estimator):
         "nonn_version": __version__,
         "estimator": cls.__name__,
         "params": _jsonable(params),
-        "fitted": {name: _jsonable(getattr(estimator, name)) for name in scalars},
+        "fitted": {name: _jsonable(_fitted_value(estimator, name)) for name in scalars},
         "n_features_in": int(estimator.n_features_in_),
         "dtype": np.dtype(estimator.dtype_).name,
         "arrays": {k: {"shape": list(v.shape), "dtype": v.dtype.str} for k, v in arrays.items()},
@@ -232,7 +246,7 @@ def _check(cls, meta, headers, read, where="the model"):
             raise ModelFileError(
                 f"{where}: the array {key!r} has shape {tuple(shape)} and dtype "
                 f"{np.dtype(dtype)}, but the metadata announces {a}. The file is corrupted.")
-    unknown = sorted(set(meta["fitted"]) - set(cls._state_scalars))
+    unknown = sorted(set(meta["fitted"]) - set(cls._state_scalars) - set(_OPTIONAL_SCALARS))
     if unknown:
         raise ModelFileError(f"{where}: the metadata's fitted values include {unknown[0]!r}, "
                              f"which a {cls.__name__} does not have; the file is corrupted, "
@@ -246,6 +260,12 @@ def _check(cls, meta, headers, read, where="the model"):
                 else f"the fitted value {exc.name!r}")
         raise ModelFileError(f"{where}: {what} {exc} The file is corrupted or crafted.") \
             from None
+    names = scalars.pop("feature_names_in_", None)
+    if names is not None:
+        if len(set(names)) != len(names):
+            raise ModelFileError(f"{where}: the fitted value 'feature_names_in_' repeats a "
+                                 "column name. The file is corrupted or crafted.")
+        est.feature_names_in_ = np.asarray(names, dtype=object)
     for name, value in {**values, **scalars}.items():
         setattr(est, name, value)
     if legacy:

@@ -40,7 +40,7 @@ import weakref
 import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
-from .. import _knnn, _local_eigen, _partition
+from .. import _data_scale, _knnn, _local_eigen, _partition
 from .._base import cap, resolve_n_jobs
 from .._io import _umask
 from .._knnn import KNNN
@@ -53,6 +53,11 @@ _AUTO_MAX_ROWS = 100_000
 #: partitions merged per task of a reduction tree (Gram sums, top-k merges,
 #: threshold tails): bounds a task's inputs while keeping the tree shallow.
 _FANIN = 8
+
+
+_NO_SCALE = ("DistributedKNNN does not support the 'scale' option yet: scale the data "
+             "before fitting (for example with dask-ml's StandardScaler), or fit and score "
+             "a KNNN with scale on one machine.")
 
 
 def _close(resources):
@@ -239,6 +244,8 @@ class DistributedKNNN(KNNN):
         from distributed import futures_of, wait
 
         self._check_params()
+        if self.scale is not None:
+            raise ValueError(_NO_SCALE)
         for name in ("offset_", "eigenvalues_"):
             self.__dict__.pop(name, None)
         client = self._connect()
@@ -261,6 +268,13 @@ class DistributedKNNN(KNNN):
             with _on(where, j):
                 raw.append(delayed(_tasks.clean_block, pure=True)(b, dtype))
         raw = client.persist(raw)
+        # the power-of-two working scale, from the partitions' statistics as
+        # KNNN computes it from the whole matrix; the statistics below and
+        # everything after see the scaled blocks, as KNNN's fit does
+        exponent = self._fit_exponent(client, raw, where, n * d)
+        if exponent:
+            raw = client.persist([_at(where, j, _data_scale.scale, b, exponent,
+                                      "The training data") for j, b in enumerate(raw)])
         # from now on each partition's work goes where its rows are (a soft
         # preference: a lost worker's partitions are recomputed elsewhere)
         where = _holders(client, raw, where)
@@ -342,6 +356,7 @@ class DistributedKNNN(KNNN):
             return da.concatenate([da.from_delayed(b, (c,) + tail, dtype=dt)
                                    for b, c in zip(blocks, chunks)])
 
+        self.data_scale_exponent_ = exponent
         self.n_neighbors_ = n_neighbors_
         self.eig_floor_rel_ = float(chosen["eig_floor"])
         self.auto_params_ = auto_params_
@@ -364,6 +379,20 @@ class DistributedKNNN(KNNN):
         self.offset_ = offset_
         self.threshold_source_ = "training (leave-one-out)"
         return self
+
+    @staticmethod
+    def _fit_exponent(client, raw, where, count):
+        """:func:`nonn._data_scale.fit_exponent` of the matrix whose row
+        blocks are ``raw``: the largest absolute entry (exact) and, only when
+        needed, the sum of squares (float64, summed over the partitions)."""
+        m = client.compute(_tree([_at(where, j, _data_scale.max_abs, b)
+                                  for j, b in enumerate(raw)], _largest), sync=True)
+
+        def sum_squares_at(e):
+            return client.compute(_tree([_at(where, j, _data_scale.sum_squares, b, e)
+                                         for j, b in enumerate(raw)], _total), sync=True)
+
+        return _data_scale.choose_exponent(m, count, sum_squares_at)
 
     def _choose(self, client, raw, chunks, d):
         """The counts and floor to use: the given ones, or those KNNN's
@@ -425,7 +454,8 @@ class DistributedKNNN(KNNN):
         delayed = dask.delayed
         P = self.n_partitions_
         k = self.n_neighbors_
-        Qg = [delayed(_tasks.to_grid, pure=True)(b, self.dtype_, self.feature_order_)
+        exponent = self._data_scale_exponent()
+        Qg = [delayed(_scaled_grid, pure=True)(b, self.dtype_, self.feature_order_, exponent)
               for b in X.to_delayed().ravel()]
         ids = []
         where = self._shards.get("where")
@@ -465,7 +495,7 @@ class DistributedKNNN(KNNN):
             return scores
         # unoptimized: the array optimizer's low-level fusion would drop the
         # tasks' worker annotations (dask/dask#7036)
-        return client.compute(scores, optimize_graph=False).result()
+        return self._to_user_units(client.compute(scores, optimize_graph=False).result())
 
     def calibrate(self, X_normal, false_alarm_rate=0.01):
         """As :meth:`nonn.KNNN.calibrate`; a dask ``X_normal`` (held-out
@@ -559,6 +589,8 @@ class DistributedKNNN(KNNN):
         check_is_fitted(model, "offset_")
         if type(model) is not KNNN:
             raise TypeError(f"from_knnn takes a fitted KNNN; got {type(model).__name__}.")
+        if getattr(model, "scale_center_", None) is not None:
+            raise ValueError(_NO_SCALE)
         det = cls(client=client, **model.get_params())
         client = det._connect()
         n, d = model._fit_X.shape
@@ -595,6 +627,8 @@ class DistributedKNNN(KNNN):
         wait(futures_of(Xg + index + groups + evals + evecs))
         for name in KNNN._state_scalars:
             setattr(det, name, getattr(model, name, None))
+        # a model saved before the working scale existed was fitted unscaled
+        det.data_scale_exponent_ = model._data_scale_exponent()
         for name in ("n_features_in_", "dtype_", "feature_order_", "set_sizes_", "eig_floor_",
                      "train_scores_", "auto_table_"):
             if hasattr(model, name):
@@ -655,6 +689,19 @@ class DistributedKNNN(KNNN):
 # ---------------------------------------------------------------------------
 # The variance below is nonn._local_eigen.column_variance's formula fed with
 # sums over the partitions instead of one in-memory matrix.
+
+
+def _largest(*values):
+    return max(values)
+
+
+def _total(*values):
+    return sum(values)
+
+
+def _scaled_grid(X, dtype, order, exponent):
+    """A validated query block at the model's working scale, on the grid."""
+    return _tasks.permute(_data_scale.scale(_tasks.clean_block(X, dtype), exponent), order)
 
 
 def _variance(sq, n, mean, dtype):

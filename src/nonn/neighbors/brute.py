@@ -15,12 +15,26 @@ With ``return_distance=True`` the selected candidates' distances are then
 recomputed exactly from the differences (float64 accumulation), so the
 returned values do not carry the cancellation error of the expansion, and
 the candidates are sorted by them.
+
+Ties: candidates are ranked by (ranking value, id), so among equal ranking
+values the lowest id wins, in every block and thread layout. Exact duplicate
+rows get equal ranking values (the same products), and so do rows at equal
+distance whenever the arithmetic is exact (binary or small-integer
+features); other equidistant rows may differ in the last bit of their
+ranking values, which then decides.
+
+Data far from unit scale (say float32 times 1e30, whose squared norms
+overflow, or times 1e-30, whose products underflow) are searched multiplied
+by a power of two (exact: the same neighbours; see :mod:`nonn._data_scale`),
+and distances are returned in the data's own units. nonn's detectors already
+pass data at a safe scale, which the squared norms show at no extra cost.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from .. import _data_scale
 from .._chunks import chunk_rows, progress
 from ._base import check_metric, check_n_neighbors, resolve_threads, squared_to_metric, unit_rows
 
@@ -52,6 +66,19 @@ class BruteForceBackend:
         X = np.asarray(X)
         if X.dtype not in (np.float32, np.float64):
             X = X.astype(np.float64)
+        self._exponent = 0
+        if self.metric == "euclidean":
+            self._X = np.ascontiguousarray(X)
+            self._half_sqnorm = 0.5 * np.einsum("ij,ij->i", self._X, self._X)
+            # the squared norms, needed anyway, show data at a safe scale
+            # (all that nonn's detectors pass) without another pass
+            rms = np.sqrt(2 * float(self._half_sqnorm.sum(dtype=np.float64)) / max(X.size, 1))
+            if 2.0 ** (1 - _data_scale.SAFE_EXPONENT) <= rms <= 2.0 ** (
+                    _data_scale.SAFE_EXPONENT - 1):
+                return self
+        # the working scale first: cosine's row norms square the entries too
+        self._exponent = _data_scale.fit_exponent(X)
+        X = _data_scale.scale(X, self._exponent, "The training data")
         self._X = np.ascontiguousarray(unit_rows(X) if self.metric == "cosine" else X)
         self._half_sqnorm = 0.5 * np.einsum("ij,ij->i", self._X, self._X)
         return self
@@ -68,6 +95,7 @@ class BruteForceBackend:
             Q = Xt
         else:
             Q = np.ascontiguousarray(X, dtype=Xt.dtype)
+            Q = _data_scale.scale(Q, self._exponent)
             if self.metric == "cosine":
                 Q = unit_rows(Q)
         k = check_n_neighbors(n_neighbors, n_train, self_query)
@@ -114,13 +142,24 @@ class BruteForceBackend:
                 buf = np.empty((threads, rows * bs), dtype=Xt.dtype)
                 _kernels.knn_query(Q[start:stop], Xt, self._half_sqnorm, rows, bs, buf,
                                    heap_v, heap_i)
+        if (heap_i >= n).any():
+            # a heap never filled: ranking values that overflowed (the
+            # kernels assume finite ones). Never hand out an invalid id.
+            raise ValueError(
+                f"The k-NN search overflowed {Xt.dtype}: some query values are too large "
+                "relative to the training data to be compared with it. Pass float64 data, or "
+                "check that the queries are in the training data's units.")
         if dist is None:
             ind[start:stop] = heap_i
             return
         # exact distances of the selected candidates, then sort them
         sq = np.empty((stop - start, k), dtype=np.float64)
         _kernels.exact_sq_sorted(Xt, Q[start:stop], heap_i, sq, ind[start:stop])
-        dist[start:stop] = squared_to_metric(sq, self.metric)
+        d = squared_to_metric(sq, self.metric)
+        if self._exponent and self.metric == "euclidean":
+            d = np.ldexp(d, -self._exponent)  # back in the data's units (exact)
+        with np.errstate(over="ignore"):  # beyond the dtype's range: inf
+            dist[start:stop] = d
 
 
 #: side of the square blocks of ``X @ X.T`` for the training set's own graph

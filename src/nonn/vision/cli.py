@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import os
 import sys
 import time
@@ -20,7 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cli import _contamination  # one parser for the contamination option
+# one parser for the contamination option, one set of progress flags, one
+# phrasing of errors in flags
+from ..cli import _contamination, _in_flags, add_progress_option
 
 
 def _note(message):
@@ -35,6 +38,16 @@ def _positive_int(text):
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
     return v
+
+
+def _verbose(args):
+    """Progress bars: --progress / --no-progress, else "auto" (a terminal)."""
+    return "auto" if args.progress is None else bool(args.progress)
+
+
+def _given_paths(sources):
+    """The image files named on the command line (not those found in folders)."""
+    return [("an input image", p) for p in sources if os.path.isfile(p)]
 
 
 def _require_vision():
@@ -57,12 +70,13 @@ def _cmd_fit_images(args):
     from .systems import SYSTEMS
 
     _io.check_output_folder(args.output)
+    _io.check_not_an_input(args.output, _given_paths(args.images))
     images = []
     for src in args.images:
         images += _images.as_image_list(src)
     params = dict(nn=args.nn, backbone=args.backbone, weights=args.weights,
                   image_size=args.image_size, batch_size=args.batch_size, device=args.device,
-                  verbose=True, contamination=args.contamination)
+                  verbose=_verbose(args), contamination=args.contamination)
     if args.n_neighbors is not None:
         params["n_neighbors"] = args.n_neighbors
     if args.n_neighbors_of_neighbors is not None:
@@ -123,16 +137,30 @@ def _heatmap_names(paths):
     return names
 
 
-def _cmd_score_images(args):
-    _require_vision()
-    from nonn import _io
+def _refuse_detector_model(path):
+    """A model from `nonn fit` (not an image model): name the command for it."""
+    from nonn.persistence import ModelFileError, read_meta
 
-    from . import _images
-    from .systems import SPADE, load
+    try:
+        read_meta(path)
+    except (ModelFileError, OSError):
+        return
+    raise ValueError(f"{path!r} is a detector model (from `nonn fit`), not an image model; "
+                     f"score feature rows with it: nonn score {path} QUERIES -o SCORES")
+
+
+def _cmd_score_images(args):
+    from nonn import _io
 
     if not args.output.lower().endswith(".csv"):
         raise ValueError(f"--output must be a .csv file; got {args.output!r}.")
     _io.check_output_folder(args.output)
+    _io.check_not_an_input(args.output, [("MODEL", args.model)] + _given_paths(args.images))
+    _refuse_detector_model(args.model)
+    _require_vision()
+    from . import _images
+    from .systems import SPADE, load
+
     system = load(args.model)
     if args.heatmaps is not None and not isinstance(system, SPADE):
         raise ValueError(f"--heatmaps needs a SPADE model (fit-images --system spade); "
@@ -144,7 +172,7 @@ def _cmd_score_images(args):
         _note("note: --map-nn and --map-neighbors-of-neighbors apply to --heatmaps; ignored.")
     elif map_options:
         system.set_params(**map_options)
-    system.set_params(verbose=True)
+    system.set_params(verbose=_verbose(args))
     if args.device is not None:
         system.set_params(device=args.device)
     paths = []
@@ -158,13 +186,17 @@ def _cmd_score_images(args):
         anomaly = system.anomaly_score(paths)
     seconds = time.perf_counter() - start
     labels = system.labels_from_scores(anomaly)
-    tmp = args.output + ".tmp"
-    with open(tmp, "w", newline="") as fh:
-        w = csv.writer(fh)
+
+    def write(fh):
+        text = io.TextIOWrapper(fh, encoding="utf-8", newline="")
+        w = csv.writer(text)
         w.writerow(["path", "anomaly_score", "score_samples", "label"])
         for p, a, lab in zip(paths, anomaly, labels):
             w.writerow([p, f"{float(a):.9g}", f"{-float(a):.9g}", int(lab)])
-    os.replace(tmp, args.output)
+        text.flush()
+        text.detach()  # leave the binary file to atomic_write
+
+    _io.atomic_write(args.output, write)
     n_out = int((labels == -1).sum())
     print(f"scored {len(paths)} images with {type(system).__name__} in {seconds:.2f} s "
           f"({seconds / len(paths):.3f} s/image): {n_out} flagged as anomalies (label -1)")
@@ -234,7 +266,8 @@ def register(subparsers):
                      "(score-images --map-nn overrides it) (default: knn, SPADE's)")
     fit.add_argument("--map-neighbors-of-neighbors", type=_positive_int, metavar="KP",
                      help="spade: K' of the knnn pixel matching (default: 25)")
-    fit.set_defaults(handler=_cmd_fit_images)
+    add_progress_option(fit)
+    fit.set_defaults(handler=_in_flags(_cmd_fit_images))
 
     score = subparsers.add_parser(
         "score-images", help="score images with a model from fit-images",
@@ -259,5 +292,6 @@ def register(subparsers):
                        help="K' of the knnn pixel matching (default: the model's, 25)")
     score.add_argument("--device", choices=("auto", "cpu", "cuda"),
                        help="override the device saved in the model")
-    score.set_defaults(handler=_cmd_score_images)
+    add_progress_option(score)
+    score.set_defaults(handler=_in_flags(_cmd_score_images))
     return subparsers

@@ -1,0 +1,140 @@
+#!/usr/bin/env python
+"""The detectors' ``scale`` option on the 43 ADBench tabular sets (or the
+MVTec ResNet-18 embeddings, ``--suite mvtec``).
+
+Runs the novelty protocol of :mod:`nonn.evaluation` (train on normals, test
+on held-out normals + all anomalies, AUROC averaged over the seeds) with the
+harness's own scaling OFF, so that each detector scales the data itself with
+``scale=None|"standard"|"minmax"|"robust"`` learned from the training
+normals it is fitted on (what ``nonn fit --scale`` does). Compares the
+default ``KNNN`` and the default ``KNN`` under the four options, and writes
+into ``--out``: ``results.csv`` (every run), ``auroc.csv`` (dataset x
+detector), ``summary.md`` (the tables below) and ``summary.csv``.
+
+The mean rank is computed within each base detector (the four scale options
+of KNNN ranked against each other on each dataset, and likewise for KNN),
+average ranks for ties, over the datasets where every option ran. Each
+option is also compared with no scaling, dataset by dataset: wins / ties /
+losses (AUROC rounded to 3 decimals) and a two-sided Wilcoxon signed-rank
+test over the datasets.
+
+Usage::
+
+    python benchmarks/bench_scaling.py --out benchmarks/results/scaling    # ~1 h on 2 busy cores
+    python benchmarks/bench_scaling.py --suite mvtec --out benchmarks/results/scaling/mvtec
+    python benchmarks/bench_scaling.py --resume ...   # re-summarise, running only missing runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
+    ap.add_argument("--out", default="benchmarks/results/scaling", help="output folder")
+    ap.add_argument("--datasets", help="comma-separated subset of the classical suite")
+    ap.add_argument("--suite", choices=("classical", "mvtec"), default="classical")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the runs of --out/results.csv and run only the missing ones")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+
+    from nonn.datasets import list_adbench
+    from nonn.evaluation import (
+        SCALE_OPTIONS,
+        check_datasets,
+        run_suite,
+        scaling_detectors,
+        summarize,
+        write_csv,
+    )
+
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    names = ([d.strip() for d in args.datasets.split(",") if d.strip()] if args.datasets
+             else list_adbench(args.suite))
+    check_datasets(names)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dets = scaling_detectors()
+    start = time.time()
+    df = run_suite(names, dets, seeds, scale=None, progress=not args.no_progress,
+                   checkpoint=out / "results.csv", resume=args.resume)
+    minutes = (time.time() - start) / 60
+    summary = summarize(df)
+    auroc = summary.auroc.loc[[d for d in summary.auroc.index if d not in summary.dropped]]
+
+    lines = [
+        f"### Detector `scale` option on the ADBench {args.suite} suite ({len(auroc)} "
+        f"datasets, seeds {seeds})",
+        "",
+        "Novelty protocol of `nonn.evaluation` with the harness's scaling off "
+        "(`run_suite(..., scale=None)`); each detector learns its scaling from its training "
+        "normals. Default parameters otherwise (KNNN: k=3, K'=50, L=5, min; KNN: k=3, mean "
+        "distance). Mean rank: the four options of one detector ranked on each dataset (1 = "
+        "best, ties averaged).",
+        "",
+        "| detector | scale | mean AUROC | mean rank | wins | datasets | fit s | score s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    rows = []
+    for base in ("KNNN", "KNN"):
+        cols = [f"{base} scale={'none' if o is None else o}" for o in SCALE_OPTIONS]
+        sub = auroc[cols]
+        ranks = sub.rank(axis=1, ascending=False, method="average")
+        wins = sub.eq(sub.max(axis=1), axis=0).sum(axis=0)
+        for c in cols:
+            o = summary.overall.loc[c]
+            rows.append(dict(detector=base, scale=c.split("=", 1)[1],
+                             mean_auroc=sub[c].mean(), mean_rank=ranks[c].mean(),
+                             wins=int(wins[c]), n_datasets=len(sub), fit_s=o["fit_s"],
+                             score_s=o["score_s"]))
+            lines.append(f"| {base} | {c.split('=', 1)[1]} | {sub[c].mean():.4f} | "
+                         f"{ranks[c].mean():.2f} | {int(wins[c])} | {len(sub)} | "
+                         f"{o['fit_s']:.1f} | {o['score_s']:.1f} |")
+    from scipy.stats import wilcoxon
+
+    lines += ["", "Against no scaling, dataset by dataset (AUROC rounded to 3 decimals; "
+              "p: two-sided Wilcoxon signed-rank test over the datasets):", "",
+              "| detector | scale | mean AUROC - none | wins | ties | losses | p |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    for base in ("KNNN", "KNN"):
+        ref = auroc[f"{base} scale=none"]
+        for o in SCALE_OPTIONS[1:]:
+            col = auroc[f"{base} scale={o}"]
+            a, b = col.round(3), ref.round(3)
+            diff = col - ref
+            p = wilcoxon(col, ref).pvalue if (diff != 0).any() else float("nan")
+            lines.append(f"| {base} | {o} | {diff.mean():+.4f} | {int((a > b).sum())} | "
+                         f"{int((a == b).sum())} | {int((a < b).sum())} | {p:.3f} |")
+    lines += ["", "Per dataset (mean AUROC over seeds):", "",
+              "| dataset | " + " | ".join(auroc.columns) + " |",
+              "|---|" + "---:|" * len(auroc.columns)]
+    for ds, r in auroc.iterrows():
+        lines.append(f"| {ds} | " + " | ".join(f"{v:.3f}" for v in r) + " |")
+    failed = df[df["error"] != ""]
+    lines += ["", f"Runs with an error: {len(failed)}."]
+    if summary.dropped:
+        lines.append(f"Datasets dropped (a run failed): {summary.dropped}.")
+    lines += ["", f"Command: `python benchmarks/bench_scaling.py --suite {args.suite} --seeds "
+              f"{','.join(map(str, seeds))} --out {args.out}` ({platform.machine()}, Python "
+              f"{platform.python_version()}; this invocation {minutes:.1f} min"
+              f"{', resumed from a checkpoint' if args.resume else ''})."]
+    md = "\n".join(lines) + "\n"
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(out / "summary.csv", index=False)
+    write_csv(df, out / "results.csv")
+    write_csv(summary, out / "auroc.csv")
+    (out / "summary.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
