@@ -30,6 +30,24 @@ def _preprocess_arrays(params):
     return ("whiten_mean_", "whiten_matrix_") if params.get("whiten", 0) else ()
 
 
+#: ``normalize="auto"`` / ``whiten="auto"`` treat data with at least this many
+#: features as embeddings (CNN, text): unit rows, and a partly whitened
+#: space; fewer features as tabular records, used as they are
+EMBEDDING_MIN_FEATURES = 64
+#: the whitening strength ``whiten="auto"`` gives embeddings
+AUTO_WHITEN = 0.25
+
+
+def resolve_transforms(normalize, whiten, n_features):
+    """The ``(normalize, whiten)`` a fit on ``n_features`` columns uses."""
+    embedding = n_features >= EMBEDDING_MIN_FEATURES
+    if normalize == "auto":
+        normalize = "l2" if embedding else None
+    if whiten == "auto":
+        whiten = AUTO_WHITEN if embedding else 0.0
+    return normalize, float(whiten)
+
+
 class CappedParameterWarning(UserWarning):
     """A count larger than the data allows was capped (the user's parameter
     is left untouched; the value used is stored as a fitted attribute)."""
@@ -122,8 +140,8 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
         "working_memory": [IsNone(), Interval("real", 0, None, closed="neither")],
         "n_jobs": [IsNone(), Interval("int", None, None)],
         "scale": [IsNone(), Options(*SCALINGS)],
-        "normalize": [IsNone(), Options("l2")],
-        "whiten": [Interval("real", 0, 1)],
+        "normalize": [IsNone(), Options("l2", "auto")],
+        "whiten": [Interval("real", 0, 1), Options("auto")],
     }
     _constraints: dict = {}
     _hints = {
@@ -137,8 +155,8 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
         "eig_floor": 1e-3,
         "aggregate": "'mean'",
         "scale": "'standard'",
-        "normalize": "'l2'",
-        "whiten": 0.5,
+        "normalize": "'auto'",
+        "whiten": "'auto'",
     }
 
     #: What a valid fitted attribute is, per saved attribute (checked on
@@ -150,6 +168,8 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
         "calibration_rows_": Array("C", dtype="int64", ids="N"),
         # the scores behind offset_ and pvalue (fit's, or calibrate's)
         "calibration_scores_": Array("M"),
+        "normalize_": Optional(Str(options=("l2",)), default=None),
+        "whiten_": Real(0, 1, default=0.0),
         "whiten_mean_": Array("D"),
         "whiten_matrix_": Array("D", "D"),
         "n_neighbors_": Int(1, "N-1"),
@@ -260,15 +280,22 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
 
     def _row_transforms(self, X, fit=False):
         params = self.get_params()
-        if params.get("normalize") == "l2":
-            X = l2_rows(X)
         if fit:
+            self.normalize_, self.whiten_ = resolve_transforms(
+                params.get("normalize"), params.get("whiten", 0.0), X.shape[1])
             for name in ("whiten_mean_", "whiten_matrix_"):  # a refit forgets them
                 self.__dict__.pop(name, None)
-        if params.get("whiten", 0):
+        if getattr(self, "normalize_", None) == "l2":
+            X = l2_rows(X)
+        if "whiten" in params and params["whiten"] != 0:
             if fit:
-                self.whiten_mean_, self.whiten_matrix_ = fit_whitening(X, float(params["whiten"]))
-            X = whiten(X, self.whiten_mean_, self.whiten_matrix_)
+                if self.whiten_:
+                    self.whiten_mean_, self.whiten_matrix_ = fit_whitening(X, self.whiten_)
+                else:  # "auto" chose none: the identity (exact), stored alike
+                    self.whiten_mean_ = np.zeros(X.shape[1], dtype=X.dtype)
+                    self.whiten_matrix_ = np.eye(X.shape[1], dtype=X.dtype)
+            if self.whiten_:
+                X = whiten(X, self.whiten_mean_, self.whiten_matrix_)
         return X
 
     #: whether the scores carry the data's units (distances); such scores
@@ -396,7 +423,7 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
         if seen.any():
             warnings.warn(f"{int(seen.sum())} of the {n} calibration rows are training rows "
                           "of this model; their scores are optimistic.", stacklevel=2)
-        scores = -self._anomaly_score(X_normal)
+        scores = -self._to_user_units(self._anomaly_score(X_normal), "calibration")
         self.calibration_scores_ = scores
         self.offset_ = self._quantile_offset(scores, rate)
         self.contamination_ = float(rate)

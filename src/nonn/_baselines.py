@@ -80,13 +80,13 @@ class KNN(_NeighbourQueries, BaseDetector):
     }
     _state_arrays = ("_fit_X", "train_scores_")
     _state_scalars = ("n_neighbors_", "offset_", "contamination_", "threshold_source_",
-                      "backend_", "data_scale_exponent_")
+                      "backend_", "data_scale_exponent_", "normalize_", "whiten_")
 
     @property
     def _scores_carry_units(self):
         # Euclidean distances carry the data's units (returned in the user's
         # units); cosine distances and distances between unit rows do not
-        return self.metric == "euclidean" and self.normalize is None
+        return self.metric == "euclidean" and getattr(self, "normalize_", None) is None
 
     def __init__(self, n_neighbors=3, aggregate="mean", metric="euclidean", backend="auto",
                  backend_params=None, contamination="auto", working_memory=None, n_jobs=None,
@@ -143,7 +143,7 @@ class GlobalEigenKNN(_NeighbourQueries, BaseDetector):
     }
     _state_arrays = ("_fit_X", "components_", "eigenvalues_", "eig_floor_", "train_scores_")
     _state_scalars = ("n_neighbors_", "offset_", "contamination_", "threshold_source_",
-                      "backend_", "data_scale_exponent_")
+                      "backend_", "data_scale_exponent_", "normalize_", "whiten_")
     _state_spec = {
         **BaseDetector._state_spec,
         "components_": Array("D", "D"),
@@ -262,7 +262,8 @@ class LocalEigenKNN(_SetGridMixin, _NeighbourQueries, BaseDetector):
     }
     _state_arrays = ("_fit_X", "feature_order_", "set_sizes_", "eig_floor_", "train_scores_")
     _state_scalars = ("n_neighbors_", "set_size_", "offset_", "contamination_",
-                      "threshold_source_", "backend_", "data_scale_exponent_")
+                      "threshold_source_", "backend_", "data_scale_exponent_", "normalize_",
+                      "whiten_")
     _state_spec = {**BaseDetector._state_spec, **_SetGridMixin._grid_state_spec}
 
     def __init__(self, n_neighbors=3, set_size=5, reorder="greedy", eig_floor=1e-3,

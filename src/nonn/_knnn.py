@@ -260,7 +260,7 @@ class KNNN(_SetGridMixin, BaseDetector):
     _state_scalars = (
         "n_neighbors_", "n_neighbors_of_neighbors_", "set_size_", "eig_floor_rel_", "offset_",
         "contamination_", "threshold_source_", "backend_", "auto_params_",
-        "data_scale_exponent_",
+        "data_scale_exponent_", "normalize_", "whiten_",
     )
     _state_spec = {
         **BaseDetector._state_spec,
