@@ -36,11 +36,27 @@ def _preprocess_arrays(params):
 EMBEDDING_MIN_FEATURES = 64
 #: the whitening strength ``whiten="auto"`` gives embeddings
 AUTO_WHITEN = 0.25
+#: the relative eigenvalue floor ``eig_floor="auto"`` gives embeddings and
+#: tabular data (a larger floor keeps fewer local directions: tabular data
+#: are scored closer to plain Euclidean k-NN)
+AUTO_FLOOR = {"embedding": 0.1, "tabular": 1.0}
+
+
+def is_embedding(n_features):
+    """The data-type rule of the ``"auto"`` transforms and floor."""
+    return n_features >= EMBEDDING_MIN_FEATURES
+
+
+def resolve_floor(eig_floor, n_features):
+    """The relative eigenvalue floor a fit on ``n_features`` columns uses."""
+    if eig_floor == "auto":
+        return AUTO_FLOOR["embedding" if is_embedding(n_features) else "tabular"]
+    return float(eig_floor)
 
 
 def resolve_transforms(normalize, whiten, n_features):
     """The ``(normalize, whiten)`` a fit on ``n_features`` columns uses."""
-    embedding = n_features >= EMBEDDING_MIN_FEATURES
+    embedding = is_embedding(n_features)
     if normalize == "auto":
         normalize = "l2" if embedding else None
     if whiten == "auto":

@@ -7,7 +7,7 @@ import warnings
 
 import numpy as np
 
-from ._base import BaseDetector, CappedParameterWarning, cap
+from ._base import BaseDetector, CappedParameterWarning, cap, resolve_floor
 from ._eq2 import aggregate_terms, eigen_row_bytes, eigen_width, neighborhood_eigen, score_terms
 from ._local_eigen import floor_scale, pad, permute
 from ._partition import feature_order, set_sizes
@@ -64,7 +64,6 @@ AUTO_GRID = {
     "n_neighbors": (3, 1, 10),
     "n_neighbors_of_neighbors": (50, 10, 25),
     "set_size": (5, 10, 20),
-    "eig_floor": (1e-3, 1e-2, 1e-1, 1.0),
 }
 #: fractions of features swapped in the synthetic outliers of the selection
 AUTO_RHO = (0.05, 0.25, 1.0)
@@ -272,7 +271,7 @@ class KNNN(_SetGridMixin, BaseDetector):
         "n_neighbors_of_neighbors_": Int(1, "N", binds="Kp"),
         "eig_floor_rel_": Real(0, None),
         "auto_params_": Optional(Dict({"n_neighbors": Int(1), "n_neighbors_of_neighbors": Int(1),
-                                       "set_size": Int(1), "eig_floor": Real(0, None)})),
+                                       "set_size": Int(1)})),
     }
 
     def __init__(
@@ -345,7 +344,8 @@ class KNNN(_SetGridMixin, BaseDetector):
         self.n_neighbors_of_neighbors_ = cap(
             chosen["n_neighbors_of_neighbors"], n, "n_neighbors_of_neighbors",
             "the number of training points")
-        self.eig_floor_rel_ = float(chosen["eig_floor"])
+        chosen["eig_floor"] = resolve_floor(self.eig_floor, X.shape[1])
+        self.eig_floor_rel_ = chosen["eig_floor"]
         Xg = self._fit_grid(X, set_size=chosen["set_size"], eig_floor=chosen["eig_floor"])
         self._fit_X = Xg
         self._search = self._make_backend(Xg)
@@ -544,10 +544,11 @@ class KNNN(_SetGridMixin, BaseDetector):
         q_idx = search.kneighbors(Q, kmax, return_distance=False)
         results = {}
         done = {}  # set sizes capped at D give the same grid
+        fl = resolve_floor(self.eig_floor, X.shape[1])
         for L in grid["set_size"]:
             if min(L, X.shape[1]) in done:
                 prev = done[min(L, X.shape[1])]
-                results.update({(k, kp, L, fl): a for (k, kp, L0, fl), a in list(results.items())
+                results.update({(k, kp, L): a for (k, kp, L0), a in list(results.items())
                                 if L0 == prev})
                 continue
             done[min(L, X.shape[1])] = L
@@ -560,20 +561,19 @@ class KNNN(_SetGridMixin, BaseDetector):
             for kp in grid["n_neighbors_of_neighbors"]:
                 probe.neighborhoods_ = nbhd[:, :min(kp, kpmax)]
                 w, v = probe._eigen_of(slice(None))
-                for fl in grid["eig_floor"]:
-                    rel = max(float(fl), 10 * np.finfo(X.dtype).eps)
-                    probe.eig_floor_ = (rel * scale).astype(X.dtype)
-                    terms = probe._terms(Qg, q_idx, v, w)
-                    for k in grid["n_neighbors"]:
-                        s = aggregate_terms(terms[:, :min(k, kmax)], self.aggregate)
-                        auc = np.mean([roc_auc_score(y, np.r_[s[:n_h], s[j * n_h:(j + 1) * n_h]])
-                                       for j in range(1, len(AUTO_RHO) + 1)])
-                        results[(k, kp, L, fl)] = float(auc)
+                rel = max(float(fl), 10 * np.finfo(X.dtype).eps)
+                probe.eig_floor_ = (rel * scale).astype(X.dtype)
+                terms = probe._terms(Qg, q_idx, v, w)
+                for k in grid["n_neighbors"]:
+                    s = aggregate_terms(terms[:, :min(k, kmax)], self.aggregate)
+                    auc = np.mean([roc_auc_score(y, np.r_[s[:n_h], s[j * n_h:(j + 1) * n_h]])
+                                   for j in range(1, len(AUTO_RHO) + 1)])
+                    results[(k, kp, L)] = float(auc)
                 del w, v
         cands = [dict(zip(AUTO_GRID, c)) for c in
                  itertools.product(*(grid[name] for name in AUTO_GRID))]
-        keyed = [(c, results[(c["n_neighbors"], c["n_neighbors_of_neighbors"], c["set_size"],
-                              c["eig_floor"])]) for c in cands]
+        keyed = [(c, results[(c["n_neighbors"], c["n_neighbors_of_neighbors"], c["set_size"])])
+                 for c in cands]
         best = max(a for _, a in keyed)
         pick = next(c for c, a in keyed if a >= best - AUTO_TIE)
         table = sorted(keyed, key=lambda ca: -ca[1])
