@@ -15,7 +15,7 @@ floors are in ``bench_scale.py``), then measures:
 * ``anomaly_score`` on 10k queries (90 % normal, 10 % anomalies), its time and
   AUROC.
 
-Data: ``bench_core.embedding_like`` (the same generator and seed as
+Data: ``_common.embedding_like`` (the same generator and seed as
 ``bench_scale.py``).
 
 Usage (repository root, venv active)::
@@ -47,7 +47,7 @@ def main(argv=None):
     import faiss
     from sklearn.metrics import roc_auc_score
 
-    from bench_core import embedding_like
+    from _common import embedding_like
     from nonn import KNNN
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -74,8 +74,7 @@ def main(argv=None):
         log.append(msg)
 
     t0 = time.perf_counter()
-    X, Q = embedding_like(a.N, a.Q, a.D, seed=a.seed)
-    labels = np.r_[np.zeros(a.Q - a.Q // 10), np.ones(a.Q // 10)]  # bench_core's layout
+    X, Q, labels = embedding_like(a.N, a.Q, a.D, seed=a.seed)
     say(f"data: X {X.shape} {X.dtype}, Q {Q.shape}, generated in {time.perf_counter() - t0:.1f} s; "
         f"peak RSS {rss_peak_mib():.0f} MiB")
     params = {"index": a.index, "efSearch": a.ef}
