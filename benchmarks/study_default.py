@@ -97,6 +97,11 @@ def subsets(part):
     return conf
 
 
+#: caps of the tabular development runs (training normals, test rows): the
+#: machine was shared by five jobs, and the full caps would have taken hours
+DEV_TABULAR_CAPS = (3000, 3000)
+
+
 def run(part, out, suites=None):
     _register()
     dets = [f"study-{n}" for n in CANDIDATES] + PEERS
@@ -104,7 +109,9 @@ def run(part, out, suites=None):
         if suites and suite not in suites:
             continue
         folder = Path(out) / part / suite
-        run_benchmark(suite, folder, detectors=dets, datasets=names, resume=True, plot=False)
+        caps = DEV_TABULAR_CAPS if (part, suite) == ("dev", "classical") else (10_000, 10_000)
+        run_benchmark(suite, folder, detectors=dets, datasets=names, resume=True, plot=False,
+                      max_train=caps[0], max_test=caps[1], progress=False)
         print(f"wrote {folder}")
 
 
