@@ -18,7 +18,7 @@ import numpy as np
 from .._chunks import chunk_rows
 from .._eq2 import aggregate_terms, eigen_row_bytes, eigen_width, neighborhood_eigen, score_terms
 from .._knnn import held_out_groups, neighborhoods, pair_terms
-from .._local_eigen import permute, squared_deviations
+from .._local_eigen import squared_deviations
 from .._partition import centred_gram
 from ..neighbors import make_backend
 
