@@ -748,10 +748,33 @@ def test_dual_model_round_trips(client, tmp_path, memory):
         np.testing.assert_array_equal(again.calibration_rows_, ref.calibration_rows_)
 
 
-def test_scale_is_refused_by_fit_but_spread_by_from_knnn(client):
-    X, Q = data(29, n=120)
-    with pytest.raises(ValueError, match="'scale'"):
-        DistributedKNNN(client=client, scale="standard").fit(X)
+@pytest.mark.parametrize("scale", ["standard", "minmax"])
+def test_column_scaling_equals_knnn(client, tmp_path, scale):
+    """scale="standard" / "minmax" from the partitions' scikit-learn scalers,
+    merged; columns of very different units, one constant."""
+    X, Q = data(29, n=210, d=8)
+    units = np.array([1e-3, 1.0, 50.0, 1e4, 2.0, 1.0, 7.0, 1e-6])
+    X, Q = X * units, Q * units
+    X[:, 5], Q[:5, 5] = 3.0, 4.0
+    det = DistributedKNNN(client=client, backend="brute", scale=scale,
+                          n_neighbors_of_neighbors=12)
+    det.fit(da.from_array(X, chunks=(50, -1)))
+    ref = reference(det, X)
+    np.testing.assert_allclose(det.scale_center_, ref.scale_center_, rtol=1e-12, atol=1e-300)
+    np.testing.assert_allclose(det.scale_factor_, ref.scale_factor_, rtol=1e-12)
+    assert det.scale_factor_[5] == ref.scale_factor_[5] == 1.0
+    assert_same_model(det, ref, X, Q, rtol=1e-9)
+    loaded = nonn.load(det.save(tmp_path / "scaled.nonn"))
+    np.testing.assert_allclose(loaded.anomaly_score(Q), ref.anomaly_score(Q), rtol=1e-9)
+
+
+def test_robust_scale_is_refused_by_fit_but_spread_by_from_knnn(client):
+    X, Q = data(30, n=120)
+    det = DistributedKNNN(client=client, scale="robust")
+    with pytest.raises(ValueError, match="scale='robust'"):
+        det.fit(X)
+    assert not hasattr(det, "offset_")
     ref = KNNN(backend="brute", scale="robust", n_neighbors_of_neighbors=10).fit(X)
     spread = DistributedKNNN.from_knnn(ref, client=client, n_partitions=2)
     np.testing.assert_allclose(spread.anomaly_score(Q), ref.anomaly_score(Q), rtol=1e-9)
+    np.testing.assert_allclose(spread.to_knnn().scale_center_, ref.scale_center_)

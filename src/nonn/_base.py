@@ -215,9 +215,10 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
         # inputs are multiplied by 2**data_scale_exponent_ (files written
         # before it existed worked at the data's own scale)
         "data_scale_exponent_": Int(-1200, 1200, default=0),
-        # the ``scale`` option's column statistics
-        "scale_center_": Array("D"),
-        "scale_factor_": Array("D", positive=True),
+        # the ``scale`` option's column statistics (float64 for every data
+        # dtype: see nonn._scaling)
+        "scale_center_": Array("D", dtype="float64"),
+        "scale_factor_": Array("D", dtype="float64", positive=True),
         # column names, when fitted on a table with string column names
         "feature_names_in_": Optional(Strings("D"), default=None),
     }

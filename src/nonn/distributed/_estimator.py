@@ -63,6 +63,13 @@ from .._local_eigen import permute, variance_from_sums
 from .._partition import grid_from_statistics, needs_order
 from .._preprocess import l2_rows, ledoit_wolf_from_moments, whiten, whitening_matrix
 from .._preprocess import whitening_moments
+from .._scaling import (
+    apply_column_scaling,
+    column_units,
+    merged_scaler_statistics,
+    partial_scaler,
+    scaling_from_statistics,
+)
 from .._validation import check_array_input
 from ..neighbors import resolve_backend
 from . import _tasks
@@ -80,9 +87,11 @@ _TRANSFORM_STATE = ("scale_center_", "scale_factor_", "data_scale_exponent_", "n
                     "whiten_", "whiten_mean_", "whiten_matrix_", "feature_order_")
 
 
-_NO_SCALE = ("DistributedKNNN does not support the 'scale' option yet: scale the data "
-             "before fitting (for example with dask-ml's StandardScaler), or fit and score "
-             "a KNNN with scale on one machine.")
+_NO_ROBUST = ("DistributedKNNN does not support scale='robust': its medians and quartiles "
+              "need every row of a column in one place. Use scale='standard' or "
+              "scale='minmax', scale the data before fitting, or fit a KNNN with "
+              "scale='robust' on one machine (DistributedKNNN.from_knnn can then score "
+              "with it on the cluster).")
 
 
 def _close(resources):
@@ -113,8 +122,8 @@ class DistributedKNNN(KNNN):
     meaning) plus ``client``. With an exact backend the scores, the
     held-out calibration scores (``train_scores_``, ``calibration_rows_``,
     ``calibration_scores_``) and ``offset_`` equal a ``KNNN`` fitted on the
-    same data, to float rounding. ``scale`` is not supported by ``fit`` (a
-    fitted ``KNNN`` with it can be spread by :meth:`from_knnn`).
+    same data, to float rounding. ``scale="robust"`` is not supported by
+    ``fit`` (a fitted ``KNNN`` with it can be spread by :meth:`from_knnn`).
 
     Memory on the workers, per training row (itemsize ``b``, D features in
     S sets of L, neighbourhoods of K'): the grid row (D·b) and its share of
@@ -283,10 +292,10 @@ class DistributedKNNN(KNNN):
         from distributed import futures_of, wait
 
         self._check_params()
-        if self.scale is not None:
-            raise ValueError(_NO_SCALE)
+        if self.scale == "robust":
+            raise ValueError(_NO_ROBUST)
         for name in ("offset_", "eigenvalues_", "eigenvectors_", "whiten_mean_",
-                     "whiten_matrix_"):
+                     "whiten_matrix_", "scale_center_", "scale_factor_"):
             self.__dict__.pop(name, None)
         client = self._connect()
         X, dtype, was_numpy = self._as_dask(X, reset=True)
@@ -394,14 +403,28 @@ class DistributedKNNN(KNNN):
 
     def _fit_transforms(self, client, blocks, where, n, d, dtype):
         """``KNNN``'s input transforms (see ``BaseDetector._fit_preprocess``)
-        fitted from partition sums: ``(transformed blocks, fitted
+        fitted from partition statistics: ``(transformed blocks, fitted
         attributes)``. Each stage that changes the data persists its blocks."""
+        fitted = {}
+        if self.scale is not None:  # column scaling: scikit-learn's scalers, merged
+            mx, mn = client.compute(_tree([_at(where, j, _tasks.column_extremes, b)
+                                           for j, b in enumerate(blocks)],
+                                          _tasks.merge_extremes), sync=True)
+            unit = column_units(mx, mn)
+            scalers = client.compute([_at(where, j, partial_scaler, b, self.scale, unit,
+                                          self.working_memory)
+                                      for j, b in enumerate(blocks)], sync=True)
+            center, factor = scaling_from_statistics(
+                self.scale, *merged_scaler_statistics(self.scale, scalers), unit)
+            blocks = client.persist([_at(where, j, apply_column_scaling, b, center, factor,
+                                         self.working_memory) for j, b in enumerate(blocks)])
+            fitted.update(scale_center_=center, scale_factor_=factor)
         exponent = self._fit_exponent(client, blocks, where, n * d)
         if exponent:
             blocks = client.persist([_at(where, j, _data_scale.scale, b, exponent,
                                          "The training data") for j, b in enumerate(blocks)])
         normalize_, whiten_ = resolve_transforms(self.normalize, self.whiten, d)
-        fitted = dict(data_scale_exponent_=exponent, normalize_=normalize_, whiten_=whiten_)
+        fitted.update(data_scale_exponent_=exponent, normalize_=normalize_, whiten_=whiten_)
         if normalize_ == "l2":
             blocks = client.persist([_at(where, j, l2_rows, b) for j, b in enumerate(blocks)])
         if self.whiten != 0:

@@ -66,6 +66,15 @@ def column_sums(X):
     return X.sum(axis=0, dtype=np.float64), X.shape[0]
 
 
+def column_extremes(X):
+    """(column maxima, column minima) of a block."""
+    return X.max(axis=0), X.min(axis=0)
+
+
+def merge_extremes(*parts):
+    return (np.max([p[0] for p in parts], axis=0), np.min([p[1] for p in parts], axis=0))
+
+
 def grid_moments(X, mean, gram, block=4096):
     """A block's share of the column statistics of the layout
     (:func:`nonn._partition.grid_statistics`) about the global ``mean``:
