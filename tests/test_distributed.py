@@ -778,3 +778,17 @@ def test_robust_scale_is_refused_by_fit_but_spread_by_from_knnn(client):
     spread = DistributedKNNN.from_knnn(ref, client=client, n_partitions=2)
     np.testing.assert_allclose(spread.anomaly_score(Q), ref.anomaly_score(Q), rtol=1e-9)
     np.testing.assert_allclose(spread.to_knnn().scale_center_, ref.scale_center_)
+
+
+def test_fit_runs_each_partition_task_once(client):
+    """The fit searches each (partition, shard) pair once and decomposes
+    each partition's neighbourhoods once: intermediate results the held-out
+    scores need are kept, not recomputed (a second sharded search)."""
+    X, _ = data(31, n=150)
+    det = DistributedKNNN(client=client, backend="brute", n_neighbors_of_neighbors=10)
+    with distributed.get_task_stream(client) as ts:
+        det.fit(da.from_array(X, chunks=(50, -1)))
+    names = [str(t["key"]) for t in ts.data]
+    assert sum(n.startswith("shard_search") for n in names) == 9
+    assert sum(n.startswith("block_eigen") for n in names) == 3
+    assert sum(n.startswith("held_out_pair_scores") for n in names) == 9

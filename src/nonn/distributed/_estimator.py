@@ -357,8 +357,10 @@ class DistributedKNNN(KNNN):
                 for i in range(P)]
         halos = _halo_blocks(where, Xg, wide, bounds)
         evals, evecs = self._eigen_blocks(where, halos, Kp, sizes, L)
-        groups, halos, evals, evecs = _persist(client, groups, halos, evals, evecs)
-        futures = futures_of(Xg + index + groups + halos + evals + evecs)
+        # the graph too (until the held-out scores): else their search reruns
+        others, groups, halos, evals, evecs = _persist(client, others, groups, halos, evals,
+                                                       evecs)
+        futures = futures_of(Xg + index + others + groups + halos + evals + evecs)
         wait(futures)
         # a failed partition surfaces here, before any fitted state is set
         for fut in futures:
