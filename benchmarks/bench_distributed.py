@@ -38,6 +38,8 @@ Usage::
     nice -n 19 python benchmarks/bench_distributed.py --sizes 20000,50000,100000 \
         --single 1 --time-budget 1200
     nice -n 19 python benchmarks/bench_distributed.py --quick
+    nice -n 19 python benchmarks/bench_distributed.py --sizes 20000 --single 1 \
+        --params '{"set_size": "all"}'      # the dual form (L > K')
 
 Results: ``benchmarks/results/distributed/bench_distributed_D{D}_N{sizes}.{json,md}``
 and ``stages_N{N_SHARD}_D{D}.json``.
@@ -230,13 +232,19 @@ def run_distributed(X, Q, folder, workers, params, label, stealing=False):
                 "score_cpu_s": after_score[w][3] - mid[w][3],
             })
         n, d = X.shape
-        S, L = len(det.set_sizes_), det.set_size_
-        state = n * (d + S * L + S * L * L) * X.dtype.itemsize + n * groups.shape[1] * 8
+        # grid rows, eigen-state (primal: S x L x (L + 1); dual: S x K' x (K' + 1)), ids
+        state = (n * d + det.eigenvalues_.size + det.eigenvectors_.size) * X.dtype.itemsize \
+            + groups.size * 8
+        # the dual form's halos: rows gathered per partition (None in the primal form)
+        halos = [client.compute(dask.delayed(_halo_size)(h), sync=True) if h is not None
+                 else None for h in det._shards["halos"]]
         return {
             "label": label, "workers": workers, "partitions": det.n_partitions_,
             "fit_s": fit_s, "score_s": score_s, "load_before": load0, "load_after": load1,
             "contention": contention,
             "state_mib_total": state / 2**20, "per_worker": per_worker,
+            "halo_rows_per_partition": [h and h[0] for h in halos],
+            "halo_mib_per_partition": [h and h[1] / 2**20 for h in halos],
             "backend_params": params.get("backend_params"), "work_stealing": stealing,
         }, scores, groups
     finally:
@@ -246,6 +254,11 @@ def run_distributed(X, Q, folder, workers, params, label, stealing=False):
             pass
         client.close()
         cluster.close()
+
+
+def _halo_size(halo):
+    """(rows, bytes) of a partition's halo."""
+    return int(halo.rows.shape[0]), int(halo.__sizeof__())
 
 
 def run_single(X, Q, params, threads):
@@ -336,13 +349,14 @@ def stages(n_shard, d, kp, k, threads=1):
                 timed(f"{name}_search_other_shard", h.kneighbors, Bg, kp - 1)
             except ImportError:
                 pass
-        groups = _tasks.neighbourhoods(others, 0, kp)
-        pieces = [(0, np.arange(n_shard), Ag)]
-        w, v = timed("eigen", _tasks.block_eigen, groups, sizes, L, threads, None, *pieces)
+        groups = _tasks.partition_neighborhoods(others, 0, kp)
+        halo = _tasks.gather_halo(groups, (0, np.arange(n_shard), Ag))
+        w, v = timed("eigen", _tasks.block_eigen, halo, kp, sizes, L, threads, None)
         qidx = idx.kneighbors(permute(Q, order), k)[1]
         req = _tasks.pair_requests(permute(Q, order), qidx, 0, n_shard)
         floor = 1e-3 * Ag.var(axis=0).mean() * np.ones(len(sizes))
-        timed("pair_scores", _tasks.pair_scores, Ag, w, v, req, sizes, floor, threads, None)
+        timed("pair_scores", _tasks.pair_scores, Ag, w, v, None, req, sizes, L, floor, threads,
+              None)
         out["pairs"] = int(qidx.size)
         out["queries"] = int(len(Q))
     return out
@@ -362,6 +376,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="smoke size (N=3000, D=64)")
     ap.add_argument("--stages", type=int, metavar="N_SHARD",
                     help="only the per-worker stage rates on one shard of N_SHARD rows")
+    ap.add_argument("--params", default="{}", metavar="JSON",
+                    help="KNNN parameters besides backend='brute', e.g. '{\"set_size\": \"all\"}'")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "distributed"))
     args = ap.parse_args(argv)
     sizes = [3000] if args.quick else [int(s) for s in args.sizes.split(",")]
@@ -373,7 +389,8 @@ def main(argv=None):
     import nonn
     from nonn import KNNN
 
-    params = {"backend": "brute"}
+    extra = json.loads(args.params)
+    params = {"backend": "brute", **extra}
     if args.stages:
         kp = KNNN().get_params()["n_neighbors_of_neighbors"]
         k = KNNN().get_params()["n_neighbors"]
@@ -398,6 +415,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     stem = ("bench_distributed_quick" if args.quick else
             "bench_distributed_D{}_N{}".format(d, "-".join(str(n) for n in sizes)))
+    stem += "".join(f"_{k}-{v}" for k, v in sorted(extra.items()))
 
     def save():
         # after every run: an interrupted benchmark keeps what it measured

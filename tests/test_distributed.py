@@ -22,12 +22,12 @@ import nonn  # noqa: E402
 from nonn import KNNN  # noqa: E402
 from nonn.distributed import DistributedKNNN  # noqa: E402
 
-#: KNNN's aggregate values to check, when KNNN has that parameter
-AGGREGATES = ["sum", "min"] if "aggregate" in KNNN().get_params() else [None]
+#: KNNN's aggregate values to check
+AGGREGATES = ["sum", "min"]
 
 
 def agg_params(aggregate):
-    return {} if aggregate is None else {"aggregate": aggregate}
+    return {"aggregate": aggregate}
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +72,12 @@ def assert_same_model(det, ref, X, Q, rtol):
     np.testing.assert_array_equal(np.sort(nb, axis=1), np.sort(ref.neighborhoods_, axis=1))
     np.testing.assert_allclose(gather(det, det.eigenvalues_), ref.eigenvalues_, rtol=rtol,
                                atol=rtol * np.abs(ref.eigenvalues_).max())
+    # the threshold's held-out calibration scores
     train = gather(det, det.train_scores_)
     assert train.shape == ref.train_scores_.shape and train.dtype == ref.train_scores_.dtype
     np.testing.assert_allclose(train, ref.train_scores_, rtol=rtol)
+    np.testing.assert_array_equal(det.calibration_rows_, ref.calibration_rows_)
+    np.testing.assert_allclose(det.calibration_scores_, ref.calibration_scores_, rtol=rtol)
     np.testing.assert_allclose(det.offset_, ref.offset_, rtol=rtol)
     np.testing.assert_allclose(det.anomaly_score(Q), ref.anomaly_score(Q), rtol=rtol)
 
@@ -158,7 +161,10 @@ def test_params_mirror_knnn():
 def test_return_types(client):
     X, Q = data(6, n=150)
     det = DistributedKNNN(client=client, backend="brute").fit(da.from_array(X, chunks=(50, -1)))
-    assert isinstance(det.train_scores_, da.Array)
+    # the calibration rows' held-out scores: at most CALIBRATION_ROWS values,
+    # kept on the client (p-values and thresholds read them)
+    for name in ("train_scores_", "calibration_rows_", "calibration_scores_"):
+        assert isinstance(getattr(det, name), np.ndarray), name
     Qd = da.from_array(Q, chunks=(20, -1))
     ref = reference(det, X)
     for method in ("anomaly_score", "score_samples", "decision_function", "predict"):
@@ -175,6 +181,7 @@ def test_return_types(client):
     det2 = DistributedKNNN(client=client, backend="brute").fit(X)
     assert isinstance(det2.train_scores_, np.ndarray)
     np.testing.assert_array_equal(det2.fit_predict(X), ref.fit_predict(X))
+    np.testing.assert_allclose(det2.train_scores_, ref.train_scores_, rtol=1e-9)
 
 
 def test_calibrate(client):
@@ -422,7 +429,7 @@ def test_write_scores_failure_leaves_nothing(client, tmp_path, monkeypatch, name
 
 def test_partition_tasks_keep_their_placement(client, tmp_path):
     """The scheduler receives the worker of every per-partition task (fit:
-    index, eigen-state, leave-one-out Eq. 2; scoring: Eq. 2 on the worker
+    index, halo, eigen-state, held-out Eq. 2; scoring: Eq. 2 on the worker
     holding the neighbour's eigen-state). Without it, Dask places them by
     its own estimates and may move a partition's eigen-state (D·(L+1)
     values a row) to the queries instead of the queries to it."""
@@ -442,10 +449,17 @@ def test_partition_tasks_keep_their_placement(client, tmp_path):
     scheduler = client.cluster.scheduler  # in-process: the plugin is this object
     workers = set(scheduler.workers)
     calls = (("fit", lambda: det.fit(da.from_array(X, chunks=(75, -1))),
-              ("ShardIndex", "block_eigen", "pair_scores")),
+              ("ShardIndex", "gather_halo", "block_eigen", "held_out_pair_scores")),
              ("anomaly_score", lambda: det.anomaly_score(Q), ("pair_scores",)),
              ("write_scores", lambda: det.write_scores(da.from_array(Q, chunks=(20, -1)),
                                                        tmp_path / "s"), ("pair_scores",)))
+
+    def dual_fit():
+        det.set_params(set_size="all")
+        det.fit(da.from_array(X, chunks=(75, -1)))
+
+    calls += (("dual fit", dual_fit, ("gather_halo", "block_eigen", "held_out_pair_scores")),
+              ("dual anomaly_score", lambda: det.anomaly_score(Q), ("pair_scores",)))
     for name, call, kinds in calls:
         seen = Placement()
         scheduler.add_plugin(seen)
@@ -568,7 +582,6 @@ def test_worker_killed_at_a_random_time(proc_client):
 
 
 # ------------------------------------------------- KNNN options as they come
-@pytest.mark.skipif("memory" not in KNNN().get_params(), reason="KNNN has no memory option")
 def test_memory_lean_same_scores_and_lean_model_file(client, tmp_path):
     X, Q = data(14, n=150)
     det = DistributedKNNN(client=client, backend="brute", memory="lean")
@@ -581,7 +594,6 @@ def test_memory_lean_same_scores_and_lean_model_file(client, tmp_path):
     np.testing.assert_allclose(loaded.anomaly_score(Q), ref.anomaly_score(Q), rtol=1e-9)
 
 
-@pytest.mark.skipif(not hasattr(nonn._knnn, "AUTO_GRID"), reason="KNNN has no 'auto' values")
 def test_auto_parameters_pick_what_knnn_picks(client):
     X, Q = data(15, n=120, d=6)
     det = DistributedKNNN(client=client, backend="brute", n_neighbors="auto",
@@ -590,3 +602,193 @@ def test_auto_parameters_pick_what_knnn_picks(client):
     ref = reference(det, X)
     assert det.auto_params_ == ref.auto_params_
     assert_same_model(det, ref, X, Q, rtol=1e-9)
+
+
+# ------------------------------------------------- KNNN's current operator
+def embeddings(seed, n, d, n_q=30, dtype=np.float64):
+    """Correlated rows with norms that vary (unit rows then change them)."""
+    X, Q = data(seed, n=n, d=d, n_q=n_q, dtype=dtype)
+    rng = np.random.default_rng(seed + 100)
+    return (X * rng.uniform(0.5, 2.0, (n, 1))).astype(dtype), Q
+
+
+@pytest.mark.parametrize("aggregate", AGGREGATES)
+@pytest.mark.parametrize("rows", [300, 150, 100, 75, 60])  # 1 to 5 partitions
+def test_dual_form_all_features_equals_knnn(client, rows, aggregate):
+    """set_size="all" (one set of D = 12 > K' = 8 features: the dual form),
+    with the neighbourhoods' rows read from each partition's halo."""
+    X, Q = data(21)
+    det = DistributedKNNN(client=client, backend="brute", set_size="all",
+                          n_neighbors_of_neighbors=8, aggregate=aggregate)
+    det.fit(da.from_array(X, chunks=(rows, -1)))
+    ref = reference(det, X)
+    assert det.n_partitions_ == -(-len(X) // rows)
+    assert ref.eigenvalues_.shape == (len(X), 1, 8)  # the dual form's K' eigenvalues
+    assert det.set_size_ == ref.set_size_ == 12
+    assert_same_model(det, ref, X, Q, rtol=1e-9)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-9), (np.float32, 2e-4)])
+def test_dual_form_shorter_last_set_equals_knnn(client, dtype, rtol):
+    """L = 9 > K' = 6 on D = 20 features: sets of 9, 9 and 2 (the last one
+    primal-sized but decomposed in the dual form like the others)."""
+    X, Q = data(22, n=240, d=20, dtype=dtype)
+    det = DistributedKNNN(client=client, backend="brute", set_size=9,
+                          n_neighbors_of_neighbors=6, n_neighbors=4)
+    det.fit(da.from_array(X, chunks=(70, -1)))
+    ref = reference(det, X)
+    np.testing.assert_array_equal(ref.set_sizes_, [9, 9, 2])
+    assert ref.eigenvalues_.shape == (240, 3, 6)
+    assert_same_model(det, ref, X, Q, rtol=rtol)
+
+
+@pytest.mark.parametrize("d", [70, 12])
+def test_auto_transforms_equal_knnn(client, d):
+    """normalize="auto", whiten="auto", eig_floor="auto": with D >= 64 unit
+    rows, a partly whitened space (the Ledoit-Wolf covariance from the
+    partitions' sums) and the embedding floor; with fewer features the
+    data as they are (the identity whitening stored) and the tabular floor."""
+    X, Q = embeddings(23, n=260, d=d)
+    det = DistributedKNNN(client=client, backend="brute", normalize="auto", whiten="auto",
+                          eig_floor="auto", set_size=30, n_neighbors_of_neighbors=12)
+    det.fit(da.from_array(X, chunks=(90, -1)))
+    ref = reference(det, X)
+    assert (det.normalize_, det.whiten_) == (ref.normalize_, ref.whiten_)
+    assert (ref.normalize_ == "l2") == (d >= 64) and (ref.whiten_ > 0) == (d >= 64)
+    assert det.eig_floor_rel_ == ref.eig_floor_rel_
+    np.testing.assert_allclose(det.whiten_mean_, ref.whiten_mean_, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(det.whiten_matrix_, ref.whiten_matrix_, rtol=1e-9, atol=1e-12)
+    assert_same_model(det, ref, X, Q, rtol=1e-9)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-9), (np.float32, 2e-4)])
+def test_full_whitening_and_unit_rows_equal_knnn(client, dtype, rtol):
+    X, Q = embeddings(24, n=200, d=16, dtype=dtype)
+    det = DistributedKNNN(client=client, backend="brute", normalize="l2", whiten=1.0,
+                          n_neighbors_of_neighbors=15)
+    det.fit(da.from_array(X, chunks=(64, -1)))
+    ref = reference(det, X)
+    np.testing.assert_allclose(det.whiten_matrix_, ref.whiten_matrix_, rtol=rtol,
+                               atol=rtol * np.abs(ref.whiten_matrix_).max())
+    assert_same_model(det, ref, X, Q, rtol=rtol)
+
+
+@pytest.mark.parametrize("set_size", [5, "all"])
+def test_held_out_calibration_subset_equals_knnn(client, monkeypatch, set_size):
+    """More training rows than CALIBRATION_ROWS: the same seeded subset of
+    calibration rows, each scored out of sample as KNNN scores it (its
+    neighbours' neighbourhoods without it)."""
+    monkeypatch.setattr(nonn._knnn, "CALIBRATION_ROWS", 40)
+    X, Q = data(25, n=200)
+    det = DistributedKNNN(client=client, backend="brute", set_size=set_size,
+                          n_neighbors_of_neighbors=10, n_neighbors=4)
+    det.fit(da.from_array(X, chunks=(45, -1)))
+    ref = reference(det, X)
+    assert len(ref.calibration_rows_) == 40 and len(det.train_scores_) == 40
+    assert_same_model(det, ref, X, Q, rtol=1e-9)
+    # all rows again with fit_predict
+    np.testing.assert_array_equal(det.fit_predict(X), ref.fit_predict(X))
+    np.testing.assert_array_equal(det.calibration_rows_, np.arange(len(X)))
+    np.testing.assert_allclose(det.train_scores_, ref.train_scores_, rtol=1e-9)
+
+
+@pytest.mark.parametrize("set_size", [5, "all"])
+def test_pvalue_fdr_and_calibrate_equal_knnn(client, set_size):
+    X, Q = data(27, n=180, n_q=60)
+    det = DistributedKNNN(client=client, backend="brute", set_size=set_size,
+                          n_neighbors_of_neighbors=10)
+    det.fit(da.from_array(X, chunks=(60, -1)))
+    ref = reference(det, X)
+    Qd = da.from_array(Q, chunks=(25, -1))
+    for q in (Q, Qd):
+        p = det.pvalue(q)
+        assert isinstance(p, np.ndarray)
+        np.testing.assert_allclose(p, ref.pvalue(Q), rtol=1e-12)
+        np.testing.assert_array_equal(det.predict_fdr(q, 0.1), ref.predict_fdr(Q, 0.1))
+    assert (det.predict_fdr(Q, 0.1) == -1).any()
+    held_out = Q[:60]
+    det.calibrate(da.from_array(held_out, chunks=(25, -1)), 0.05)
+    ref.calibrate(held_out, 0.05)
+    np.testing.assert_allclose(det.calibration_scores_, ref.calibration_scores_, rtol=1e-9)
+    np.testing.assert_allclose(det.offset_, ref.offset_, rtol=1e-9)
+    assert det.threshold_source_ == ref.threshold_source_
+    np.testing.assert_allclose(det.pvalue(Q), ref.pvalue(Q), rtol=1e-12)
+    # the model's own training rows are refused, a few are warned about
+    with pytest.raises(ValueError, match="training rows of this model"):
+        det.calibrate(da.from_array(X[:40], chunks=(15, -1)))
+    with pytest.warns(UserWarning, match="3 of the 43 calibration rows are training rows"):
+        det.calibrate(np.vstack([Q[:40], X[:3]]))
+    with pytest.raises(ValueError, match="false_alarm_rate"):
+        det.calibrate(Q, 0)
+
+
+@pytest.mark.parametrize("memory", ["precomputed", "lean"])
+def test_dual_model_round_trips(client, tmp_path, memory):
+    """to_knnn, save / load and from_knnn of a dual-form model (lean: the
+    eigen-state and the halos computed on the cluster) score as KNNN."""
+    X, Q = embeddings(28, n=200, d=70)
+    params = dict(backend="brute", set_size="all", n_neighbors_of_neighbors=12, memory=memory,
+                  normalize="auto", whiten="auto")
+    det = DistributedKNNN(client=client, **params).fit(da.from_array(X, chunks=(70, -1)))
+    ref = KNNN(**params).fit(X)
+    expect = ref.anomaly_score(Q)
+    local = det.to_knnn()
+    assert type(local) is KNNN and hasattr(local, "eigenvectors_") == (memory != "lean")
+    np.testing.assert_allclose(local.anomaly_score(Q), expect, rtol=1e-9)
+    loaded = nonn.load(det.save(tmp_path / "dual.nonn"))
+    np.testing.assert_allclose(loaded.anomaly_score(Q), expect, rtol=1e-9)
+    np.testing.assert_allclose(loaded.pvalue(Q), ref.pvalue(Q), rtol=1e-12)
+    for n_partitions in (1, 3):
+        spread = DistributedKNNN.from_knnn(loaded, client=client, n_partitions=n_partitions)
+        assert spread.n_partitions_ == n_partitions
+        np.testing.assert_allclose(spread.anomaly_score(Q), expect, rtol=1e-9)
+        np.testing.assert_allclose(spread.pvalue(Q), ref.pvalue(Q), rtol=1e-12)
+        again = spread.to_knnn()
+        np.testing.assert_allclose(again.anomaly_score(Q), expect, rtol=1e-9)
+        np.testing.assert_array_equal(again.calibration_rows_, ref.calibration_rows_)
+
+
+@pytest.mark.parametrize("scale", ["standard", "minmax"])
+def test_column_scaling_equals_knnn(client, tmp_path, scale):
+    """scale="standard" / "minmax" from the partitions' scikit-learn scalers,
+    merged; columns of very different units, one constant."""
+    X, Q = data(29, n=210, d=8)
+    units = np.array([1e-3, 1.0, 50.0, 1e4, 2.0, 1.0, 7.0, 1e-6])
+    X, Q = X * units, Q * units
+    X[:, 5], Q[:5, 5] = 3.0, 4.0
+    det = DistributedKNNN(client=client, backend="brute", scale=scale,
+                          n_neighbors_of_neighbors=12)
+    det.fit(da.from_array(X, chunks=(50, -1)))
+    ref = reference(det, X)
+    np.testing.assert_allclose(det.scale_center_, ref.scale_center_, rtol=1e-12, atol=1e-300)
+    np.testing.assert_allclose(det.scale_factor_, ref.scale_factor_, rtol=1e-12)
+    assert det.scale_factor_[5] == ref.scale_factor_[5] == 1.0
+    assert_same_model(det, ref, X, Q, rtol=1e-9)
+    loaded = nonn.load(det.save(tmp_path / "scaled.nonn"))
+    np.testing.assert_allclose(loaded.anomaly_score(Q), ref.anomaly_score(Q), rtol=1e-9)
+
+
+def test_robust_scale_is_refused_by_fit_but_spread_by_from_knnn(client):
+    X, Q = data(30, n=120)
+    det = DistributedKNNN(client=client, scale="robust")
+    with pytest.raises(ValueError, match="scale='robust'"):
+        det.fit(X)
+    assert not hasattr(det, "offset_")
+    ref = KNNN(backend="brute", scale="robust", n_neighbors_of_neighbors=10).fit(X)
+    spread = DistributedKNNN.from_knnn(ref, client=client, n_partitions=2)
+    np.testing.assert_allclose(spread.anomaly_score(Q), ref.anomaly_score(Q), rtol=1e-9)
+    np.testing.assert_allclose(spread.to_knnn().scale_center_, ref.scale_center_)
+
+
+def test_fit_runs_each_partition_task_once(client):
+    """The fit searches each (partition, shard) pair once and decomposes
+    each partition's neighbourhoods once: intermediate results the held-out
+    scores need are kept, not recomputed (a second sharded search)."""
+    X, _ = data(31, n=150)
+    det = DistributedKNNN(client=client, backend="brute", n_neighbors_of_neighbors=10)
+    with distributed.get_task_stream(client) as ts:
+        det.fit(da.from_array(X, chunks=(50, -1)))
+    names = [str(t["key"]) for t in ts.data]
+    assert sum(n.startswith("shard_search") for n in names) == 9
+    assert sum(n.startswith("block_eigen") for n in names) == 3
+    assert sum(n.startswith("held_out_pair_scores") for n in names) == 9

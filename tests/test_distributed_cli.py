@@ -128,6 +128,27 @@ def test_cluster_errors(tmp_path, data, address, capsys):
     assert main(["fit", str(tmp_path / "empty"), "-o", str(tmp_path / "m.nonn"),
                  "--cluster", address]) == 2
     assert "no .npy or .parquet shards" in capsys.readouterr().err
+    assert main(["fit", str(tmp_path / "X.npy"), "-o", str(tmp_path / "m.nonn"),
+                 "--scale", "robust", "--cluster", address]) == 2
+    err = capsys.readouterr().err
+    assert "--cluster does not support --scale robust" in err and len(err.splitlines()) == 1
+
+
+def test_scaled_models_on_cluster(tmp_path, data, address):
+    """--scale standard fits on the cluster; a model fitted with --scale
+    robust on this machine scores on the cluster."""
+    X, Q = data
+    np.save(tmp_path / "X.npy", X)
+    np.save(tmp_path / "Q.npy", Q)
+    for scale, cluster in (("standard", ["--cluster", address]), ("robust", [])):
+        model = tmp_path / f"{scale}.nonn"
+        assert main(["fit", str(tmp_path / "X.npy"), "-o", str(model), "--scale", scale,
+                     "--backend", "brute", *cluster]) == 0
+        ref = KNNN(backend="brute", scale=scale).fit(X)
+        assert main(["score", str(model), str(tmp_path / "Q.npy"), "-o",
+                     str(tmp_path / f"{scale}.csv"), "--cluster", address]) == 0
+        got = np.loadtxt(tmp_path / f"{scale}.csv", delimiter=",", skiprows=1)[:, 1]
+        np.testing.assert_allclose(got, ref.anomaly_score(Q), rtol=2e-4)
 
 
 def test_python_m_nonn_cluster_local(tmp_path, data):

@@ -129,15 +129,18 @@ def test_bad_scale_values():
         det.anomaly_score(np.array([[1e10]]))
 
 
-def test_distributed_refuses_scale():
+def test_distributed_refuses_robust_scale():
+    """Medians and quartiles need all rows of a column in one place; the
+    standard and min-max scalings are fitted on the cluster (equality with
+    KNNN: tests/test_distributed.py)."""
     pytest.importorskip("distributed")
     from nonn.distributed import DistributedKNNN
 
     X, _ = units_data()
-    with pytest.raises(ValueError, match="does not support the 'scale' option"):
-        DistributedKNNN(scale="standard").fit(X)
-    with pytest.raises(ValueError, match="does not support the 'scale' option"):
-        DistributedKNNN.from_knnn(KNNN(scale="standard").fit(X))
+    det = DistributedKNNN(scale="robust")
+    with pytest.raises(ValueError, match="does not support scale='robust'"):
+        det.fit(X)
+    assert not hasattr(det, "client_")  # refused before any cluster starts
 
 
 def test_cli_scale_option(tmp_path, capsys):
@@ -162,3 +165,16 @@ def test_cli_scale_option(tmp_path, capsys):
     assert main(["fit", str(tmp_path / "X.npy"), "-o", str(tmp_path / "n.nonn"),
                  "--scale", "none"]) == 0
     assert nonn.load(tmp_path / "n.nonn").scale is None
+
+
+@pytest.mark.parametrize("scale", ["standard", "robust"])
+def test_float32_scaled_model_saves_and_loads(tmp_path, scale):
+    """The column statistics are float64 whatever the data's dtype; a
+    float32 model with them saves and loads with the same scores."""
+    X, Q = units_data()
+    model = KNNN(scale=scale).fit(X.astype(np.float32))
+    assert model.scale_center_.dtype == np.float64
+    loaded = nonn.load(model.save(tmp_path / "m.nonn"))
+    np.testing.assert_array_equal(loaded.scale_factor_, model.scale_factor_)
+    np.testing.assert_array_equal(loaded.anomaly_score(Q.astype(np.float32)),
+                                  model.anomaly_score(Q.astype(np.float32)))

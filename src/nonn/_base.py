@@ -64,6 +64,28 @@ def resolve_transforms(normalize, whiten, n_features):
     return normalize, float(whiten)
 
 
+def resolve_contamination(contamination):
+    """The share of calibration rows a fit flags."""
+    return AUTO_CONTAMINATION if contamination == "auto" else float(contamination)
+
+
+def threshold(score_samples, rate):
+    """The threshold ``offset_`` that flags a share ``rate`` of the scores
+    ``score_samples`` (higher = more normal): their ``100 * rate``-th
+    percentile, linearly interpolated."""
+    return float(np.percentile(np.asarray(score_samples, dtype=np.float64), 100.0 * rate))
+
+
+def conformal_pvalues(anomaly_scores, calibration_scores):
+    """For each anomaly score, ``(1 + #{c >= s}) / (n + 1)`` over the ``n``
+    calibration normals' anomaly scores ``c`` (the negated
+    ``calibration_scores`` given as ``score_samples``)."""
+    s = np.asarray(anomaly_scores, dtype=np.float64)
+    cal = np.sort(-np.asarray(calibration_scores, dtype=np.float64))
+    at_least = len(cal) - np.searchsorted(cal, s, side="left")
+    return (1.0 + at_least) / (len(cal) + 1.0)
+
+
 class CappedParameterWarning(UserWarning):
     """A count larger than the data allows was capped (the user's parameter
     is left untouched; the value used is stored as a fitted attribute)."""
@@ -119,10 +141,7 @@ class ScoreConventions:
         share ``a`` of normal data; small values mean unusual in a unit
         that is comparable across models and data sets.
         """
-        s = np.asarray(self.anomaly_score(X), dtype=np.float64)
-        cal = np.sort(-np.asarray(self.calibration_scores_, dtype=np.float64))
-        at_least = len(cal) - np.searchsorted(cal, s, side="left")
-        return (1.0 + at_least) / (len(cal) + 1.0)
+        return conformal_pvalues(self.anomaly_score(X), self.calibration_scores_)
 
     def predict_fdr(self, X, fdr=0.05):
         """+1 / -1 labels of a batch at a false-discovery rate: the
@@ -196,9 +215,10 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
         # inputs are multiplied by 2**data_scale_exponent_ (files written
         # before it existed worked at the data's own scale)
         "data_scale_exponent_": Int(-1200, 1200, default=0),
-        # the ``scale`` option's column statistics
-        "scale_center_": Array("D"),
-        "scale_factor_": Array("D", positive=True),
+        # the ``scale`` option's column statistics (float64 for every data
+        # dtype: see nonn._scaling)
+        "scale_center_": Array("D", dtype="float64"),
+        "scale_factor_": Array("D", dtype="float64", positive=True),
         # column names, when fitted on a table with string column names
         "feature_names_in_": Optional(Strings("D"), default=None),
     }
@@ -236,18 +256,21 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
         self.dtype_ = X.dtype
         X = self._fit_preprocess(X)
         self.calibration_rows_ = None
-        loo = self._to_user_units(self._fit(X), "training")
-        self.train_scores_ = -np.asarray(loo)
+        self._fit_threshold(self._fit(X), X.shape[0])
+        return self
+
+    def _fit_threshold(self, held_out, n):
+        """Set the threshold from the out-of-sample anomaly scores
+        ``held_out`` of the training rows ``calibration_rows_`` (None: all
+        ``n`` of them, in order)."""
+        self.train_scores_ = -np.asarray(self._to_user_units(held_out, "training"))
         if self.calibration_rows_ is None:  # every training row was scored
-            self.calibration_rows_ = np.arange(X.shape[0], dtype=np.int64)
+            self.calibration_rows_ = np.arange(n, dtype=np.int64)
         self.calibration_scores_ = self.train_scores_
-        self.contamination_ = (
-            AUTO_CONTAMINATION if self.contamination == "auto" else float(self.contamination)
-        )
-        self.offset_ = self._quantile_offset(self.calibration_scores_, self.contamination_)
+        self.contamination_ = resolve_contamination(self.contamination)
+        self.offset_ = threshold(self.calibration_scores_, self.contamination_)
         self.threshold_source_ = (f"training rows scored out of sample "
                                   f"({len(self.calibration_scores_)} rows)")
-        return self
 
     def _make_backend(self, X, name=None):
         """Build and fit the search backend (``name`` overrides ``backend``,
@@ -265,7 +288,7 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
 
     @staticmethod
     def _quantile_offset(score_samples, rate):
-        return float(np.percentile(np.asarray(score_samples, dtype=np.float64), 100.0 * rate))
+        return threshold(score_samples, rate)
 
     # -------------------------------------------------------------- scores
     def _validate_query(self, X):

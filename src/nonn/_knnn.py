@@ -9,8 +9,8 @@ import numpy as np
 
 from ._base import BaseDetector, CappedParameterWarning, cap, resolve_floor
 from ._eq2 import aggregate_terms, eigen_row_bytes, eigen_width, neighborhood_eigen, score_terms
-from ._local_eigen import floor_scale, pad, permute
-from ._partition import feature_order, set_sizes
+from ._local_eigen import pad, permute
+from ._partition import grid_from_statistics, grid_statistics
 from ._state import Array, Dict, Int, Optional, Real, permutation
 from ._state import set_sizes as valid_set_sizes
 from ._validation import Interval, IsNone, Options
@@ -29,24 +29,15 @@ class _SetGridMixin:
     }
 
     def _fit_grid(self, X, set_size=None, eig_floor=None):
-        d = X.shape[1]
+        """Learn the layout (see :func:`nonn._partition.grid_from_statistics`)
+        and return ``X`` on it."""
         set_size = self.set_size if set_size is None else set_size
         eig_floor = self.eig_floor if eig_floor is None else eig_floor
-        if set_size == "all":
-            set_size = d
-        self.set_size_ = cap(set_size, d, "set_size", "the number of features")
-        # one set holds every feature: its order cannot change a score
-        reorder = "none" if self.set_size_ >= d else self.reorder
-        self.feature_order_ = feature_order(X, self.set_size_, reorder)
-        self.set_sizes_ = set_sizes(d, self.set_size_)
-        Xg = permute(X, self.feature_order_)
-        # Floor relative to the data's own scale (per set), so that duplicates,
-        # constant columns, K' <= L or low-rank data give finite scores and a
-        # uniform rescaling of all data leaves every score unchanged. The eps
-        # term keeps eig_floor=0 finite too.
-        rel = max(float(eig_floor), 10 * np.finfo(X.dtype).eps)
-        self.eig_floor_ = (rel * floor_scale(Xg, self.set_sizes_, self.set_size_)).astype(X.dtype)
-        return Xg
+        self.set_size_ = resolve_set_size(set_size, X.shape[1])
+        gram, var = grid_statistics(X, self.set_size_, self.reorder)
+        self.feature_order_, self.set_sizes_, self.eig_floor_ = grid_from_statistics(
+            gram, var, self.set_size_, self.reorder, eig_floor, X.dtype)
+        return permute(X, self.feature_order_)
 
     def _to_grid(self, X):
         return permute(X, self.feature_order_)
@@ -56,6 +47,66 @@ class _SetGridMixin:
         n_sets, L = len(self.set_sizes_), self.set_size_
         diff = pad(Qg[:, None, :] - self._fit_X[idx], n_sets * L)
         return diff.reshape(idx.shape + (n_sets, L))
+
+
+def resolve_set_size(set_size, n_features):
+    """The set size L a fit on ``n_features`` columns uses (``"all"``: one
+    set; larger values capped, with a warning)."""
+    if set_size == "all":
+        set_size = n_features
+    return cap(set_size, n_features, "set_size", "the number of features")
+
+
+def resolve_counts(n_samples, n_features, counts):
+    """``(k, K', L)`` a fit on ``n_samples`` rows of ``n_features`` columns
+    uses for the ``counts`` (``n_neighbors``, ``n_neighbors_of_neighbors``,
+    ``set_size``: given, or picked by the selection of "auto" values); a
+    count the data cannot hold is capped with a
+    :class:`~nonn._base.CappedParameterWarning`."""
+    # a training row is scored against the n - 1 others (held out)
+    k = cap(counts["n_neighbors"], n_samples - 1, "n_neighbors",
+            "the number of other training points")
+    Kp = cap(counts["n_neighbors_of_neighbors"], n_samples, "n_neighbors_of_neighbors",
+             "the number of training points")
+    return k, Kp, resolve_set_size(counts["set_size"], n_features)
+
+
+def search_width(n_samples, n_neighbors, n_neighbors_of_neighbors):
+    """Nearest other rows a fit finds per training row: the K' - 1 of its
+    neighbourhood and one more, which replaces a calibration row that
+    leaves the neighbourhood (see :func:`held_out_groups`), or k when
+    larger; at most the n - 1 others."""
+    return min(max(n_neighbors_of_neighbors, n_neighbors), n_samples - 1)
+
+
+def neighborhoods(others, n_neighbors_of_neighbors, first_id=0):
+    """Each row's neighbourhood: the row itself (column 0; rows numbered
+    from ``first_id``) and its K' - 1 nearest others (``others``, nearest
+    first)."""
+    own = np.arange(first_id, first_id + others.shape[0], dtype=np.int64)[:, None]
+    return np.concatenate([own, others[:, :n_neighbors_of_neighbors - 1]], axis=1)
+
+
+def held_out_groups(held, nbrs, cand, n_neighbors_of_neighbors):
+    """The neighbourhood of neighbour ``nbrs[i]`` as a fit without the
+    training row ``held[i]`` would find it: ``nbrs[i]``, then the first
+    K' - 1 of its nearest other rows ``cand[i]`` (nearest first; one more
+    than a neighbourhood needs) that are not ``held[i]``. (c, K') ids, fewer
+    columns when ``cand`` holds every other row."""
+    width = min(n_neighbors_of_neighbors - 1, cand.shape[-1] - 1)
+    keep = cand != held[:, None]
+    first = np.argsort(~keep, axis=-1, kind="stable")[:, :width]
+    return np.concatenate([nbrs[:, None], np.take_along_axis(cand, first, -1)], axis=-1)
+
+
+def pair_terms(Qg, Xg, groups, sizes, set_size, floor, n_jobs=1):
+    """Eq. 2's sum of each grid query ``Qg[i]`` against the neighbour
+    ``groups[i, 0]`` with the eigen-state of the neighbourhood
+    ``groups[i]`` (rows of ``Xg``), computed here."""
+    w, v = neighborhood_eigen(Xg, groups, sizes, set_size, n_jobs)
+    local = np.arange(len(groups), dtype=np.int64)[:, None]
+    return score_terms(Qg, local, Xg, v, w, sizes, set_size, floor, n_jobs,
+                       rows=groups[:, 0], groups=groups)[:, 0]
 
 
 #: The label-free selection grid (``"auto"`` parameters), in trial order; the
@@ -323,47 +374,44 @@ class KNNN(_SetGridMixin, BaseDetector):
 
     # ------------------------------------------------------------------ fit
     def _fit(self, X):
-        auto = [name for name in AUTO_GRID if getattr(self, name) == "auto"]
-        if auto:
-            chosen, table = self._select_auto(X, auto)
-            # chosen values are capped to the data silently
-            limits = {"n_neighbors": X.shape[0] - 1, "n_neighbors_of_neighbors": X.shape[0],
-                      "set_size": X.shape[1], "eig_floor": np.inf}
-            chosen = {name: (min(v, limits[name]) if name in auto else v)
-                      for name, v in chosen.items()}
-            self.auto_params_ = {name: chosen[name] for name in auto}
-            self.auto_table_ = table
-        else:
-            chosen = {name: getattr(self, name) for name in AUTO_GRID}
-            self.auto_params_ = None
-            self.auto_table_ = None
-        n = X.shape[0]
-        # a training point is scored against the n - 1 others (leave-one-out)
-        self.n_neighbors_ = cap(chosen["n_neighbors"], n - 1, "n_neighbors",
-                                "the number of other training points")
-        self.n_neighbors_of_neighbors_ = cap(
-            chosen["n_neighbors_of_neighbors"], n, "n_neighbors_of_neighbors",
-            "the number of training points")
-        chosen["eig_floor"] = resolve_floor(self.eig_floor, X.shape[1])
-        self.eig_floor_rel_ = chosen["eig_floor"]
-        Xg = self._fit_grid(X, set_size=chosen["set_size"], eig_floor=chosen["eig_floor"])
+        n, d = X.shape
+        counts = self._resolve_auto(X)
+        self.n_neighbors_, self.n_neighbors_of_neighbors_, L = resolve_counts(n, d, counts)
+        self.eig_floor_rel_ = resolve_floor(self.eig_floor, d)
+        Xg = self._fit_grid(X, set_size=L, eig_floor=self.eig_floor_rel_)
         self._fit_X = Xg
         self._search = self._make_backend(Xg)
         Kp = self.n_neighbors_of_neighbors_
-        # one more than a neighbourhood needs: its replacement when a
-        # calibration row leaves it (see _held_out_scores)
-        m = min(max(Kp, self.n_neighbors_), n - 1)
         # ids only, in the backend's own order: the neighbourhoods and the
-        # leave-one-out neighbours need no distances
-        others = self._search.kneighbors(None, m, return_distance=False)
-        self.neighborhoods_ = np.concatenate(
-            [np.arange(n, dtype=np.int64)[:, None], others[:, : Kp - 1]], axis=1
-        )
+        # held-out neighbours need no distances
+        others = self._search.kneighbors(None, search_width(n, self.n_neighbors_, Kp),
+                                         return_distance=False)
+        self.neighborhoods_ = neighborhoods(others, Kp)
         if self.memory != "lean":
             self._fit_eigen()
         rows = calibration_rows(n, getattr(self, "_calibrate_all", False))
         self.calibration_rows_ = rows
         return self._held_out_scores(rows, others)
+
+    def _resolve_auto(self, X):
+        """The counts (``n_neighbors``, ``n_neighbors_of_neighbors``,
+        ``set_size``) before capping: the given ones, or for "auto" values
+        those the label-free selection picks on the (preprocessed) training
+        data ``X``, capped to the data silently. Sets ``auto_params_`` and
+        ``auto_table_``."""
+        auto = [name for name in AUTO_GRID if getattr(self, name) == "auto"]
+        if not auto:
+            self.auto_params_ = None
+            self.auto_table_ = None
+            return {name: getattr(self, name) for name in AUTO_GRID}
+        chosen, table = self._select_auto(X, auto)
+        limits = {"n_neighbors": X.shape[0] - 1, "n_neighbors_of_neighbors": X.shape[0],
+                  "set_size": X.shape[1]}
+        chosen = {name: (min(v, limits[name]) if name in auto else v)
+                  for name, v in chosen.items()}
+        self.auto_params_ = {name: chosen[name] for name in auto}
+        self.auto_table_ = table
+        return chosen
 
     def _eigen_row_bytes(self):
         return eigen_row_bytes(self._fit_X.dtype.itemsize, len(self.set_sizes_),
@@ -411,25 +459,15 @@ class KNNN(_SetGridMixin, BaseDetector):
         k = self.n_neighbors_
         rows = np.arange(Xg.shape[0]) if rows is None else rows
         c = len(rows)
-        nbrs = others[rows, :k]  # (c, k): the leave-one-out neighbours
-        cand = others[nbrs]  # (c, k, m): each neighbour's nearest others
-        width = min(self.n_neighbors_of_neighbors_ - 1, cand.shape[-1] - 1)
-        keep = cand != rows[:, None, None]
-        first = np.argsort(~keep, axis=-1, kind="stable")[..., :width]
-        groups = np.concatenate([nbrs[..., None], np.take_along_axis(cand, first, -1)], -1)
-        groups = groups.reshape(c * k, width + 1)
-        pair_rows = nbrs.reshape(-1)
+        held = np.repeat(rows, k)  # (c * k,): each row once per neighbour
+        nbrs = others[rows, :k].reshape(-1)  # its held-out neighbours
+        groups = held_out_groups(held, nbrs, others[nbrs], self.n_neighbors_of_neighbors_)
         terms = np.empty(c * k, dtype=Xg.dtype)
         row_bytes = eigen_row_bytes(Xg.dtype.itemsize, len(self.set_sizes_), self.set_size_,
-                                    width + 1)
+                                    groups.shape[1])
         for sl in self._query_chunks(c * k, row_bytes, "held-out calibration scores"):
-            w, v = neighborhood_eigen(Xg, groups[sl], self.set_sizes_, self.set_size_,
-                                      self.n_jobs_)
-            q = Xg[rows[np.arange(sl.start, sl.stop) // k]]
-            local = np.arange(sl.stop - sl.start, dtype=np.int64)[:, None]
-            terms[sl] = score_terms(q, local, Xg, v, w, self.set_sizes_, self.set_size_,
-                                    self.eig_floor_, self.n_jobs_, rows=pair_rows[sl],
-                                    groups=groups[sl])[:, 0]
+            terms[sl] = pair_terms(Xg[held[sl]], Xg, groups[sl], self.set_sizes_,
+                                   self.set_size_, self.eig_floor_, self.n_jobs_)
         return aggregate_terms(terms.reshape(c, k), self.aggregate)
 
     def _score_neighbours(self, Qg, idx):

@@ -56,16 +56,28 @@ def floor_scale_from_variance(var, sizes, set_size):
 def column_variance(X, block=4096):
     """``X.var(axis=0)`` in float64, two-pass, without a float64 copy of
     ``X``: centred blocks of rows in X's dtype, squares summed in float64."""
-    n = X.shape[0]
     mean = X.mean(axis=0, dtype=np.float64)
-    mu = mean.astype(X.dtype)
-    # the rounding of mu: E[(x - mu)^2] = var + (mean - mu)^2
-    shift = mean - mu
+    return variance_from_sums(squared_deviations(X, mean, block), X.shape[0], mean, X.dtype)
+
+
+def squared_deviations(X, mean, block=4096):
+    """Float64 column sums of ``(X - mean)**2``, the deviations taken in X's
+    dtype from ``mean`` rounded to it (summed over row partitions with the
+    global mean, the sums of the whole matrix)."""
+    mu = np.asarray(mean, dtype=np.float64).astype(X.dtype)
     acc = np.zeros(X.shape[1])
-    for start in range(0, n, block):
+    for start in range(0, X.shape[0], block):
         dev = X[start:start + block] - mu
         acc += np.einsum("ij,ij->j", dev, dev, dtype=np.float64)
-    return np.maximum(acc / max(n, 1) - shift * shift, 0.0)
+    return acc
+
+
+def variance_from_sums(sq, n, mean, dtype):
+    """Column variances from :func:`squared_deviations` over ``n`` rows."""
+    mean = np.asarray(mean, dtype=np.float64)
+    # the rounding of the mean to dtype: E[(x - mu)^2] = var + (mean - mu)^2
+    shift = mean - mean.astype(dtype)
+    return np.maximum(np.asarray(sq) / max(n, 1) - shift * shift, 0.0)
 
 
 def batched_eigh(C, n_jobs=1):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._local_eigen import column_variance, floor_scale_from_variance
+
 
 def abs_correlation(X):
     """|Pearson correlation| between the columns of ``X`` (float64).
@@ -20,10 +22,18 @@ def abs_correlation(X):
     dtype is computed in float64.
     """
     X = np.asarray(X)
+    return abs_correlation_from_gram(centred_gram(X, X.mean(axis=0, dtype=np.float64)))
+
+
+def centred_gram(X, mean):
+    """``(X - mean).T @ (X - mean)`` as float64, the product taken in float32
+    for float32 data (see :func:`abs_correlation`), else in float64. Summed
+    over row blocks with the global ``mean``, it is the Gram matrix of the
+    whole matrix (to rounding)."""
+    X = np.asarray(X)
     dt = np.float32 if X.dtype == np.float32 else np.float64
-    X = X.astype(dt, copy=False)
-    Xc = X - X.mean(axis=0, dtype=np.float64).astype(dt)
-    return abs_correlation_from_gram((Xc.T @ Xc).astype(np.float64, copy=False))
+    Xc = X.astype(dt, copy=False) - np.asarray(mean, dtype=np.float64).astype(dt)
+    return (Xc.T @ Xc).astype(np.float64, copy=False)
 
 
 def abs_correlation_from_gram(G):
@@ -83,6 +93,47 @@ def feature_order(X, set_size, reorder):
     if reorder == "none" or d <= 2:
         return np.arange(d, dtype=np.int64)
     return greedy_order(abs_correlation(X), set_size)
+
+
+def needs_order(n_features, set_size, reorder):
+    """Whether the fit re-orders the columns: the greedy order with more
+    than two columns and more than one set (one set holding every feature
+    scores alike in any order)."""
+    return reorder != "none" and n_features > 2 and set_size < n_features
+
+
+def grid_statistics(X, set_size, reorder):
+    """The column statistics :func:`grid_from_statistics` needs, from the
+    whole training matrix: the centred Gram matrix (None when the columns
+    keep their order) and the column variances, float64."""
+    gram = None
+    if needs_order(X.shape[1], set_size, reorder):
+        gram = centred_gram(X, X.mean(axis=0, dtype=np.float64))
+    return gram, column_variance(X)
+
+
+def grid_from_statistics(gram, var, set_size, reorder, eig_floor, dtype):
+    """The layout of a fit: ``(feature_order, set_sizes, eig_floor_)``.
+
+    ``gram`` and ``var`` are the training columns' centred Gram matrix and
+    variances (in the input's column order; from one matrix, or summed over
+    row partitions), ``set_size`` the resolved L, ``eig_floor`` the
+    relative floor. The absolute floor of a set is the relative one times
+    the mean variance of its features, so that duplicates, constant
+    columns, K' <= L or low-rank data give finite scores and a uniform
+    rescaling of the data leaves every score unchanged; 10 machine epsilons
+    of ``dtype`` at least, so that ``eig_floor=0`` stays finite.
+    """
+    var = np.asarray(var, dtype=np.float64)
+    d = len(var)
+    if needs_order(d, set_size, reorder):
+        order = greedy_order(abs_correlation_from_gram(gram), set_size)
+    else:
+        order = np.arange(d, dtype=np.int64)
+    sizes = set_sizes(d, set_size)
+    rel = max(float(eig_floor), 10 * np.finfo(dtype).eps)
+    floors = (rel * floor_scale_from_variance(var[order], sizes, set_size)).astype(dtype)
+    return order, sizes, floors
 
 
 def set_sizes(n_features, set_size):

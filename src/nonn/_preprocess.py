@@ -39,15 +39,61 @@ def fit_whitening(X, strength):
     X64 = np.asarray(X, dtype=np.float64)
     mean = X64.mean(axis=0)
     C, _ = ledoit_wolf(X64 - mean, assume_centered=True)
+    return whitening_matrix(mean, C, strength, X.dtype)
+
+
+def whitening_matrix(mean, C, strength, dtype):
+    """:func:`fit_whitening`'s ``(mean, W)`` in ``dtype`` from the training
+    mean and Ledoit-Wolf covariance ``C`` (float64)."""
+    mean = np.asarray(mean, dtype=np.float64)
     d = C.shape[0]
     iso = np.trace(C) / d
     if not iso > 0:  # constant data: nothing to whiten
-        return mean.astype(X.dtype), np.eye(d, dtype=X.dtype)
+        return mean.astype(dtype), np.eye(d, dtype=dtype)
     S = strength * C + (1.0 - strength) * iso * np.eye(d)
     e, V = np.linalg.eigh(S)
     e = np.maximum(e, iso * 1e-12)
     W = (V * (np.sqrt(iso) / np.sqrt(e))) @ V.T
-    return mean.astype(X.dtype), W.astype(X.dtype)
+    return mean.astype(dtype), W.astype(dtype)
+
+
+def whitening_moments(X, mean, block=4096):
+    """A row block's share of the sums behind the Ledoit-Wolf covariance,
+    about the global ``mean`` (float64): the Gram matrix of the centred
+    rows and the sum of their squared norms squared. Summed over row
+    partitions they give :func:`ledoit_wolf_from_moments` the whole
+    matrix's estimate."""
+    mean = np.asarray(mean, dtype=np.float64)
+    gram = np.zeros((X.shape[1], X.shape[1]))
+    norm4 = 0.0
+    for start in range(0, X.shape[0], block):  # a float64 copy of one block
+        Xc = np.asarray(X[start:start + block], dtype=np.float64) - mean
+        norms = np.einsum("ij,ij->i", Xc, Xc)
+        gram += Xc.T @ Xc
+        norm4 += float(norms @ norms)
+    return gram, norm4
+
+
+def ledoit_wolf_from_moments(n, gram, norm4):
+    """``sklearn.covariance.ledoit_wolf`` of ``n`` centred rows from their
+    Gram matrix ``gram`` and ``norm4`` (the sum over rows of the squared
+    norm squared; see :func:`whitening_moments`): scikit-learn's formula,
+    whose ``sum((X**2).T @ X**2)`` is that sum. Returns ``(C, shrinkage)``."""
+    gram = np.asarray(gram, dtype=np.float64)
+    d = gram.shape[0]
+    emp = gram / n
+    if d == 1:  # one feature: every shrinkage gives the same covariance
+        return emp, 0.0
+    trace = np.diag(emp)
+    mu = trace.sum() / d
+    delta_ = float(np.sum(gram ** 2)) / n ** 2
+    beta = 1.0 / (d * n) * (norm4 / n - delta_)
+    delta = (delta_ - 2.0 * mu * trace.sum() + d * mu ** 2) / d
+    beta = min(beta, delta)
+    shrinkage = 0.0 if beta == 0 else beta / delta
+    C = (1.0 - shrinkage) * emp
+    C.flat[:: d + 1] += shrinkage * mu
+    return C, shrinkage
 
 
 def whiten(X, mean, W):

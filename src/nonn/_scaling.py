@@ -62,25 +62,13 @@ def fit_column_scaling(X, method, working_memory=None):
     center, factor : ndarray of shape (n_features,), float64
         ``factor`` is positive and finite; a constant column gets 1.
     """
-    from sklearn.preprocessing import MinMaxScaler, RobustScaler, StandardScaler
+    from sklearn.preprocessing import RobustScaler
 
     n, d = X.shape
-    top = np.maximum(np.abs(X.max(axis=0)), np.abs(X.min(axis=0))).astype(np.float64)
-    unit = _pow2_at_most(top)
+    unit = column_units(X.max(axis=0), X.min(axis=0))
     if method in ("standard", "minmax"):
-        scaler = StandardScaler() if method == "standard" else MinMaxScaler()
-        for rows in _row_chunks(n, d, working_memory):
-            scaler.partial_fit(X[rows].astype(np.float64) / unit)
-        if method == "standard":
-            center, factor = scaler.mean_, scaler.scale_
-            # where StandardScaler found a constant column it put 1 for the
-            # standard deviation
-            constant = scaler.scale_ != np.sqrt(scaler.var_)
-        else:
-            # MinMaxScaler's rule for a constant column (its
-            # _handle_zeros_in_scale): a range under 10 machine epsilons
-            center, factor = scaler.data_min_, scaler.data_range_
-            constant = factor < 10 * np.finfo(np.float64).eps
+        center, factor, constant = scaler_statistics(
+            method, partial_scaler(X, method, unit, working_memory))
     elif method == "robust":
         # RobustScaler has no partial_fit; its quantiles are per column, so
         # blocks of columns bound the memory instead of blocks of rows
@@ -99,6 +87,70 @@ def fit_column_scaling(X, method, working_memory=None):
                 constant[j + i] = (q[1] - q[0]) != 1.0
     else:  # pragma: no cover - the estimators validate the option first
         raise ValueError(f"Unknown scale {method!r}; expected one of {SCALINGS}.")
+    return scaling_from_statistics(method, center, factor, constant, unit)
+
+
+def column_units(maxima, minima):
+    """Per column, the power of two near its largest magnitude (from its
+    largest and smallest values) that the statistics are learned in."""
+    top = np.maximum(np.abs(np.asarray(maxima)), np.abs(np.asarray(minima)))
+    return _pow2_at_most(top.astype(np.float64))
+
+
+def partial_scaler(X, method, unit, working_memory=None):
+    """scikit-learn's StandardScaler or MinMaxScaler (``method``) fitted on
+    ``X / unit``, in row chunks (a float64 copy of one chunk at a time)."""
+    from sklearn.preprocessing import MinMaxScaler, StandardScaler
+
+    scaler = StandardScaler() if method == "standard" else MinMaxScaler()
+    for rows in _row_chunks(X.shape[0], X.shape[1], working_memory):
+        scaler.partial_fit(X[rows].astype(np.float64) / unit)
+    return scaler
+
+
+def scaler_statistics(method, scaler):
+    """``(center, factor, constant)`` in units of a fitted StandardScaler or
+    MinMaxScaler (``method``)."""
+    if method == "standard":
+        # where StandardScaler found a constant column it put 1 for the
+        # standard deviation
+        return scaler.mean_, scaler.scale_, scaler.scale_ != np.sqrt(scaler.var_)
+    # MinMaxScaler's rule for a constant column (its _handle_zeros_in_scale):
+    # a range under 10 machine epsilons
+    return scaler.data_min_, scaler.data_range_, scaler.data_range_ < 10 * np.finfo(
+        np.float64).eps
+
+
+def merged_scaler_statistics(method, scalers):
+    """:func:`scaler_statistics` of the scalers of row partitions (fitted by
+    :func:`partial_scaler` in the same units), merged: the minima and
+    maxima as they are; means and variances by the pairwise update of
+    Chan, Golub and LeVeque, and a column is constant by StandardScaler's
+    own rule (a variance within the error bound of its computation)."""
+    if method == "minmax":
+        lo = np.min([s.data_min_ for s in scalers], axis=0)
+        hi = np.max([s.data_max_ for s in scalers], axis=0)
+        rng = hi - lo
+        return lo, rng, rng < 10 * np.finfo(np.float64).eps
+    n, mean, m2 = 0, 0.0, 0.0
+    for s in scalers:
+        nb = int(s.n_samples_seen_ if np.ndim(s.n_samples_seen_) == 0
+                 else s.n_samples_seen_[0])
+        total = n + nb
+        delta = s.mean_ - mean
+        mean = mean + delta * (nb / total)
+        m2 = m2 + s.var_ * nb + delta * delta * (n * nb / total)
+        n = total
+    var = m2 / n
+    eps = np.finfo(np.float64).eps
+    constant = var <= n * eps * var + (n * mean * eps) ** 2
+    return mean, np.where(constant, 1.0, np.sqrt(var)), constant
+
+
+def scaling_from_statistics(method, center, factor, constant, unit):
+    """The stored ``(center, factor)`` from statistics learned in ``unit``s
+    (a constant column gets the factor 1); a ValueError when they cannot be
+    represented."""
     center = np.asarray(center, dtype=np.float64) * unit
     # a constant column keeps its units (factor 1, as the scalers do): its
     # training rows become 0 and a query's deviation is left as it is

@@ -378,9 +378,10 @@ def _cmd_fit(args):
         raise ValueError(f"--cluster fits --detector knnn only; got --detector {args.detector}. "
                          "Drop --cluster to fit it on this machine.")
     params = _fit_params(args, cls)
-    if cluster is not None and params.get("scale") is not None:
-        raise ValueError("--cluster does not support --scale yet: scale the data before "
-                         "fitting, or drop --cluster to fit on this machine.")
+    if cluster is not None and params.get("scale") == "robust":
+        raise ValueError("--cluster does not support --scale robust (its medians need every "
+                         "row in one place): use --scale standard or minmax, or drop "
+                         "--cluster to fit on this machine.")
     # Fail before the (possibly long) fit, not after it.
     _io.check_output_folder(args.output)
     _io.check_not_an_input(args.output, {"TRAIN": args.train})
@@ -575,10 +576,6 @@ def _score_on_cluster(args, cluster):
     if type(model) is not KNNN:
         raise ValueError(f"--cluster scores KNNN models; {args.model!r} holds a "
                          f"{type(model).__name__}. Drop --cluster to score it here.")
-    if getattr(model, "scale_center_", None) is not None:
-        raise ValueError(f"--cluster does not support models fitted with --scale yet; "
-                         f"{args.model!r} has scale={model.scale!r}. Drop --cluster to "
-                         "score it here.")
     if _io.is_shard_folder(args.queries):
         Q = read_shards(args.queries, key=args.key)
     else:

@@ -1,26 +1,40 @@
 """``DistributedKNNN``: the k-NNN estimator on a Dask cluster.
 
 Fit, with the training rows partitioned across the workers (partition ``j``
-owns the global rows ``[lo_j, hi_j)``):
+owns the global rows ``[lo_j, hi_j)``), runs ``KNNN.fit``'s steps, each
+step's statistics summed over the partitions in a tree and handed to the
+core's own function:
 
-1. global statistics in two passes over the partitions (column sums, then
-   the centred Gram matrix and squared deviations), summed in a tree: the
-   feature order, the sets and the eigenvalue floor, as ``KNNN`` computes
-   them from the whole matrix;
-2. each partition, re-ordered onto the grid, is indexed on its worker by the
-   chosen backend (:class:`~nonn.distributed._tasks.ShardIndex`);
-3. the training k-NN graph by sharded search: every partition's rows are
+1. the input transforms: the power-of-two working scale
+   (:func:`nonn._data_scale.choose_exponent`), unit rows, and the global
+   whitening from the Ledoit-Wolf covariance of the partition sums
+   (:func:`nonn._preprocess.ledoit_wolf_from_moments`), applied block by
+   block;
+2. the counts (:func:`nonn._knnn.resolve_counts`, after ``KNNN``'s
+   label-free selection of "auto" values on a sample) and the layout:
+   feature order, sets and eigenvalue floors from the column sums, centred
+   Gram matrix and squared deviations
+   (:func:`nonn._partition.grid_from_statistics`);
+3. each partition, on the grid, is indexed on its worker by the chosen
+   backend (:class:`~nonn.distributed._tasks.ShardIndex`);
+4. the training k-NN graph by sharded search: every partition's rows are
    searched in every shard (their own shard excluding each point by index)
-   and the per-shard top-K' lists are merged exactly (distance, then id);
-4. the neighbourhood eigen-state, partition by partition where the data
-   lives: each partition gathers its neighbourhoods' rows from the others;
-5. the leave-one-out scores and the threshold ``offset_`` (an exact
-   percentile from the partitions' lower tails).
+   and the per-shard lists are merged exactly (distance, then id);
+5. each partition gathers the rows its points' neighbourhoods read (its
+   *halo*, :class:`~nonn.distributed._tasks.Halo`) and computes their
+   eigen-state where its data live;
+6. the held-out scores of the calibration rows
+   (:func:`nonn._knnn.calibration_rows`): each (row, neighbour) pair is
+   scored on the neighbour's partition, with the neighbour's neighbourhood
+   without the row (:func:`nonn._knnn.held_out_groups`), and the threshold
+   is the core's (:meth:`nonn._base.BaseDetector._fit_threshold`).
 
-Scoring a query block searches every shard, merges the k nearest, and
-evaluates Eq. 2 of each (query, neighbour) pair on the worker that holds the
-neighbour's eigen-state: the query row travels, not the eigen-state (L + 1
-times larger). The per-neighbour sums are then aggregated per query.
+Scoring a query block runs ``KNNN``'s query transforms on a worker, searches
+every shard, merges the k nearest, and evaluates Eq. 2 of each (query,
+neighbour) pair on the worker that holds the neighbour's eigen-state: the
+query row travels, not the eigen-state. In the dual form (L > K') that
+worker also holds the rows of the neighbour's neighbourhood (the halo kept
+after the fit). The per-neighbour sums are then aggregated per query.
 
 All state stays on the cluster (persisted); the fitted arrays are exposed
 as dask arrays under ``KNNN``'s attribute names. :meth:`to_knnn` gathers a
@@ -40,24 +54,44 @@ import weakref
 import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
-from .. import _data_scale, _knnn, _local_eigen, _partition
-from .._base import cap, resolve_n_jobs
+from .. import _data_scale
+from .._base import conformal_pvalues, resolve_floor, resolve_n_jobs, resolve_transforms
+from .._eq2 import DUAL, eigen_form, eigen_width
 from .._io import _umask
-from .._knnn import KNNN
+from .._knnn import KNNN, calibration_rows, resolve_counts, search_width
+from .._local_eigen import permute, variance_from_sums
+from .._partition import grid_from_statistics, needs_order
+from .._preprocess import l2_rows, ledoit_wolf_from_moments, whiten, whitening_matrix
+from .._preprocess import whitening_moments
+from .._scaling import (
+    apply_column_scaling,
+    column_units,
+    merged_scaler_statistics,
+    partial_scaler,
+    scaling_from_statistics,
+)
 from .._validation import check_array_input
 from ..neighbors import resolve_backend
 from . import _tasks
 
 #: rows the label-free selection of "auto" parameters sees (on the client)
 _AUTO_MAX_ROWS = 100_000
-#: partitions merged per task of a reduction tree (Gram sums, top-k merges,
-#: threshold tails): bounds a task's inputs while keeping the tree shallow.
+#: partitions merged per task of a reduction tree (Gram sums, top-k merges):
+#: bounds a task's inputs while keeping the tree shallow.
 _FANIN = 8
+#: per-row arrays of a fitted KNNN, kept on the cluster (chunked by
+#: partition); the rest of its state is small and kept on the client
+_ROW_ARRAYS = ("_fit_X", "neighborhoods_", "eigenvalues_", "eigenvectors_")
+#: the fitted input transforms and layout a query goes through
+_TRANSFORM_STATE = ("scale_center_", "scale_factor_", "data_scale_exponent_", "normalize_",
+                    "whiten_", "whiten_mean_", "whiten_matrix_", "feature_order_")
 
 
-_NO_SCALE = ("DistributedKNNN does not support the 'scale' option yet: scale the data "
-             "before fitting (for example with dask-ml's StandardScaler), or fit and score "
-             "a KNNN with scale on one machine.")
+_NO_ROBUST = ("DistributedKNNN does not support scale='robust': its medians and quartiles "
+              "need every row of a column in one place. Use scale='standard' or "
+              "scale='minmax', scale the data before fitting, or fit a KNNN with "
+              "scale='robust' on one machine (DistributedKNNN.from_knnn can then score "
+              "with it on the cluster).")
 
 
 def _close(resources):
@@ -86,8 +120,22 @@ class DistributedKNNN(KNNN):
 
     Takes every parameter of :class:`~nonn.KNNN` (same names, defaults and
     meaning) plus ``client``. With an exact backend the scores, the
-    leave-one-out training scores and ``offset_`` equal a ``KNNN`` fitted on
-    the same data, to float rounding.
+    held-out calibration scores (``train_scores_``, ``calibration_rows_``,
+    ``calibration_scores_``) and ``offset_`` equal a ``KNNN`` fitted on the
+    same data, to float rounding. ``scale="robust"`` is not supported by
+    ``fit`` (a fitted ``KNNN`` with it can be spread by :meth:`from_knnn`).
+
+    Memory on the workers, per training row (itemsize ``b``, D features in
+    S sets of L, neighbourhoods of K'): the grid row (D·b) and its share of
+    the index; K' int64 neighbourhood ids; the eigen-state, S·L·(L + 1)·b
+    in the primal form (L <= K'), S·K'·(K' + 1)·b in the dual form (L > K',
+    including ``set_size="all"``). The dual form also keeps each
+    partition's halo: the rows its points' neighbourhoods (and one more
+    nearest row each) read, at most min(K' + 1, N / rows per partition)
+    grid rows per row of the partition, in practice far fewer (shared
+    neighbours), plus (K' + 1) int64 local ids per row. ``memory="lean"``
+    keeps the eigen-state on the cluster too (only the model file is
+    lean).
 
     Parameters
     ----------
@@ -115,8 +163,10 @@ class DistributedKNNN(KNNN):
         ``client_``'s cluster: compute them there
         (``det.client_.compute(a, sync=True)``, or ``a.compute()`` while it
         is the default client).
-    train_scores_ : ndarray or dask array
-        Leave-one-out ``score_samples``: numpy when fitted on numpy.
+    train_scores_, calibration_rows_, calibration_scores_ : ndarray
+        As in ``KNNN`` (at most ``nonn._knnn.CALIBRATION_ROWS`` values
+        after ``fit``; every training row after ``fit_predict``), on the
+        client.
     Others as :class:`~nonn.KNNN` (numpy, on the client).
 
     Examples
@@ -239,81 +289,57 @@ class DistributedKNNN(KNNN):
         array-like) on the cluster; returns ``self``. All work is done (and
         its result persisted on the workers) when this returns; a failure
         raises and leaves no fitted state behind."""
-        import dask
-        import dask.array as da
         from distributed import futures_of, wait
 
         self._check_params()
-        if self.scale is not None:
-            raise ValueError(_NO_SCALE)
-        for name in ("offset_", "eigenvalues_"):
+        if self.scale == "robust":
+            raise ValueError(_NO_ROBUST)
+        for name in ("offset_", "eigenvalues_", "eigenvectors_", "whiten_mean_",
+                     "whiten_matrix_", "scale_center_", "scale_factor_"):
             self.__dict__.pop(name, None)
         client = self._connect()
         X, dtype, was_numpy = self._as_dask(X, reset=True)
         n, d = X.shape
         self.n_jobs_ = resolve_n_jobs(self.n_jobs)
         self.dtype_ = dtype
-        bounds = np.concatenate([[0], np.cumsum(X.chunks[0])]).astype(np.int64)
-        P = len(X.chunks[0])
-        self.partition_bounds_ = bounds
-        self.n_partitions_ = P
-        delayed = dask.delayed
+        chunks = [int(c) for c in X.chunks[0]]
+        bounds = np.concatenate([[0], np.cumsum(chunks)]).astype(np.int64)
+        P = len(chunks)
 
-        # 1. validated blocks (read once, spread over the workers), global
-        # statistics -> the grid
+        # 1. validated blocks (read once, spread over the workers), then the
+        # input transforms, fitted from partition sums and applied per block
         workers = sorted(client.scheduler_info().get("workers", {})) or [None]
         where = [workers[j % len(workers)] for j in range(P)]
-        raw = []
-        for j, b in enumerate(X.to_delayed().ravel()):
-            with _on(where, j):
-                raw.append(delayed(_tasks.clean_block, pure=True)(b, dtype))
-        raw = client.persist(raw)
-        # the power-of-two working scale, from the partitions' statistics as
-        # KNNN computes it from the whole matrix; the statistics below and
-        # everything after see the scaled blocks, as KNNN's fit does
-        exponent = self._fit_exponent(client, raw, where, n * d)
-        if exponent:
-            raw = client.persist([_at(where, j, _data_scale.scale, b, exponent,
-                                      "The training data") for j, b in enumerate(raw)])
+        raw = client.persist([_at(where, j, _tasks.clean_block, b, dtype)
+                              for j, b in enumerate(X.to_delayed().ravel())])
+        blocks, transforms = self._fit_transforms(client, raw, where, n, d, dtype)
+        del raw
         # from now on each partition's work goes where its rows are (a soft
         # preference: a lost worker's partitions are recomputed elsewhere)
-        where = _holders(client, raw, where)
-        chosen, auto_params_, auto_table_ = self._choose(client, raw, X.chunks[0], d)
-        n_neighbors_ = cap(chosen["n_neighbors"], n - 1, "n_neighbors",
-                           "the number of other training points")
-        Kp = cap(chosen["n_neighbors_of_neighbors"], n, "n_neighbors_of_neighbors",
-                 "the number of training points")
-        sums = _tree([_at(where, j, _tasks.column_sums, b) for j, b in enumerate(raw)],
-                     _tasks.add)
-        total, count = client.compute(sums).result()
+        where = _holders(client, blocks, where)
+
+        # 2. counts and layout, by the core's rules from the partition sums
+        k, Kp, L = resolve_counts(n, d, self._choose(client, blocks, chunks, d))
+        rel = resolve_floor(self.eig_floor, d)
+        total, count = client.compute(_tree([_at(where, j, _tasks.column_sums, b)
+                                             for j, b in enumerate(blocks)], _tasks.add),
+                                      sync=True)
         mean = total / count
-        set_size_ = cap(chosen["set_size"], d, "set_size", "the number of features")
-        need_gram = self.reorder != "none" and d > 2
-        moments = _tree([_at(where, j, _tasks.centred_moments, b, mean, need_gram)
-                         for j, b in enumerate(raw)], _tasks.add)
-        gram, sq = client.compute(moments).result()
-        order = (_partition.greedy_order(_partition.abs_correlation_from_gram(gram), set_size_)
-                 if need_gram else np.arange(d, dtype=np.int64))
-        var = _variance(sq, count, mean, dtype)[order]
-        sizes = _partition.set_sizes(d, set_size_)
-        rel = max(float(chosen["eig_floor"]), 10 * np.finfo(dtype).eps)
-        eig_floor_ = (rel * _local_eigen.floor_scale_from_variance(var, sizes, set_size_)
-                      ).astype(dtype)
+        gram, sq = client.compute(
+            _tree([_at(where, j, _tasks.grid_moments, b, mean, needs_order(d, L, self.reorder))
+                   for j, b in enumerate(blocks)], _tasks.add), sync=True)
+        order, sizes, floor = grid_from_statistics(
+            gram, variance_from_sums(sq, count, mean, dtype), L, self.reorder, rel, dtype)
 
-        # 2. the grid and one index per partition
-        Xg = [_at(where, j, _tasks.permute, b, order) for j, b in enumerate(raw)]
+        # 3. the grid and one index per partition
+        Xg = [_at(where, j, permute, b, order) for j, b in enumerate(blocks)]
         backend = resolve_backend(self.backend, n, d)
-        params = dict(self.backend_params or {})
-        params.setdefault("working_memory", self.working_memory)
-        params.setdefault("verbose", False)
-        n_jobs = params.pop("n_jobs", self.n_jobs)
-        index = [_at(where, j, _tasks.ShardIndex, Xg[j], bounds[j], backend, self.metric, params,
-                     n_jobs) for j in range(P)]
+        index = self._indexes(where, Xg, bounds, backend)
         Xg, index = _persist(client, Xg, index)
-        del raw, sums, moments
+        del blocks
 
-        # 3. the training k-NN graph, by sharded search and exact merges
-        m = max(Kp - 1, n_neighbors_)
+        # 4. the training k-NN graph, by sharded search and exact merges
+        m = search_width(n, k, Kp)
         others = []
         for i in range(P):
             # the rows of partition i travel to every index
@@ -322,63 +348,105 @@ class DistributedKNNN(KNNN):
             with _on(where, i):
                 merged = _tree(parts, _tasks.merge_topk, m)
             others.append(_at(where, i, _tasks.merged_ids, merged, m, m))
-        groups = [_at(where, i, _tasks.neighbourhoods, others[i], bounds[i], Kp)
+        groups = [_at(where, i, _tasks.partition_neighborhoods, others[i], bounds[i], Kp)
                   for i in range(P)]
 
-        # 4. eigen-state where the data lives, from the gathered rows
-        evals, evecs = _eigen_blocks(where, Xg, groups, bounds, sizes, set_size_, self.n_jobs,
-                                     self.working_memory)
-        groups, evals, evecs = _persist(client, groups, evals, evecs)
-
-        # 5. leave-one-out scores (a point is not its own neighbour)
-        state = dict(Xg=Xg, evals=evals, evecs=evecs, bounds=bounds, sizes=sizes,
-                     floor=eig_floor_, k=n_neighbors_, where=where)
-        loo_ids = [_at(where, i, _tasks.first_columns, o, n_neighbors_)
-                   for i, o in enumerate(others)]
-        loo = self._score_blocks(state, Xg, loo_ids, [int(c) for c in X.chunks[0]], where)
-        train = [_at(where, i, _tasks.negate, s) for i, s in enumerate(loo)]
-        (train,) = _persist(client, train)
-        futures = futures_of(Xg + index + groups + evals + evecs + train)
+        # 5. each partition's halo (its neighbourhoods' rows and one more
+        # nearest row each, for the held-out scores) and eigen-state
+        wide = [_at(where, i, _tasks.halo_ids, others[i], bounds[i], min(m, Kp))
+                for i in range(P)]
+        halos = _halo_blocks(where, Xg, wide, bounds)
+        evals, evecs = self._eigen_blocks(where, halos, Kp, sizes, L)
+        # the graph too (until the held-out scores): else their search reruns
+        others, groups, halos, evals, evecs = _persist(client, others, groups, halos, evals,
+                                                       evecs)
+        futures = futures_of(Xg + index + others + groups + halos + evals + evecs)
         wait(futures)
         # a failed partition surfaces here, before any fitted state is set
         for fut in futures:
             if fut.status != "finished":
                 fut.result()
 
-        contamination_ = 0.01 if self.contamination == "auto" else float(self.contamination)
-        offset_ = _exact_percentile(client, train, n, 100.0 * contamination_)
+        # 6. held-out scores of the calibration rows
+        rows = calibration_rows(n, getattr(self, "_calibrate_all", False))
+        state = dict(Xg=Xg, evals=evals, evecs=evecs, bounds=bounds, sizes=sizes,
+                     set_size=L, floor=floor, k=k, where=where,
+                     halos=halos if eigen_form(L, Kp) == DUAL else [None] * P)
+        held = self._held_out(client, state, others, halos, rows, Kp)
+        del others
 
         # fitted state (only now, so that a failed fit leaves none)
-        chunks = X.chunks[0]
-        S, L = len(sizes), set_size_
+        S, r = len(sizes), eigen_width(L, Kp)
 
         def stack(blocks, tail, dt):
-            return da.concatenate([da.from_delayed(b, (c,) + tail, dtype=dt)
-                                   for b, c in zip(blocks, chunks)])
+            return _stack(blocks, chunks, tail, dt)
 
-        self.data_scale_exponent_ = exponent
-        self.n_neighbors_ = n_neighbors_
-        self.eig_floor_rel_ = float(chosen["eig_floor"])
-        self.auto_params_ = auto_params_
-        self.auto_table_ = auto_table_
+        for name, value in transforms.items():
+            setattr(self, name, value)
+        self.n_neighbors_ = k
         self.n_neighbors_of_neighbors_ = Kp
-        self.set_size_ = set_size_
+        self.eig_floor_rel_ = rel
+        self.set_size_ = L
         self.feature_order_ = order
         self.set_sizes_ = sizes
-        self.eig_floor_ = eig_floor_
+        self.eig_floor_ = floor
         self.backend_ = backend
+        self.n_partitions_ = P
+        self.partition_bounds_ = bounds
         self._fit_X = stack(Xg, (d,), dtype)
         self._index = index
         self._shards = state
         self.neighborhoods_ = stack(groups, (Kp,), np.int64)
-        self.eigenvalues_ = stack(evals, (S, L), dtype)
-        self.eigenvectors_ = stack(evecs, (S, L, L), dtype)
-        train_scores = stack(train, (), dtype)
-        self.train_scores_ = client.compute(train_scores).result() if was_numpy else train_scores
-        self.contamination_ = contamination_
-        self.offset_ = offset_
-        self.threshold_source_ = "training (leave-one-out)"
+        self.eigenvalues_ = stack(evals, (S, r), dtype)
+        self.eigenvectors_ = stack(evecs, (S, r, r), dtype)
+        self.calibration_rows_ = rows
+        self._fit_threshold(held, n)  # sets offset_: the fit is complete
         return self
+
+    def _fit_transforms(self, client, blocks, where, n, d, dtype):
+        """``KNNN``'s input transforms (see ``BaseDetector._fit_preprocess``)
+        fitted from partition statistics: ``(transformed blocks, fitted
+        attributes)``. Each stage that changes the data persists its blocks."""
+        fitted = {}
+        if self.scale is not None:  # column scaling: scikit-learn's scalers, merged
+            mx, mn = client.compute(_tree([_at(where, j, _tasks.column_extremes, b)
+                                           for j, b in enumerate(blocks)],
+                                          _tasks.merge_extremes), sync=True)
+            unit = column_units(mx, mn)
+            scalers = client.compute([_at(where, j, partial_scaler, b, self.scale, unit,
+                                          self.working_memory)
+                                      for j, b in enumerate(blocks)], sync=True)
+            center, factor = scaling_from_statistics(
+                self.scale, *merged_scaler_statistics(self.scale, scalers), unit)
+            blocks = client.persist([_at(where, j, apply_column_scaling, b, center, factor,
+                                         self.working_memory) for j, b in enumerate(blocks)])
+            fitted.update(scale_center_=center, scale_factor_=factor)
+        exponent = self._fit_exponent(client, blocks, where, n * d)
+        if exponent:
+            blocks = client.persist([_at(where, j, _data_scale.scale, b, exponent,
+                                         "The training data") for j, b in enumerate(blocks)])
+        normalize_, whiten_ = resolve_transforms(self.normalize, self.whiten, d)
+        fitted.update(data_scale_exponent_=exponent, normalize_=normalize_, whiten_=whiten_)
+        if normalize_ == "l2":
+            blocks = client.persist([_at(where, j, l2_rows, b) for j, b in enumerate(blocks)])
+        if self.whiten != 0:
+            if whiten_:
+                total, count = client.compute(_tree([_at(where, j, _tasks.column_sums, b)
+                                                     for j, b in enumerate(blocks)],
+                                                    _tasks.add), sync=True)
+                mean = total / count
+                gram, norm4 = client.compute(_tree([_at(where, j, whitening_moments, b, mean)
+                                                    for j, b in enumerate(blocks)],
+                                                   _tasks.add), sync=True)
+                cov, _ = ledoit_wolf_from_moments(count, gram, norm4)
+                mu, W = whitening_matrix(mean, cov, whiten_, dtype)
+                Wd = _literal(W)
+                blocks = client.persist([_at(where, j, whiten, b, mu, Wd)
+                                         for j, b in enumerate(blocks)])
+            else:  # "auto" chose none: the identity (exact), stored alike
+                mu, W = np.zeros(d, dtype=dtype), np.eye(d, dtype=dtype)
+            fitted.update(whiten_mean_=mu, whiten_matrix_=W)
+        return blocks, fitted
 
     @staticmethod
     def _fit_exponent(client, raw, where, count):
@@ -394,81 +462,130 @@ class DistributedKNNN(KNNN):
 
         return _data_scale.choose_exponent(m, count, sum_squares_at)
 
-    def _choose(self, client, raw, chunks, d):
-        """The counts and floor to use: the given ones, or those KNNN's
-        label-free selection picks for "auto" parameters. The selection runs
-        on the client, on all training rows up to ``_AUTO_MAX_ROWS`` (then
-        it picks exactly what ``KNNN`` picks), else on a seeded random sample
-        of that many rows."""
-        grid = getattr(_knnn, "AUTO_GRID", None) or {
-            name: None for name in ("n_neighbors", "n_neighbors_of_neighbors", "set_size",
-                                    "eig_floor")}
-        auto = [name for name in grid if getattr(self, name) == "auto"]
-        if not auto:
-            return {name: getattr(self, name) for name in grid}, None, None
+    def _choose(self, client, blocks, chunks, d):
+        """The counts before capping (``KNNN._resolve_auto``): the given
+        ones, or those KNNN's label-free selection picks for "auto" values.
+        The selection runs on the client, on all (transformed) training rows
+        up to ``_AUTO_MAX_ROWS`` (then it picks exactly what ``KNNN``
+        picks), else on a seeded random sample of that many rows."""
         import dask.array as da
 
+        from .._knnn import AUTO_GRID
+
+        if all(getattr(self, name) != "auto" for name in AUTO_GRID):
+            return self._resolve_auto(None)  # reads no data without "auto" values
         n = int(sum(chunks))
-        Xa = da.concatenate([da.from_delayed(b, (c, d), dtype=self.dtype_)
-                             for b, c in zip(raw, chunks)])
+        Xa = _stack(blocks, chunks, (d,), self.dtype_)
         if n > _AUTO_MAX_ROWS:
             rng = np.random.default_rng(self.random_state)
             Xa = Xa[np.sort(rng.choice(n, _AUTO_MAX_ROWS, replace=False))]
-        Xs = client.compute(Xa, sync=True)
-        chosen, table = self._select_auto(Xs, auto)
-        if "set_size" in auto:  # a chosen size is capped silently, as in KNNN
-            chosen["set_size"] = min(chosen["set_size"], d)
-        return chosen, {name: chosen[name] for name in auto}, table
+        return self._resolve_auto(client.compute(Xa, sync=True))
+
+    def _indexes(self, where, Xg, bounds, backend):
+        params = dict(self.backend_params or {})
+        params.setdefault("working_memory", self.working_memory)
+        params.setdefault("verbose", False)
+        n_jobs = params.pop("n_jobs", self.n_jobs)
+        return [_at(where, j, _tasks.ShardIndex, Xg[j], bounds[j], backend, self.metric, params,
+                    n_jobs) for j in range(len(Xg))]
+
+    def _eigen_blocks(self, where, halos, Kp, sizes, L):
+        """Delayed eigen-state (values, vectors) per partition, from its halo."""
+        import dask
+
+        evals, evecs = [], []
+        for i, halo in enumerate(halos):
+            with _on(where, i):
+                eig = dask.delayed(_tasks.block_eigen, pure=True, nout=2)(
+                    halo, Kp, sizes, L, self.n_jobs, self.working_memory)
+            evals.append(eig[0])
+            evecs.append(eig[1])
+        return evals, evecs
+
+    def _held_out(self, client, state, others, halos, rows, Kp):
+        """``KNNN._held_out_scores`` of the calibration ``rows`` (None: all),
+        as one array in row order: each (row, neighbour) pair is scored on
+        the neighbour's partition, the row travelling to it."""
+        bounds, where, k = state["bounds"], state["where"], state["k"]
+        P = len(bounds) - 1
+        out = []
+        for i in range(P):
+            lo, hi = bounds[i], bounds[i + 1]
+            loc = (np.arange(hi - lo) if rows is None
+                   else rows[(rows >= lo) & (rows < hi)] - lo)
+            if not len(loc):
+                continue
+            cal = _at(where, i, _tasks.calibration_block, state["Xg"][i], others[i], lo, loc, k)
+            parts = []
+            for j in range(P):
+                req = _at(where, i, _tasks.calibration_requests, cal, bounds[j], bounds[j + 1])
+                parts.append(_at(where, j, _tasks.held_out_pair_scores, halos[j], req, Kp,
+                                 state["sizes"], state["set_size"], state["floor"], self.n_jobs,
+                                 self.working_memory))
+            out.append(_at(where, i, _tasks.assemble, len(loc), k, self.aggregate, *parts))
+        # unoptimized: the array optimizer's fusion would drop the tasks'
+        # worker annotations (dask/dask#7036)
+        return np.concatenate(client.compute(out, sync=True, optimize_graph=False))
 
     # ------------------------------------------------------------- scoring
-    def _aggregate(self):
-        # KNNN without an aggregate parameter sums (the paper's Eq. 2)
-        return getattr(self, "aggregate", "sum")
+    def _transform_model(self):
+        """A ``KNNN`` holding only this model's fitted input transforms and
+        feature order: what a query block goes through on a worker."""
+        model = KNNN(**self.knnn_params())
+        for name in _TRANSFORM_STATE:
+            if hasattr(self, name):
+                setattr(model, name, getattr(self, name))
+        return model
 
-    def _score_blocks(self, state, Qg, ids, lengths, qwhere=None):
+    def _query_blocks(self, X):
+        """Delayed grid blocks of the validated dask query array ``X``."""
+        import dask
+
+        transform = _literal(self._transform_model())
+        return [dask.delayed(_tasks.query_grid, pure=True)(b, self.dtype_, transform)
+                for b in X.to_delayed().ravel()]
+
+    def _score_blocks(self, state, Qg, ids, lengths):
         """Delayed anomaly scores of the query blocks ``Qg`` whose neighbours
         are ``ids`` (one (q, k) array per block): Eq. 2 of each pair on the
         neighbour's partition, then aggregated per query."""
         import dask
 
-        delayed = dask.delayed
         bounds = state["bounds"]
         P = len(bounds) - 1
-        how = self._aggregate()
         where = state.get("where")
         out = []
-        for b, (Q, idx) in enumerate(zip(Qg, ids)):
+        for Q, idx, q in zip(Qg, ids, lengths):
             parts = []
             for j in range(P):
-                req = _at(qwhere, b, _tasks.pair_requests, Q, idx, bounds[j], bounds[j + 1])
+                req = dask.delayed(_tasks.pair_requests, pure=True)(Q, idx, bounds[j],
+                                                                   bounds[j + 1])
                 parts.append(_at(where, j, _tasks.pair_scores, state["Xg"][j],
-                                 state["evals"][j], state["evecs"][j], req, state["sizes"],
-                                 state["floor"], self.n_jobs, self.working_memory))
-            out.append(_at(qwhere, b, _tasks.assemble, lengths[b], state["k"], how, *parts))
+                                 state["evals"][j], state["evecs"][j], state["halos"][j], req,
+                                 state["sizes"], state["set_size"], state["floor"], self.n_jobs,
+                                 self.working_memory))
+            out.append(dask.delayed(_tasks.assemble, pure=True)(q, state["k"], self.aggregate,
+                                                                *parts))
         return out
 
     def _lazy_scores(self, X):
         import dask
         import dask.array as da
 
-        delayed = dask.delayed
         P = self.n_partitions_
         k = self.n_neighbors_
-        exponent = self._data_scale_exponent()
-        Qg = [delayed(_scaled_grid, pure=True)(b, self.dtype_, self.feature_order_, exponent)
-              for b in X.to_delayed().ravel()]
+        Qg = self._query_blocks(X)
         ids = []
         where = self._shards.get("where")
         for Q in Qg:
             parts = [_at(where, j, _tasks.shard_search, self._index[j], Q, k) for j in range(P)]
-            ids.append(delayed(_tasks.merged_ids, pure=True)(
+            ids.append(dask.delayed(_tasks.merged_ids, pure=True)(
                 _tree(parts, _tasks.merge_topk, k), k, k))
         lengths = [int(c) for c in X.chunks[0]]
         blocks = self._score_blocks(self._shards, Qg, ids, lengths)
         if not blocks:
             return da.zeros((0,), dtype=self.dtype_)
-        return da.concatenate([da.from_delayed(s, (c,), dtype=self.dtype_)
-                               for s, c in zip(blocks, lengths)])
+        return _stack(blocks, lengths, (), self.dtype_)
 
     def _check_fitted(self):
         check_is_fitted(self, "offset_")
@@ -479,6 +596,34 @@ class DistributedKNNN(KNNN):
                 "it. Fit again, or keep a single-machine model with to_knnn() before close().")
         return client
 
+    def _validate_query(self, X):
+        """The validated query rows as a dask array of row blocks (their
+        input transforms run on the workers, in :meth:`_query_blocks`)."""
+        self._check_fitted()
+        return self._as_dask(X, reset=False)[0]
+
+    def _anomaly_score(self, X):
+        """Scores of a validated dask query array, computed on the cluster
+        and gathered here."""
+        # unoptimized: the array optimizer's low-level fusion would drop the
+        # tasks' worker annotations (dask/dask#7036)
+        return self.client_.compute(self._lazy_scores(X), optimize_graph=False).result()
+
+    def _training_rows(self, X):
+        """Which rows of a validated dask query array are exactly training
+        rows (after the input transforms), checked on each partition."""
+        import dask
+
+        where = self._shards.get("where")
+        out = []
+        for Q in self._query_blocks(X):
+            parts = [_at(where, j, _tasks.training_rows, Q, Xg)
+                     for j, Xg in enumerate(self._shards["Xg"])]
+            out.append(dask.delayed(_tasks.any_of, pure=True)(*parts))
+        if not out:
+            return np.zeros(0, dtype=bool)
+        return np.concatenate(self.client_.compute(out, sync=True, optimize_graph=False))
+
     def anomaly_score(self, X):
         """The paper's anomaly score AS(f) (higher = more anomalous).
 
@@ -488,25 +633,17 @@ class DistributedKNNN(KNNN):
         the placement of the per-partition tasks (dask/dask#7036), and Dask
         may then move a partition's eigen-state to the queries rather than
         the queries to it."""
-        client = self._check_fitted()
+        self._check_fitted()
         Xd, _, was_numpy = self._as_dask(X, reset=False)
-        scores = self._lazy_scores(Xd)
         if not was_numpy:
-            return scores
-        # unoptimized: the array optimizer's low-level fusion would drop the
-        # tasks' worker annotations (dask/dask#7036)
-        return self._to_user_units(client.compute(scores, optimize_graph=False).result())
+            return self._lazy_scores(Xd)
+        return self._to_user_units(self._anomaly_score(Xd))
 
-    def calibrate(self, X_normal, false_alarm_rate=0.01):
-        """As :meth:`nonn.KNNN.calibrate`; a dask ``X_normal`` (held-out
-        normal data, usually small) is scored on the cluster and its scores
-        gathered here for the percentile."""
-        client = self._check_fitted()
-        import dask.array as da
-
-        if isinstance(X_normal, da.Array):
-            X_normal = client.compute(X_normal, sync=True)
-        return super().calibrate(X_normal, false_alarm_rate)
+    def pvalue(self, X):
+        """As :meth:`nonn.KNNN.pvalue`; an ndarray for dask input too (the
+        scores are gathered here)."""
+        scores = self._to_user_units(self._anomaly_score(self._validate_query(X)))
+        return conformal_pvalues(scores, self.calibration_scores_)
 
     def write_scores(self, X, path):
         """Score ``X`` and write the table without gathering it on the client.
@@ -579,26 +716,22 @@ class DistributedKNNN(KNNN):
     def from_knnn(cls, model, client=None, n_partitions=None):
         """Spread a fitted single-machine :class:`~nonn.KNNN` (e.g. one read
         with :func:`nonn.load`) over a cluster, to score large query arrays
-        there. Its state is cut into ``n_partitions`` row partitions (default:
-        one per worker), each indexed on its worker; a ``memory="lean"``
-        model gets its eigen-state computed on the cluster."""
-        import dask
-        import dask.array as da
+        there. Its per-row state is cut into ``n_partitions`` row partitions
+        (default: one per worker), each indexed on its worker; a
+        ``memory="lean"`` model gets its eigen-state computed on the
+        cluster, and a dual-form model (L > K') each partition's halo."""
         from distributed import futures_of, wait
 
         check_is_fitted(model, "offset_")
         if type(model) is not KNNN:
             raise TypeError(f"from_knnn takes a fitted KNNN; got {type(model).__name__}.")
-        if getattr(model, "scale_center_", None) is not None:
-            raise ValueError(_NO_SCALE)
         det = cls(client=client, **model.get_params())
         client = det._connect()
-        n, d = model._fit_X.shape
+        n = model._fit_X.shape[0]
         if n_partitions is None:
             n_partitions = max(len(client.scheduler_info().get("workers", {})), 1)
         rows = max(-(-n // int(n_partitions)), 1)
-        Xd = da.from_array(model._fit_X, chunks=(rows, -1))
-        chunks = Xd.chunks[0]
+        chunks = [min(rows, n - s) for s in range(0, n, rows)]
         bounds = np.concatenate([[0], np.cumsum(chunks)]).astype(np.int64)
         P = len(chunks)
         workers = sorted(client.scheduler_info().get("workers", {})) or [None]
@@ -606,50 +739,47 @@ class DistributedKNNN(KNNN):
 
         def spread(A):
             """Row blocks of ``A`` copied onto their partition's worker."""
-            blocks = da.from_array(A, chunks=(rows,) + A.shape[1:]).to_delayed().ravel()
-            return [_at(where, j, np.ascontiguousarray, blk) for j, blk in enumerate(blocks)]
+            return [_at(where, j, np.ascontiguousarray, A[bounds[j]:bounds[j + 1]])
+                    for j in range(P)]
 
         (Xg,) = _persist(client, spread(model._fit_X))
         where = _holders(client, Xg, where)
-        params = dict(det.backend_params or {})
-        params.setdefault("working_memory", det.working_memory)
-        params.setdefault("verbose", False)
-        n_jobs = params.pop("n_jobs", det.n_jobs)
-        index = [_at(where, j, _tasks.ShardIndex, Xg[j], bounds[j], model.backend_, det.metric,
-                     params, n_jobs) for j in range(P)]
+        index = det._indexes(where, Xg, bounds, model.backend_)
         groups = spread(model.neighborhoods_)
-        if hasattr(model, "eigenvectors_"):
-            evals, evecs = spread(model.eigenvalues_), spread(model.eigenvectors_)
+        Kp, L = model.n_neighbors_of_neighbors_, model.set_size_
+        dual = eigen_form(L, Kp) == DUAL
+        lean = not hasattr(model, "eigenvectors_")
+        halos = _halo_blocks(where, Xg, groups, bounds) if dual or lean else [None] * P
+        if lean:
+            evals, evecs = det._eigen_blocks(where, halos, Kp, model.set_sizes_, L)
         else:
-            evals, evecs = _eigen_blocks(where, Xg, groups, bounds, model.set_sizes_,
-                                         model.set_size_, det.n_jobs, det.working_memory)
+            evals, evecs = spread(model.eigenvalues_), spread(model.eigenvectors_)
+        if not dual:
+            halos = [None] * P
         index, groups, evals, evecs = _persist(client, index, groups, evals, evecs)
-        wait(futures_of(Xg + index + groups + evals + evecs))
-        for name in KNNN._state_scalars:
-            setattr(det, name, getattr(model, name, None))
-        # a model saved before the working scale existed was fitted unscaled
-        det.data_scale_exponent_ = model._data_scale_exponent()
-        for name in ("n_features_in_", "dtype_", "feature_order_", "set_sizes_", "eig_floor_",
-                     "train_scores_", "auto_table_"):
+        if dual:
+            (halos,) = _persist(client, halos)
+        wait(futures_of(Xg + index + groups + evals + evecs + (halos if dual else [])))
+        params = model.get_params()
+        small = [a for a in KNNN._state_arrays_for(params) if a not in _ROW_ARRAYS]
+        for name in small + list(KNNN._state_scalars) + [
+                "n_features_in_", "dtype_", "auto_table_", "feature_names_in_"]:
             if hasattr(model, name):
                 setattr(det, name, getattr(model, name))
+        # a model saved before the working scale existed was fitted unscaled
+        det.data_scale_exponent_ = model._data_scale_exponent()
         det.n_jobs_ = resolve_n_jobs(det.n_jobs)
         det.n_partitions_ = P
         det.partition_bounds_ = bounds
         det._index = index
-        det._shards = dict(Xg=Xg, evals=evals, evecs=evecs, bounds=bounds,
-                           sizes=model.set_sizes_, floor=model.eig_floor_, k=model.n_neighbors_,
-                           where=where)
-        S, L = len(model.set_sizes_), model.set_size_
-
-        def stack(blocks, tail, dt):
-            return da.concatenate([da.from_delayed(b, (c,) + tail, dtype=dt)
-                                   for b, c in zip(blocks, chunks)])
-
-        det._fit_X = stack(Xg, (d,), model.dtype_)
-        det.neighborhoods_ = stack(groups, (model.neighborhoods_.shape[1],), np.int64)
-        det.eigenvalues_ = stack(evals, (S, L), model.dtype_)
-        det.eigenvectors_ = stack(evecs, (S, L, L), model.dtype_)
+        det._shards = dict(Xg=Xg, evals=evals, evecs=evecs, halos=halos, bounds=bounds,
+                           sizes=model.set_sizes_, set_size=L, floor=model.eig_floor_,
+                           k=model.n_neighbors_, where=where)
+        S, r, dt = len(model.set_sizes_), eigen_width(L, Kp), model.dtype_
+        det._fit_X = _stack(Xg, chunks, (model._fit_X.shape[1],), dt)
+        det.neighborhoods_ = _stack(groups, chunks, (Kp,), np.int64)
+        det.eigenvalues_ = _stack(evals, chunks, (S, r), dt)
+        det.eigenvectors_ = _stack(evecs, chunks, (S, r, r), dt)
         return det
 
     def to_knnn(self):
@@ -658,22 +788,15 @@ class DistributedKNNN(KNNN):
         self._check_fitted()
         client = self.client_
         est = KNNN(**self.knnn_params())
-        params = self.knnn_params()
-        names = (KNNN._state_arrays_for(params) if hasattr(KNNN, "_state_arrays_for")
-                 else KNNN._state_arrays)
-        arrays = {}
-        for name in names:
-            if not hasattr(self, name):  # pragma: no cover - state added to KNNN later
-                raise NotImplementedError(f"DistributedKNNN has no {name!r} to gather.")
-            arrays[name] = getattr(self, name)
+        names = KNNN._state_arrays_for(self.knnn_params())
+        arrays = {name: getattr(self, name) for name in names}
         lazy = {k: v for k, v in arrays.items() if not isinstance(v, np.ndarray)}
         computed = dict(zip(lazy, client.compute(list(lazy.values()), sync=True)))
         for name in names:
             setattr(est, name, np.asarray(computed.get(name, arrays[name])))
-        for name in KNNN._state_scalars:
-            setattr(est, name, getattr(self, name))
-        if hasattr(self, "auto_table_"):
-            est.auto_table_ = self.auto_table_
+        for name in list(KNNN._state_scalars) + ["auto_table_", "feature_names_in_"]:
+            if hasattr(self, name):
+                setattr(est, name, getattr(self, name))
         est.n_features_in_ = self.n_features_in_
         est.dtype_ = self.dtype_
         est.n_jobs_ = resolve_n_jobs(est.n_jobs)
@@ -687,8 +810,6 @@ class DistributedKNNN(KNNN):
 
 
 # ---------------------------------------------------------------------------
-# The variance below is nonn._local_eigen.column_variance's formula fed with
-# sums over the partitions instead of one in-memory matrix.
 
 
 def _largest(*values):
@@ -699,35 +820,39 @@ def _total(*values):
     return sum(values)
 
 
-def _scaled_grid(X, dtype, order, exponent):
-    """A validated query block at the model's working scale, on the grid."""
-    return _tasks.permute(_data_scale.scale(_tasks.clean_block(X, dtype), exponent), order)
+def _literal(value):
+    """``value`` (an array, a small model) as one node of the task graph,
+    shared by every task that takes it (not copied into each)."""
+    import dask
+
+    return dask.delayed(value, pure=True)
 
 
-def _variance(sq, n, mean, dtype):
-    shift = mean - mean.astype(dtype)
-    return np.maximum(sq / max(n, 1) - shift * shift, 0.0)
+def _stack(blocks, chunks, tail, dtype):
+    """A dask array of the delayed row ``blocks`` of ``chunks`` rows each."""
+    import dask.array as da
+
+    return da.concatenate([da.from_delayed(b, (c,) + tuple(tail), dtype=dtype)
+                           for b, c in zip(blocks, chunks)])
 
 
-def _eigen_blocks(where, Xg, groups, bounds, sizes, set_size, n_jobs, working_memory):
-    """Delayed eigen-state (values, vectors) per partition: each partition
-    asks every other for the rows of its neighbourhoods, then decomposes."""
+def _halo_blocks(where, Xg, ids, bounds):
+    """Delayed :class:`~nonn.distributed._tasks.Halo` per partition: each
+    partition asks every other for the rows of the global ``ids`` (one
+    (n_j, w) array per partition) it needs, unique ids only."""
     import dask
 
     P = len(bounds) - 1
-    evals, evecs = [], []
+    halos = []
     for i in range(P):
         pieces = []
         for j in range(P):
-            loc = _at(where, i, _tasks.requested_rows, groups[i], bounds[j], bounds[j + 1])
+            loc = _at(where, i, _tasks.requested_rows, ids[i], bounds[j], bounds[j + 1])
             rows = _at(where, j, _tasks.take_rows, Xg[j], loc)
             pieces.append(_at(where, i, tuple, [bounds[j], loc, rows]))
         with _on(where, i):
-            eig = dask.delayed(_tasks.block_eigen, pure=True, nout=2)(
-                groups[i], sizes, set_size, n_jobs, working_memory, *pieces)
-            evals.append(eig[0])
-            evecs.append(eig[1])
-    return evals, evecs
+            halos.append(dask.delayed(_tasks.gather_halo, pure=True)(ids[i], *pieces))
+    return halos
 
 
 def _on(where, j):
@@ -777,19 +902,6 @@ def _persist(client, *lists):
         out.append(list(flat[start:start + len(lst)]))
         start += len(lst)
     return out
-
-
-def _exact_percentile(client, blocks, n, percentile):
-    """``np.percentile(concatenate(blocks), percentile)`` (linear), from the
-    partitions' lower tails: only the ``ceil(h) + 1`` smallest values travel."""
-    h = (n - 1) * (percentile / 100.0)
-    lo, hi = int(math.floor(h)), int(math.ceil(h))
-    tail = client.compute(_tree(blocks, _tasks.smallest, hi + 1), sync=True)
-    a, b = np.float64(tail[lo]), np.float64(tail[hi])
-    t = h - lo
-    # numpy's _lerp, for the same rounding as np.percentile
-    diff = b - a
-    return float(b - diff * (1 - t) if t >= 0.5 else a + diff * t)
 
 
 def _zarr_module():

@@ -2,9 +2,10 @@
 blocks, run as Dask tasks on the workers.
 
 Nothing here imports Dask: a task receives and returns plain arrays (or a
-:class:`ShardIndex`), so the maths stays the library's own
-(:mod:`nonn._local_eigen`, :mod:`nonn._partition`, the search backends) and
-the orchestration lives in :mod:`nonn.distributed._estimator`.
+:class:`ShardIndex` or :class:`Halo`), and every step of the maths is the
+core's own (:mod:`nonn._eq2`, :mod:`nonn._knnn`, :mod:`nonn._partition`,
+:mod:`nonn._preprocess`, the search backends); the orchestration lives in
+:mod:`nonn.distributed._estimator`.
 
 Ids are global row numbers of the training set; partition ``j`` owns the
 rows ``[lo_j, hi_j)``.
@@ -15,7 +16,10 @@ from __future__ import annotations
 import numpy as np
 
 from .._chunks import chunk_rows
-from .._local_eigen import neighbourhood_eigen, permute, score_eq2
+from .._eq2 import aggregate_terms, eigen_row_bytes, eigen_width, neighborhood_eigen, score_terms
+from .._knnn import held_out_groups, neighborhoods, pair_terms
+from .._local_eigen import squared_deviations
+from .._partition import centred_gram
 from ..neighbors import make_backend
 
 # ----------------------------------------------------------------- threads
@@ -62,38 +66,41 @@ def column_sums(X):
     return X.sum(axis=0, dtype=np.float64), X.shape[0]
 
 
-def centred_moments(X, mean, gram):
-    """A block's share of the global second moments about the global
-    ``mean`` (float64): the centred Gram matrix (in the data's dtype, as
-    :func:`nonn._partition.abs_correlation` computes it; summed over blocks
-    in float64) when ``gram``, and the float64 sums of squared deviations
-    from the mean rounded to the data's dtype (as
-    :func:`nonn._local_eigen.column_variance`)."""
-    mu = mean.astype(X.dtype)
-    G = None
-    sq = np.zeros(X.shape[1])
-    for start in range(0, X.shape[0], 4096):
-        dev = X[start:start + 4096] - mu
-        sq += np.einsum("ij,ij->j", dev, dev, dtype=np.float64)
-        if gram:
-            part = (dev.T @ dev).astype(np.float64)
-            G = part if G is None else G + part
-    if gram and G is None:
-        G = np.zeros((X.shape[1], X.shape[1]))
-    return G, sq
+def column_extremes(X):
+    """(column maxima, column minima) of a block."""
+    return X.max(axis=0), X.min(axis=0)
+
+
+def merge_extremes(*parts):
+    return (np.max([p[0] for p in parts], axis=0), np.min([p[1] for p in parts], axis=0))
+
+
+def grid_moments(X, mean, gram, block=4096):
+    """A block's share of the column statistics of the layout
+    (:func:`nonn._partition.grid_statistics`) about the global ``mean``:
+    the centred Gram matrix (when ``gram``; None otherwise) and the squared
+    deviations, float64, by row blocks (no float64 copy of ``X``)."""
+    G = np.zeros((X.shape[1], X.shape[1])) if gram else None
+    if gram:
+        for start in range(0, X.shape[0], block):
+            G += centred_gram(X[start:start + block], mean)
+    return G, squared_deviations(X, mean, block)
 
 
 def add(*parts):
-    """Sum of tuples of arrays (None stays None), elementwise."""
+    """Sum of tuples of arrays or numbers (None stays None), elementwise."""
     out = []
     for items in zip(*parts):
         out.append(None if items[0] is None else sum(items[1:], items[0]))
     return tuple(out)
 
 
-def to_grid(X, dtype, order):
-    """A validated block with its columns in the fitted feature order."""
-    return permute(clean_block(X, dtype), order)
+def query_grid(X, dtype, transform):
+    """A validated query block through the fitted input transforms, on the
+    grid: ``transform`` is a fitted-transform-only ``KNNN`` (see
+    ``DistributedKNNN._transform_model``), so this is ``KNNN``'s own
+    query preprocessing."""
+    return transform._to_grid(transform._preprocess(clean_block(X, dtype)))
 
 
 # ------------------------------------------------------------------ search
@@ -167,24 +174,44 @@ def merged_ids(merged, k, need):
     return np.ascontiguousarray(ids[:, :k])
 
 
-def first_columns(ids, k):
-    return np.ascontiguousarray(ids[:, :k])
+def partition_neighborhoods(others, lo, n_neighbors_of_neighbors):
+    """The partition's rows' neighbourhoods (``KNNN.neighborhoods_``'s rows
+    ``[lo, lo + len(others))``)."""
+    return neighborhoods(others, n_neighbors_of_neighbors, lo)
 
 
-def neighbourhoods(others, lo, n_neighbors_of_neighbors):
-    """Each point's neighbourhood: itself (column 0) and its ``K' - 1``
-    nearest other points, as in :class:`nonn.KNNN`."""
-    n = others.shape[0]
-    own = np.arange(lo, lo + n, dtype=np.int64)[:, None]
-    return np.concatenate([own, others[:, : n_neighbors_of_neighbors - 1]], axis=1)
+# ------------------------------------------------------------- rows: halo
 
 
-# ------------------------------------------------------- neighbourhood eigen
+class Halo:
+    """The training rows a partition's neighbourhoods read, gathered from
+    every partition: ``ids`` (sorted global ids), ``rows`` (their grid
+    rows) and ``groups`` (one row per point of the partition, local indices
+    into ``rows``: column 0 the point itself, then its nearest others, the
+    first K' columns its neighbourhood)."""
+
+    def __init__(self, ids, rows, groups):
+        self.ids, self.rows, self.groups = ids, rows, groups
+
+    def local(self, ids):
+        """Indices into ``rows`` of global ``ids`` (-1 where absent)."""
+        pos = np.minimum(np.searchsorted(self.ids, ids), max(len(self.ids) - 1, 0))
+        found = self.ids[pos] == ids if len(self.ids) else np.zeros(np.shape(ids), bool)
+        return np.where(found, pos, -1)
+
+    def __sizeof__(self):  # what Dask weighs when it places work on it
+        return int(self.ids.nbytes + self.rows.nbytes + self.groups.nbytes) + 256
 
 
-def requested_rows(groups, lo, hi):
-    """Sorted unique local ids of partition ``[lo, hi)`` among ``groups``."""
-    g = groups[(groups >= lo) & (groups < hi)]
+def halo_ids(others, lo, width):
+    """Each point's id and its ``width`` nearest others (n_j, 1 + width)."""
+    own = np.arange(lo, lo + others.shape[0], dtype=np.int64)[:, None]
+    return np.concatenate([own, others[:, :width]], axis=1)
+
+
+def requested_rows(ids, lo, hi):
+    """Sorted unique local ids of partition ``[lo, hi)`` among ``ids``."""
+    g = ids[(ids >= lo) & (ids < hi)]
     return np.unique(g) - lo
 
 
@@ -192,62 +219,120 @@ def take_rows(Xg, local):
     return Xg[local]
 
 
-def block_eigen(groups, sizes, set_size, n_jobs, working_memory, *pieces):
-    """Eigen-state of a partition's neighbourhoods from the rows gathered
-    from every partition. ``pieces`` are ``(lo, local ids, rows)`` per
-    partition, in partition order (so the global ids come out sorted)."""
-    ids = np.concatenate([lo + loc for lo, loc, _ in pieces])
-    rows = np.concatenate([r for _, _, r in pieces])
-    local_groups = np.searchsorted(ids, groups)
-    if not np.array_equal(ids[np.minimum(local_groups, len(ids) - 1)], groups):
+def gather_halo(ids, *pieces):
+    """The :class:`Halo` of a partition whose rows need the global ``ids``
+    (n_j, w), from ``pieces``: ``(lo, local ids, rows)`` per partition, in
+    partition order (so the global ids come out sorted)."""
+    have = np.concatenate([lo + loc for lo, loc, _ in pieces])
+    rows = np.ascontiguousarray(np.concatenate([r for _, _, r in pieces]))
+    halo = Halo(have, rows, np.zeros(ids.shape, dtype=np.int64))
+    local = halo.local(ids)
+    if (local < 0).any():
         raise RuntimeError("A neighbourhood row is missing from the gathered partitions; "
                            "a partition's result was lost. Refit.")
-    c = groups.shape[0]
-    n_sets, L = len(sizes), set_size
-    Kp = groups.shape[1]
-    evals = np.empty((c, n_sets, L), dtype=rows.dtype)
-    evecs = np.empty((c, n_sets, L, L), dtype=rows.dtype)
+    halo.groups = local
+    return halo
+
+
+def block_eigen(halo, n_neighbors_of_neighbors, sizes, set_size, n_jobs, working_memory):
+    """Eigen-state (values, vectors) of a partition's neighbourhoods, as
+    ``KNNN._fit_eigen`` computes it (primal or dual form by L and K')."""
+    groups = np.ascontiguousarray(halo.groups[:, :n_neighbors_of_neighbors])
+    rows = halo.rows
+    c, Kp = groups.shape
+    n_sets = len(sizes)
+    r = eigen_width(set_size, Kp)
+    evals = np.empty((c, n_sets, r), dtype=rows.dtype)
+    evecs = np.empty((c, n_sets, r, r), dtype=rows.dtype)
     threads = task_threads(n_jobs)
-    # the same memory model as KNNN._fit_eigen
-    row_bytes = rows.dtype.itemsize * n_sets * L * (2 * Kp + 4 * L)
-    step = chunk_rows(row_bytes, working_memory)
+    step = chunk_rows(eigen_row_bytes(rows.dtype.itemsize, n_sets, set_size, Kp),
+                      working_memory)
     for start in range(0, c, step):
         sl = slice(start, min(start + step, c))
-        neighbourhood_eigen(rows, local_groups[sl], sizes, L, threads,
-                            out=(evals[sl], evecs[sl]))
+        neighborhood_eigen(rows, groups[sl], sizes, set_size, threads,
+                           out=(evals[sl], evecs[sl]))
     return evals, evecs
 
 
 # ----------------------------------------------------------------- scoring
 
 
-def pair_requests(Qg, idx, lo, hi):
+def pair_requests(Qg, idx, lo, hi, held=None):
     """The (query, neighbour) pairs whose neighbour lives in ``[lo, hi)``:
-    flat positions in ``idx`` (q, k), local neighbour ids, and the query
-    rows they need (each once) with the map from pair to row."""
+    flat positions in ``idx`` (q, k), local neighbour ids, the query rows
+    they need (each once) with the map from pair to row, and, with
+    ``held`` (the queries' own training ids), each pair's held-out row."""
     flat = idx.ravel()
     pos = np.flatnonzero((flat >= lo) & (flat < hi))
     q_of_pair = pos // idx.shape[1]
     rows, inverse = np.unique(q_of_pair, return_inverse=True)
-    return pos, flat[pos] - lo, np.ascontiguousarray(Qg[rows]), inverse.ravel()
+    return (pos, flat[pos] - lo, np.ascontiguousarray(Qg[rows]), inverse.ravel(),
+            None if held is None else held[q_of_pair])
 
 
-def pair_scores(Xg, evals, evecs, request, sizes, floor, n_jobs, working_memory):
+def _pair_chunks(n, row_bytes, working_memory):
+    step = chunk_rows(row_bytes, working_memory)
+    return [slice(s, min(s + step, n)) for s in range(0, n, step)]
+
+
+def pair_scores(Xg, evals, evecs, halo, request, sizes, set_size, floor, n_jobs,
+                working_memory):
     """Eq. 2 of each requested (query, neighbour) pair, evaluated where the
-    neighbour's eigen-state lives (the query row travels, not the L+1 times
-    larger eigen-state): ``(positions, per-neighbour scores)``."""
-    pos, local, Q, inverse = request
+    neighbour's eigen-state lives (the query row travels, not the
+    eigen-state): ``(positions, per-neighbour sums)``. The dual form reads
+    the neighbourhood's rows from the partition's ``halo``; the primal form
+    needs none (``halo`` None)."""
+    pos, local, Q, inverse, _ = request
     out = np.empty(len(pos), dtype=Xg.dtype)
     if not len(pos):
         return pos, out
     threads = task_threads(n_jobs)
-    n_sets, L = len(sizes), evecs.shape[-1]
-    row_bytes = Xg.dtype.itemsize * n_sets * L * (L + 4) + Xg.shape[1] * Xg.dtype.itemsize
-    step = chunk_rows(row_bytes, working_memory)
-    for start in range(0, len(pos), step):
-        sl = slice(start, min(start + step, len(pos)))
-        out[sl] = score_eq2(Q[inverse[sl]], local[sl, None], Xg, evecs, evals, sizes, floor,
-                            threads)
+    n_sets, r = len(sizes), evecs.shape[-1]
+    if halo is None:
+        X_rows, rows, groups = Xg, None, None
+    else:
+        X_rows, rows = halo.rows, halo.groups[:, 0]
+        groups = np.ascontiguousarray(halo.groups[:, :r])
+    row_bytes = Xg.dtype.itemsize * (n_sets * r * (r + 4) + 2 * Xg.shape[1])
+    for sl in _pair_chunks(len(pos), row_bytes, working_memory):
+        out[sl] = score_terms(Q[inverse[sl]], local[sl, None], X_rows, evecs, evals, sizes,
+                              set_size, floor, threads, rows=rows, groups=groups)[:, 0]
+    return pos, out
+
+
+def calibration_block(Xg, others, lo, rows, k):
+    """The held-out queries of a partition: its calibration rows (local ids
+    ``rows``) on the grid, their k nearest other rows and their global ids."""
+    return (np.ascontiguousarray(Xg[rows]), np.ascontiguousarray(others[rows, :k]),
+            lo + np.asarray(rows, dtype=np.int64))
+
+
+def calibration_requests(block, lo, hi):
+    """:func:`pair_requests` of a :func:`calibration_block`."""
+    Q, idx, held = block
+    return pair_requests(Q, idx, lo, hi, held)
+
+
+def held_out_pair_scores(halo, request, n_neighbors_of_neighbors, sizes, set_size, floor,
+                         n_jobs, working_memory):
+    """``KNNN._held_out_scores``'s per-neighbour sums of the requested
+    (calibration row, neighbour) pairs whose neighbour lives in this
+    partition: the neighbour's neighbourhood without the calibration row
+    (:func:`nonn._knnn.held_out_groups`, from the partition's ``halo``,
+    which holds one more nearest row per point than a neighbourhood) and
+    its eigen-state, computed here. ``(positions, sums)``."""
+    pos, local, Q, inverse, held = request
+    out = np.empty(len(pos), dtype=Q.dtype)
+    if not len(pos):
+        return pos, out
+    ext = halo.groups[local]
+    groups = held_out_groups(halo.local(held), ext[:, 0], ext[:, 1:],
+                             n_neighbors_of_neighbors)
+    threads = task_threads(n_jobs)
+    row_bytes = eigen_row_bytes(Q.dtype.itemsize, len(sizes), set_size, groups.shape[1])
+    for sl in _pair_chunks(len(pos), row_bytes, working_memory):
+        out[sl] = pair_terms(Q[inverse[sl]], halo.rows, groups[sl], sizes, set_size, floor,
+                             threads)
     return pos, out
 
 
@@ -266,31 +351,18 @@ def assemble(n, k, aggregate, *parts):
     return aggregate_terms(values.reshape(n, k), aggregate)
 
 
-def aggregate_terms(terms, how):
-    """KNNN's combination of the k per-neighbour Eq. 2 sums of each query
-    (the library's own function where this nonn has it)."""
-    from .. import _local_eigen
-
-    if hasattr(_local_eigen, "aggregate_terms"):
-        return _local_eigen.aggregate_terms(terms, how)
-    if how == "sum":  # pragma: no cover - a nonn without the aggregate parameter
-        return terms.sum(axis=1)
-    raise ValueError(f"aggregate {how!r} is not implemented by this nonn.")
+def training_rows(Qg, Xg):
+    """Which grid query rows are exactly rows of the partition ``Xg``
+    (``BaseDetector._training_rows`` on one partition)."""
+    if not len(Qg) or not len(Xg):
+        return np.zeros(len(Qg), dtype=bool)
+    row = np.dtype((np.void, Xg.dtype.itemsize * Xg.shape[1]))
+    a = np.ascontiguousarray(Qg, dtype=Xg.dtype).view(row).ravel()
+    return np.isin(a, np.ascontiguousarray(Xg).view(row).ravel())
 
 
-# --------------------------------------------------------------- threshold
-
-
-def smallest(r, *parts):
-    """The ``r`` smallest values of the concatenated parts, sorted."""
-    v = np.concatenate(parts)
-    if len(v) > r:
-        v = np.partition(v, r - 1)[:r]
-    return np.sort(v)
-
-
-def negate(v):
-    return -v
+def any_of(*parts):
+    return np.logical_or.reduce(parts)
 
 
 # ------------------------------------------------------------------ output
