@@ -110,6 +110,31 @@ class KNN(_NeighbourQueries, BaseDetector):
     def _from_neighbours(self, Q, dist, idx):
         return _AGGREGATES[self.aggregate](dist).astype(Q.dtype, copy=False)
 
+    def explain(self, X):
+        """Per-feature contributions to each query's score and the training
+        neighbours it came from. A Euclidean distance ``||d||`` is split as
+        ``d_f^2 / ||d||`` (sums to the distance exactly; every share is
+        >= 0 without whitening), a cosine distance as ``(u_q - u_x)_f^2 / 2``
+        over the unit rows it compares; ``aggregate="mean"`` averages the k
+        neighbours' splits, ``"max"``/``"kth"`` takes the k-th neighbour's
+        (``neighbor``).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features)
+
+        Returns
+        -------
+        explanation : :class:`nonn.Explanation`
+            ``contributions`` (n_queries, n_features) in the input's column
+            order, summing per row to ``anomaly_scores``; ``neighbors``
+            (n_queries, k) training row ids; ``neighbor`` (n_queries,).
+            See :meth:`nonn.KNNN.explain` and :mod:`nonn._explain`.
+        """
+        from ._explain import explain_knn
+
+        return explain_knn(self, X)
+
 
 class GlobalEigenKNN(_NeighbourQueries, BaseDetector):
     """Global eigen-normalised k-NN (paper Eq. 3).
@@ -212,6 +237,28 @@ class GlobalEigenKNN(_NeighbourQueries, BaseDetector):
         return _global_eq3(Q, self._fit_X, idx, self.eigenvalues_, self.components_,
                            self.eig_floor_[0], self)
 
+    def explain(self, X):
+        """Per-feature contributions to each query's score (Eq. 3): each
+        ``|d_i . v_j| / sqrt(max(e_j, floor))`` is split as
+        ``sign(d_i . v_j) d_if v_jf / sqrt(max(e_j, floor))``, summed over the
+        k neighbours ``i`` (``neighbor`` is -1: all k count).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features)
+
+        Returns
+        -------
+        explanation : :class:`nonn.Explanation`
+            ``contributions`` (n_queries, n_features) in the input's column
+            order, summing per row to ``anomaly_scores``; ``neighbors``
+            (n_queries, k) training row ids; ``neighbor`` (n_queries,).
+            See :meth:`nonn.KNNN.explain` and :mod:`nonn._explain`.
+        """
+        from ._explain import explain_global
+
+        return explain_global(self, X)
+
 
 #: folds of GlobalEigenKNN's cross-fitted calibration scores
 _FOLDS = 5
@@ -302,3 +349,25 @@ class LocalEigenKNN(_SetGridMixin, _NeighbourQueries, BaseDetector):
             out[sl] = project_l1(diff, v[:, None], w[:, None], self.set_sizes_,
                                  self.eig_floor_).sum(axis=1)
         return out
+
+    def explain(self, X):
+        """Per-feature contributions to each query's score: the eigenvectors
+        of the query's own k neighbours, each neighbour's difference split as
+        in :meth:`nonn.KNNN.explain` (primal form), summed over the k
+        neighbours (``neighbor`` is -1: all k count).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features)
+
+        Returns
+        -------
+        explanation : :class:`nonn.Explanation`
+            ``contributions`` (n_queries, n_features) in the input's column
+            order, summing per row to ``anomaly_scores``; ``neighbors``
+            (n_queries, k) training row ids; ``neighbor`` (n_queries,).
+            See :meth:`nonn.KNNN.explain` and :mod:`nonn._explain`.
+        """
+        from ._explain import explain_local
+
+        return explain_local(self, X)
