@@ -29,7 +29,34 @@ class _NeighbourQueries:
         self._fit_X = self._transform(X)
         self._search = self._make_backend(self._fit_X)
         dist, idx = self._search.kneighbors(None, self.n_neighbors_)
+        # each row's k-th neighbour distance: which rows partial_fit rescores
+        self._knn_radius = dist[:, -1].astype(np.float64)
         return self._from_neighbours(self._fit_X, dist, idx)
+
+    def partial_fit(self, X, y=None):
+        """Add normal samples ``X`` to the fitted model without a refit: the
+        new rows are scored by their k nearest others, and an existing row's
+        leave-one-out score is recomputed only when a new row is nearer than
+        its k-th neighbour. The input transforms (and the feature order and
+        floors of :class:`LocalEigenKNN`) stay those of the first fit; with
+        an exact backend the result is the model a fit on all rows gives with
+        them. ``n_samples_seen_`` counts every row. See
+        :meth:`nonn.KNNN.partial_fit`.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            New normal samples, with the columns (and column names) the
+            model was fitted on.
+        y : ignored
+
+        Returns
+        -------
+        self
+        """
+        from ._update import neighbour_partial_fit
+
+        return neighbour_partial_fit(self, X)
 
     def _transform(self, X):
         return X
@@ -212,6 +239,27 @@ class GlobalEigenKNN(_NeighbourQueries, BaseDetector):
         rel = max(float(self.eig_floor), 10 * np.finfo(X.dtype).eps)
         return (np.maximum(w, 0).astype(X.dtype), v.astype(X.dtype),
                 np.array([rel * scale], dtype=X.dtype))
+
+    def partial_fit(self, X, y=None):
+        """Add normal samples ``X``. The model is global (one covariance of
+        all rows, cross-fitted calibration scores), so it is recomputed on
+        all rows, at the cost of a fit, with the input transforms of the
+        first fit kept; ``n_samples_seen_`` counts every row.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            New normal samples, with the columns (and column names) the
+            model was fitted on.
+        y : ignored
+
+        Returns
+        -------
+        self
+        """
+        from ._update import global_partial_fit
+
+        return global_partial_fit(self, X)
 
     def _cross_fitted_scores(self, X):
         """Out-of-sample scores of every training row by K-fold cross-fitting:

@@ -359,6 +359,9 @@ class KNNN(_SetGridMixin, BaseDetector):
         self.neighborhoods_ = np.concatenate(
             [np.arange(n, dtype=np.int64)[:, None], others[:, : Kp - 1]], axis=1
         )
+        # the neighbours beyond the neighbourhoods (not saved): partial_fit's
+        # held-out scores need them
+        self._graph_tail = np.ascontiguousarray(others[:, Kp - 1:])
         if self.memory != "lean":
             self._fit_eigen()
         rows = calibration_rows(n, getattr(self, "_calibrate_all", False))
@@ -531,6 +534,46 @@ class KNNN(_SetGridMixin, BaseDetector):
         from ._explain import explain_knnn
 
         return explain_knnn(self, X)
+
+    def partial_fit(self, X, y=None):
+        """Add normal samples ``X`` to the fitted model without a refit.
+
+        The new rows get their neighbourhoods, the existing neighbourhoods a
+        new row enters are updated (only their eigen-states are recomputed),
+        and the held-out calibration scores and the threshold are brought up
+        to date (only the calibration rows whose neighbours' lists changed
+        are rescored). The global statistics of the first fit stay frozen:
+        the input transforms (``scale``, the working scale, ``normalize``,
+        ``whiten``), the feature order of the sets, the eigenvalue floors
+        and any "auto" choice. With an exact backend the result is the model
+        a fit on all rows would give with those statistics (neighbourhoods,
+        eigen-states, calibration scores, threshold); an approximate FAISS
+        index is extended with ``add`` (see :mod:`nonn._update` for what is
+        guaranteed then). A threshold set by :meth:`calibrate` is replaced
+        by the fit's (it scored the model before the update); calibrate
+        again if needed. When the first fit capped ``n_neighbors`` or
+        ``n_neighbors_of_neighbors`` for lack of rows and the new rows lift
+        the cap, the neighbourhoods are recomputed in full.
+
+        The cost grows with the new rows and the neighbourhoods they enter
+        (about ``K' - 1`` per new row): one search of the new rows, one pass
+        of distances between old and new rows, and the eigen-states of the
+        changed neighbourhoods; ``n_samples_seen_`` counts every row.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            New normal samples, with the columns (and column names) the
+            model was fitted on.
+        y : ignored
+
+        Returns
+        -------
+        self
+        """
+        from ._update import knnn_partial_fit
+
+        return knnn_partial_fit(self, X)
 
     def fit_predict(self, X, y=None):
         """Fit, then label the training points themselves by their held-out
