@@ -434,3 +434,34 @@ def test_cli_explain_errors_are_one_line(model_files, args, fragment):
     assert len(lines) == 1 and lines[0].startswith("nonn: error:"), r.stderr
     assert fragment in lines[0]
     assert not os.path.exists(tmp / "x.csv")
+
+
+# ------------------------------------------------------------ distributed
+def test_distributed_knnn_explains_as_the_gathered_knnn():
+    """DistributedKNNN.explain is KNNN.explain on the gathered model (the same
+    neighbours, eigen-states and scores); partial_fit asks to gather first."""
+    import warnings
+
+    distributed = pytest.importorskip("distributed")
+    from nonn.distributed import DistributedKNNN
+
+    X, Q = well_conditioned(15, n=200)
+    params = dict(n_neighbors=3, n_neighbors_of_neighbors=12, set_size=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                                           dashboard_address=None)
+        client = distributed.Client(cluster)
+    try:
+        model = KNNN(**params).fit(X)
+        with DistributedKNNN.from_knnn(model, client=client) as det:
+            ex = det.explain(Q)
+            ref = model.explain(Q)
+            np.testing.assert_allclose(ex.contributions, ref.contributions, rtol=1e-9,
+                                       atol=1e-12)
+            np.testing.assert_array_equal(ex.neighbors, ref.neighbors)
+            with pytest.raises(NotImplementedError, match="to_knnn"):
+                det.partial_fit(Q)
+    finally:
+        client.close()
+        cluster.close()

@@ -419,3 +419,25 @@ def test_faiss_add_keeps_duplicate_groups(dedupe):
     own = approx.kneighbors(None, 4, return_distance=False)
     assert set(own[3][:3]) == {10, 20, 320}  # the copies of row 3, at distance 0
     assert set(own[320][:3]) == {3, 10, 20}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shift", [0.0, 1000.0])
+def test_closer_pairs_is_exact(dtype, shift):
+    """The candidate pass never drops a pair: every (old, new) pair nearer
+    than the old row's radius, against all pairwise distances, with each
+    radius exactly one of them (ties at the boundary: not nearer), also far
+    from the origin."""
+    from nonn._update import _exact_sq, closer_pairs
+
+    rng = np.random.default_rng(20)
+    Xo = (rng.normal(size=(700, 40)) + shift).astype(dtype)
+    Xn = (rng.normal(size=(90, 40)) + shift).astype(dtype)
+    p_all, b_all = np.repeat(np.arange(700), 90), np.tile(np.arange(90), 700)
+    D = _exact_sq(Xo, p_all, Xn, b_all).reshape(700, 90)
+    np.testing.assert_allclose(D, ((Xo[:, None].astype(float) - Xn[None]) ** 2).sum(-1),
+                               rtol=1e-12)
+    r2 = np.sort(D, axis=1)[:, 3].copy()
+    p, b, d2 = closer_pairs(Xo, r2, Xn, working_memory=0.05)
+    assert set(zip(p.tolist(), b.tolist())) == set(map(tuple, np.argwhere(D < r2[:, None])))
+    np.testing.assert_array_equal(d2, D[p, b])

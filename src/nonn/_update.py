@@ -66,32 +66,35 @@ def closer_pairs(X_old, r2, X_new, working_memory=None):
 
     One pass of matrix products in the data's dtype (on data centred by the
     old rows' mean, which keeps the products' rounding small) selects the
-    candidates with a margin above any rounding of the expansion; each
-    candidate is then checked on its exact float64 distance.
+    candidates, ``a.b - |b|^2 / 2 > (|a|^2 - r2) / 2`` loosened by a margin
+    of ``tol (|a|^2 + |b|^2 + r2) / 2``, above any rounding of the
+    expansion; each candidate is then checked on its exact float64
+    distance.
     """
     n, d = X_old.shape
     m = X_new.shape[0]
-    ps, bs, ds = [], [], []
+    empty = np.zeros(0, dtype=np.int64)
     if n == 0 or m == 0:
-        empty = np.zeros(0, dtype=np.int64)
         return empty, empty, np.zeros(0)
     dt = X_old.dtype
     centre = X_old.mean(axis=0, dtype=np.float64)
-    B = (X_new - centre).astype(dt)
+    B = np.ascontiguousarray((X_new - centre).astype(dt))
     nb = np.einsum("ij,ij->i", B, B, dtype=np.float64)
-    # |a|^2 + |b|^2 - 2 a.b in dtype: error at most ~ (d + 4) eps (|a|^2 + |b|^2)
+    # the expansion's rounding is at most ~ (d + 4) eps (|a|^2 + |b|^2): a
+    # margin of twice that (relative to the norms) keeps every true pair
     tol = 2.0 * (d + 4) * float(np.finfo(dt).eps)
-    step = chunk_rows(m * 8 * 4 + d * 16, working_memory)
+    col = (0.5 * (1.0 - tol) * nb).astype(dt)
+    ps, bs, ds = [], [], []
+    step = chunk_rows(m * (dt.itemsize + 1) + d * 16, working_memory)
     for start in range(0, n, step):
         stop = min(start + step, n)
         A = (X_old[start:stop] - centre).astype(dt)
         na = np.einsum("ij,ij->i", A, A, dtype=np.float64)
-        S = (A @ B.T).astype(np.float64)
-        S *= -2.0
-        S += na[:, None]
-        S += nb[None, :]
-        lim = r2[start:stop, None] + tol * (na[:, None] + nb[None, :])
-        p, b = np.nonzero(S < lim)
+        row = (0.5 * ((1.0 - tol) * na - (1.0 + tol) * r2[start:stop])).astype(dt)
+        G = A @ B.T
+        G -= col[None, :]
+        p, b = np.nonzero(G > row[:, None])
+        del G
         if not len(p):
             continue
         p = p + start
@@ -101,19 +104,37 @@ def closer_pairs(X_old, r2, X_new, working_memory=None):
         bs.append(b[keep])
         ds.append(d2[keep])
     if not ps:
-        empty = np.zeros(0, dtype=np.int64)
         return empty, empty, np.zeros(0)
     return (np.concatenate(ps).astype(np.int64), np.concatenate(bs).astype(np.int64),
             np.concatenate(ds))
 
 
 def _exact_sq(X, rows, Y, cols, block=65536):
-    """``|X[rows[i]] - Y[cols[i]]|^2`` in float64."""
+    """``|X[rows[i]] - Y[cols[i]]|^2`` in float64, with the arithmetic of
+    every other exact distance here (the compiled kernel's sequential
+    float64 sum), so one pair of rows always gives one value."""
+    from . import _kernels
+
     out = np.empty(len(rows))
+    ids = np.empty((min(block, len(rows)), 1), dtype=np.int64)
     for s in range(0, len(rows), block):
-        diff = X[rows[s:s + block]].astype(np.float64) - Y[cols[s:s + block]].astype(np.float64)
-        out[s:s + block] = np.einsum("ij,ij->i", diff, diff)
+        q = np.ascontiguousarray(X[rows[s:s + block]])
+        cand = np.ascontiguousarray(cols[s:s + block, None], dtype=np.int64)
+        sq = np.empty(cand.shape, dtype=np.float64)
+        _kernels.exact_sq_sorted(Y, q, cand, sq, ids[:len(cand)])
+        out[s:s + block] = sq[:, 0]
     return out
+
+
+def _sq_to(Xg, n, ids):
+    """``|Xg[p] - Xg[ids[p]]|^2`` (float64) for the rows ``p < n``."""
+    from . import _kernels
+
+    sq = np.empty((n, 1), dtype=np.float64)
+    out = np.empty((n, 1), dtype=np.int64)
+    _kernels.exact_sq_sorted(Xg, Xg, np.ascontiguousarray(ids[:, None], dtype=np.int64), sq,
+                             out)
+    return sq[:, 0]
 
 
 def merge_lists(Xg, rows, lists, new_rows, new_ids, width):
@@ -259,14 +280,17 @@ def knnn_partial_fit(det, X):
         det.neighborhoods_[:, 1:]
     width = lists.shape[1]
     work._fit_X = Xg
+    stages = {}
+    t = time.perf_counter()
     search = _extend_search(det, work, Xg, new)
     try:
         work._search = search
         ids = search.kneighbors(new, m + 1, return_distance=False)
         new_lists = drop_self(None, ids, np.arange(n_old, n), m)[1]
+        stages["search"], t = time.perf_counter() - t, time.perf_counter()
         # existing rows whose known list a new row enters: nearer than its last
         if width:
-            r2 = _exact_sq(Xg, np.arange(n_old), Xg, lists[:, -1])
+            r2 = _sq_to(Xg, n_old, lists[:, -1])
             p, b, _ = closer_pairs(det._fit_X, r2, new, det.working_memory)
         else:
             p = b = np.zeros(0, dtype=np.int64)
@@ -275,6 +299,7 @@ def knnn_partial_fit(det, X):
         if len(aff):
             lists_new[aff] = merge_lists(Xg, aff, lists[aff], p, b + n_old, width)
         head_changed = aff[(lists_new[aff, :head] != lists[aff, :head]).any(axis=1)]
+        stages["lists"], t = time.perf_counter() - t, time.perf_counter()
         nbhd = np.concatenate([
             np.arange(n, dtype=np.int64)[:, None],
             np.concatenate([lists_new[:, :head], new_lists[:, :head]])], axis=1)
@@ -297,6 +322,7 @@ def knnn_partial_fit(det, X):
                 evals[todo[sl]] = w
                 evecs[todo[sl]] = v
             work.eigenvalues_, work.eigenvectors_ = evals, evecs
+        stages["eigen"], t = time.perf_counter() - t, time.perf_counter()
         # held-out scores of the calibration rows a fit on all rows takes
         rows = calibration_rows(n)
         R_ids = np.arange(n, dtype=np.int64) if rows is None else rows
@@ -320,6 +346,7 @@ def knnn_partial_fit(det, X):
             loo = work._held_out_scores(todo, others)
             train[~reuse] = -np.asarray(work._to_user_units(loo, "training"))
         set_threshold(work, train, rows)
+        stages["calibration"] = time.perf_counter() - t
     except BaseException:
         if search is det._search:  # an extended index: rebuild the old one
             det._search = det._make_backend(det._fit_X, name=det.backend_)
@@ -327,7 +354,8 @@ def knnn_partial_fit(det, X):
     return _commit(det, work, {
         "added": M, "neighborhoods_changed": int(len(head_changed)),
         "lists_changed": int(len(aff)), "calibration_rescored": int((~reuse).sum()),
-        "tail_known": bool(tail_ok), "seconds": time.perf_counter() - t0})
+        "tail_known": bool(tail_ok), "stage_seconds": stages,
+        "seconds": time.perf_counter() - t0})
 
 
 def _searched_others(work, search, nbhd, new_lists, n_old, R_ids, m, k):
