@@ -225,6 +225,8 @@ def test_distance_contributions_carry_the_data_units():
         ex = det.explain(Q * c)
         np.testing.assert_allclose(ex.contributions.sum(axis=1), det.anomaly_score(Q * c),
                                    rtol=1e-12)
+        np.testing.assert_allclose(ex.neighbor_terms.mean(axis=1), ex.anomaly_scores,
+                                   rtol=1e-12)
         np.testing.assert_allclose(ex.contributions / c, KNN(n_neighbors=3).fit(X).explain(
             Q).contributions, rtol=1e-9, atol=1e-12)
 

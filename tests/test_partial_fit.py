@@ -229,8 +229,14 @@ def test_refusals_leave_the_model_untouched(monkeypatch):
     from nonn import _knnn
 
     X, X_new, Q = data(12)
+    # scikit-learn's convention: the first partial_fit is a fit
+    first = KNNN(n_neighbors=3, n_neighbors_of_neighbors=12).partial_fit(X)
+    np.testing.assert_array_equal(first.anomaly_score(Q), KNNN(
+        n_neighbors=3, n_neighbors_of_neighbors=12).fit(X).anomaly_score(Q))
+    for cls in (KNN, GlobalEigenKNN, LocalEigenKNN):
+        assert cls().partial_fit(X).n_samples_seen_ == len(X)
     with pytest.raises(NotFittedError):
-        KNNN().partial_fit(X_new)
+        KNNN().explain(Q)
     names = [f"c{j}" for j in range(X.shape[1])]
     det = KNNN(n_neighbors=3, n_neighbors_of_neighbors=12).fit(pd.DataFrame(X, columns=names))
     before = det.anomaly_score(pd.DataFrame(Q, columns=names))

@@ -47,7 +47,8 @@ class _NeighbourQueries:
         ----------
         X : array-like of shape (n_samples, n_features)
             New normal samples, with the columns (and column names) the
-            model was fitted on.
+            model was fitted on. On a detector not fitted yet this is
+            ``fit(X)``.
         y : ignored
 
         Returns
@@ -250,7 +251,8 @@ class GlobalEigenKNN(_NeighbourQueries, BaseDetector):
         ----------
         X : array-like of shape (n_samples, n_features)
             New normal samples, with the columns (and column names) the
-            model was fitted on.
+            model was fitted on. On a detector not fitted yet this is
+            ``fit(X)``.
         y : ignored
 
         Returns

@@ -247,7 +247,7 @@ def _finish(det, contributions, scores, neighbors, neighbor, terms):
         anomaly_scores=det._to_user_units(scores),
         neighbors=np.asarray(neighbors, dtype=np.int64),
         neighbor=np.asarray(neighbor, dtype=np.int64),
-        neighbor_terms=np.asarray(terms),
+        neighbor_terms=det._to_user_units(np.asarray(terms)),
         feature_names=None if names is None else [str(n) for n in names],
         coordinates=_coordinates(det),
     )

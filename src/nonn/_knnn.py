@@ -564,7 +564,8 @@ class KNNN(_SetGridMixin, BaseDetector):
         ----------
         X : array-like of shape (n_samples, n_features)
             New normal samples, with the columns (and column names) the
-            model was fitted on.
+            model was fitted on. On a detector not fitted yet this is
+            ``fit(X)``.
         y : ignored
 
         Returns

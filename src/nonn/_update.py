@@ -163,6 +163,12 @@ def merge_lists(Xg, rows, lists, new_rows, new_ids, width):
 
 
 # ------------------------------------------------------------ plumbing
+def _unfitted(det):
+    """Whether ``det`` has not been fitted: its first partial_fit is a fit
+    (scikit-learn's convention)."""
+    return "offset_" not in det.__dict__
+
+
 def _check_local(det, what):
     check_is_fitted(det, "offset_")
     if not isinstance(getattr(det, "_fit_X", None), np.ndarray):
@@ -257,6 +263,8 @@ def knnn_partial_fit(det, X):
     from ._knnn import calibration_rows
     from .neighbors._base import drop_self
 
+    if _unfitted(det):
+        return det.fit(X)
     _check_local(det, "partial_fit")
     t0 = time.perf_counter()
     new = det._to_grid(_new_rows(det, X))
@@ -437,6 +445,8 @@ def neighbour_partial_fit(det, X):
     is nearer than its k-th neighbour."""
     from .neighbors._base import drop_self
 
+    if _unfitted(det):
+        return det.fit(X)
     _check_local(det, "partial_fit")
     t0 = time.perf_counter()
     new = det._transform(_new_rows(det, X))
@@ -489,6 +499,8 @@ def global_partial_fit(det, X):
     """:meth:`nonn.GlobalEigenKNN.partial_fit`: the global covariance and the
     cross-fitted calibration of all rows, recomputed in the fitted input
     space."""
+    if _unfitted(det):
+        return det.fit(X)
     _check_local(det, "partial_fit")
     t0 = time.perf_counter()
     new = _new_rows(det, X)
