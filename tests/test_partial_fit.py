@@ -354,6 +354,7 @@ def test_cli_update_end_to_end(tmp_path):
     r = run("update", "m.nonn", "new.csv", "-o", "m2.nonn", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "150 -> 190 samples seen" in r.stdout
+    assert "existing neighbourhoods changed" in r.stdout and "offset_:" in r.stdout
     import pandas as pd
 
     want = load(tmp_path / "m.nonn")

@@ -219,7 +219,7 @@ def _cmd_update(args):
     seconds = time.perf_counter() - start
     det.set_params(verbose=False)
     det.save(output)
-    stats = getattr(det, "update_stats_", None) or {}
+    stats = getattr(det, "_last_update", None) or {}
     print(f"updated {type(det).__name__} with {len(X)} new normal samples in "
           f"{seconds:.2f} s: {before} -> {det.n_samples_seen_} samples seen")
     if stats.get("refit"):
