@@ -27,7 +27,8 @@ random).
 Detectors: ``KNNN(n_neighbors=3, n_neighbors_of_neighbors=25)`` with set
 size 4 (5 on real data) and eigenvalue floor 1e-3 (``aggregate="min"``, and
 the paper's ``"sum"``), the same with floor 1.0 (what ``eig_floor="auto"``
-gives tabular data), with all features in one set, and ``KNN(n_neighbors=3)`` (mean distance: its contributions are
+gives tabular data), with all features in one set, and
+``KNN(n_neighbors=3)`` (mean distance: its contributions are
 ``d_f^2 / ||d||``, the |difference| ranking). One more column splits
 k-NNN's terms *in proportion to* ``|d_f v_jf|`` (non-negative pieces that
 also add up to each term): not nonn's rule, measured to show what the
