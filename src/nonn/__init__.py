@@ -5,10 +5,11 @@ WACV Workshops 2024. Exact Eq. 2, its baselines, safe persistence.
 """
 
 from ._baselines import KNN, GlobalEigenKNN, LocalEigenKNN
+from ._explain import Explanation
 from ._knnn import KNNN
 from .persistence import ModelFileError, load
 
 __version__ = "0.1.0"
 
-__all__ = ["KNNN", "KNN", "GlobalEigenKNN", "LocalEigenKNN", "load", "ModelFileError",
-           "__version__"]
+__all__ = ["KNNN", "KNN", "GlobalEigenKNN", "LocalEigenKNN", "Explanation", "load",
+           "ModelFileError", "__version__"]

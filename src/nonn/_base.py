@@ -221,9 +221,30 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
         "scale_factor_": Array("D", dtype="float64", positive=True),
         # column names, when fitted on a table with string column names
         "feature_names_in_": Optional(Strings("D"), default=None),
+        # the rows fit and every partial_fit gave (files from before it
+        # existed hold their fit's rows)
+        "n_samples_seen_": Optional(Int("N", "N"), default=None),
     }
     #: fitted arrays of the ``scale`` option (present when it is not None)
     _scale_arrays = ("scale_center_", "scale_factor_")
+
+    @property
+    def n_samples_seen_(self):
+        """Training samples the model holds: those of ``fit`` plus those of
+        every ``partial_fit`` (saved in the model file)."""
+        X = self.__dict__.get("_fit_X")
+        if X is None:
+            raise AttributeError(f"This {type(self).__name__} is not fitted: it has no "
+                                 "n_samples_seen_ yet.")
+        return int(X.shape[0])
+
+    @n_samples_seen_.setter
+    def n_samples_seen_(self, value):
+        # a model file records the count; the rows the model holds are it
+        X = self.__dict__.get("_fit_X")
+        if value is not None and X is not None and int(value) != X.shape[0]:
+            raise ValueError(f"n_samples_seen_={value} but the model holds {X.shape[0]} "
+                             "training rows.")
 
     @classmethod
     def _state_arrays_for(cls, params):

@@ -29,7 +29,35 @@ class _NeighbourQueries:
         self._fit_X = self._transform(X)
         self._search = self._make_backend(self._fit_X)
         dist, idx = self._search.kneighbors(None, self.n_neighbors_)
+        # each row's k-th neighbour distance: which rows partial_fit rescores
+        self._knn_radius = dist[:, -1].astype(np.float64)
         return self._from_neighbours(self._fit_X, dist, idx)
+
+    def partial_fit(self, X, y=None):
+        """Add normal samples ``X`` to the fitted model without a refit: the
+        new rows are scored by their k nearest others, and an existing row's
+        leave-one-out score is recomputed only when a new row is nearer than
+        its k-th neighbour. The input transforms (and the feature order and
+        floors of :class:`LocalEigenKNN`) stay those of the first fit; with
+        an exact backend the result is the model a fit on all rows gives with
+        them. ``n_samples_seen_`` counts every row. See
+        :meth:`nonn.KNNN.partial_fit`.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            New normal samples, with the columns (and column names) the
+            model was fitted on. On a detector not fitted yet this is
+            ``fit(X)``.
+        y : ignored
+
+        Returns
+        -------
+        self
+        """
+        from ._update import neighbour_partial_fit
+
+        return neighbour_partial_fit(self, X)
 
     def _transform(self, X):
         return X
@@ -110,6 +138,31 @@ class KNN(_NeighbourQueries, BaseDetector):
     def _from_neighbours(self, Q, dist, idx):
         return _AGGREGATES[self.aggregate](dist).astype(Q.dtype, copy=False)
 
+    def explain(self, X):
+        """Per-feature contributions to each query's score and the training
+        neighbours it came from. A Euclidean distance ``||d||`` is split as
+        ``d_f^2 / ||d||`` (sums to the distance exactly; every share is
+        >= 0 without whitening), a cosine distance as ``(u_q - u_x)_f^2 / 2``
+        over the unit rows it compares; ``aggregate="mean"`` averages the k
+        neighbours' splits, ``"max"``/``"kth"`` takes the k-th neighbour's
+        (``neighbor``).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features)
+
+        Returns
+        -------
+        explanation : :class:`nonn.Explanation`
+            ``contributions`` (n_queries, n_features) in the input's column
+            order, summing per row to ``anomaly_scores``; ``neighbors``
+            (n_queries, k) training row ids; ``neighbor`` (n_queries,).
+            See :meth:`nonn.KNNN.explain` and :mod:`nonn._explain`.
+        """
+        from ._explain import explain_knn
+
+        return explain_knn(self, X)
+
 
 class GlobalEigenKNN(_NeighbourQueries, BaseDetector):
     """Global eigen-normalised k-NN (paper Eq. 3).
@@ -188,6 +241,28 @@ class GlobalEigenKNN(_NeighbourQueries, BaseDetector):
         return (np.maximum(w, 0).astype(X.dtype), v.astype(X.dtype),
                 np.array([rel * scale], dtype=X.dtype))
 
+    def partial_fit(self, X, y=None):
+        """Add normal samples ``X``. The model is global (one covariance of
+        all rows, cross-fitted calibration scores), so it is recomputed on
+        all rows, at the cost of a fit, with the input transforms of the
+        first fit kept; ``n_samples_seen_`` counts every row.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            New normal samples, with the columns (and column names) the
+            model was fitted on. On a detector not fitted yet this is
+            ``fit(X)``.
+        y : ignored
+
+        Returns
+        -------
+        self
+        """
+        from ._update import global_partial_fit
+
+        return global_partial_fit(self, X)
+
     def _cross_fitted_scores(self, X):
         """Out-of-sample scores of every training row by K-fold cross-fitting:
         the rows of a fold are scored by the model (covariance, floor,
@@ -211,6 +286,28 @@ class GlobalEigenKNN(_NeighbourQueries, BaseDetector):
     def _from_neighbours(self, Q, dist, idx):
         return _global_eq3(Q, self._fit_X, idx, self.eigenvalues_, self.components_,
                            self.eig_floor_[0], self)
+
+    def explain(self, X):
+        """Per-feature contributions to each query's score (Eq. 3): each
+        ``|d_i . v_j| / sqrt(max(e_j, floor))`` is split as
+        ``sign(d_i . v_j) d_if v_jf / sqrt(max(e_j, floor))``, summed over the
+        k neighbours ``i`` (``neighbor`` is -1: all k count).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features)
+
+        Returns
+        -------
+        explanation : :class:`nonn.Explanation`
+            ``contributions`` (n_queries, n_features) in the input's column
+            order, summing per row to ``anomaly_scores``; ``neighbors``
+            (n_queries, k) training row ids; ``neighbor`` (n_queries,).
+            See :meth:`nonn.KNNN.explain` and :mod:`nonn._explain`.
+        """
+        from ._explain import explain_global
+
+        return explain_global(self, X)
 
 
 #: folds of GlobalEigenKNN's cross-fitted calibration scores
@@ -302,3 +399,25 @@ class LocalEigenKNN(_SetGridMixin, _NeighbourQueries, BaseDetector):
             out[sl] = project_l1(diff, v[:, None], w[:, None], self.set_sizes_,
                                  self.eig_floor_).sum(axis=1)
         return out
+
+    def explain(self, X):
+        """Per-feature contributions to each query's score: the eigenvectors
+        of the query's own k neighbours, each neighbour's difference split as
+        in :meth:`nonn.KNNN.explain` (primal form), summed over the k
+        neighbours (``neighbor`` is -1: all k count).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features)
+
+        Returns
+        -------
+        explanation : :class:`nonn.Explanation`
+            ``contributions`` (n_queries, n_features) in the input's column
+            order, summing per row to ``anomaly_scores``; ``neighbors``
+            (n_queries, k) training row ids; ``neighbor`` (n_queries,).
+            See :meth:`nonn.KNNN.explain` and :mod:`nonn._explain`.
+        """
+        from ._explain import explain_local
+
+        return explain_local(self, X)

@@ -387,6 +387,9 @@ class KNNN(_SetGridMixin, BaseDetector):
         others = self._search.kneighbors(None, search_width(n, self.n_neighbors_, Kp),
                                          return_distance=False)
         self.neighborhoods_ = neighborhoods(others, Kp)
+        # the neighbours beyond the neighbourhoods (not saved): partial_fit's
+        # held-out scores need them
+        self._graph_tail = np.ascontiguousarray(others[:, Kp - 1:])
         if self.memory != "lean":
             self._fit_eigen()
         rows = calibration_rows(n, getattr(self, "_calibrate_all", False))
@@ -521,6 +524,95 @@ class KNNN(_SetGridMixin, BaseDetector):
                                  np.full(len(idx), -1, dtype=np.int64), sq, out)
             idx = out
         return idx
+
+    def explain(self, X):
+        """Per-feature contributions to each query's anomaly score, and the
+        training neighbours the score came from.
+
+        Eq. 2 is a sum of ``|d . v_j| / sqrt(e_j)`` over feature sets and
+        eigen-directions (``d`` the difference between the query and a
+        neighbour); each term is split over the features ``f`` of its set as
+        ``sign(d . v_j) * d_f * v_jf / sqrt(e_j)``, which sums to the term
+        exactly, and the floored directions' term ``||P_F d|| / sqrt(floor)``
+        as ``d_f (P_F d)_f / (||P_F d|| sqrt(floor))``. A contribution can
+        be negative. With ``aggregate="min"`` the explanation is that of the
+        neighbour attaining the minimum (``neighbor``), with ``"sum"`` the
+        sum over the k neighbours. Contributions are per input column, in
+        the input's order; with whitening they are mapped back through the
+        whitening matrix exactly, with ``normalize="l2"`` they are those of
+        the unit-row coordinates (see :mod:`nonn._explain`).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features)
+
+        Returns
+        -------
+        explanation : :class:`nonn.Explanation`
+            ``contributions`` (n_queries, n_features), summing per row to
+            ``anomaly_scores`` (= ``anomaly_score(X)``) to floating-point
+            rounding; ``neighbors`` (n_queries, k) training row ids;
+            ``neighbor`` (n_queries,) the row attaining the minimum (-1 with
+            ``aggregate="sum"``); ``neighbor_terms`` (n_queries, k).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from nonn import KNNN
+        >>> X = np.random.default_rng(0).normal(size=(200, 6))
+        >>> det = KNNN(n_neighbors=3, n_neighbors_of_neighbors=25).fit(X)
+        >>> q = X[:1].copy()
+        >>> q[0, 4] += 8.0
+        >>> ex = det.explain(q)
+        >>> int(ex.top(1)[0][0, 0])
+        4
+        >>> bool(np.isclose(ex.contributions.sum(), det.anomaly_score(q)[0]))
+        True
+        """
+        from ._explain import explain_knnn
+
+        return explain_knnn(self, X)
+
+    def partial_fit(self, X, y=None):
+        """Add normal samples ``X`` to the fitted model without a refit.
+
+        The new rows get their neighbourhoods, the existing neighbourhoods a
+        new row enters are updated (only their eigen-states are recomputed),
+        and the held-out calibration scores and the threshold are brought up
+        to date (only the calibration rows whose neighbours' lists changed
+        are rescored). The global statistics of the first fit stay frozen:
+        the input transforms (``scale``, the working scale, ``normalize``,
+        ``whiten``), the feature order of the sets, the eigenvalue floors
+        and any "auto" choice. With an exact backend the result is the model
+        a fit on all rows would give with those statistics (neighbourhoods,
+        eigen-states, calibration scores, threshold); an approximate FAISS
+        index is extended with ``add`` (see :mod:`nonn._update` for what is
+        guaranteed then). A threshold set by :meth:`calibrate` is replaced
+        by the fit's (it scored the model before the update); calibrate
+        again if needed. When the first fit capped ``n_neighbors`` or
+        ``n_neighbors_of_neighbors`` for lack of rows and the new rows lift
+        the cap, the neighbourhoods are recomputed in full.
+
+        The cost grows with the new rows and the neighbourhoods they enter
+        (about ``K' - 1`` per new row): one search of the new rows, one pass
+        of distances between old and new rows, and the eigen-states of the
+        changed neighbourhoods; ``n_samples_seen_`` counts every row.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            New normal samples, with the columns (and column names) the
+            model was fitted on. On a detector not fitted yet this is
+            ``fit(X)``.
+        y : ignored
+
+        Returns
+        -------
+        self
+        """
+        from ._update import knnn_partial_fit
+
+        return knnn_partial_fit(self, X)
 
     def fit_predict(self, X, y=None):
         """Fit, then label the training points themselves by their held-out

@@ -6,6 +6,8 @@
              [--header auto|yes|no] [--cluster ADDRESS|local] [options]
     nonn score MODEL QUERIES -o SCORES [--header auto|yes|no] [--cluster ADDRESS|local]
     nonn info MODEL [--verify]      (also image models from `nonn fit-images`)
+    nonn explain MODEL QUERIES -o EXPLANATIONS.csv|.npz [--top N] [--plot DIR]
+    nonn update MODEL NEW_NORMALS [-o MODEL2]
     nonn demo [--out DIR] [--seeds N] [--sizes 100,200,...] [--quick]
 
 TRAIN and QUERIES are a matrix file or a folder of .npy/.parquet shards;
@@ -862,6 +864,11 @@ def build_parser():
                        help="continue from the suite's results.csv checkpoint")
     add_progress_option(bench)
     bench.set_defaults(handler=_in_flags(_cmd_bench))
+
+    # explain and update: per-feature explanations, new normal samples
+    from . import _cli_explain
+
+    _cli_explain.register(sub)
 
     # Image subcommands (fit-images, score-images) live with the vision extra;
     # the module imports without torch and loads it only when a command runs.

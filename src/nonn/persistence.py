@@ -61,8 +61,9 @@ def _jsonable(value):
 
 
 #: fitted values a model may store besides its class's ``_state_scalars``:
-#: scikit-learn's column names (only when fitted on a table that had them)
-_OPTIONAL_SCALARS = ("feature_names_in_",)
+#: scikit-learn's column names (only when fitted on a table that had them),
+#: and the number of training samples seen (fit's plus partial_fit's)
+_OPTIONAL_SCALARS = ("feature_names_in_", "n_samples_seen_")
 
 
 def _state_names(cls, params):

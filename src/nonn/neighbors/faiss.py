@@ -243,6 +243,36 @@ class FaissBackend:
     def n_samples_fit_(self):
         return self._X.shape[0]
 
+    def add(self, X):
+        """Append the rows ``X`` to the indexed rows (their ids continue
+        after the existing ones) without rebuilding the index: FAISS's
+        ``add``. An index that needs training keeps what it learnt from the
+        first rows (IVF lists, PQ codebooks); an HNSW graph inserts the new
+        rows. With ``dedupe``, a new row that duplicates an indexed one joins
+        its group and is not indexed again. Returns ``self``."""
+        faiss = import_faiss()
+        X = np.asarray(X, dtype=self._X.dtype)
+        if X.ndim != 2 or X.shape[1] != self._X.shape[1]:
+            raise ValueError(f"add takes rows of {self._X.shape[1]} features; got shape "
+                             f"{X.shape}.")
+        n_old = self._X.shape[0]
+        rows = np.concatenate([self._X, unit_rows(X) if self.metric == "cosine" else X])
+        if self.exact or not self.dedupe:
+            fresh = rows[n_old:]
+            groups = None
+        else:
+            groups, fresh = _extend_groups(rows, n_old, self._groups)
+        step = chunk_rows(rows.shape[1] * 4, self.working_memory, min_rows=_MIN_CHUNK)
+        with _threads(faiss, self.n_jobs):
+            for start in range(0, len(fresh), step):
+                self.index_.add(np.ascontiguousarray(fresh[start:start + step],
+                                                     dtype=np.float32))
+        self._X = rows
+        self._groups = groups
+        self._index_X = rows if groups is None else rows[groups["first"]]
+        self._fallback = None
+        return self
+
     # --------------------------------------------------------------- search
     def kneighbors(self, X=None, n_neighbors=1, return_distance=True):
         faiss = import_faiss()
@@ -392,6 +422,35 @@ def _duplicate_groups(X):
     np.cumsum(counts, out=ptr[1:])
     return {"first": first.astype(np.int64), "inv": inv.ravel().astype(np.int64), "ptr": ptr,
             "members": np.argsort(inv.ravel(), kind="stable").astype(np.int64)}
+
+
+def _extend_groups(rows, n_old, old):
+    """Duplicate groups of ``rows`` after appending rows to ``n_old``
+    indexed ones, with the groups in the index's order: the indexed groups
+    keep their positions, groups of only new rows follow (by first row).
+    Returns ``(groups or None, the new rows to index)``; ``old`` is the
+    groups before (None: every old row was indexed, one per position)."""
+    flat = np.ascontiguousarray(rows).view(
+        np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel()
+    _, first, inv = np.unique(flat, return_index=True, return_inverse=True)
+    inv = inv.ravel()
+    indexed = np.arange(n_old) if old is None else old["first"]
+    position = np.full(len(first), -1, dtype=np.int64)
+    position[inv[indexed]] = np.arange(len(indexed))
+    added = np.nonzero(position < 0)[0]
+    added = added[np.argsort(first[added], kind="stable")]
+    position[added] = len(indexed) + np.arange(len(added))
+    fresh = rows[first[added]]
+    if len(first) == rows.shape[0] and old is None:
+        return None, fresh  # every row distinct: indexed one per row, in order
+    g = position[inv]
+    firsts = np.empty(len(first), dtype=np.int64)
+    firsts[position] = first
+    counts = np.bincount(g, minlength=len(first))
+    ptr = np.zeros(len(first) + 1, dtype=np.int64)
+    np.cumsum(counts, out=ptr[1:])
+    return ({"first": firsts, "inv": g.astype(np.int64), "ptr": ptr,
+             "members": np.argsort(g, kind="stable").astype(np.int64)}, fresh)
 
 
 def _find_hnsw(faiss, index):
