@@ -299,16 +299,16 @@ def test_info_shows_the_threshold_source_and_calibration_scores(tables, tmp_path
     capsys.readouterr()
     assert main(["info", str(model)]) == 0
     out = capsys.readouterr().out
-    assert (f"threshold:    offset_ = {det.offset_:.6g} at false-alarm rate 0.01 (set by: "
-            "training rows scored out of sample (300 rows))") in out
+    assert (f"threshold:    offset_ = {det.offset_:.6g} at false-alarm rate 0.01\n"
+            "  set by:     training rows scored out of sample (300 rows)\n") in out
     assert "calibration:  300 scores behind the threshold and the p-values" in out
     assert main(["calibrate", str(model), str(root / "held.csv"), "--false-alarm-rate",
                  "0.05"]) == 0
     capsys.readouterr()
     assert main(["info", str(model)]) == 0
     out = capsys.readouterr().out
-    assert ("at false-alarm rate 0.05 (set by: calibrated on 200 held-out normal samples)"
-            in out)
+    assert ("at false-alarm rate 0.05\n  set by:     calibrated on 200 held-out normal "
+            "samples\n") in out
     assert "calibration:  200 scores behind the threshold" in out
 
 
@@ -362,7 +362,7 @@ def test_calibrate_an_image_model(image_model, tmp_path):
     # info shows it
     r = run("info", out, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "set by: calibrated on 12 held-out normal samples" in r.stdout
+    assert "  set by:     calibrated on 12 held-out normal samples\n" in r.stdout
     assert "calibration:  12 scores" in r.stdout
 
 
@@ -415,3 +415,44 @@ def test_score_images_writes_p_values_and_fdr_labels(image_model, tmp_path):
                                   system.predict_fdr(paths, fdr=0.3))
     bad = [row for row in rows if "/bad/" in row["path"]]
     assert {row["label"] for row in bad} == {"-1"}
+
+
+# ------------------------------------------------------------------ --cluster
+def test_cluster_scores_gathered_into_a_file_have_p_values(tables, tmp_path):
+    pytest.importorskip("dask.array")
+    distributed = pytest.importorskip("distributed")
+    import warnings
+
+    root, parts = tables
+    model = fitted_model(root, tmp_path, "knnn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cluster = distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                           dashboard_address=None)
+        client = distributed.Client(cluster)
+    try:
+        out = tmp_path / "s.csv"
+        assert main(["score", str(model), str(root / "queries.csv"), "-o", str(out),
+                     "--cluster", cluster.scheduler_address, "--fdr", "0.1"]) == 0
+    finally:
+        client.close()
+        cluster.close()
+    table = np.loadtxt(out, delimiter=",", skiprows=1)
+    det = nonn.load(model)
+    # the p-values of the written scores against the model's calibration scores
+    p = conformal_pvalues(table[:, 1], det.calibration_scores_)
+    assert np.array_equal(table[:, 4], p)
+    np.testing.assert_array_equal(table[:, 3], fdr_labels(p, 0.1))
+    np.testing.assert_allclose(table[:, 4], det.pvalue(frame(parts["queries"])), atol=0.02)
+
+
+def test_cluster_folder_output_refuses_fdr_before_any_work(tables, tmp_path):
+    pytest.importorskip("dask.array")
+    pytest.importorskip("distributed")
+    root, _ = tables
+    model = fitted_model(root, tmp_path, "knnn")
+    r = run("score", model, root / "queries.csv", "-o", "parts", "--cluster", "local", "--fdr",
+            "0.1", cwd=tmp_path)
+    assert r.returncode == 2
+    one_error_line(r.stderr, "--fdr labels the queries as one batch", "give -o a file")
+    assert not (tmp_path / "parts").exists()

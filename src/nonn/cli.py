@@ -802,19 +802,21 @@ def _cmd_info(args):
     return 0
 
 
-def _print_threshold(fitted, arrays, label="threshold:    "):
-    """The threshold, where it comes from, and the calibration scores behind
-    it and the p-values (a model file written before they were stored used
-    its training scores for both)."""
+def _print_threshold(fitted, arrays, line=None):
+    """The threshold (``line``, or the default one), where it comes from,
+    and the calibration scores behind it and the p-values (a model file
+    written before they were stored used its training scores for both)."""
     arrays = arrays or {}
     spec = arrays.get("calibration_scores_") or arrays.get("train_scores_") or {}
     n = (spec.get("shape") or [None])[0]
-    source = fitted.get("threshold_source_") or "training scores"
-    rate = fitted.get("contamination_")
-    rate = f" at false-alarm rate {rate:g}" if isinstance(rate, (int, float)) else ""
-    offset = fitted.get("offset_")
-    offset = f"{offset:.6g}" if isinstance(offset, (int, float)) else repr(offset)
-    print(f"{label}offset_ = {offset}{rate} (set by: {source})")
+    if line is None:
+        rate = fitted.get("contamination_")
+        rate = f" at false-alarm rate {rate:g}" if isinstance(rate, (int, float)) else ""
+        offset = fitted.get("offset_")
+        offset = f"{offset:.6g}" if isinstance(offset, (int, float)) else repr(offset)
+        line = f"offset_ = {offset}{rate}"
+    print(f"threshold:    {line}")
+    print(f"  set by:     {fitted.get('threshold_source_') or 'training scores'}")
     if isinstance(n, int):
         print(f"calibration:  {n} scores behind the threshold and the p-values (the smallest "
               f"p-value is 1/{n + 1}); `nonn calibrate` re-sets them on held-out normals")
@@ -869,7 +871,10 @@ def _info_image(args):
     print(f"image_size:   {size} x {size}")
     print(f"training:     {n_train} images, feature dimension {dim} "
           f"(normalize = {params.get('normalize')})")
-    _print_threshold(fitted, det.get("arrays"))
+    _print_threshold(fitted, det.get("arrays"),
+                     f"offset_ = {fitted.get('offset_')!r}, contamination_ = "
+                     f"{fitted.get('contamination_')!r} (contamination = "
+                     f"{params.get('contamination')!r})")
     maps = arrays.get("train_maps")
     if maps is not None:
         shape, dtype, n = _array_bytes(maps)

@@ -175,31 +175,40 @@ def _markdown(digits, methods, auc, mean_auroc, false_alarm, wins, rate, n_norma
 
 
 def _plot(path, shown):
+    """One mosaic (a single image: fast to draw): a row per digit, its most
+    normal test images on the left, its most anomalous on the right, each
+    with its p-value above it (red: another digit, an anomaly)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     digits = sorted(shown)
-    cols = 2 * SHOWN
-    fig, axes = plt.subplots(len(digits), cols, figsize=(1.15 * cols, 1.3 * len(digits) + 0.6),
-                             squeeze=False)
+    cols, cell, gap = 2 * SHOWN, 8, 5  # gap: room for the p-value above a tile
+    pitch_x, pitch_y = cell + 2, cell + gap
+    mosaic = np.full((len(digits) * pitch_y, cols * pitch_x + 2), np.nan)
+    fig, ax = plt.subplots(figsize=(0.8 * cols + 1.2, 0.75 * len(digits) + 1.0))
     for i, d in enumerate(digits):
         images, labels, pvalues, _ = shown[d]
         for j in range(cols):
-            ax = axes[i, j]
-            ax.imshow(images[j].reshape(8, 8), cmap="gray_r", vmin=0, vmax=16)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            color = "black" if labels[j] == d else "crimson"
-            ax.set_title(f"p={pvalues[j]:.3f}", fontsize=7, color=color)
-            if j == 0:
-                ax.set_ylabel(f"normal: {d}", fontsize=8)
-    n_cal = min(v[3] for v in shown.values())
-    fig.suptitle(f"k-NNN, each row fitted on one digit: the {SHOWN} most normal (left) and "
+            x = j * pitch_x + (2 if j >= SHOWN else 0)  # a wider gap between the halves
+            y = i * pitch_y + gap - 1
+            mosaic[y:y + cell, x:x + cell] = images[j].reshape(cell, cell)
+            ax.text(x + cell / 2 - 0.5, y - 1.2, f"p={pvalues[j]:.3f}", ha="center",
+                    va="bottom", fontsize=6.5,
+                    color="black" if labels[j] == d else "crimson")
+        ax.text(-1.5, i * pitch_y + gap - 1 + cell / 2, f"normal: {d}", ha="right",
+                va="center", fontsize=8)
+    ax.imshow(np.ma.masked_invalid(mosaic), cmap="gray_r", vmin=0, vmax=16,
+              interpolation="nearest")
+    ax.set_axis_off()
+    lo, hi = min(v[3] for v in shown.values()), max(v[3] for v in shown.values())
+    floor = (f"1/{lo + 1} = {1 / (lo + 1):.3f}" if lo == hi else
+             f"1/(n + 1) = {1 / (hi + 1):.3f}-{1 / (lo + 1):.3f}")
+    ax.set_title(f"k-NNN, each row fitted on one digit: the {SHOWN} most normal (left) and "
                  f"{SHOWN} most anomalous (right) test images, with their p-values\n(red: "
-                 f"another digit, an anomaly; with ~{n_cal} calibration normals the smallest "
-                 f"p-value is 1/{n_cal + 1} = {1 / (n_cal + 1):.3f})", fontsize=8)
+                 f"another digit, an anomaly; with n = {lo}" + ("" if lo == hi else f"-{hi}")
+                 + f" calibration normals the smallest p-value is {floor})", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
