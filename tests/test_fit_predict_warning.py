@@ -29,7 +29,7 @@ def test_fit_predict_warns_once_per_call_with_the_advice(cls):
     text = str(w.message)
     assert text.startswith(f"{cls.__name__}.fit_predict labels the training rows themselves")
     for advice in ("fit on rows known to be normal", "calibrate on other normal rows",
-                   "clean the data first", "Contaminated training data"):
+                   "clean the data first", "isolation forest", "Contaminated training data"):
         assert advice in text
     # it points at the caller's line, not at nonn's internals
     assert w.filename == __file__

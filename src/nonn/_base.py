@@ -137,8 +137,9 @@ CONTAMINATION_ADVICE = (
     "{name}.fit_predict labels the training rows themselves, but nonn's detectors model "
     "clean normal data: anomalies in the training data shape the model and can score as "
     "normal. For data that may hold anomalies, fit on rows known to be normal (and "
-    "calibrate on other normal rows), or clean the data first; see 'Contaminated training "
-    "data' in the user guide.")
+    "calibrate on other normal rows), or clean the data first (for example, set aside the "
+    "rows an isolation forest scores highest); see 'Contaminated training data' in the "
+    "user guide.")
 
 
 def warn_contaminated(estimator):
