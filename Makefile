@@ -10,7 +10,8 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# The main job: the paper's 2-D synthetic benchmark (Table 5, Figure 8).
+# The main job: the paper's 2-D synthetic benchmark (Table 5, Figure 8), then
+# one-class digits on scikit-learn's bundled 8x8 digits (no download).
 demo: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[plot]"
 	$(BIN)/nonn demo --out demo_output

@@ -46,7 +46,7 @@ def write(path, A):
 
 def read_scores_csv(path):
     lines = open(path).read().splitlines()
-    assert lines[0] == "index,anomaly_score,score_samples,label"
+    assert lines[0] == "index,anomaly_score,score_samples,label,p_value"
     return np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
 
 
@@ -81,6 +81,7 @@ def check_scores_csv(path, model_path, queries):
     assert np.array_equal(table[:, 2], model.score_samples(Qr).astype(np.float64))
     np.testing.assert_array_equal(table[:, 3], model.predict(Qr))
     assert set(table[-4:, 3]) == {-1}
+    assert np.array_equal(table[:, 4], model.pvalue(Qr))
     return model
 
 

@@ -64,7 +64,7 @@ def test_fit_score_round_trip_feature_knnn(folders, tmp_path, capsys):
     scores = tmp_path / "scores.csv"
     assert main(["score-images", str(model), str(folders / "new"), "-o", str(scores)]) == 0
     rows = read_csv(scores)
-    assert list(rows[0]) == ["path", "anomaly_score", "score_samples", "label"]
+    assert list(rows[0]) == ["path", "anomaly_score", "score_samples", "label", "p_value"]
     assert len(rows) == 7
     by_name = {r["path"].rsplit("/", 1)[-1]: r for r in rows}
     bad = [float(by_name[f"bad{i}.jpg"]["anomaly_score"]) for i in range(3)]

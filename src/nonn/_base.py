@@ -113,6 +113,64 @@ def resolve_n_jobs(n_jobs):
     return int(n_jobs)
 
 
+def conformal_pvalues(anomaly_scores, calibration_scores):
+    """Conformal p-values of ``anomaly_scores`` (higher = more anomalous)
+    against ``calibration_scores`` (``score_samples`` of calibration
+    normals, higher = more normal): ``(1 + #{calibration anomaly score >=
+    s}) / (n + 1)`` for each score ``s``. See :meth:`ScoreConventions.pvalue`."""
+    s = np.asarray(anomaly_scores, dtype=np.float64)
+    cal = np.sort(-np.asarray(calibration_scores, dtype=np.float64))
+    at_least = len(cal) - np.searchsorted(cal, s, side="left")
+    return (1.0 + at_least) / (len(cal) + 1.0)
+
+
+def check_fdr(fdr, example="predict_fdr(X, fdr=0.05)"):
+    """Raise unless ``fdr`` is a false-discovery rate in (0, 1)."""
+    if not Interval("real", 0, 1, closed="neither").accepts(fdr):
+        raise ValueError(f"fdr must be a float in the range (0, 1). Got {fdr!r} instead. "
+                         f"For example: {example}.")
+
+
+def check_false_alarm_rate(rate):
+    """``rate`` as a float, or a ValueError unless it is in (0, 1)."""
+    if not Interval("real", 0, 1, closed="neither").accepts(rate):
+        raise ValueError(
+            "false_alarm_rate must be a float in the range (0, 1). "
+            f"Got {rate!r} instead. For example: calibrate(X_val, false_alarm_rate=0.01)."
+        )
+    return float(rate)
+
+
+def fdr_labels(pvalues, fdr):
+    """+1 / -1 labels of a batch with p-values ``pvalues`` at the
+    false-discovery rate ``fdr`` (Benjamini-Hochberg)."""
+    from scipy.stats import false_discovery_control
+
+    check_fdr(fdr)
+    p = np.asarray(pvalues, dtype=np.float64)
+    if not len(p):
+        return np.ones(0, dtype=np.int64)
+    return np.where(false_discovery_control(p, method="bh") <= fdr, -1, 1)
+
+
+#: what ``fit_predict`` warns: it labels the training rows themselves, which
+#: suits clean training data only
+CONTAMINATION_ADVICE = (
+    "{name}.fit_predict labels the training rows themselves, but nonn's detectors model "
+    "clean normal data: anomalies in the training data shape the model and can score as "
+    "normal. For data that may hold anomalies, fit on rows known to be normal (and "
+    "calibrate on other normal rows), or clean the data first (for example, set aside the "
+    "rows an isolation forest scores highest); see 'Contaminated training data' in the "
+    "user guide.")
+
+
+def warn_contaminated(estimator):
+    """The :data:`CONTAMINATION_ADVICE` warning of ``fit_predict`` (one per
+    call; Python's default filter shows it once per calling line)."""
+    warnings.warn(CONTAMINATION_ADVICE.format(name=type(estimator).__name__), UserWarning,
+                  stacklevel=3)
+
+
 class ScoreConventions:
     """scikit-learn's outlier conventions on top of ``anomaly_score`` (higher
     = more anomalous) and a fitted threshold ``offset_``; shared by the
@@ -148,15 +206,8 @@ class ScoreConventions:
         Benjamini-Hochberg procedure on :meth:`pvalue` flags the largest set
         of queries in which, on average, at most a share ``fdr`` are
         normal (valid for independent queries)."""
-        from scipy.stats import false_discovery_control
-
-        if not Interval("real", 0, 1, closed="neither").accepts(fdr):
-            raise ValueError(f"fdr must be a float in the range (0, 1). Got {fdr!r} instead. "
-                             "For example: predict_fdr(X, fdr=0.05).")
-        p = self.pvalue(X)
-        if not len(p):
-            return np.ones(0, dtype=np.int64)
-        return np.where(false_discovery_control(p, method="bh") <= fdr, -1, 1)
+        check_fdr(fdr)
+        return fdr_labels(self.pvalue(X), fdr)
 
 
 class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
@@ -445,7 +496,9 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
         nonn's detectors model clean normal data (novelty detection). On a
         training set that itself holds anomalies they shape the model, and
         their scores can come out lower than those of normal points; see
-        the user guide before using this on contaminated data."""
+        the user guide before using this on contaminated data; this method
+        warns (a ``UserWarning``) to say so."""
+        warn_contaminated(self)
         self.fit(X)
         return np.where(self.train_scores_ - self.offset_ < 0, -1, 1)
 
@@ -465,12 +518,7 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
         -------
         self
         """
-        rate = false_alarm_rate
-        if not Interval("real", 0, 1, closed="neither").accepts(rate):
-            raise ValueError(
-                "false_alarm_rate must be a float in the range (0, 1). "
-                f"Got {rate!r} instead. For example: calibrate(X_val, false_alarm_rate=0.01)."
-            )
+        rate = check_false_alarm_rate(false_alarm_rate)
         X_normal = self._validate_query(X_normal)
         seen = self._training_rows(X_normal)
         n = X_normal.shape[0]

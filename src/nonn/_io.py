@@ -511,13 +511,14 @@ def check_output_folder(path):
                          "special file, not a regular file; give a file name.")
 
 
-def write_scores(path, anomaly_score, score_samples, labels):
+def write_scores(path, anomaly_score, score_samples, labels, p_value=None):
     """Write a score table to ``path`` atomically, in the format its
     extension names.
 
     Columns: ``index`` (row of the query), ``anomaly_score`` (higher = more
-    anomalous), ``score_samples`` (higher = more normal) and ``label`` (+1
-    inlier, -1 outlier).
+    anomalous), ``score_samples`` (higher = more normal), ``label`` (+1
+    inlier, -1 outlier) and, when ``p_value`` is given, ``p_value``
+    (float64, the conformal p-value of each query).
 
     * ``.csv``: a header row, then one row per query; floats are written
       with Python's shortest round-trip repr, so reading them back as
@@ -533,43 +534,48 @@ def write_scores(path, anomaly_score, score_samples, labels):
     a = np.asarray(anomaly_score)
     s = np.asarray(score_samples)
     lab = np.asarray(labels).astype(np.int64, copy=False)
-    if not (a.ndim == s.ndim == lab.ndim == 1 and len(a) == len(s) == len(lab)):
+    cols = {"index": np.arange(len(a), dtype=np.int64), "anomaly_score": a,
+            "score_samples": s, "label": lab}
+    if p_value is not None:
+        cols["p_value"] = np.asarray(p_value, dtype=np.float64)
+    if not (all(c.ndim == 1 for c in cols.values())
+            and len({len(c) for c in cols.values()}) == 1):
         raise ValueError(
-            "anomaly_score, score_samples and labels must be 1-D and of one length; got "
-            f"shapes {a.shape}, {s.shape} and {lab.shape}."
+            f"{', '.join(list(cols)[1:])} must be 1-D and of one length; got shapes "
+            f"{', '.join(str(c.shape) for c in list(cols.values())[1:])}."
         )
-    index = np.arange(len(a), dtype=np.int64)
     writer = {".csv": _write_csv, ".npy": _write_npy, ".npz": _write_npz,
               ".parquet": _write_parquet}[ext]
-    atomic_write(path, lambda fh: writer(fh, index, a, s, lab))
+    atomic_write(path, lambda fh: writer(fh, cols))
     return path
 
 
-def _write_csv(fh, index, a, s, lab):
-    fh.write((",".join(SCORE_COLUMNS) + "\n").encode("ascii"))
-    for start in range(0, len(a), _CSV_CHUNK):
+def _write_csv(fh, cols):
+    fh.write((",".join(cols) + "\n").encode("ascii"))
+    n = len(cols["index"])
+    for start in range(0, n, _CSV_CHUNK):
         sl = slice(start, start + _CSV_CHUNK)
-        rows = zip(index[sl].tolist(), a[sl].astype(np.float64).tolist(),
-                   s[sl].astype(np.float64).tolist(), lab[sl].tolist())
-        fh.write("".join(f"{i},{x!r},{y!r},{l}\n" for i, x, y, l in rows).encode("ascii"))
+        # floats as their shortest round-trip repr (exact when read back)
+        parts = [c[sl].tolist() if c.dtype.kind in "iu" else c[sl].astype(np.float64).tolist()
+                 for c in cols.values()]
+        fh.write("".join(",".join(map(repr, row)) + "\n"
+                         for row in zip(*parts)).encode("ascii"))
 
 
-def _write_npy(fh, index, a, s, lab):
-    table = np.empty(len(a), dtype=[("index", np.int64), ("anomaly_score", a.dtype),
-                                    ("score_samples", s.dtype), ("label", np.int64)])
-    for name, col in zip(SCORE_COLUMNS, (index, a, s, lab)):
+def _write_npy(fh, cols):
+    table = np.empty(len(cols["index"]), dtype=[(k, c.dtype) for k, c in cols.items()])
+    for name, col in cols.items():
         table[name] = col
     np.save(fh, table, allow_pickle=False)
 
 
-def _write_npz(fh, index, a, s, lab):
-    np.savez(fh, **dict(zip(SCORE_COLUMNS, (index, a, s, lab))))
+def _write_npz(fh, cols):
+    np.savez(fh, **cols)
 
 
-def _write_parquet(fh, index, a, s, lab):
+def _write_parquet(fh, cols):
     pa, pq = _pyarrow()
-    table = pa.table(dict(zip(SCORE_COLUMNS, (index, a, s, lab))))
-    pq.write_table(table, fh)
+    pq.write_table(pa.table(cols), fh)
 
 
 def _umask():

@@ -7,7 +7,7 @@ import warnings
 
 import numpy as np
 
-from ._base import BaseDetector, CappedParameterWarning, cap, resolve_floor
+from ._base import BaseDetector, CappedParameterWarning, cap, resolve_floor, warn_contaminated
 from ._eq2 import aggregate_terms, eigen_row_bytes, eigen_width, neighborhood_eigen, score_terms
 from ._local_eigen import pad, permute
 from ._partition import grid_from_statistics, grid_statistics
@@ -623,7 +623,9 @@ class KNNN(_SetGridMixin, BaseDetector):
         k-NNN is a novelty detector: it models clean normal data. On a
         training set that itself holds anomalies they shape the
         neighbourhoods, and their own scores can come out lower than those
-        of normal points (see the user guide)."""
+        of normal points (see the user guide); this method warns (a
+        ``UserWarning``) to say so."""
+        warn_contaminated(self)
         self._calibrate_all = True
         try:
             self.fit(X)

@@ -23,7 +23,7 @@ import numpy as np
 
 # one parser for the contamination option, one set of progress flags, one
 # phrasing of errors in flags
-from ..cli import _contamination, _in_flags, add_progress_option
+from ..cli import _contamination, _fdr, _in_flags, add_progress_option
 
 
 def _note(message):
@@ -185,21 +185,30 @@ def _cmd_score_images(args):
     else:
         anomaly = system.anomaly_score(paths)
     seconds = time.perf_counter() - start
-    labels = system.labels_from_scores(anomaly)
+    from nonn._base import conformal_pvalues, fdr_labels
+
+    pvalues = conformal_pvalues(anomaly, system.calibration_scores_)
+    if args.fdr is None:
+        labels = system.labels_from_scores(anomaly)
+    else:
+        labels = fdr_labels(pvalues, args.fdr)
 
     def write(fh):
         text = io.TextIOWrapper(fh, encoding="utf-8", newline="")
         w = csv.writer(text)
-        w.writerow(["path", "anomaly_score", "score_samples", "label"])
-        for p, a, lab in zip(paths, anomaly, labels):
-            w.writerow([p, f"{float(a):.9g}", f"{-float(a):.9g}", int(lab)])
+        w.writerow(["path", "anomaly_score", "score_samples", "label", "p_value"])
+        for p, a, lab, pv in zip(paths, anomaly, labels, pvalues):
+            w.writerow([p, f"{float(a):.9g}", f"{-float(a):.9g}", int(lab), repr(float(pv))])
         text.flush()
         text.detach()  # leave the binary file to atomic_write
 
     _io.atomic_write(args.output, write)
     n_out = int((labels == -1).sum())
+    from ..cli import flagged_how
+
     print(f"scored {len(paths)} images with {type(system).__name__} in {seconds:.2f} s "
-          f"({seconds / len(paths):.3f} s/image): {n_out} flagged as anomalies (label -1)")
+          f"({seconds / len(paths):.3f} s/image): {n_out} flagged as anomalies (label -1) "
+          f"{flagged_how(system.detector_, args.fdr, len(paths))}")
     print(f"  wrote {args.output}")
     if maps is not None:
         from PIL import Image
@@ -272,14 +281,21 @@ def register(subparsers):
     score = subparsers.add_parser(
         "score-images", help="score images with a model from fit-images",
         description="Score images and write one CSV row per image: path, anomaly_score "
-        "(higher = more anomalous), score_samples (= -anomaly_score) and label (+1 normal, "
-        "-1 anomaly, by the model's threshold). With --heatmaps (spade models), also write "
-        "an overlay PNG and the raw map (.npy) per image.")
+        "(higher = more anomalous), score_samples (= -anomaly_score), label (+1 normal, "
+        "-1 anomaly, by the model's threshold, or with --fdr at a false-discovery rate) and "
+        "p_value (the share of the model's calibration normals scoring at least as high; "
+        "small = unusual). With --heatmaps (spade models), also write an overlay PNG and "
+        "the raw map (.npy) per image.")
     score.add_argument("model", metavar="MODEL", help="model file written by `nonn fit-images`")
     score.add_argument("images", metavar="DIR_OR_FILES", nargs="+",
                        help="folder(s) (searched recursively) or image files")
     score.add_argument("-o", "--output", metavar="SCORES.csv", required=True,
                        help="CSV file to write")
+    score.add_argument("--fdr", type=_fdr, metavar="Q",
+                       help="label the images as one batch at false-discovery rate Q in (0, "
+                       "1): Benjamini-Hochberg on the p-values flags the largest set in which, "
+                       "on average, at most a share Q are normal (default: the model's "
+                       "threshold, set by fit-images --contamination or `nonn calibrate`)")
     score.add_argument("--heatmaps", metavar="OUTDIR",
                        help="write <name>_heatmap.png overlays and <name>_map.npy (spade)")
     score.add_argument("--map-nn", choices=("knn", "knnn"),

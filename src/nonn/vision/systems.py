@@ -126,6 +126,75 @@ class _ImageSystem(ScoreConventions, BaseEstimator):
         """``predict`` for already computed anomaly scores."""
         return np.where(-np.asarray(anomaly) - self.offset_ < 0, -1, 1)
 
+    # ---------------------------------------------------------- threshold
+    @property
+    def calibration_scores_(self):
+        """The detector's calibration scores (``score_samples`` of normal
+        images scored out of sample), behind ``offset_`` and :meth:`pvalue`."""
+        check_is_fitted(self, "detector_")
+        return self.detector_.calibration_scores_
+
+    def calibrate(self, X, false_alarm_rate=0.01):
+        """Re-set the threshold (and the p-values) on held-out normal images
+        ``X`` (a folder, paths, or a uint8 image array), without refitting;
+        about ``false_alarm_rate`` of images like them are then flagged.
+        The model's own training images are refused (their scores are not
+        out of sample). Returns self."""
+        check_is_fitted(self, "detector_")
+        from nonn._base import check_false_alarm_rate
+
+        check_false_alarm_rate(false_alarm_rate)
+        return self.calibrate_features(self._features(X), false_alarm_rate)
+
+    def calibrate_features(self, features, false_alarm_rate=0.01):
+        """:meth:`calibrate` from precomputed pooled features."""
+        import warnings
+
+        from nonn._base import check_false_alarm_rate
+
+        check_is_fitted(self, "detector_")
+        check_false_alarm_rate(false_alarm_rate)
+        features = self._prep(features)
+        seen = self._training_images(features)
+        n = len(features)
+        if seen.sum() * 2 > n:
+            raise ValueError(
+                f"{int(seen.sum())} of the {n} images given to calibrate are training images "
+                "of this model; their scores are not out of sample, so the threshold would "
+                "flag far more new normal images than asked. Calibrate on normal images held "
+                "out from fit.")
+        with warnings.catch_warnings():
+            if seen.any():
+                warnings.warn(f"{int(seen.sum())} of the {n} calibration images are training "
+                              "images of this model; their scores are optimistic.",
+                              stacklevel=3)
+                # the detector would say the same of the exact copies among them
+                warnings.simplefilter("ignore", UserWarning)
+            self.detector_.calibrate(features, false_alarm_rate)
+        self.offset_ = self.detector_.offset_
+        return self
+
+    #: a feature row within this share of a training row's length of it is
+    #: taken for that training image (features of one image computed on
+    #: another device, or with reduced-precision convolutions, differ a little)
+    _SAME_IMAGE_RTOL = 1e-3
+
+    def _training_images(self, features):
+        """Which rows of ``features`` (as the detector sees them) are the
+        features of training images."""
+        train = np.asarray(self.train_features_, dtype=np.float32)
+        out = np.zeros(len(features), dtype=bool)
+        if not len(train) or features.shape[1:] != train.shape[1:]:
+            return out
+        t2 = (train.astype(np.float64) ** 2).sum(1)
+        for start in range(0, len(features), 256):
+            f = features[start:start + 256].astype(np.float64)
+            d2 = (f ** 2).sum(1)[:, None] - 2 * f @ train.T.astype(np.float64) + t2[None]
+            j = d2.argmin(1)
+            out[start:start + 256] = (np.maximum(d2[np.arange(len(f)), j], 0)
+                                      <= self._SAME_IMAGE_RTOL ** 2 * t2[j])
+        return out
+
     # -------------------------------------------------------- persistence
     _extra_arrays = ("train_features_",)
     #: the saved arrays (see nonn._state): N training images, D feature
