@@ -245,7 +245,8 @@ def test_pipeline_equals_knnn_on_extracted_features(extractor, normal_images):
 def test_feature_system_equals_detector_on_features(extractor, normal_images, nn, cls):
     queries = np.concatenate([make_images(4, seed=7), make_images(3, seed=8, defect=True)])
     system = FeatureDetector(nn=nn, n_neighbors=3, n_neighbors_of_neighbors=10,
-                             image_size=SIZE, device="cpu", verbose=False).fit(normal_images)
+                             image_size=SIZE, device="cpu", verbose=False,
+                             normalize=False).fit(normal_images)
     params = {"n_neighbors": 3}
     if cls is KNNN:
         params["n_neighbors_of_neighbors"] = 10
@@ -326,7 +327,7 @@ def test_spade_maps_have_image_shape_and_find_the_defect(normal_images):
 
 def test_spade_pixel_distances_equal_naive_nearest_location():
     rng = np.random.default_rng(0)
-    system = SPADE(n_map_neighbors=2, map_size=3)
+    system = SPADE(n_map_neighbors=2, map_size=3, normalize=False)
     system.train_features_ = rng.normal(size=(4, 5)).astype(np.float32)
     system.train_maps_ = rng.normal(size=(4, 6, 3, 3)).astype(np.float16)
     feats = rng.normal(size=(2, 5)).astype(np.float32)
@@ -363,7 +364,7 @@ def _old_pixel_maps(system, feats, maps):
 
 def _random_spade(seed, n_train=6, channels=12, m=4, **params):
     rng = np.random.default_rng(seed)
-    system = SPADE(map_size=m, **params)
+    system = SPADE(map_size=m, **{"normalize": False, **params})
     system.train_features_ = rng.normal(size=(n_train, 5)).astype(np.float32)
     system.train_maps_ = rng.normal(size=(n_train, channels, m, m)).astype(np.float16)
     feats = rng.normal(size=(3, 5)).astype(np.float32)

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -97,17 +98,30 @@ def test_spade_heatmaps_through_python_m_nonn(folders, tmp_path):
     r = run("score-images", model, *files, "-o", tmp_path / "s.csv", "--heatmaps", heat)
     assert r.returncode == 0, r.stderr
     assert isinstance(load(model), SPADE)
-    for f in files:
-        png = heat / f"{f.stem}_heatmap.png"
+    system = load(model)
+    f = int(np.ceil(256 / 44))  # small images are drawn at least 256 px wide
+    for f_ in files:
+        png = heat / f"{f_.stem}_heatmap.png"
         with Image.open(png) as im:
-            assert im.size == (44, 36) and im.mode == "RGB"
-        amap = np.load(heat / f"{f.stem}_map.npy")
+            # the image and its map side by side, 4 px apart, a colour bar below
+            assert im.size[0] == 2 * 44 * f + 4 and im.size[1] > 36 * f and im.mode == "RGB"
+        amap = np.load(heat / f"{f_.stem}_map.npy")
         assert amap.shape == (36, 44)
-    # the overlay is red-hot on the defect and cool elsewhere
-    over = np.asarray(Image.open(heat / "bad0_heatmap.png")).astype(int)
+        mask = np.asarray(Image.open(heat / f"{f_.stem}_mask.png"))
+        np.testing.assert_array_equal(mask == 255, amap > system.pixel_threshold_)
+    # the defect is hot, and above the pixel threshold; the clean images'
+    # masks are (nearly) empty
     amap = np.load(heat / "bad0_map.npy")
     assert amap[6:20, 10:26].mean() > amap[28:, 30:].mean()
-    assert over[30:, 34:, 2].mean() > over[30:, 34:, 0].mean()  # bluish corner
+    assert (np.asarray(Image.open(heat / "bad0_mask.png"))[6:20, 10:26] == 255).mean() > 0.5
+    for i in range(4):
+        assert (np.asarray(Image.open(heat / f"ok{i}_mask.png")) == 255).mean() < 0.05
+    # a clean image's map panel is the cool end of viridis (more blue than
+    # red); the defect's square is warmer than any clean image's
+    ok = np.asarray(Image.open(heat / "ok0_heatmap.png")).astype(int)[:36 * f, 44 * f + 4:]
+    assert ok[..., 2].mean() > ok[..., 0].mean()
+    bad = np.asarray(Image.open(heat / "bad0_heatmap.png")).astype(int)[:36 * f, 44 * f + 4:]
+    assert bad[8 * f:18 * f, 12 * f:24 * f, 0].mean() > ok[8 * f:18 * f, 12 * f:24 * f, 0].mean()
 
 
 def test_errors_are_one_line(folders, tmp_path, capsys):
@@ -157,13 +171,14 @@ def test_info_describes_a_spade_image_model(spade_model, capsys):
              for line in out.splitlines() if ":" in line and not line.startswith(" ")}
     assert lines["model"] == (f"{spade_model} ({_human_bytes(spade_model.stat().st_size)} "
                               "on disk)")
-    assert lines["format"].startswith("nonn-vision-model version 2")
+    assert lines["format"].startswith("nonn-vision-model version 3")
     assert lines["system"] == "SPADE (nn = knnn: KNNN detector)"
     assert lines["backbone"].startswith("efficientnet_lite0 ")
     assert lines["image_size"] == "64 x 64"
     assert lines["training"].startswith("24 images, feature dimension 1280")
-    assert lines["threshold"] == (f"offset_ = {system.offset_!r}, contamination_ = 0.01 "
-                                  "(contamination = 'auto')")
+    assert lines["threshold"] == (f"offset_ = {system.detector_.offset_!r}, contamination_ = "
+                                  "0.01 (contamination = 'auto')")
+    assert lines["image score"].startswith("combined (map_score_q = 0.01; its threshold")
     assert lines["pixel maps"].startswith("stored: 24 pyramids of 176 channels x 8 x 8 "
                                           "(float16, 528.0 KiB); map_nn = knn, "
                                           "n_map_neighbors = 3")
@@ -171,8 +186,9 @@ def test_info_describes_a_spade_image_model(spade_model, capsys):
     # the system's and the detector's parameters, the detector's fitted values
     assert "  n_map_neighbors = 3\n" in out and "  map_size = 8\n" in out
     assert "    n_neighbors = 5\n" in out and "    n_neighbors_of_neighbors = 10\n" in out
-    assert f"    offset_ = {system.offset_!r}\n" in out
-    assert "train_maps      (24, 176, 8, 8)" in out and "eigenvectors_" in out
+    assert f"    offset_ = {system.detector_.offset_!r}\n" in out
+    assert re.search(r"\n  train_maps +\(24, 176, 8, 8\)", out) and "eigenvectors_" in out
+    assert re.search(r"\n  map_calibration +\(24, 3\)", out)
     assert "verified" not in out
     rc, out, err = _info(capsys, spade_model, "--verify")
     assert rc == 0, err

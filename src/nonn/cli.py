@@ -874,8 +874,21 @@ def _info_image(args):
                      f"offset_ = {fitted.get('offset_')!r}, contamination_ = "
                      f"{fitted.get('contamination_')!r} (contamination = "
                      f"{params.get('contamination')!r})")
+    if meta.get("system") == "SPADE":
+        score = params.get("image_score", "global")
+        print(f"image score:  {score}" + (
+            " (the detector's score of the pooled feature; offset_ above)" if score == "global"
+            else f" (map_score_q = {params.get('map_score_q')}; its threshold comes from the "
+            "held-out map calibration, not the detector's offset_)"))
     maps = arrays.get("train_maps")
-    if maps is not None:
+    bank = arrays.get("memory_bank")
+    if bank is not None:
+        shape, dtype, n = _array_bytes(bank)
+        print(f"pixel maps:   memory bank: {shape[0]} locations of {shape[1]} channels "
+              f"(coreset_ratio = {params.get('coreset_ratio')}; {dtype.name}, "
+              f"{_human_bytes(n * dtype.itemsize)}); map_nn = {params.get('map_nn', 'knn')}, "
+              f"sigma = {params.get('sigma')}")
+    elif maps is not None:
         shape, dtype, n = _array_bytes(maps)
         print(f"pixel maps:   stored: {shape[0]} pyramids of {shape[1]} channels x "
               f"{shape[2]} x {shape[3]} ({dtype.name}, {_human_bytes(n * dtype.itemsize)}); "

@@ -4,6 +4,8 @@
                     [--backbone NAME] [--weights FILE] [options]
     nonn score-images MODEL DIR_OR_FILES... -o SCORES.csv [--heatmaps OUTDIR]
                       [--map-nn knn|knnn] [--map-neighbors-of-neighbors KP]
+    nonn eval-images MODEL TEST_DIR [--masks DIR] [-o OUTDIR]
+    nonn export MODEL -o MODEL.onnx
 
 This module imports without torch; the commands load it when they run and
 say how to install it when it is missing.
@@ -81,17 +83,22 @@ def _cmd_fit_images(args):
         params["n_neighbors"] = args.n_neighbors
     if args.n_neighbors_of_neighbors is not None:
         params["n_neighbors_of_neighbors"] = args.n_neighbors_of_neighbors
-    if args.normalize:
-        params["normalize"] = True
+    if args.normalize is not None:
+        params["normalize"] = args.normalize
+    spade_only = {"image_score": args.image_score, "coreset_ratio": args.coreset_ratio,
+                  "map_n_neighbors_of_neighbors": args.map_neighbors_of_neighbors}
     if args.system == "spade":
         params["n_map_neighbors"] = args.map_neighbors
         params["map_size"] = args.map_size
         params["map_nn"] = args.map_nn
-        if args.map_neighbors_of_neighbors is not None:
-            params["map_n_neighbors_of_neighbors"] = args.map_neighbors_of_neighbors
-    elif args.map_nn != "knn" or args.map_neighbors_of_neighbors is not None:
-        _note("note: --map-nn and --map-neighbors-of-neighbors apply to --system spade; "
-              "ignored.")
+        params.update({k: v for k, v in spade_only.items() if v is not None})
+    elif args.map_nn != "knn" or any(v is not None for v in spade_only.values()):
+        _note("note: --map-nn, --map-neighbors-of-neighbors, --image-score and --coreset-ratio "
+              "apply to --system spade; ignored.")
+    if args.layers is not None:
+        if args.system != "feature":
+            raise ValueError("--layers applies to --system feature.")
+        params["layers"] = args.layers
     system = SYSTEMS[args.system](**params)
     start = time.perf_counter()
     system.fit(images)
@@ -109,22 +116,6 @@ def _cmd_fit_images(args):
 
 
 # ------------------------------------------------------------- score-images
-def _colormap(v):
-    """Values in [0, 1] -> uint8 RGB with a jet-like ramp (no matplotlib)."""
-    anchors = np.array([0.0, 0.125, 0.375, 0.625, 0.875, 1.0])
-    r = np.interp(v, anchors, [0.0, 0.0, 0.0, 1.0, 1.0, 0.5])
-    g = np.interp(v, anchors, [0.0, 0.0, 1.0, 1.0, 0.0, 0.0])
-    b = np.interp(v, anchors, [0.5, 1.0, 1.0, 0.0, 0.0, 0.0])
-    return (np.stack([r, g, b], -1) * 255).astype(np.uint8)
-
-
-def overlay(image, amap, vmin, vmax, alpha=0.5):
-    """Blend an RGB uint8 image with the colour-mapped anomaly map."""
-    v = np.clip((amap - vmin) / max(vmax - vmin, 1e-12), 0.0, 1.0)
-    heat = _colormap(v).astype(np.float32)
-    return (alpha * heat + (1 - alpha) * image.astype(np.float32)).round().astype(np.uint8)
-
-
 def _heatmap_names(paths):
     """Unique output stems for the input paths."""
     seen = {}
@@ -211,20 +202,195 @@ def _cmd_score_images(args):
           f"{flagged_how(system.detector_, args.fdr, len(paths))}")
     print(f"  wrote {args.output}")
     if maps is not None:
-        from PIL import Image
+        from .render import save_pictures
 
         out = Path(args.heatmaps)
         out.mkdir(parents=True, exist_ok=True)
-        # one colour scale for the whole run, so maps compare across images
-        vmin = float(min(m.min() for m in maps))
-        vmax = float(max(m.max() for m in maps))
+        # one absolute colour scale, set at fit from held-out normal images:
+        # an image's picture does not depend on the others of the run
+        median, threshold = system.map_median_, system.pixel_threshold_
         for p, name, m in zip(paths, _heatmap_names(paths), maps):
-            img = _images.load_rgb(p)
-            Image.fromarray(overlay(img, m, vmin, vmax)).save(out / f"{name}_heatmap.png")
+            save_pictures(str(out / name), _images.load_rgb(p), m, median, threshold)
             np.save(out / f"{name}_map.npy", m)
-        print(f"  wrote {len(maps)} overlays (<name>_heatmap.png) and raw maps (<name>_map.npy) "
-              f"to {out} (pixel matching {system.map_nn}, colour scale {vmin:.4g} .. "
-              f"{vmax:.4g})")
+        n_mask = sum(int((m > threshold).any()) for m in maps)
+        print(f"  wrote {len(maps)} pictures (<name>_heatmap.png: the image | the map over it), "
+              f"masks (<name>_mask.png) and raw maps (<name>_map.npy) to {out} (pixel "
+              f"matching {system.map_nn}; colour 0 = median normal pixel {median:.4g}, "
+              f"mid-scale = pixel threshold {threshold:.4g}; {n_mask} images have pixels "
+              "above it)")
+    return 0
+
+
+# -------------------------------------------------------------- eval-images
+def _grid_tile(system, path, amap, size=160):
+    """One tile of the worst-misses grid: the image, or (SPADE) its picture."""
+    from PIL import Image
+
+    from . import _images
+
+    img = _images.load_rgb(path)
+    if amap is not None:
+        from .render import render
+
+        img = render(img, amap, system.map_median_, system.pixel_threshold_)[0]
+    im = Image.fromarray(img)
+    im.thumbnail((2 * size if amap is not None else size, size))
+    return im
+
+
+def _worst_grid(system, paths, labels, scores, maps, out, n=4):
+    """A PNG of the ``n`` highest-scoring good images (false alarms) above
+    the ``n`` lowest-scoring defective ones (misses), each captioned."""
+    from PIL import Image, ImageDraw
+
+    good = [i for i in np.argsort(-scores, kind="stable") if labels[i] == 0][:n]
+    bad = [i for i in np.argsort(scores, kind="stable") if labels[i] == 1][:n]
+    rows = [("highest-scoring good images (false alarms first)", good),
+            ("lowest-scoring defective images (misses first)", bad)]
+    tiles = {i: _grid_tile(system, paths[i], None if maps is None else maps[i])
+             for _, idx in rows for i in idx}
+    tw = max(t.size[0] for t in tiles.values()) + 8
+    th = max(t.size[1] for t in tiles.values()) + 30
+    canvas = Image.new("RGB", (max(1, n) * tw, len(rows) * (th + 18)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (title, idx) in enumerate(rows):
+        y0 = r * (th + 18)
+        draw.text((4, y0 + 2), title, fill="black")
+        for c, i in enumerate(idx):
+            canvas.paste(tiles[i], (c * tw + 4, y0 + 18))
+            label = "good" if labels[i] == 0 else "defect"
+            draw.text((c * tw + 4, y0 + 18 + tiles[i].size[1] + 2),
+                      f"{Path(paths[i]).parent.name}/{Path(paths[i]).name}"[:28], fill="black")
+            draw.text((c * tw + 4, y0 + 18 + tiles[i].size[1] + 14),
+                      f"{label} score {scores[i]:.4g}", fill="black")
+    canvas.save(out)
+
+
+def _cmd_eval_images(args):
+    from nonn import _io
+
+    out = os.path.abspath(args.output)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--output {args.output!r} is a file; give a folder.")
+    if not os.path.isdir(os.path.dirname(out)):
+        raise FileNotFoundError(f"Cannot write to {args.output!r}: the folder "
+                                f"{os.path.dirname(out)!r} does not exist.")
+    _refuse_detector_model(args.model)
+    _require_vision()
+    from . import datasets, metrics
+    from .systems import SPADE, load
+
+    paths, labels, defects, mask_paths = datasets.load_test_folder(args.test_dir, args.masks)
+    system = load(args.model)
+    system.set_params(verbose=_verbose(args))
+    if args.device is not None:
+        system.set_params(device=args.device)
+    is_spade = isinstance(system, SPADE)
+    start = time.perf_counter()
+    if is_spade:
+        scores, maps = system.score_with_maps(paths)
+    else:
+        scores, maps = system.anomaly_score(paths), None
+    seconds = time.perf_counter() - start
+    scores = np.asarray(scores, dtype=np.float64)
+    predicted = system.labels_from_scores(scores)
+    rows = [("all", metrics.image_metrics(scores, labels), labels.sum(), (labels == 0).sum())]
+    for d in sorted(set(defects) - {"good"}):
+        sel = np.array([x in ("good", d) for x in defects])
+        rows.append((d, metrics.image_metrics(scores[sel], labels[sel]),
+                     int(labels[sel].sum()), int((labels[sel] == 0).sum())))
+    pixel = None
+    n_masks = sum(m is not None for m in mask_paths)
+    if is_spade and n_masks:
+        keep = [i for i in range(len(paths)) if labels[i] == 0 or mask_paths[i] is not None]
+        gts = []
+        for i in keep:
+            shape = maps[i].shape
+            gt = datasets.read_mask(mask_paths[i], shape)
+            if gt.shape != shape:
+                raise ValueError(f"The mask {mask_paths[i]!r} is {gt.shape[1]} x {gt.shape[0]} "
+                                 f"pixels but its image {paths[i]!r} is {shape[1]} x "
+                                 f"{shape[0]}.")
+            gts.append(gt)
+        sub = [maps[i] for i in keep]
+        pixel = {"pixel_auroc": metrics.pixel_auroc(sub, gts),
+                 "aupro30": metrics.aupro(sub, gts, max_fpr=0.3), "images": len(keep)}
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def write_scores(fh):
+        text = io.TextIOWrapper(fh, encoding="utf-8", newline="")
+        w = csv.writer(text)
+        w.writerow(["path", "defect", "label", "anomaly_score", "predicted"])
+        for p, d, y, s_, l_ in zip(paths, defects, labels, scores, predicted):
+            w.writerow([p, d, int(y), f"{float(s_):.9g}", int(l_)])
+        text.flush()
+        text.detach()
+
+    def write_metrics(fh):
+        text = io.TextIOWrapper(fh, encoding="utf-8", newline="")
+        w = csv.writer(text)
+        w.writerow(["subset", "n_defective", "n_good", "image_auroc", "image_ap"])
+        for name, m, n_bad, n_good in rows:
+            w.writerow([name, int(n_bad), int(n_good), f"{m['auroc']:.6g}", f"{m['ap']:.6g}"])
+        if pixel is not None:
+            w.writerow([])
+            w.writerow(["pixel_auroc", f"{pixel['pixel_auroc']:.6g}"])
+            w.writerow(["aupro_30", f"{pixel['aupro30']:.6g}"])
+        text.flush()
+        text.detach()
+
+    _io.atomic_write(str(out / "scores.csv"), write_scores)
+    _io.atomic_write(str(out / "metrics.csv"), write_metrics)
+    _worst_grid(system, paths, labels, scores, maps, out / "worst_misses.png", n=args.worst)
+    n_good, n_bad = int((labels == 0).sum()), int(labels.sum())
+    flagged = predicted == -1
+    print(f"evaluated {len(paths)} images ({n_good} good, {n_bad} defective) with "
+          f"{type(system).__name__} in {seconds:.2f} s")
+    print(f"  image AUROC {rows[0][1]['auroc']:.4f}  AP {rows[0][1]['ap']:.4f}  at the model's "
+          f"threshold: {int(flagged[labels == 1].sum())}/{n_bad} defective and "
+          f"{int(flagged[labels == 0].sum())}/{n_good} good images flagged")
+    for name, m, nb, ng in rows[1:]:
+        print(f"    {name:<20} AUROC {m['auroc']:.4f}  AP {m['ap']:.4f}  ({nb} vs {ng} good)")
+    if pixel is not None:
+        print(f"  pixel AUROC {pixel['pixel_auroc']:.4f}  AUPRO (FPR <= 30%) "
+              f"{pixel['aupro30']:.4f}  ({n_masks} masks)")
+    elif is_spade:
+        print("  no ground-truth masks found: no pixel metrics (give --masks DIR)")
+    else:
+        print("  pixel metrics need a SPADE model (fit-images --system spade)")
+    print(f"  wrote {out / 'scores.csv'}, {out / 'metrics.csv'}, {out / 'worst_misses.png'}")
+    return 0
+
+
+# ------------------------------------------------------------------- export
+def _cmd_export(args):
+    from nonn import _io
+
+    if not args.output.lower().endswith(".onnx"):
+        raise ValueError(f"--output must be a .onnx file; got {args.output!r}.")
+    _io.check_output_folder(args.output)
+    _io.check_not_an_input(args.output, [("MODEL", args.model)])
+    _refuse_detector_model(args.model)
+    _require_vision()
+    from .export import export_onnx
+    from .systems import load
+
+    system = load(args.model)
+    tmp = args.output + ".tmp.onnx"
+    try:
+        outputs = export_onnx(system, tmp, opset=args.opset)
+        os.replace(tmp, args.output)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    s = system.image_size
+    print(f"exported the feature extractor of {type(system).__name__} ({system.backbone}) to "
+          f"{args.output} ({os.path.getsize(args.output) / 2**20:.1f} MiB, opset {args.opset})")
+    print(f"  input:   images float32 (N, 3, {s}, {s}), RGB in [0, 255], resized to {s} x {s}")
+    print(f"  outputs: {', '.join(outputs)} (the backbone's normalisation is inside)")
+    print("  not included: image reading and resizing, normalize, the k-NN/k-NNN detector and "
+          "its threshold, map matching and calibration (they stay in the .nonn model)")
     return 0
 
 
@@ -259,13 +425,25 @@ def register(subparsers):
     fit.add_argument("--n-neighbors", type=_positive_int, metavar="K",
                      help="k (default: 3 for feature, 50 for spade)")
     fit.add_argument("--n-neighbors-of-neighbors", type=_positive_int, metavar="KP",
-                     help="K' of k-NNN (default: 25)")
+                     help="K' of k-NNN (default: KNNN's)")
     fit.add_argument("--contamination", type=_contamination, default="auto",
                      metavar="auto|FLOAT", help="share of training images flagged; sets the "
                      "label threshold (default: auto = 0.01)")
-    fit.add_argument("--normalize", action="store_true",
-                     help="scale pooled features to unit length before the detector "
-                     "(default: raw features, as in the paper)")
+    fit.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                     help="scale pooled features to unit length before the detector (default: "
+                     "on; measured better for k-NN and k-NNN with EfficientNet-Lite0, see "
+                     "docs/vision.md; --no-normalize for raw features, as in the paper)")
+    fit.add_argument("--layers", choices=("last", "multi"),
+                     help="feature: the last pooled feature (default) or mid-level blocks "
+                     "pooled and concatenated with it (multi)")
+    fit.add_argument("--image-score", choices=("global", "map", "combined"),
+                     help="spade: the image score: the pooled-feature score (global), the "
+                     "top 1%% mean of the heat map (map), or both standardised and summed "
+                     "(combined, the default)")
+    fit.add_argument("--coreset-ratio", type=float, metavar="R",
+                     help="spade: keep a greedy k-center coreset of this share (0 < R <= 1) of "
+                     "all training locations as one memory bank (PatchCore), instead of every "
+                     "training pyramid (default: keep every pyramid)")
     fit.add_argument("--map-neighbors", type=_positive_int, default=5, metavar="N",
                      help="spade: normal images matched per query for the heat map (default: 5)")
     fit.add_argument("--map-size", type=_positive_int, default=28, metavar="M",
@@ -284,8 +462,9 @@ def register(subparsers):
         "(higher = more anomalous), score_samples (= -anomaly_score), label (+1 normal, "
         "-1 anomaly, by the model's threshold, or with --fdr at a false-discovery rate) and "
         "p_value (the share of the model's calibration normals scoring at least as high; "
-        "small = unusual). With --heatmaps (spade models), also write an overlay PNG and "
-        "the raw map (.npy) per image.")
+        "small = unusual). With --heatmaps (spade models), also write a picture (the image "
+        "beside its map, on the model's absolute colour scale), a binary mask PNG of the "
+        "pixels above the model's pixel threshold, and the raw map (.npy) per image.")
     score.add_argument("model", metavar="MODEL", help="model file written by `nonn fit-images`")
     score.add_argument("images", metavar="DIR_OR_FILES", nargs="+",
                        help="folder(s) (searched recursively) or image files")
@@ -297,7 +476,8 @@ def register(subparsers):
                        "on average, at most a share Q are normal (default: the model's "
                        "threshold, set by fit-images --contamination or `nonn calibrate`)")
     score.add_argument("--heatmaps", metavar="OUTDIR",
-                       help="write <name>_heatmap.png overlays and <name>_map.npy (spade)")
+                       help="write <name>_heatmap.png (image | map over it), <name>_mask.png and "
+                       "<name>_map.npy per image (spade)")
     score.add_argument("--map-nn", choices=("knn", "knnn"),
                        help="pixel matching of the heat maps: knn = distance to the nearest "
                        "gallery location (SPADE's), knnn = the paper's Eq. 2 against the "
@@ -310,4 +490,40 @@ def register(subparsers):
                        help="override the device saved in the model")
     add_progress_option(score)
     score.set_defaults(handler=_in_flags(_cmd_score_images))
+
+    ev = subparsers.add_parser(
+        "eval-images", help="measure an image model on a labelled MVTec-layout folder",
+        description="Score a labelled test folder (good/ and one folder per defect type, "
+        "MVTec AD's layout; ground-truth masks in ground_truth/<defect>/<stem>_mask.png) and "
+        "report image AUROC/AP (overall and per defect type) and, for SPADE models with "
+        "masks, pixel AUROC and AUPRO (up to 30%% FPR). Writes scores.csv, metrics.csv and "
+        "worst_misses.png (the highest-scoring good and lowest-scoring defective images) to "
+        "OUTDIR.")
+    ev.add_argument("model", metavar="MODEL", help="model file written by `nonn fit-images`")
+    ev.add_argument("test_dir", metavar="TEST_DIR",
+                    help="folder with good/ and defect-type folders (or a category folder "
+                    "holding test/)")
+    ev.add_argument("--masks", metavar="DIR", help="ground-truth mask folder (default: "
+                    "TEST_DIR/../ground_truth when it exists)")
+    ev.add_argument("-o", "--output", metavar="OUTDIR", default="eval",
+                    help="folder for scores.csv, metrics.csv, worst_misses.png (default: eval)")
+    ev.add_argument("--worst", type=_positive_int, default=4, metavar="N",
+                    help="images per row of worst_misses.png (default: 4)")
+    ev.add_argument("--device", choices=("auto", "cpu", "cuda"),
+                    help="override the device saved in the model")
+    add_progress_option(ev)
+    ev.set_defaults(handler=_in_flags(_cmd_eval_images))
+
+    ex = subparsers.add_parser(
+        "export", help="write an image model's feature extractor as ONNX",
+        description="Write the backbone of an image model (from `nonn fit-images`) as an ONNX "
+        "file: float32 images (N, 3, S, S) in [0, 255] -> pooled features (and, for SPADE, "
+        "the feature pyramid). Image resizing, the detector and its threshold are not "
+        "included. Needs the onnx extra: pip install \"nonn[onnx]\".")
+    ex.add_argument("model", metavar="MODEL", help="model file written by `nonn fit-images`")
+    ex.add_argument("-o", "--output", metavar="MODEL.onnx", required=True,
+                    help="ONNX file to write")
+    ex.add_argument("--opset", type=_positive_int, default=17, metavar="N",
+                    help="ONNX opset version (default: 17)")
+    ex.set_defaults(handler=_in_flags(_cmd_export))
     return subparsers

@@ -24,6 +24,7 @@ __all__ = [
     "MVTecCategory",
     "load_mvtec",
     "load_image_folder",
+    "load_test_folder",
     "load_cifar10",
     "load_fashion_mnist",
     "load_mnist",
@@ -104,6 +105,58 @@ def read_mask(path, shape=None):
             raise ValueError("A missing mask needs a shape.")
         return np.zeros(shape, dtype=bool)
     return _images.read_image(path)[..., 0] > 127
+
+
+def load_test_folder(test_dir, masks=None):
+    """A labelled test folder in MVTec AD's layout::
+
+        <test_dir>/good/*.png             normal images
+        <test_dir>/<defect>/*.png         defective images, one folder per type
+        <masks>/<defect>/<stem>_mask.png  their ground-truth masks (optional)
+
+    ``test_dir`` may also be a category folder holding ``test/`` (then
+    ``masks`` defaults to its ``ground_truth/``); otherwise ``masks``
+    defaults to ``<test_dir>/../ground_truth`` when that exists. Returns
+    ``(paths, labels, defects, mask_paths)``: labels 0 for ``good``, 1
+    otherwise; ``mask_paths[i]`` None for good images and for defective
+    ones without a mask file (``<stem>_mask.png`` or ``<stem>.png``).
+    """
+    test_dir = Path(test_dir).expanduser()
+    if (test_dir / "test").is_dir() and not (test_dir / "good").is_dir():
+        test_dir = test_dir / "test"
+    if not test_dir.is_dir():
+        raise FileNotFoundError(f"The test folder {str(test_dir)!r} does not exist.")
+    if not (test_dir / "good").is_dir():
+        raise FileNotFoundError(f"{str(test_dir)!r} has no 'good/' folder: a test folder holds "
+                                "good/ (normal images) and one folder per defect type.")
+    if masks is None:
+        cand = test_dir.parent / "ground_truth"
+        masks = cand if cand.is_dir() else None
+    elif not Path(masks).expanduser().is_dir():
+        raise FileNotFoundError(f"The mask folder {str(masks)!r} does not exist.")
+    masks = None if masks is None else Path(masks).expanduser()
+    paths, labels, defects, mask_paths = [], [], [], []
+    for d in sorted(p for p in test_dir.iterdir() if p.is_dir()):
+        try:
+            files = _images.list_images(d, recursive=False)
+        except ValueError:  # a folder without images
+            files = []
+        for img in files:
+            paths.append(str(img))
+            defects.append(d.name)
+            labels.append(0 if d.name == "good" else 1)
+            mask = None
+            if d.name != "good" and masks is not None:
+                for cand in (masks / d.name / f"{img.stem}_mask.png",
+                             masks / d.name / f"{img.stem}.png"):
+                    if cand.is_file():
+                        mask = str(cand)
+                        break
+            mask_paths.append(mask)
+    if not any(labels) or all(labels):
+        raise ValueError(f"{str(test_dir)!r} needs both good images (good/) and defective "
+                         "ones (a folder per defect type) to measure anything.")
+    return paths, np.asarray(labels, dtype=np.int64), defects, mask_paths
 
 
 def load_image_folder(folder, recursive=True):

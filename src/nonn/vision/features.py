@@ -10,6 +10,10 @@ from sklearn.utils.validation import check_is_fitted
 
 from . import _images
 
+#: ``layers`` of :class:`ImageFeatureExtractor`: the last pooled feature,
+#: or mid-level blocks and the last, pooled and concatenated
+LAYERS = ("last", "multi")
+
 TORCH_HINT = ("nonn's image features need torch. Install the CPU build first, then the "
               "extra: pip install torch==2.13.0 \"nonn[vision]\"")
 
@@ -64,6 +68,15 @@ class ImageFeatureExtractor(TransformerMixin, BaseEstimator):
     device : {'auto', 'cpu', 'cuda'}, default='auto'
     verbose : bool or 'auto', default='auto'
         Progress bar; 'auto' shows it only when stderr is a terminal.
+    layers : {'last', 'multi'}, default='last'
+        ``'last'``: the globally pooled last feature map (the paper's
+        feature). ``'multi'``: mid-level features too (the DFM/PatchCore
+        recipe): the global average of each intermediate block of the
+        backbone's pyramid after the first (EfficientNet-Lite0: strides 8
+        and 16, 40 + 112 channels; ResNets: layer2 and layer3) and the last
+        pooled feature, each scaled to unit length, concatenated
+        (EfficientNet-Lite0: 1432 features). Mid-level blocks respond to
+        local texture and colour that the last block pools away.
 
     Attributes
     ----------
@@ -81,7 +94,8 @@ class ImageFeatureExtractor(TransformerMixin, BaseEstimator):
     """
 
     def __init__(self, backbone="efficientnet_lite0", weights=None, image_size=224,
-                 batch_size=32, device="auto", verbose="auto"):
+                 batch_size=32, device="auto", verbose="auto", layers="last"):
+        self.layers = layers
         self.backbone = backbone
         self.weights = weights
         self.image_size = image_size
@@ -95,6 +109,9 @@ class ImageFeatureExtractor(TransformerMixin, BaseEstimator):
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"The '{name}' parameter of ImageFeatureExtractor must be an "
                                  f"int in the range [1, inf). Got {v!r} instead.")
+        if self.layers not in LAYERS:
+            raise ValueError(f"The 'layers' parameter of ImageFeatureExtractor must be one of "
+                             f"{LAYERS}. Got {self.layers!r} instead.")
         if self.image_size < 32:
             raise ValueError(f"The 'image_size' parameter of ImageFeatureExtractor must be at "
                              f"least 32 (the backbones downsample 32x). Got {self.image_size}.")
@@ -108,7 +125,24 @@ class ImageFeatureExtractor(TransformerMixin, BaseEstimator):
         self.device_ = resolve_device(self.device)
         self.backbone_ = load_backbone(self.backbone, self.weights, self.device_)
         self.n_features_out_ = int(self.backbone_.feature_dim)
+        if self.layers == "multi":
+            torch = import_torch()
+            with torch.inference_mode():
+                probe = torch.zeros(1, 3, 64, 64, device=self.device_)
+                self.n_features_out_ = int(self._multi(probe).shape[1])
         return self
+
+    def _multi(self, x):
+        """Mid-level multi-layer feature: the global average of each
+        intermediate pyramid block after the first (EfficientNet-Lite0:
+        strides 8 and 16; ResNets: layer2, layer3) and the last pooled
+        feature, each scaled to unit length, concatenated."""
+        torch = import_torch()
+        maps, pooled = self.backbone_.pyramid(x)
+        parts = [m.float().mean(dim=(2, 3)) for m in maps[1:]] + [pooled.float()]
+        parts = [p / p.norm(dim=1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+                 for p in parts]
+        return torch.cat(parts, 1)
 
     def _ensure(self):
         if not hasattr(self, "backbone_"):
@@ -142,8 +176,13 @@ class ImageFeatureExtractor(TransformerMixin, BaseEstimator):
     # ------------------------------------------------------------ features
     def transform(self, X):
         """Pooled features, float32 (N, n_features_out_)."""
-        parts = self._map(X, lambda x: self.backbone_.pooled(x).float().cpu().numpy(),
-                          "image features")
+        if self.layers == "multi":
+            def fn(x):
+                return self._multi(x).cpu().numpy()
+        else:
+            def fn(x):
+                return self.backbone_.pooled(x).float().cpu().numpy()
+        parts = self._map(X, fn, "image features")
         return np.concatenate(parts, 0)
 
     def transform_pyramid(self, X, map_size):

@@ -43,17 +43,30 @@ from . import _images
 from .features import ImageFeatureExtractor, import_torch, show_progress
 
 VISION_FORMAT = "nonn-vision-model"
-VISION_FORMAT_VERSION = 2
+VISION_FORMAT_VERSION = 3
+#: what a SPADE's image score is made of (see SPADE)
+IMAGE_SCORES = ("global", "map", "combined")
+#: parameters added with a format version, and the value a file of an
+#: earlier version scored with (its maps and image scores stay as they were)
+_LEGACY_PARAMS = {3: {"image_score": "global", "map_score_q": 0.01, "coreset_ratio": None,
+                      "n_map_calibration": 100}}
 
 
-def make_detector(nn, n_neighbors, n_neighbors_of_neighbors=25, contamination="auto",
+def make_detector(nn, n_neighbors, n_neighbors_of_neighbors=None, contamination="auto",
                   verbose=False, **params):
-    """The nearest-neighbour operator: ``KNNN`` for ``'knnn'``, ``KNN`` for ``'knn'``."""
+    """The nearest-neighbour operator: ``KNNN`` for ``'knnn'``, ``KNN`` for ``'knn'``.
+
+    Parameters not given (``n_neighbors_of_neighbors=None``, anything not in
+    ``params``) are the detector's own defaults, so the image systems score
+    with the same operator as ``KNNN()`` / ``KNN()``.
+    """
     from nonn import KNN, KNNN
 
     if nn == "knnn":
-        return KNNN(n_neighbors=n_neighbors, n_neighbors_of_neighbors=n_neighbors_of_neighbors,
-                    contamination=contamination, verbose=verbose, **params)
+        if n_neighbors_of_neighbors is not None:
+            params = {"n_neighbors_of_neighbors": n_neighbors_of_neighbors, **params}
+        return KNNN(n_neighbors=n_neighbors, contamination=contamination, verbose=verbose,
+                    **params)
     if nn == "knn":
         return KNN(n_neighbors=n_neighbors, contamination=contamination, verbose=verbose,
                    **params)
@@ -68,7 +81,8 @@ class _ImageSystem(ScoreConventions, BaseEstimator):
     def _extractor(self):
         return ImageFeatureExtractor(backbone=self.backbone, weights=self.weights,
                                      image_size=self.image_size, batch_size=self.batch_size,
-                                     device=self.device, verbose=self.verbose)
+                                     device=self.device, verbose=self.verbose,
+                                     layers=getattr(self, "layers", "last"))
 
     def _detector(self):
         k = self._default_k if self.n_neighbors is None else self.n_neighbors
@@ -197,6 +211,13 @@ class _ImageSystem(ScoreConventions, BaseEstimator):
 
     # -------------------------------------------------------- persistence
     _extra_arrays = ("train_features_",)
+    _optional_arrays = ()
+
+    def _required_arrays(self):
+        return self._extra_arrays
+
+    def _saved_arrays(self):
+        return self._required_arrays()
     #: the saved arrays (see nonn._state): N training images, D feature
     #: dimensions (the detector's), in float32 as the detector sees them
     _state_spec = {"train_features_": Array("N", "D", dtype="float32")}
@@ -224,7 +245,8 @@ class _ImageSystem(ScoreConventions, BaseEstimator):
 
         need("nn", lambda v: v in ("knn", "knnn"), "'knn' or 'knnn'")
         need("n_neighbors", lambda v: v is None or is_int(v), "None or an int >= 1")
-        need("n_neighbors_of_neighbors", is_int, "an int >= 1")
+        need("n_neighbors_of_neighbors", lambda v: v is None or is_int(v),
+             "None (KNNN's default) or an int >= 1")
         need("backbone", lambda v: isinstance(v, str), "a backbone name")
         need("weights", lambda v: v is None or isinstance(v, str), "None or a file path")
         need("image_size", is_int, "an int >= 1")
@@ -232,6 +254,8 @@ class _ImageSystem(ScoreConventions, BaseEstimator):
         need("device", lambda v: isinstance(v, str), "'auto', 'cpu' or 'cuda'")
         need("verbose", lambda v: v in (True, False, "auto"), "True, False or 'auto'")
         need("normalize", lambda v: v in (True, False), "True or False")
+        if hasattr(self, "layers"):
+            need("layers", lambda v: v in ("last", "multi"), "'last' or 'multi'")
         need("detector_params", lambda v: v is None or isinstance(v, dict), "None or a dict")
         if problems:
             raise ValueError(problems[0])
@@ -247,7 +271,7 @@ def _system_state(system):
 
     det_arrays, det_meta = detector_state(system.detector_)
     arrays = {name.rstrip("_"): np.ascontiguousarray(getattr(system, name))
-              for name in system._extra_arrays}
+              for name in system._saved_arrays()}
     meta = {"format": VISION_FORMAT, "format_version": VISION_FORMAT_VERSION,
             "nonn_version": __version__, "system": type(system).__name__,
             "params": _jsonable(system.get_params()),
@@ -274,18 +298,25 @@ class FeatureDetector(_ImageSystem):
     nn : {'knnn', 'knn'}, default='knnn'
     n_neighbors : int or None, default=None
         k; None means 3.
-    n_neighbors_of_neighbors : int, default=25
-        K' of k-NNN (ignored by k-NN).
+    n_neighbors_of_neighbors : int or None, default=None
+        K' of k-NNN (ignored by k-NN); None: KNNN's default. Every
+        parameter not given here or in ``detector_params`` is the
+        detector's default, so ``FeatureDetector(nn='knnn')`` scores with
+        ``KNNN(n_neighbors=3)``.
     backbone, weights, image_size, batch_size, device, verbose
         See :class:`ImageFeatureExtractor`.
     contamination : 'auto' or float
         Threshold of ``predict`` (share of training images flagged).
     detector_params : dict or None
         More parameters of the detector (e.g. ``{'set_size': 8}``).
-    normalize : bool, default=False
+    normalize : bool, default=True
         Scale every pooled feature to unit length before the detector (the
         paper uses raw features; unit length removes the feature-norm effect
-        that can dominate raw Euclidean k-NN, see docs/vision.md).
+        that dominates raw Euclidean k-NN on these features: measured on
+        CIFAR-10 at 224 px it raises both k-NN and k-NNN, see
+        docs/vision.md). PANDA's default is False (not measured there).
+    layers : {'last', 'multi'}, default='last'
+        The extractor's features (see :class:`ImageFeatureExtractor`).
 
     Attributes
     ----------
@@ -299,10 +330,11 @@ class FeatureDetector(_ImageSystem):
     >>> det.predict("new/")                                 # doctest: +SKIP
     """
 
-    def __init__(self, nn="knnn", n_neighbors=None, n_neighbors_of_neighbors=25,
+    def __init__(self, nn="knnn", n_neighbors=None, n_neighbors_of_neighbors=None,
                  backbone="efficientnet_lite0", weights=None, image_size=224, batch_size=32,
                  device="auto", verbose="auto", contamination="auto", detector_params=None,
-                 normalize=False):
+                 normalize=True, layers="last"):
+        self.layers = layers
         self.nn = nn
         self.n_neighbors = n_neighbors
         self.n_neighbors_of_neighbors = n_neighbors_of_neighbors
@@ -322,8 +354,9 @@ class SPADE(_ImageSystem):
     """SPADE with a k-NN or k-NNN image-level operator, and a k-NN or k-NNN
     pixel-level operator.
 
-    Image score: the nearest-neighbour operator ``nn`` on pooled features
-    (SPADE's K = 50 nearest normal images by default). Pixel map: every
+    Global score: the nearest-neighbour operator ``nn`` on pooled features
+    (SPADE's K = 50 nearest normal images by default); the image score
+    combines it with the map's (``image_score``). Pixel map: every
     location of the query's feature pyramid is matched against the gallery
     of all locations of the ``n_map_neighbors`` nearest normal images'
     pyramids, with the operator ``map_nn``:
@@ -371,13 +404,52 @@ class SPADE(_ImageSystem):
     map_detector_params : dict or None
         More parameters of the pixel-level KNNN (e.g. ``{'set_size': 8}`` or
         ``{'n_neighbors': 3, 'aggregate': 'sum'}``); the defaults are
-        KNNN's, with ``n_neighbors=1``.
+        KNNN's, with ``n_neighbors=1`` and K' = ``map_n_neighbors_of_neighbors``
+        (25, not KNNN's default: the KNNN is fitted anew on every query's
+        gallery, and its cost grows with K').
+    image_score : {'combined', 'global', 'map'}, default='combined'
+        The image score: ``'global'`` the operator ``nn`` on the pooled
+        feature (SPADE's and the paper's); ``'map'`` the mean of the largest
+        ``map_score_q`` share of the map's pixels (at ``image_size``), which
+        sees local defects the pooled feature averages away; ``'combined'``
+        both, each standardised by the median and MAD of held-out normal
+        training images, summed. ``'map'`` and ``'combined'`` compute the
+        map of every image scored. See docs/vision.md for the measurements.
+    map_score_q : float in [0, 1), default=0.01
+        Share of map pixels averaged for the map score; 0 = the maximum.
+    coreset_ratio : float in (0, 1] or None, default=None
+        None: keep every training image's pyramid and match each query
+        against its ``n_map_neighbors`` nearest images (SPADE). A ratio: keep
+        a greedy k-center coreset of that share of all training locations
+        (PatchCore's memory bank, :func:`greedy_coreset`) and match every
+        query location against the whole bank; the model then stores the
+        bank instead of the pyramids (about ``ratio`` of their size). With a
+        coreset the held-out calibration is computed at fit only (it needs
+        the pyramids), so ``map_nn`` and the map parameters are fixed then.
+    n_map_calibration : int, default=100
+        Training images (a seeded subset of the detector's calibration rows)
+        whose held-out maps set :attr:`map_median_`, :attr:`pixel_threshold_`
+        and the scale of the map score.
 
     Other parameters as :class:`FeatureDetector`.
 
     Attributes
     ----------
     train_maps_ : ndarray (n_train, channels, map_size, map_size) float16
+        Without a coreset.
+    memory_bank_ : ndarray (n_bank, channels) float16
+        With a coreset: the kept locations; ``memory_bank_source_`` (int32)
+        the training image of each.
+    map_calibration_ : ndarray (n_calibration, 3) float32
+        Per held-out training image (scored as by a model without it: its
+        own pyramid out of its gallery, its own locations out of the bank):
+        the global anomaly score, the map score, the map's maximum.
+    map_levels_ : ndarray (2,) float32
+        :attr:`map_median_` and :attr:`pixel_threshold_` (see those).
+    offset_ : float
+        Threshold of ``predict`` on the image score in use; for ``'map'`` and
+        ``'combined'`` the ``1 - contamination`` quantile of the held-out
+        calibration images' scores (out of sample).
 
     References
     ----------
@@ -393,16 +465,31 @@ class SPADE(_ImageSystem):
 
     _default_k = 50
     _extra_arrays = ("train_features_", "train_maps_")
-    #: ... and the feature pyramids: C channels of M x M (M = map_size)
+    _optional_arrays = ("map_calibration_", "map_levels_")
+    #: ... and the feature pyramids: C channels of M x M (M = map_size), or
+    #: the coreset memory bank (B locations of C channels) with the training
+    #: image of every location; the held-out calibration (Q images: global
+    #: score, map score, map maximum) and the map levels (median normal
+    #: pixel, pixel threshold)
     _state_spec = {**_ImageSystem._state_spec,
-                   "train_maps_": Array("N", "C", "M", "M", dtype="float16")}
+                   "train_maps_": Array("N", "C", "M", "M", dtype="float16"),
+                   "memory_bank_": Array("B", "C", dtype="float16"),
+                   "memory_bank_source_": Array("B", dtype="int32", ids="N"),
+                   "map_calibration_": Array("Q", 3, dtype="float32"),
+                   "map_levels_": Array(2, dtype="float32")}
 
-    def __init__(self, nn="knnn", n_neighbors=None, n_neighbors_of_neighbors=25,
+    def __init__(self, nn="knnn", n_neighbors=None, n_neighbors_of_neighbors=None,
                  n_map_neighbors=5, map_size=28, sigma=4.0, map_nn="knn",
                  map_n_neighbors_of_neighbors=25, map_detector_params=None,
+                 image_score="combined", map_score_q=0.01, coreset_ratio=None,
+                 n_map_calibration=100,
                  backbone="efficientnet_lite0", weights=None, image_size=224, batch_size=32,
                  device="auto", verbose="auto", contamination="auto", detector_params=None,
-                 normalize=False):
+                 normalize=True):
+        self.image_score = image_score
+        self.map_score_q = map_score_q
+        self.coreset_ratio = coreset_ratio
+        self.n_map_calibration = n_map_calibration
         self.nn = nn
         self.n_neighbors = n_neighbors
         self.n_neighbors_of_neighbors = n_neighbors_of_neighbors
@@ -423,7 +510,8 @@ class SPADE(_ImageSystem):
         self.normalize = normalize
 
     def _check_map_params(self):
-        for name in ("n_map_neighbors", "map_size", "map_n_neighbors_of_neighbors"):
+        for name in ("n_map_neighbors", "map_size", "map_n_neighbors_of_neighbors",
+                     "n_map_calibration"):
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"The '{name}' parameter of SPADE must be an int in the "
@@ -435,47 +523,236 @@ class SPADE(_ImageSystem):
                                                                    dict):
             raise ValueError(f"The 'map_detector_params' parameter of SPADE must be a dict or "
                              f"None. Got {self.map_detector_params!r} instead.")
+        if self.image_score not in IMAGE_SCORES:
+            raise ValueError(f"The 'image_score' parameter of SPADE must be one of "
+                             f"{IMAGE_SCORES}. Got {self.image_score!r} instead.")
+        q = self.map_score_q
+        if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 <= q < 1:
+            raise ValueError(f"The 'map_score_q' parameter of SPADE must be a float in [0, 1) "
+                             f"(0: the map's maximum). Got {q!r} instead.")
+        r = self.coreset_ratio
+        if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float))
+                              or not 0 < r <= 1):
+            raise ValueError(f"The 'coreset_ratio' parameter of SPADE must be None or a float "
+                             f"in (0, 1]. Got {r!r} instead.")
 
+    # ------------------------------------------------------------ state
+    def _required_arrays(self):
+        """The arrays a fitted SPADE with these parameters holds (the
+        calibration ones are optional: files written before them lack them)."""
+        if self.coreset_ratio is None:
+            return ("train_features_", "train_maps_")
+        return ("train_features_", "memory_bank_", "memory_bank_source_")
+
+    def _saved_arrays(self):
+        return self._required_arrays() + tuple(
+            a for a in self._optional_arrays if getattr(self, a, None) is not None)
+
+    # -------------------------------------------------------------- fit
     def _train_features(self, X):
         self._check_map_params()
-        feats, self.train_maps_ = self.extractor_.transform_pyramid(X, self.map_size)
+        feats, maps = self.extractor_.transform_pyramid(X, self.map_size)
+        self._fit_maps = maps
         return feats
 
     def fit_features(self, features, maps=None):
-        """Fit from precomputed pooled features (and pyramids, for maps)."""
+        """Fit from precomputed pooled features and pyramids (N, C, M, M) —
+        what :meth:`fit` does after extraction."""
+        self._check_map_params()
         if maps is not None:
-            self.train_maps_ = np.asarray(maps, dtype=np.float16)
-        return super().fit_features(features)
+            self._fit_maps = np.asarray(maps, dtype=np.float16)
+        if getattr(self, "_fit_maps", None) is None:
+            raise ValueError("SPADE.fit_features needs the training pyramids (maps=...).")
+        maps, self._fit_maps = self._fit_maps, None
+        for name in ("train_maps_", "memory_bank_", "memory_bank_source_",
+                     "map_calibration_", "map_levels_"):
+            if hasattr(self, name):
+                delattr(self, name)
+        self._map_cache = {}
+        super().fit_features(features)
+        if maps.shape[0] != self.n_train_:
+            raise ValueError(f"{maps.shape[0]} pyramids for {self.n_train_} training images.")
+        if self.coreset_ratio is None:
+            self.train_maps_ = maps
+        else:
+            locations = maps.transpose(0, 2, 3, 1).reshape(-1, maps.shape[1])
+            keep = greedy_coreset(locations, self.coreset_ratio, random_state=0)
+            self.memory_bank_ = np.ascontiguousarray(locations[keep])
+            self.memory_bank_source_ = (keep // (self.map_size ** 2)).astype(np.int32)
+        self._calibrate(maps)
+        return self
 
+    # ------------------------------------------------------- calibration
+    def _calibration_key(self):
+        return (self.map_nn, self.map_n_neighbors_of_neighbors, repr(self.map_detector_params),
+                self.n_map_neighbors, float(self.sigma), float(self.map_score_q),
+                int(self.image_size))
+
+    def _calibration_rows(self):
+        """Training images whose held-out maps set the map's scale and
+        threshold: the detector's calibration rows (scored out of sample),
+        a seeded subset of ``n_map_calibration`` of them."""
+        rows = np.asarray(self.detector_.calibration_rows_)
+        glob = -np.asarray(self.detector_.calibration_scores_, dtype=np.float64)
+        if len(rows) > self.n_map_calibration:
+            pick = np.sort(np.random.default_rng(0).choice(len(rows), self.n_map_calibration,
+                                                           replace=False))
+            rows, glob = rows[pick], glob[pick]
+        return rows, glob
+
+    def _calibrate(self, maps=None):
+        """Held-out maps of training images: each scored as by a model that
+        never saw it (its own pyramid left out of its gallery, or its own
+        locations out of the memory bank). Sets ``map_calibration_`` (per
+        image: the global score, the map score, the map's maximum) and
+        ``map_levels_`` (the median normal pixel value, the pixel threshold)."""
+        torch = import_torch()
+        rows, glob = self._calibration_rows()
+        if maps is None:
+            if self.coreset_ratio is not None:
+                raise ValueError("This SPADE's memory bank is a coreset: its held-out "
+                                 "calibration can only be computed at fit. Refit it with "
+                                 f"map_nn={self.map_nn!r} (and the other map parameters) "
+                                 "to use them.")
+            maps = self.train_maps_
+        feats = self.train_features_[rows]
+        raw = self._raw_maps(feats, np.asarray(maps[rows]), exclude=rows)
+        s = self.image_size
+        finished = self._finish_maps(raw, [(s, s)] * len(rows), torch)
+        score = np.array([_top_mean(m, self.map_score_q) for m in finished])
+        peak = np.array([float(m.max()) for m in finished])
+        rng = np.random.default_rng(0)
+        pixels = np.concatenate([rng.choice(m.ravel(), 256, replace=False) for m in finished])
+        contamination = self.detector_.contamination_
+        self.map_calibration_ = np.stack([glob, score, peak], 1).astype(np.float32)
+        self.map_levels_ = np.array([np.median(pixels), _upper_quantile(peak, contamination)],
+                                    dtype=np.float32)
+        self._map_cache[self._calibration_key()] = (self.map_calibration_, self.map_levels_)
+        self._set_offset()
+
+    def _calibration(self):
+        """``(map_calibration_, map_levels_)`` for the current map
+        parameters: the stored ones, or recomputed from the stored pyramids
+        when a map parameter changed since fit (or the file predates them)."""
+        cache = self.__dict__.setdefault("_map_cache", {})
+        key = self._calibration_key()
+        if key not in cache:
+            self._calibrate()
+        return cache[key]
+
+    def _set_offset(self):
+        if self.image_score == "global":
+            self.offset_ = self.detector_.offset_
+            return
+        cal, _ = self._calibration()
+        held_out = self._combine(cal[:, 0], cal[:, 1], cal)
+        self.offset_ = -_upper_quantile(held_out, self.detector_.contamination_)
+
+    def _combine(self, glob, score, cal):
+        """The image score of ``image_score`` from the global and map scores:
+        ``'map'`` the map score; ``'combined'`` the sum of both, each
+        standardised by its held-out normal median and MAD."""
+        if self.image_score == "map":
+            return np.asarray(score, dtype=np.float64)
+        out = 0.0
+        for j, v in ((0, glob), (1, score)):
+            med = np.median(cal[:, j])
+            mad = 1.4826 * np.median(np.abs(cal[:, j] - med))
+            out = out + (np.asarray(v, dtype=np.float64) - med) / max(mad, 1e-12)
+        return out
+
+    @property
+    def pixel_threshold_(self):
+        """Map value above which a pixel is anomalous: the held-out normal
+        images' map maxima at the ``1 - contamination_`` quantile, so about
+        that share of normal images shows any anomalous pixel."""
+        return float(self._calibration()[1][1])
+
+    @property
+    def map_median_(self):
+        """Median map value of held-out normal pixels (colour 0 of the maps)."""
+        return float(self._calibration()[1][0])
+
+    # ------------------------------------------------------------ scores
     def score_with_maps(self, X):
         """Image scores (N,) and pixel anomaly maps (a list of float32 arrays,
         each of its image's original (H, W)), from one pass over ``X``."""
-        check_is_fitted(self, "train_maps_")
+        check_is_fitted(self, "detector_")
         torch = import_torch()
         if not hasattr(self, "extractor_"):
             self.extractor_ = self._extractor().fit()
         images = _images.as_image_list(X)
         feats, maps = self.extractor_.transform_pyramid(images, self.map_size)
-        scores = self.anomaly_score_features(feats)
-        pixel = self._pixel_maps(feats, maps, torch)
         sizes = [_images.original_size(images[i]) for i in range(len(images))]
-        return scores, self._finish_maps(pixel, sizes, torch)
+        return self.score_pyramids(feats, maps, sizes)
+
+    def score_pyramids(self, features, maps, sizes=None):
+        """Image scores and maps of precomputed pooled features (N, D) and
+        pyramids (N, C, M, M) (what :meth:`score_with_maps` does after
+        extraction); maps at ``sizes`` (a list of (H, W); default
+        ``image_size``)."""
+        check_is_fitted(self, "detector_")
+        torch = import_torch()
+        feats = self._prep(features)
+        maps = np.asarray(maps)
+        glob = self.detector_.anomaly_score(feats)
+        raw = self._raw_maps(feats, maps)
+        s = self.image_size
+        at_size = self._finish_maps(raw, [(s, s)] * len(raw), torch)
+        if self.image_score == "global":
+            scores = glob
+        else:
+            cal, _ = self._calibration()
+            self._set_offset()
+            score = np.array([_top_mean(m, self.map_score_q) for m in at_size])
+            scores = self._combine(glob, score, cal)
+        if sizes is None:
+            return scores, at_size
+        return scores, [_resize_map(m, hw, torch) for m, hw in zip(at_size, sizes)]
+
+    def anomaly_score(self, X):
+        """Image anomaly score (higher = more anomalous), shape (N,): the
+        global score, or (``image_score='map'`` / ``'combined'``) from the map."""
+        if self.image_score == "global":
+            return super().anomaly_score(X)
+        return self.score_with_maps(X)[0]
+
+    def anomaly_score_features(self, features):
+        if self.image_score != "global":
+            raise ValueError(f"image_score={self.image_score!r} needs the images' pyramids; "
+                             "use anomaly_score(images) or score_with_maps(images).")
+        return super().anomaly_score_features(features)
 
     def anomaly_maps(self, X):
         """Pixel anomaly maps only (see :meth:`score_with_maps`)."""
         return self.score_with_maps(X)[1]
 
-    def _pixel_maps(self, feats, maps, torch):
-        """Raw (N, map_size, map_size) maps of query pyramids ``maps``."""
+    def anomaly_masks(self, maps):
+        """Binary masks of maps from :meth:`score_with_maps`: pixels above
+        :attr:`pixel_threshold_`."""
+        t = self.pixel_threshold_
+        return [np.asarray(m) > t for m in maps]
+
+    # ------------------------------------------------------------- maps
+    def _raw_maps(self, feats, maps, exclude=None):
+        """Raw (N, map_size, map_size) maps of query pyramids ``maps``;
+        ``exclude[i]``: a training image query i must not be matched with
+        (itself, for held-out calibration maps)."""
         self._check_map_params()
+        if self.coreset_ratio is not None:
+            return self._bank_maps(maps, exclude)
         train = np.asarray(self.train_features_, dtype=np.float32)
-        feats = self._prep(feats)
-        kk = min(self.n_map_neighbors, train.shape[0])
+        kk = min(self.n_map_neighbors, train.shape[0] - (exclude is not None))
+        if kk < 1:
+            raise ValueError("Held-out maps need at least 2 training images.")
         # the gallery images: nearest by pooled-feature distance
         d2 = ((feats ** 2).sum(1)[:, None] - 2 * feats @ train.T + (train ** 2).sum(1)[None])
+        if exclude is not None:
+            d2[np.arange(len(feats)), exclude] = np.inf
         nbrs = np.argsort(d2, axis=1, kind="stable")[:, :kk]
         if self.map_nn == "knnn":
             return self._pixel_maps_knnn(maps, nbrs)
+        torch = import_torch()
         out = np.empty((len(feats), self.map_size, self.map_size), dtype=np.float32)
         for i in range(len(feats)):
             q = torch.from_numpy(maps[i].astype(np.float32)).flatten(1).T  # (m*m, C)
@@ -484,6 +761,53 @@ class SPADE(_ImageSystem):
             d = torch.cdist(q, g).min(dim=1).values
             out[i] = d.reshape(self.map_size, self.map_size).numpy()
         return out
+
+    # kept for callers of the earlier private name
+    def _pixel_maps(self, feats, maps, torch=None):
+        return self._raw_maps(self._prep(feats), maps)
+
+    def _bank_maps(self, maps, exclude=None):
+        """Maps against the coreset memory bank: every query location's
+        nearest bank location (``'knn'``) or Eq. 2 of a KNNN fitted on the
+        bank (``'knnn'``); ``exclude``: leave out that image's locations."""
+        torch = import_torch()
+        m = self.map_size
+        channels = self.memory_bank_.shape[1]
+        if maps.shape[1:] != (channels, m, m):
+            raise ValueError(f"Query pyramids of shape {maps.shape[1:]} do not match the "
+                             f"memory bank's {channels} channels at {m} x {m}.")
+        bank = self.memory_bank_
+        out = np.empty((len(maps), m, m), dtype=np.float32)
+        full = None
+        for i in range(len(maps)):
+            keep = None if exclude is None else self.memory_bank_source_ != exclude[i]
+            q = maps[i].astype(np.float32).reshape(channels, -1).T
+            if self.map_nn == "knnn":
+                if keep is None:
+                    if full is None:
+                        full = self._bank_detector()
+                    det = full
+                else:
+                    g = bank[keep].astype(np.float32)
+                    det = self._map_detector(g.shape[0]).fit(g)
+                out[i] = det.anomaly_score(q).reshape(m, m)
+                continue
+            g = torch.from_numpy((bank if keep is None else bank[keep]).astype(np.float32))
+            qt = torch.from_numpy(q)
+            best = torch.full((q.shape[0],), float("inf"))
+            for s in range(0, g.shape[0], 16384):
+                best = torch.minimum(best, torch.cdist(qt, g[s:s + 16384]).min(dim=1).values)
+            out[i] = best.reshape(m, m).numpy()
+        return out
+
+    def _bank_detector(self):
+        cache = self.__dict__.setdefault("_bank_cache", {})
+        key = (self.map_n_neighbors_of_neighbors, repr(self.map_detector_params))
+        if key not in cache:
+            g = self.memory_bank_.astype(np.float32)
+            cache.clear()
+            cache[key] = self._map_detector(g.shape[0]).fit(g)
+        return cache[key]
 
     def _map_detector(self, n_gallery):
         """The (unfitted) pixel-level :class:`nonn.KNNN` of ``map_nn='knnn'``
@@ -526,6 +850,8 @@ class SPADE(_ImageSystem):
         return out
 
     def _finish_maps(self, pixel, sizes, torch):
+        """Raw maps upsampled to ``image_size``, smoothed (``sigma``) and
+        resized to ``sizes``."""
         import torch.nn.functional as F
         from scipy.ndimage import gaussian_filter
 
@@ -533,14 +859,72 @@ class SPADE(_ImageSystem):
         up = F.interpolate(torch.from_numpy(pixel)[:, None], size=(s, s), mode="bilinear",
                            align_corners=False)[:, 0].numpy()
         out = []
-        for m, (h, w) in zip(up, sizes):
+        for m, hw in zip(up, sizes):
             m = gaussian_filter(m, sigma=self.sigma) if self.sigma else m
-            if (h, w) != (s, s):
-                m = F.interpolate(torch.from_numpy(np.ascontiguousarray(m))[None, None],
-                                  size=(h, w), mode="bilinear",
-                                  align_corners=False)[0, 0].numpy()
-            out.append(m.astype(np.float32))
+            out.append(_resize_map(m.astype(np.float32), hw, torch))
         return out
+
+
+def _resize_map(m, hw, torch):
+    """A map resized (bilinear) to ``hw`` = (H, W); unchanged when it has that size."""
+    import torch.nn.functional as F
+
+    if tuple(m.shape) == tuple(hw):
+        return np.asarray(m, dtype=np.float32)
+    return F.interpolate(torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32))[None, None],
+                         size=tuple(hw), mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def _top_mean(m, q):
+    """Mean of the largest ``q`` share of a map's values (at least one); its
+    maximum for ``q = 0``."""
+    v = np.asarray(m, dtype=np.float64).ravel()
+    if q <= 0:
+        return float(v.max())
+    n = max(1, int(np.ceil(q * v.size)))
+    return float(np.partition(v, v.size - n)[v.size - n:].mean())
+
+
+def _upper_quantile(values, rate):
+    """The value that about ``rate`` of ``values`` exceed (the core detectors'
+    threshold rule, on anomaly scores)."""
+    return float(np.percentile(np.asarray(values, dtype=np.float64), 100.0 * (1.0 - rate)))
+
+
+def greedy_coreset(X, ratio, random_state=0, projection=128, chunk=65536):
+    """Indices of a greedy k-center coreset of the rows of ``X`` (PatchCore).
+
+    ``ceil(ratio * len(X))`` rows are picked one at a time, each the row
+    farthest from those picked so far (the first one seeded), so every row
+    lies close to some picked one: the k-center 2-approximation. Distances
+    are measured after a seeded Gaussian random projection to ``projection``
+    dimensions (Johnson-Lindenstrauss; none when ``X`` has no more columns),
+    as PatchCore does to make the selection cheaper. ``ratio=1`` keeps every
+    row. Returns sorted int64 indices.
+    """
+    torch = import_torch()
+    X = np.asarray(X)
+    n, d = X.shape
+    m = int(np.ceil(float(ratio) * n))
+    if m >= n:
+        return np.arange(n, dtype=np.int64)
+    rng = np.random.default_rng(random_state)
+    Z = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
+    if d > projection:
+        P = torch.from_numpy((rng.standard_normal((d, projection))
+                              / np.sqrt(projection)).astype(np.float32))
+        Z = torch.cat([Z[s:s + chunk] @ P for s in range(0, n, chunk)])
+    picked = np.empty(m, dtype=np.int64)
+    picked[0] = int(rng.integers(n))
+    dist = torch.full((n,), float("inf"))
+    sq = (Z * Z).sum(1)
+    for j in range(m):
+        c = Z[picked[j]]
+        # |z - c|^2 by one matrix-vector product (no n x d temporary)
+        dist = torch.minimum(dist, sq - 2.0 * (Z @ c) + sq[picked[j]])
+        if j + 1 < m:
+            picked[j + 1] = int(torch.argmax(dist))
+    return np.sort(picked)
 
 
 # -------------------------------------------------------------------- PANDA
@@ -692,7 +1076,7 @@ class PANDA(_ImageSystem):
 
     _default_k = 2
 
-    def __init__(self, nn="knnn", n_neighbors=None, n_neighbors_of_neighbors=25, epochs=2,
+    def __init__(self, nn="knnn", n_neighbors=None, n_neighbors_of_neighbors=None, epochs=2,
                  lr=1e-4, validation_fraction=0.1, collapse_ratio=0.5, random_state=0,
                  backbone="efficientnet_lite0", weights=None, image_size=224, batch_size=32,
                  device="auto", verbose="auto", contamination="auto", detector_params=None,
@@ -802,8 +1186,9 @@ def _check_meta(meta, where):
         if not isinstance(meta.get(key), dict):
             raise ModelFileError(f"{where}: the metadata key {key!r} is missing or not a "
                                  "dict; the file is corrupted.")
-    check_array_table(meta["arrays"], where, {name.rstrip("_"): len(cls._state_spec[name].shape)
-                                              for name in cls._extra_arrays})
+    check_array_table(meta["arrays"], where, {name.rstrip("_"): len(spec.shape)
+                                              for name, spec in cls._state_spec.items()
+                                              if name.rstrip("_") in meta["arrays"]})
     return cls
 
 
@@ -842,9 +1227,15 @@ def read_meta(path):
     return meta
 
 
-def _make_system(cls, params, where):
+def _make_system(cls, params, where, version=VISION_FORMAT_VERSION):
     if not all(isinstance(k, str) for k in params):
         raise ModelFileError(f"{where}: the metadata key 'params' has non-string keys.")
+    params = dict(params)
+    for since, legacy in _LEGACY_PARAMS.items():
+        if version < since:
+            for k, v in legacy.items():
+                if k in cls().get_params():
+                    params.setdefault(k, v)
     try:
         system = cls(**params)
         system._check_params()
@@ -870,12 +1261,15 @@ def _check_system(cls, meta, headers, read, detector, where):
     its loaded ``detector``; returns the system with its state set."""
     from nonn._state import StateError, check_state
 
-    system = _make_system(cls, meta["params"], where)
+    system = _make_system(cls, meta["params"], where,
+                          meta.get("format_version", VISION_FORMAT_VERSION))
     expected = {"knnn": "KNNN", "knn": "KNN"}[system.nn]
     if type(detector).__name__ != expected:
         raise ModelFileError(f"{where} is inconsistent: nn={system.nn!r} but the detector is "
                              f"a {type(detector).__name__}. The file is corrupted.")
-    members = {name: name.rstrip("_") for name in cls._extra_arrays}
+    required = system._required_arrays()
+    members = {name: name.rstrip("_") for name in required + cls._optional_arrays
+               if name in required or name.rstrip("_") in headers}
     extra = sorted(set(headers) - set(members.values()))
     if extra:
         raise ModelFileError(f"{where} holds the member {extra[0]!r}, which a {cls.__name__} "
@@ -890,6 +1284,11 @@ def _check_system(cls, meta, headers, read, detector, where):
             raise ModelFileError(f"{where}: the array {key!r} (shape {tuple(shape)}, dtype "
                                  f"{np.dtype(dtype)}) does not match its metadata ({spec}); "
                                  "the file is corrupted.")
+    if set(cls._optional_arrays) & set(members) and \
+            not set(cls._optional_arrays) <= set(members):
+        raise ModelFileError(f"{where} holds only part of the map calibration "
+                             f"({sorted(set(cls._optional_arrays) & set(members))}); the file "
+                             "is corrupted.")
     sym = {"dtype": np.dtype(np.float32), "N": detector._fit_X.shape[0],
            "D": detector.n_features_in_, "M": getattr(system, "map_size", None)}
     spec = {name: cls._state_spec[name] for name in members}
@@ -932,4 +1331,11 @@ def load(path):
     system.detector_ = detector
     system.offset_ = detector.offset_
     system.n_train_ = system.train_features_.shape[0]
+    if isinstance(system, SPADE):
+        system._map_cache = {}
+        if getattr(system, "map_calibration_", None) is not None:
+            system._map_cache[system._calibration_key()] = (system.map_calibration_,
+                                                            system.map_levels_)
+        if system.image_score != "global":
+            system._set_offset()
     return system
