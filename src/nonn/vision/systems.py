@@ -662,6 +662,35 @@ class SPADE(_ImageSystem):
         return out
 
     @property
+    def calibration_scores_(self):
+        """``score_samples`` of held-out normal training images under this
+        model's image score: the detector's calibration scores for
+        ``image_score='global'``, else the held-out maps' combined (or map)
+        scores, negated. Behind ``offset_`` and the p-values."""
+        check_is_fitted(self, "detector_")
+        if self.image_score == "global":
+            return self.detector_.calibration_scores_
+        cal, _ = self._calibration()
+        return -self._combine(cal[:, 0], cal[:, 1], cal)
+
+    def calibrate(self, X, false_alarm_rate=0.01):
+        self._check_calibratable()
+        return super().calibrate(X, false_alarm_rate)
+
+    def calibrate_features(self, features, false_alarm_rate=0.01):
+        self._check_calibratable()
+        return super().calibrate_features(features, false_alarm_rate)
+
+    def _check_calibratable(self):
+        check_is_fitted(self, "detector_")
+        if self.image_score != "global":
+            raise ValueError(
+                f"A SPADE whose image_score is {self.image_score!r} scores images by their "
+                "maps, which pooled features alone cannot give; its threshold and p-values "
+                "come from held-out training maps at fit. Refit with the normal images "
+                "included, or use image_score='global' to calibrate on new normal images.")
+
+    @property
     def pixel_threshold_(self):
         """Map value above which a pixel is anomalous: the held-out normal
         images' map maxima at the ``1 - contamination_`` quantile, so about
