@@ -145,28 +145,40 @@ class KNNN(_SetGridMixin, BaseDetector):
     The paper's anomaly score (Eq. 2) is their sum over i
     (``aggregate="sum"``); nonn's default takes their minimum
     (``aggregate="min"``), which the defaults study (docs/defaults-study.md)
-    found at least as accurate on every suite. The paper-exact operator is
-    ``KNNN(n_neighbors=3, n_neighbors_of_neighbors=25, set_size=5,
-    aggregate="sum")``.
+    found at least as accurate on every suite.
+
+    The defaults differ from the paper's settings where the defaults study
+    measured a gain: one set of all features (``set_size="all"``, computed
+    through each neighbourhood's K' x K' Gram matrix, so its cost does not
+    grow with the set), and ``normalize``/``whiten``/``eig_floor`` chosen
+    from the number of features (``"auto"``: embeddings, 64 features or
+    more, get unit-length rows, whitening 0.25 and floor 0.1; tabular data
+    none, none and floor 1.0). The paper-exact operator is one call away:
+    :meth:`KNNN.paper` (K' = 25, L = 5, the paper's sum, no floor beyond
+    the numerically safe one, the rows as given).
 
     Parameters
     ----------
     n_neighbors : int or "auto", default=3
         k, neighbours of a query.
-    n_neighbors_of_neighbors : int or "auto", default=50
-        K', size of each training point's neighbourhood (itself included).
-        (The paper uses 25.)
-    set_size : int or "auto", default=5
+    n_neighbors_of_neighbors : int or "auto", default=25
+        K', size of each training point's neighbourhood (itself included),
+        as in the paper.
+    set_size : int, "all" or "auto", default="all"
         L, features per set; the last set may be shorter (never dropped).
-        Larger sets can be more accurate (L=40 gained +0.025 AUROC on MVTec
-        in the defaults study) but fit cost grows like L**2 per point and
-        the stored eigenvectors like L.
+        ``"all"``: one set of every feature. A set larger than K' is
+        decomposed through its neighbourhood's K' x K' Gram matrix (the dual
+        form: O(K'^2 D) per point, K' x K' numbers stored per point), and
+        the directions the neighbourhood does not span get the floor. The
+        paper's L is 5.
     reorder : {"greedy", "none"}, default="greedy"
         The paper's greedy correlation ordering of the features before they
         are cut into sets, or keep the given order.
-    eig_floor : float or "auto", default=1e-3
+    eig_floor : float or "auto", default="auto"
         Relative eigenvalue floor: eigenvalues of a set are floored at
         ``eig_floor`` times the mean training variance of the set's features.
+        ``"auto"``: 0.1 for embeddings (64 features or more), 1.0 for
+        tabular data.
         Keeps singular neighbourhoods finite and makes the score invariant to
         a uniform rescaling of the data. ``0`` means the smallest safe floor
         (10 machine epsilons), the closest to the paper's unfloored maths.
@@ -180,13 +192,16 @@ class KNNN(_SetGridMixin, BaseDetector):
         and computes the eigen-state of each query's k neighbours when it
         scores (memory O(n_samples * n_features); the same scores; scoring
         does up to k eigen-decompositions per query more).
-    normalize : {None, "l2"}, default=None
+    normalize : {None, "l2", "auto"}, default="auto"
+        ``"auto"``: ``"l2"`` for embeddings (64 features or more), None
+        otherwise (``normalize_`` says which).
         ``"l2"`` scales every row (training and query) to unit length first,
         so that neighbours and Eq. 2 compare directions, not norms (the
         usual preprocessing of CNN embeddings; cosine k-NN is Euclidean
         k-NN of unit rows).
-    whiten : float in [0, 1], default=0.0
-        Global whitening after ``normalize``: the data are multiplied by
+    whiten : float in [0, 1] or "auto", default="auto"
+        ``"auto"``: 0.25 for embeddings (64 features or more), 0 otherwise
+        (``whiten_`` says which). Global whitening after ``normalize``: the data are multiplied by
         the inverse square root of their Ledoit-Wolf covariance blended
         with an isotropic one (``whiten`` = the weight of the Ledoit-Wolf
         part; 1 whitens fully, 0 not at all), learned at fit. It shrinks
@@ -205,8 +220,8 @@ class KNNN(_SetGridMixin, BaseDetector):
         neighbours of neighbours (see :class:`nonn.neighbors.faiss.FaissBackend`)
         and each query's k neighbours once against the stored neighbourhoods.
     contamination : "auto" or float in (0, 0.5], default="auto"
-        Share of the (leave-one-out scored) training points to flag;
-        "auto" = 0.01.
+        Share of normal data to flag, set on held-out scores of training
+        rows (each scored as by a model fitted without it); "auto" = 0.01.
     scale : {None, "standard", "minmax", "robust"}, default=None
         Per-column scaling learned at fit and applied to every query (for
         tabular data whose columns have different units): scikit-learn's
@@ -252,8 +267,13 @@ class KNNN(_SetGridMixin, BaseDetector):
     scale_center_, scale_factor_ : ndarray (n_features,)
         With ``scale``: the data are ``(X - scale_center_) / scale_factor_``
         before anything else (training rows and queries alike).
-    train_scores_ : ndarray (n_samples,)
-        Leave-one-out ``score_samples`` of the training points.
+    calibration_rows_ : ndarray (C,)
+        The training rows (at most 2,000, seeded) scored held out.
+    calibration_scores_, train_scores_ : ndarray (C,)
+        Their held-out ``score_samples``: behind ``offset_`` and
+        :meth:`pvalue`.
+    normalize_, whiten_ : str or None, float
+        The row normalisation and whitening strength used ("auto" resolved).
     offset_ : float
         Threshold on ``score_samples``; ``decision_function = score_samples - offset_``.
     backend_ : str
@@ -290,6 +310,19 @@ class KNNN(_SetGridMixin, BaseDetector):
     >>> det.predict(np.vstack([X[:2], 10 + X[:1]])).tolist()
     [1, 1, -1]
     """
+
+    #: the paper's settings (Nizan & Tal, Section 4): K' = 25, five features
+    #: per set, Eq. 2's sum over the k neighbours, no floor beyond the
+    #: numerically safe one, rows as given
+    PAPER_PARAMS = dict(n_neighbors=3, n_neighbors_of_neighbors=25, set_size=5,
+                        reorder="greedy", eig_floor=0.0, aggregate="sum", normalize=None,
+                        whiten=0.0)
+
+    @classmethod
+    def paper(cls, **params):
+        """The paper-exact operator: ``cls(**PAPER_PARAMS)``, any parameter
+        overridable (``KNNN.paper(n_neighbors=5)``)."""
+        return cls(**{**cls.PAPER_PARAMS, **params})
 
     _constraints = {
         "n_neighbors": [Interval("int", 1, None), Options("auto")],
@@ -328,14 +361,14 @@ class KNNN(_SetGridMixin, BaseDetector):
     def __init__(
         self,
         n_neighbors=3,
-        n_neighbors_of_neighbors=50,
-        set_size=5,
+        n_neighbors_of_neighbors=25,
+        set_size="all",
         reorder="greedy",
-        eig_floor=1e-3,
+        eig_floor="auto",
         aggregate="min",
         memory="precomputed",
-        normalize=None,
-        whiten=0.0,
+        normalize="auto",
+        whiten="auto",
         metric="euclidean",
         backend="auto",
         backend_params=None,

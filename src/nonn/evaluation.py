@@ -341,16 +341,22 @@ def _authors(**params):
     return make
 
 
+#: KNNN.PAPER_PARAMS, spelled out here so that the registry needs no import
+#: of the estimators at module load
+KNNN_PAPER = dict(n_neighbors=3, n_neighbors_of_neighbors=25, set_size=5, reorder="greedy",
+                  eig_floor=0.0, aggregate="sum", normalize=None, whiten=0.0)
+
+
 def _register_builtins():
     nonn = [
         ("KNNN", _nonn("KNNN"), "nonn KNNN, default parameters"),
-        ("KNNN-paper", _nonn("KNNN", n_neighbors=3, n_neighbors_of_neighbors=25, set_size=5,
-                             reorder="greedy", aggregate="sum"),
-         "nonn KNNN with the paper's k=3, K'=25, L=5, greedy reordering, Eq. 2's sum"),
+        ("KNNN-paper", _nonn("KNNN", **KNNN_PAPER),
+         "nonn KNNN.paper(): the paper's k=3, K'=25, L=5, greedy reordering, Eq. 2's sum, "
+         "no floor beyond the safe one, rows as given"),
         ("KNNN-L40", _nonn("KNNN", n_neighbors=3, n_neighbors_of_neighbors=50, set_size=40,
-                           aggregate="min"),
-         "nonn KNNN, the defaults study's accuracy-only winner: K'=50, L=40 (capped at D), "
-         "min over neighbours; ~30x the default's fit time"),
+                           eig_floor=1e-3, normalize=None, whiten=0.0, aggregate="min"),
+         "nonn KNNN, round one's accuracy-only winner: K'=50, L=40 (capped at D), floor "
+         "1e-3, min over neighbours"),
         ("KNNN-auto", _nonn("KNNN", seeded=True, n_neighbors="auto",
                             n_neighbors_of_neighbors="auto", set_size="auto", eig_floor="auto"),
          "nonn KNNN with k, K', L and the floor chosen label-free from the training "
