@@ -77,14 +77,18 @@ def test_default_on_embeddings_matches_oracle():
     np.testing.assert_allclose(det.anomaly_score(Q), want, rtol=1e-6)
 
 
-def test_default_on_tabular_matches_oracle():
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("d", [8, 21])  # the SIMD Jacobi solver, and LAPACK's (L > 8)
+def test_default_on_tabular_matches_oracle(d, dtype):
     rng = np.random.default_rng(4)
-    X = rng.normal(size=(120, 8)) * rng.uniform(0.5, 3, size=8)
-    Q = np.vstack([rng.normal(size=(8, 8)), 4 + rng.normal(size=(3, 8))])
+    X = (rng.normal(size=(120, d)) * rng.uniform(0.5, 3, size=d)).astype(dtype)
+    Q = np.vstack([rng.normal(size=(8, d)), 4 + rng.normal(size=(3, d))]).astype(dtype)
     det = KNNN(backend="brute").fit(X)
     assert det.normalize_ is None and det.whiten_ == 0.0 and det.eig_floor_rel_ == 1.0
-    want = naive_knnn_scores(X, Q, 3, 25, 8, list(range(8)), 1.0, aggregate="min")
-    np.testing.assert_allclose(det.anomaly_score(Q), want, rtol=1e-6)
+    want = naive_knnn_scores(X.astype(np.float64), Q.astype(np.float64), 3, 25, d,
+                             list(range(d)), 1.0, aggregate="min")
+    rtol = 1e-6 if dtype == np.float64 else 1e-4
+    np.testing.assert_allclose(det.anomaly_score(Q), want, rtol=rtol)
 
 
 @pytest.mark.parametrize("d", [8, 64])

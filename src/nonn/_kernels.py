@@ -151,6 +151,10 @@ def _jacobi_lanes_body(A, V, r, B, tol):
 
 _FASTMATH = {"reassoc", "nsz", "arcp", "contract"}
 
+#: largest feature set decomposed by the SIMD-lane Jacobi solver; larger
+#: sets go to LAPACK (numba's ``np.linalg.eigh``)
+JACOBI_MAX_SET = 8
+
 
 # Two compiled copies of the Jacobi loops, each called (not inlined) by the
 # kernels so that those stay small to compile: any size, and the default set
@@ -259,7 +263,21 @@ def _full_sets_eigen(P, m, L, full, B, tol, A, V, order, sc, p, w_out, V_out):
                 v = P[lag, s * L + a] / m * sc[s]
                 A[a, a + lag, s] = v
                 A[a + lag, a, s] = v
-    if L == 5:
+    if L > JACOBI_MAX_SET:
+        # LAPACK's divide and conquer per set: Jacobi's sweeps cost O(L^3)
+        # each and lose to it well before L = 20
+        M = np.empty((L, L), dtype=A.dtype)
+        for s in range(full):
+            for a in range(L):
+                for c in range(L):
+                    M[a, c] = A[a, c, s]
+            e, U = np.linalg.eigh(M)
+            for j in range(L):
+                A[j, j, s] = e[j]
+                for a in range(L):
+                    V[a, j, s] = U[a, j]
+        # eigh's eigenvalues are ascending already; the sort below keeps them
+    elif L == 5:
         _jacobi_lanes5(A, V, B, tol)
     else:
         _jacobi_lanes(A, V, L, B, tol)
@@ -301,8 +319,10 @@ def neighbourhood_eigen(Xg, groups, sizes, L, tol, w_out, V_out):
             full += 1
     r_last = sizes[n_sets - 1]
     short = r_last < L
-    # lanes padded to a multiple of 16 (padding lanes: identity, converged)
-    B = ((full + 15) // 16) * 16
+    # lanes padded to a multiple of 16 (padding lanes: identity, converged);
+    # a few large sets (one set of all features) get no padding: 16 lanes of
+    # a 21 x 21 Jacobi for one set cost 16x the work
+    B = full if full < 8 else ((full + 15) // 16) * 16
     dt = w_out.dtype
     ntasks = (c + _POINTS_PER_TASK - 1) // _POINTS_PER_TASK
     for task in prange(ntasks):
@@ -358,7 +378,18 @@ def neighbourhood_eigen(Xg, groups, sizes, L, tol, w_out, V_out):
                         v = P[b - a, off + a] / m * sc1
                         A1[a, b, 0] = v
                         A1[b, a, 0] = v
-                _jacobi_lanes(A1, V1, r, 1, tol)
+                if r > JACOBI_MAX_SET:
+                    M1 = np.empty((r, r), dtype=dt)
+                    for a in range(r):
+                        for b2 in range(r):
+                            M1[a, b2] = A1[a, b2, 0]
+                    e1, U1 = np.linalg.eigh(M1)
+                    for a in range(r):
+                        A1[a, a, 0] = e1[a]
+                        for b2 in range(r):
+                            V1[a, b2, 0] = U1[a, b2]
+                else:
+                    _jacobi_lanes(A1, V1, r, 1, tol)
                 _sorted_eigvals_order(A1, r, 0, order)
                 for j in range(L):
                     if j < r:
