@@ -309,3 +309,13 @@ def test_real_benchmark_writes_everything(tmp_path):
     assert (df["n_test"] == 2 * n_anom).all()
     assert "paper k-NN" in md
     assert s.auroc.loc["MVTec-AD_bottle", "KNN-mean-euclidean"] > 0.9
+
+
+def test_check_datasets_accepts_image_tasks(tmp_path):
+    """One-class image tasks come from the feature cache, not the ADBench
+    folder: naming one is not a missing data set."""
+    from nonn.evaluation import check_datasets
+
+    check_datasets(["cifar10-effnet224-0", "fashion-effnet224-9"], home=tmp_path)
+    with pytest.raises(FileNotFoundError):
+        check_datasets(["cifar10-effnet224-0", "no_such_set"], home=tmp_path)

@@ -537,6 +537,8 @@ def check_datasets(specs, *, home=None):
         if m:
             for category in datasets._mvtec_names(int(m.group(1))):
                 datasets.resolve_adbench(f"MVTec-AD_{category}", home=home)
+        elif _IMAGE.match(spec):
+            continue  # cached image features, extracted on first use
         else:
             datasets.resolve_adbench(spec, home=home)
 
