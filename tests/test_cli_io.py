@@ -108,7 +108,9 @@ def test_sigterm_mid_save_exits_cleanly_and_leaves_no_temporary(folder):
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
-    lines = err.strip().splitlines()
+    # (the one-line compile notice appears when the kernel cache is cold)
+    lines = [line for line in err.strip().splitlines()
+             if not line.startswith("nonn: compiling kernels")]
     assert lines == ["nonn: terminated (SIGTERM); no partial output was left"], err
     assert temporaries(folder) == []
     assert not (folder / "m.nonn").exists()

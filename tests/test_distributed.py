@@ -247,7 +247,9 @@ SCORE_ARRAYS = {"anomaly_score", "score_samples", "label"}
 
 def _fitted(client, dtype=np.float64):
     X, Q = data(9, n=120, dtype=dtype)
-    return DistributedKNNN(client=client, backend="brute").fit(X), Q
+    # a small floor: the queries' anomalies stand out (the tabular "auto"
+    # floor, 1.0, scores these correlated Gaussians close to plain k-NN)
+    return DistributedKNNN(client=client, backend="brute", eig_floor=1e-3).fit(X), Q
 
 
 def _read_zarr(path):
@@ -445,7 +447,7 @@ def test_partition_tasks_keep_their_placement(client, tmp_path):
             self.workers.update((annotations or {}).get("workers", {}))
 
     X, Q = data(17, n=150)
-    det = DistributedKNNN(client=client, backend="brute")
+    det = DistributedKNNN(client=client, backend="brute", set_size=5)
     scheduler = client.cluster.scheduler  # in-process: the plugin is this object
     workers = set(scheduler.workers)
     calls = (("fit", lambda: det.fit(da.from_array(X, chunks=(75, -1))),
@@ -454,8 +456,8 @@ def test_partition_tasks_keep_their_placement(client, tmp_path):
              ("write_scores", lambda: det.write_scores(da.from_array(Q, chunks=(20, -1)),
                                                        tmp_path / "s"), ("pair_scores",)))
 
-    def dual_fit():
-        det.set_params(set_size="all")
+    def dual_fit():  # 12 features in one set, neighbourhoods of 10: the dual form
+        det.set_params(set_size="all", n_neighbors_of_neighbors=10)
         det.fit(da.from_array(X, chunks=(75, -1)))
 
     calls += (("dual fit", dual_fit, ("gather_halo", "block_eigen", "held_out_pair_scores")),
@@ -696,7 +698,7 @@ def test_held_out_calibration_subset_equals_knnn(client, monkeypatch, set_size):
 def test_pvalue_fdr_and_calibrate_equal_knnn(client, set_size):
     X, Q = data(27, n=180, n_q=60)
     det = DistributedKNNN(client=client, backend="brute", set_size=set_size,
-                          n_neighbors_of_neighbors=10)
+                          n_neighbors_of_neighbors=10, eig_floor=1e-3)
     det.fit(da.from_array(X, chunks=(60, -1)))
     ref = reference(det, X)
     Qd = da.from_array(Q, chunks=(25, -1))

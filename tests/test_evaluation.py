@@ -109,7 +109,9 @@ def test_registry_contents_and_patterns():
         assert name in DETECTORS
     dets, _ = get_detectors("KNN-*")
     assert [d.name for d in dets] == ["KNN-mean-euclidean", "KNN-mean-cosine",
-                                      "KNN-kth-euclidean", "KNN-kth-cosine"]
+                                      "KNN-kth-euclidean", "KNN-kth-cosine",
+                                      "KNN-k1-euclidean", "KNN-k1-cosine",
+                                      "KNN-k5-euclidean", "KNN-k5-cosine"]
     dets, _ = get_detectors("KNNN,KNNN")  # duplicates dropped
     assert [d.name for d in dets] == ["KNNN"]
     with pytest.raises(ValueError, match="Close matches"):

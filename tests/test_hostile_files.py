@@ -32,16 +32,24 @@ Q = np.random.default_rng(1).normal(size=(20, 8))
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """Saved models of every kind, the review's ``KNNN().fit(X)`` first."""
+    """Saved models of every kind, the review's ``KNNN().fit(X)`` first (the
+    review's default then: five features per set, K' = 50, which the probes'
+    layouts assume), then today's default (all features in one set)."""
     folder = tmp_path_factory.mktemp("models")
+    review = dict(set_size=5, n_neighbors_of_neighbors=50)
     fitted = {
-        "knnn": KNNN(),
-        "lean": KNNN(memory="lean"),
-        "auto": KNNN(n_neighbors="auto", eig_floor="auto", random_state=0),
+        "knnn": KNNN(**review),
+        "lean": KNNN(memory="lean", **review),
+        "auto": KNNN(n_neighbors="auto", eig_floor="auto", random_state=0, **review),
         "knn": KNN(),
         "global": GlobalEigenKNN(),
         "local": LocalEigenKNN(),
-        "f32": KNNN(),
+        "f32": KNNN(**review),
+        "default": KNNN(),
+        "default_lean": KNNN(memory="lean"),
+        # 8 features in one set, neighbourhoods of 5: the dual form, whose
+        # scoring re-reads each neighbourhood's rows by the stored ids
+        "dual": KNNN(n_neighbors_of_neighbors=5),
     }
     out = {}
     for name, det in fitted.items():
@@ -82,6 +90,17 @@ def probe_lean_ids_huge(m, d):
     nb = _arr(m["lean"], "neighborhoods_")
     nb[:, 1:] = 10**12
     return H.rewrite(m["lean"], d, {"neighborhoods_": nb})
+
+
+def probe_dual_ids_huge(m, d):
+    nb = _arr(m["dual"], "neighborhoods_")
+    nb[:, 1:] = 10**12
+    return H.rewrite(m["dual"], d, {"neighborhoods_": nb})
+
+
+def probe_dual_eigen_width(m, d):
+    return H.rewrite(m["dual"], d, {"eigenvalues_": _arr(m["dual"], "eigenvalues_")[:, :, :4],
+                                    "eigenvectors_": _arr(m["dual"], "eigenvectors_")[:, :, :4, :4]})
 
 
 def probe_eigen_one_row(m, d):
@@ -241,6 +260,9 @@ PROBES = {
     "set_sizes_huge": (probe_set_sizes_huge, ["the array 'set_sizes_'", "summing to D=8"]),
     "lean_ids_huge": (probe_lean_ids_huge, ["the array 'neighborhoods_'",
                                             "the id 1000000000000", "[0, 500)"]),
+    "dual_ids_huge": (probe_dual_ids_huge, ["the array 'neighborhoods_'",
+                                            "the id 1000000000000", "[0, 500)"]),
+    "dual_eigen_width": (probe_dual_eigen_width, ["'eigenvalues_'", "eigen-pairs per set"]),
     "eigen_one_row": (probe_eigen_one_row, ["the array 'eigenvalues_' has shape (1, 2, 5)",
                                             "N=500"]),
     "fit_X_3_columns": (probe_fit_X_3_columns, ["the array 'fit_X' has shape (500, 3)",
@@ -334,7 +356,8 @@ def test_probe_is_refused_naming_the_member(name, probes):
 
 
 #: probes that corrupted memory or read out of bounds before
-CRASHERS = ["set_sizes_huge", "lean_ids_huge", "eigen_one_row", "fit_X_3_columns",
+CRASHERS = ["set_sizes_huge", "lean_ids_huge", "dual_ids_huge", "dual_eigen_width",
+            "eigen_one_row", "fit_X_3_columns",
             "local_set_sizes_huge", "ids_negative"]
 
 _LOAD_AND_SCORE = """
@@ -689,8 +712,12 @@ def test_image_model_is_one_archive_and_round_trips(image_models):
     assert "detector.npy" not in names
     back = load_image(image_models["spade"])
     feats = image_models["feats"][:5] + 0.5
-    np.testing.assert_array_equal(back.anomaly_score_features(feats),
-                                  image_models["spade_system"].anomaly_score_features(feats))
+    system = image_models["spade_system"]
+    # the embedded detector's scores of the pooled features (SPADE's default
+    # image score also needs the images' maps)
+    np.testing.assert_array_equal(back.detector_.anomaly_score(back._prep(feats)),
+                                  system.detector_.anomaly_score(system._prep(feats)))
+    assert back.image_score == system.image_score
 
 
 @pytest.mark.parametrize("kind", ["feature", "spade"])
@@ -702,8 +729,8 @@ def test_image_format_1_files_still_load(kind, image_models, tmp_path):
     path = _legacy_image_file(system, tmp_path / "v1.nonn")
     back = load_image(path)
     feats = image_models["feats"][:5] + 0.5
-    np.testing.assert_array_equal(back.anomaly_score_features(feats),
-                                  system.anomaly_score_features(feats))
+    np.testing.assert_array_equal(back.detector_.anomaly_score(back._prep(feats)),
+                                  system.detector_.anomaly_score(system._prep(feats)))
     assert read_meta(path)["detector"]["estimator"] == "KNNN"
 
 

@@ -99,8 +99,8 @@ def test_large_sets_float32_and_lean_bit_for_bit():
     rng = np.random.default_rng(11)
     X = rng.normal(size=(300, 40)).astype(np.float32)
     Q = rng.normal(size=(50, 40)).astype(np.float32) * 1.5
-    full = KNNN(set_size="all", n_neighbors_of_neighbors=20).fit(X)
-    lean = KNNN(set_size="all", n_neighbors_of_neighbors=20, memory="lean",
+    full = KNNN(set_size="all", n_neighbors_of_neighbors=20, eig_floor=1e-3).fit(X)
+    lean = KNNN(set_size="all", n_neighbors_of_neighbors=20, eig_floor=1e-3, memory="lean",
                 working_memory=0.05).fit(X)
     s = full.anomaly_score(Q)
     assert s.dtype == np.float32 and np.isfinite(s).all()
@@ -137,7 +137,8 @@ def test_min_aggregate_is_never_more_than_sum_over_k():
 
 def test_knnn_float32_close_to_oracle():
     X, Q = well_conditioned(3, d=10)
-    det = KNNN(n_neighbors_of_neighbors=20, reorder="none").fit(X.astype(np.float32))
+    det = KNNN(n_neighbors_of_neighbors=20, set_size=5, eig_floor=1e-3,
+               reorder="none").fit(X.astype(np.float32))
     expected = naive_knnn_scores(X, Q, 3, 20, 5, np.arange(10), 1e-3, aggregate="min")
     np.testing.assert_allclose(det.anomaly_score(Q.astype(np.float32)), expected, rtol=1e-3)
 
@@ -145,7 +146,7 @@ def test_knnn_float32_close_to_oracle():
 def test_eq1_is_eq2_with_one_set():
     """With L = D and no reordering Eq. 2 is Eq. 1 (one eigenbasis of the whole vector)."""
     X, Q = well_conditioned(4, d=6)
-    det = KNNN(set_size=6, reorder="none", n_neighbors_of_neighbors=20).fit(X)
+    det = KNNN(set_size=6, reorder="none", n_neighbors_of_neighbors=20, eig_floor=1e-3).fit(X)
     assert det.set_sizes_.tolist() == [6]
     np.testing.assert_allclose(
         det.anomaly_score(Q),
@@ -235,7 +236,7 @@ def test_greedy_reorder_detects_relation_anomaly():
     Q = np.vstack([normal, anomaly])
     ratios = {}
     for reorder in ["none", "greedy"]:
-        s = KNNN(set_size=2, reorder=reorder).fit(X[50:]).anomaly_score(Q)
+        s = KNNN(set_size=2, reorder=reorder, eig_floor=1e-3).fit(X[50:]).anomaly_score(Q)
         ratios[reorder] = s[-1] / np.median(s[:-1])
     assert ratios["greedy"] > 2 * ratios["none"]
     assert ratios["greedy"] > 5
@@ -432,7 +433,7 @@ def test_auto_selection_refits_the_pick_and_is_reproducible():
 
 def test_auto_only_varies_the_auto_parameters():
     X, _ = well_conditioned(2, d=8)
-    det = KNNN(n_neighbors_of_neighbors="auto", n_neighbors=2, set_size=4,
+    det = KNNN(n_neighbors_of_neighbors="auto", n_neighbors=2, set_size=4, eig_floor=1e-3,
                random_state=1).fit(X)
     assert set(det.auto_params_) == {"n_neighbors_of_neighbors"}
     assert det.n_neighbors_ == 2 and det.set_size_ == 4 and det.eig_floor_rel_ == 1e-3
@@ -443,7 +444,7 @@ def test_auto_with_few_rows_keeps_the_defaults():
     X = np.random.default_rng(0).normal(size=(30, 4))
     # set_size=5 > 4 features: that cap warns, as for any fit
     with pytest.warns(CappedParameterWarning, match="set_size=5"):
-        det = KNNN(n_neighbors_of_neighbors="auto", n_neighbors="auto").fit(X)
+        det = KNNN(n_neighbors_of_neighbors="auto", n_neighbors="auto", set_size=5).fit(X)
     # the defaults (first of the grid), capped silently to the 30 rows
     assert det.auto_params_ == {"n_neighbors": 3, "n_neighbors_of_neighbors": 30}
     assert det.auto_table_ == []

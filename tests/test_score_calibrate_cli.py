@@ -167,12 +167,15 @@ def test_calibrate_sets_the_threshold_the_library_sets(tables, tmp_path, detecto
     after = nonn.load(model)
     ref_fit = type(after)(**after.get_params())
     ref_fit.fit(frame(parts["train"])).calibrate(frame(parts["held"]), false_alarm_rate=0.05)
-    assert after.offset_ == ref_fit.offset_ and after.contamination_ == 0.05
-    np.testing.assert_array_equal(after.calibration_scores_, ref_fit.calibration_scores_)
+    # (another process may sum in another order: equal to rounding)
+    assert after.offset_ == pytest.approx(ref_fit.offset_, rel=1e-12)
+    assert after.contamination_ == 0.05
+    np.testing.assert_allclose(after.calibration_scores_, ref_fit.calibration_scores_,
+                               rtol=1e-12)
     assert len(after.calibration_scores_) == 200
     assert after.threshold_source_ == "calibrated on 200 held-out normal samples"
     Q = frame(parts["queries"])
-    np.testing.assert_array_equal(after.pvalue(Q), ref_fit.pvalue(Q))
+    np.testing.assert_allclose(after.pvalue(Q), ref_fit.pvalue(Q), atol=1.5 / 201)
     assert "calibrated" in r.stdout and "200 calibration scores" in r.stdout
     assert [p for p in os.listdir(tmp_path) if p.startswith(".nonn-")] == []
 
@@ -356,8 +359,10 @@ def test_calibrate_an_image_model(image_model, tmp_path):
     ref = load(model)
     paths = sorted(str(p) for p in (root / "held").iterdir())
     ref.calibrate(paths, false_alarm_rate=0.1)
-    assert got.offset_ == ref.offset_ == got.detector_.offset_
-    np.testing.assert_array_equal(got.calibration_scores_, ref.calibration_scores_)
+    # features extracted in another process: float32 rounding apart
+    assert got.offset_ == got.detector_.offset_
+    assert got.offset_ == pytest.approx(ref.offset_, rel=1e-5)
+    np.testing.assert_allclose(got.calibration_scores_, ref.calibration_scores_, rtol=1e-5)
     assert got.detector_.threshold_source_ == "calibrated on 12 held-out normal samples"
     # info shows it
     r = run("info", out, cwd=tmp_path)

@@ -54,7 +54,7 @@ def test_non_numeric_input(cls):
         (KNNN, "n_neighbors", 0, r"The 'n_neighbors' parameter of KNNN must be an int in the range \[1, inf\) or a str among \{'auto'\}. Got 0 instead. For example: KNNN\(n_neighbors=3\)"),
         (KNNN, "aggregate", "mean", r"'aggregate' parameter of KNNN must be a str among \{'min', 'sum'\}. Got 'mean' instead. For example: KNNN\(aggregate='min'\)"),
         (KNNN, "memory", "disk", r"'memory' parameter of KNNN must be a str among \{'precomputed', 'lean'\}"),
-        (KNNN, "set_size", "big", r"'set_size' parameter of KNNN must be an int in the range \[1, inf\) or a str among \{'auto'\}"),
+        (KNNN, "set_size", "big", r"'set_size' parameter of KNNN must be an int in the range \[1, inf\) or a str among \{'auto', 'all'\}"),
         (KNNN, "n_neighbors_of_neighbors", 2.5, "'n_neighbors_of_neighbors' parameter of KNNN must be an int"),
         (KNNN, "set_size", -1, "'set_size' parameter"),
         (KNNN, "reorder", "random", r"'reorder' parameter of KNNN must be a str among \{'greedy', 'none'\}. Got 'random'"),

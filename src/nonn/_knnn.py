@@ -685,6 +685,8 @@ class KNNN(_SetGridMixin, BaseDetector):
 
         grid = {name: (AUTO_GRID[name] if name in auto else (getattr(self, name),))
                 for name in AUTO_GRID}
+        if grid["set_size"] == ("all",):
+            grid["set_size"] = (X.shape[1],)
         first = {name: values[0] for name, values in grid.items()}
         n = X.shape[0]
         n_h = n // 5

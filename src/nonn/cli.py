@@ -74,6 +74,16 @@ def _int_or_auto(text):
         raise argparse.ArgumentTypeError(f"expected an int or 'auto', got {text!r}") from None
 
 
+def _set_size(text):
+    if text in ("auto", "all"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an int, 'all' or 'auto', got {text!r}") from None
+
+
 def _float_or_auto(text):
     if text == "auto":
         return text
@@ -129,10 +139,20 @@ _FIT_OPTIONS = (
           "(knnn only) (default: 3)")),
     ("--n-neighbors-of-neighbors", "n_neighbors_of_neighbors",
      dict(type=_int_or_auto, metavar="KP|auto", help="K', size of each training point's "
-          "neighbourhood, itself included (knnn only; default: 50)")),
+          "neighbourhood, itself included (knnn only; default: 25)")),
     ("--set-size", "set_size",
-     dict(type=_int_or_auto, metavar="L|auto",
-          help="L, features per set (knnn, local; default: 5)")),
+     dict(type=_set_size, metavar="L|all|auto",
+          help="L, features per set; all = one set of every feature (knnn, local; "
+          "local's default is 5; default: all)")),
+    ("--normalize", "normalize",
+     dict(choices=("none", "l2", "auto"), help="l2 = rows scaled to unit length before "
+          "anything else (cosine geometry); auto = l2 with 64 features or more, none below "
+          "(knn, global and local default to none; default: auto)")),
+    ("--whiten", "whiten",
+     dict(type=_float_or_auto, metavar="W|auto", help="global whitening strength in [0, 1] "
+          "after --normalize: the weight of the Ledoit-Wolf covariance blended with an "
+          "isotropic one; auto = 0.25 with 64 features or more, 0 below (knn, global and "
+          "local default to 0; default: auto)")),
     ("--aggregate", "aggregate",
      dict(choices=("min", "sum"), help="how a query's k per-neighbour sums combine: "
           "sum = the paper's Eq. 2 (knnn only; default: min)")),
@@ -159,8 +179,9 @@ _FIT_OPTIONS = (
           help="share of training points to flag, in (0, 0.5]; auto = 0.01 "
           "(default: auto)")),
     ("--eig-floor", "eig_floor",
-     dict(type=_float_or_auto, metavar="FLOAT|auto", help="relative eigenvalue floor "
-          "(knnn, global, local; default: 0.001)")),
+     dict(type=_float_or_auto, metavar="FLOAT|auto", help="relative eigenvalue floor; auto "
+          "(knnn only) = 0.1 with 64 features or more, 1.0 below (knnn, global, local; "
+          "global and local default to 0.001; default: auto)")),
     ("--scale", "scale",
      dict(choices=("none", "standard", "minmax", "robust"),
           help="per-column scaling learned from TRAIN and applied to every query, for "
@@ -345,7 +366,7 @@ def _fit_params(args, cls):
             value = getattr(args, name)
             if name == "backend_params":
                 value = dict(value)
-            elif name == "scale" and value == "none":
+            elif name in ("scale", "normalize") and value == "none":
                 value = None
             params[name] = value
         else:
