@@ -439,10 +439,6 @@ def test_cli_explain_errors_are_one_line(model_files, args, fragment):
 
 
 # ------------------------------------------------------------ distributed
-@pytest.mark.xfail(raises=NotImplementedError, strict=False,
-                   reason="DistributedKNNN.to_knnn predates the calibration arrays on this "
-                   "branch (it cannot gather calibration_rows_); the distributed rewrite "
-                   "gathers them")
 def test_distributed_knnn_explains_as_the_gathered_knnn():
     """DistributedKNNN.explain is KNNN.explain on the gathered model (the same
     neighbours, eigen-states and scores); partial_fit asks to gather first."""
