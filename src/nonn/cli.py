@@ -939,7 +939,8 @@ def _info_image(args):
 def _cmd_demo(args):
     from .synthetic import run_demo
 
-    kwargs = {"out_dir": args.out, "verbose": True, "quick": args.quick}
+    kwargs = {"out_dir": args.out, "verbose": True, "progress": _progress(args),
+              "quick": args.quick}
     if args.quick and (args.seeds is not None or args.sizes is not None):
         _note("note: --quick overrides --seeds and --sizes (2 seeds, sizes 100,300).")
     if args.seeds is not None:
@@ -1117,6 +1118,7 @@ def build_parser():
     demo.add_argument("--quick", action="store_true",
                       help="a fast smoke run: 2 seeds, sizes 100,300 and a coarser figure, "
                       "and digits 0-2 only (overrides --seeds and --sizes)")
+    add_progress_option(demo)
     demo.set_defaults(handler=_in_flags(_cmd_demo))
 
     bench = sub.add_parser(
