@@ -71,8 +71,8 @@ def test_default_on_embeddings_matches_oracle():
     X = _embeddings(150, 64, 0)
     Q = np.vstack([_embeddings(10, 64, 1), np.random.default_rng(2).normal(size=(5, 64))])
     det = KNNN(backend="brute").fit(X)
-    assert det.normalize_ == "l2" and det.whiten_ == 0.25 and det.eig_floor_rel_ == 0.1
-    Xw, Qw = _whitened(X, Q, 0.25)
+    assert det.normalize_ == "l2" and det.whiten_ == 0.5 and det.eig_floor_rel_ == 0.1
+    Xw, Qw = _whitened(X, Q, 0.5)
     want = naive_knnn_scores(Xw, Qw, 3, 25, 64, list(range(64)), 0.1, aggregate="min")
     np.testing.assert_allclose(det.anomaly_score(Q), want, rtol=1e-6)
 

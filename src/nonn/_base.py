@@ -35,7 +35,7 @@ def _preprocess_arrays(params):
 #: space; fewer features as tabular records, used as they are
 EMBEDDING_MIN_FEATURES = 64
 #: the whitening strength ``whiten="auto"`` gives embeddings
-AUTO_WHITEN = 0.25
+AUTO_WHITEN = 0.5
 #: the relative eigenvalue floor ``eig_floor="auto"`` gives embeddings and
 #: tabular data (a larger floor keeps fewer local directions: tabular data
 #: are scored closer to plain Euclidean k-NN)

@@ -152,7 +152,7 @@ class KNNN(_SetGridMixin, BaseDetector):
     through each neighbourhood's K' x K' Gram matrix, so its cost does not
     grow with the set), and ``normalize``/``whiten``/``eig_floor`` chosen
     from the number of features (``"auto"``: embeddings, 64 features or
-    more, get unit-length rows, whitening 0.25 and floor 0.1; tabular data
+    more, get unit-length rows, whitening 0.5 and floor 0.1; tabular data
     none, none and floor 1.0). The paper-exact operator is one call away:
     :meth:`KNNN.paper` (K' = 25, L = 5, the paper's sum, no floor beyond
     the numerically safe one, the rows as given).
@@ -200,7 +200,7 @@ class KNNN(_SetGridMixin, BaseDetector):
         usual preprocessing of CNN embeddings; cosine k-NN is Euclidean
         k-NN of unit rows).
     whiten : float in [0, 1] or "auto", default="auto"
-        ``"auto"``: 0.25 for embeddings (64 features or more), 0 otherwise
+        ``"auto"``: 0.5 for embeddings (64 features or more), 0 otherwise
         (``whiten_`` says which). Global whitening after ``normalize``: the data are multiplied by
         the inverse square root of their Ledoit-Wolf covariance blended
         with an isotropic one (``whiten`` = the weight of the Ledoit-Wolf

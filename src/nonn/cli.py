@@ -151,7 +151,7 @@ _FIT_OPTIONS = (
     ("--whiten", "whiten",
      dict(type=_float_or_auto, metavar="W|auto", help="global whitening strength in [0, 1] "
           "after --normalize: the weight of the Ledoit-Wolf covariance blended with an "
-          "isotropic one; auto = 0.25 with 64 features or more, 0 below (knn, global and "
+          "isotropic one; auto = 0.5 with 64 features or more, 0 below (knn, global and "
           "local default to 0; default: auto)")),
     ("--aggregate", "aggregate",
      dict(choices=("min", "sum"), help="how a query's k per-neighbour sums combine: "
