@@ -328,8 +328,23 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
         self.dtype_ = X.dtype
         X = self._fit_preprocess(X)
         self.calibration_rows_ = None
-        self._fit_threshold(self._fit(X), X.shape[0])
+        held_out = self._fit(X)
+        if self.calibration_rows_ is None and len(held_out) == X.shape[0]:
+            plan = self._calibration_plan(X.shape[0])
+            if plan is not None:  # every row was scored: keep the planned ones
+                self.calibration_rows_ = plan
+                held_out = np.asarray(held_out)[plan]
+        self._fit_threshold(held_out, X.shape[0])
         return self
+
+    def _calibration_plan(self, n):
+        """The training rows whose held-out scores set the threshold (None:
+        all). Without whitening all of them; with whitening a seeded half,
+        and the whitening is estimated from the other half, so that it is
+        out of sample for them too (see :func:`nonn._knnn.calibration_rows`)."""
+        if not getattr(self, "whiten_", 0) or getattr(self, "_calibrate_all", False):
+            return None
+        return np.sort(np.random.default_rng(0).choice(n, n // 2, replace=False))
 
     def _fit_threshold(self, held_out, n):
         """Set the threshold from the out-of-sample anomaly scores
@@ -401,7 +416,10 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
         if "whiten" in params and params["whiten"] != 0:
             if fit:
                 if self.whiten_:
-                    self.whiten_mean_, self.whiten_matrix_ = fit_whitening(X, self.whiten_)
+                    # estimated without the calibration rows (out of sample for them)
+                    plan = self._calibration_plan(X.shape[0])
+                    est = X if plan is None else np.delete(X, plan, axis=0)
+                    self.whiten_mean_, self.whiten_matrix_ = fit_whitening(est, self.whiten_)
                 else:  # "auto" chose none: the identity (exact), stored alike
                     self.whiten_mean_ = np.zeros(X.shape[1], dtype=X.dtype)
                     self.whiten_matrix_ = np.eye(X.shape[1], dtype=X.dtype)

@@ -425,9 +425,13 @@ class KNNN(_SetGridMixin, BaseDetector):
         self._graph_tail = np.ascontiguousarray(others[:, Kp - 1:])
         if self.memory != "lean":
             self._fit_eigen()
-        rows = calibration_rows(n, getattr(self, "_calibrate_all", False))
+        rows = self._calibration_plan(n)
         self.calibration_rows_ = rows
         return self._held_out_scores(rows, others)
+
+    def _calibration_plan(self, n):
+        return calibration_rows(n, getattr(self, "_calibrate_all", False),
+                                whitened=bool(getattr(self, "whiten_", 0)))
 
     def _resolve_auto(self, X):
         """The counts (``n_neighbors``, ``n_neighbors_of_neighbors``,
@@ -752,11 +756,24 @@ class KNNN(_SetGridMixin, BaseDetector):
 CALIBRATION_ROWS = 2000
 
 
-def calibration_rows(n, all_rows=False):
+def calibration_rows(n, all_rows=False, whitened=False):
     """The training rows a fit scores out of sample for its threshold:
     ``None`` (all) up to :data:`CALIBRATION_ROWS`, else that many, drawn
-    with a fixed seed (the same data give the same threshold)."""
-    if all_rows or n <= CALIBRATION_ROWS:
+    with a fixed seed (the same data give the same threshold).
+
+    With whitening (``whitened``) at most half the rows: the whitening is
+    then estimated from the other rows, so that it is out of sample for the
+    calibration rows too (a covariance estimated with a row in it makes that
+    row look more normal than new data: on one-class CIFAR-10 features it
+    flagged 30 % of new normal images for 1 % asked). ``all_rows``
+    (``fit_predict``) scores every row, the whitening then from all of them.
+    """
+    if all_rows:
+        return None
+    if whitened:
+        return np.sort(np.random.default_rng(0).choice(n, min(CALIBRATION_ROWS, n // 2),
+                                                       replace=False))
+    if n <= CALIBRATION_ROWS:
         return None
     return np.sort(np.random.default_rng(0).choice(n, CALIBRATION_ROWS, replace=False))
 
