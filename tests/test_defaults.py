@@ -19,13 +19,14 @@ def _embeddings(n, d, seed):
     return rng.normal(size=(n, 6)) @ basis + 0.3 * rng.normal(size=(n, d)) + 2.0
 
 
-def _whitened(X, Q, strength):
+def _whitened(X, Q, strength, held=()):
     """Oracle of the default's embedding transforms: unit rows, then the
     ZCA whitening of the Ledoit-Wolf covariance blended with the isotropic
-    one of equal trace, learned on the training rows."""
+    one of equal trace, learned on the training rows except ``held`` (the
+    calibration rows)."""
     Xu = X / np.linalg.norm(X, axis=1, keepdims=True)
     Qu = Q / np.linalg.norm(Q, axis=1, keepdims=True)
-    lw = LedoitWolf().fit(Xu)
+    lw = LedoitWolf().fit(np.delete(Xu, np.asarray(held, dtype=int), axis=0))
     C = lw.covariance_
     iso = np.trace(C) / C.shape[0]
     S = strength * C + (1 - strength) * iso * np.eye(C.shape[0])
@@ -72,7 +73,11 @@ def test_default_on_embeddings_matches_oracle():
     Q = np.vstack([_embeddings(10, 64, 1), np.random.default_rng(2).normal(size=(5, 64))])
     det = KNNN(backend="brute").fit(X)
     assert det.normalize_ == "l2" and det.whiten_ == 0.5 and det.eig_floor_rel_ == 0.1
-    Xw, Qw = _whitened(X, Q, 0.5)
+    # half the rows calibrate, seeded; the whitening is learned from the rest
+    held = det.calibration_rows_
+    assert len(held) == 75 and len(np.unique(held)) == 75
+    np.testing.assert_array_equal(KNNN(backend="brute").fit(X).calibration_rows_, held)
+    Xw, Qw = _whitened(X, Q, 0.5, held)
     want = naive_knnn_scores(Xw, Qw, 3, 25, 64, list(range(64)), 0.1, aggregate="min")
     np.testing.assert_allclose(det.anomaly_score(Q), want, rtol=1e-6)
 

@@ -328,23 +328,16 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
         self.dtype_ = X.dtype
         X = self._fit_preprocess(X)
         self.calibration_rows_ = None
-        held_out = self._fit(X)
-        if self.calibration_rows_ is None and len(held_out) == X.shape[0]:
-            plan = self._calibration_plan(X.shape[0])
-            if plan is not None:  # every row was scored: keep the planned ones
-                self.calibration_rows_ = plan
-                held_out = np.asarray(held_out)[plan]
-        self._fit_threshold(held_out, X.shape[0])
+        self._fit_threshold(self._fit(X), X.shape[0])
         return self
 
     def _calibration_plan(self, n):
-        """The training rows whose held-out scores set the threshold (None:
-        all). Without whitening all of them; with whitening a seeded half,
-        and the whitening is estimated from the other half, so that it is
-        out of sample for them too (see :func:`nonn._knnn.calibration_rows`)."""
-        if not getattr(self, "whiten_", 0) or getattr(self, "_calibrate_all", False):
-            return None
-        return np.sort(np.random.default_rng(0).choice(n, n // 2, replace=False))
+        """The training rows whose held-out scores will set the threshold
+        (None: all), known before the whitening is estimated: the whitening
+        is estimated without them. ``KNNN`` holds out half the rows when it
+        whitens (:func:`nonn._knnn.calibration_rows`); the baselines score
+        every row, so their (optional) whitening sees the rows it scores."""
+        return None
 
     def _fit_threshold(self, held_out, n):
         """Set the threshold from the out-of-sample anomaly scores

@@ -238,11 +238,26 @@ def _knnn_graph(work, Xg):
     return others
 
 
+def _calibration_after_update(det, n_old, n):
+    """The calibration rows of a model of ``n`` rows whose first ``n_old``
+    were ``det``'s: as a fit would take them; with whitening (frozen from
+    ``det``'s fit, estimated without ``det``'s calibration rows) those rows
+    and the new ones, which the whitening never saw (at most
+    ``CALIBRATION_ROWS``, a seeded subset)."""
+    from . import _knnn
+
+    if not getattr(det, "whiten_", 0):
+        return _knnn.calibration_rows(n)
+    rows = np.concatenate([np.asarray(det.calibration_rows_, dtype=np.int64),
+                           np.arange(n_old, n, dtype=np.int64)])
+    if len(rows) > _knnn.CALIBRATION_ROWS:
+        rows = np.random.default_rng(0).choice(rows, _knnn.CALIBRATION_ROWS, replace=False)
+    return np.sort(rows)
+
+
 def knnn_frozen_state(det, work, Xg):
     """Everything ``fit`` computes after the global statistics, on the grid
     rows ``Xg``, into ``work``."""
-    from ._knnn import calibration_rows
-
     n = Xg.shape[0]
     work.n_neighbors_ = cap(_requested(det, "n_neighbors"), n - 1, "n_neighbors",
                             "the number of other training points")
@@ -251,7 +266,7 @@ def knnn_frozen_state(det, work, Xg):
                                          "the number of training points")
     work._search = work._make_backend(Xg, name=det.backend_)
     others = _knnn_graph(work, Xg)
-    rows = calibration_rows(n)
+    rows = _calibration_after_update(det, det._fit_X.shape[0], n)
     work._graph_tail = np.ascontiguousarray(others[:, work.n_neighbors_of_neighbors_ - 1:])
     loo = work._held_out_scores(rows, others)
     set_threshold(work, -np.asarray(work._to_user_units(loo, "training")), rows)
@@ -260,7 +275,6 @@ def knnn_frozen_state(det, work, Xg):
 def knnn_partial_fit(det, X):
     """:meth:`nonn.KNNN.partial_fit`."""
     from ._eq2 import neighborhood_eigen
-    from ._knnn import calibration_rows
     from .neighbors._base import drop_self
 
     if _unfitted(det):
@@ -332,7 +346,7 @@ def knnn_partial_fit(det, X):
             work.eigenvalues_, work.eigenvectors_ = evals, evecs
         stages["eigen"], t = time.perf_counter() - t, time.perf_counter()
         # held-out scores of the calibration rows a fit on all rows takes
-        rows = calibration_rows(n)
+        rows = _calibration_after_update(det, n_old, n)
         R_ids = np.arange(n, dtype=np.int64) if rows is None else rows
         if tail_ok:
             others = np.concatenate([nbhd[:, 1:], work._graph_tail], axis=1)

@@ -312,7 +312,7 @@ class DistributedKNNN(KNNN):
         where = [workers[j % len(workers)] for j in range(P)]
         raw = client.persist([_at(where, j, _tasks.clean_block, b, dtype)
                               for j, b in enumerate(X.to_delayed().ravel())])
-        blocks, transforms = self._fit_transforms(client, raw, where, n, d, dtype)
+        blocks, transforms = self._fit_transforms(client, raw, where, n, d, dtype, bounds)
         del raw
         # from now on each partition's work goes where its rows are (a soft
         # preference: a lost worker's partitions are recomputed elsewhere)
@@ -368,7 +368,8 @@ class DistributedKNNN(KNNN):
                 fut.result()
 
         # 6. held-out scores of the calibration rows
-        rows = calibration_rows(n, getattr(self, "_calibrate_all", False))
+        rows = calibration_rows(n, getattr(self, "_calibrate_all", False),
+                                whitened=bool(transforms.get("whiten_", 0)))
         state = dict(Xg=Xg, evals=evals, evecs=evecs, bounds=bounds, sizes=sizes,
                      set_size=L, floor=floor, k=k, where=where,
                      halos=halos if eigen_form(L, Kp) == DUAL else [None] * P)
@@ -403,7 +404,7 @@ class DistributedKNNN(KNNN):
         self._fit_threshold(held, n)  # sets offset_: the fit is complete
         return self
 
-    def _fit_transforms(self, client, blocks, where, n, d, dtype):
+    def _fit_transforms(self, client, blocks, where, n, d, dtype, bounds):
         """``KNNN``'s input transforms (see ``BaseDetector._fit_preprocess``)
         fitted from partition statistics: ``(transformed blocks, fitted
         attributes)``. Each stage that changes the data persists its blocks."""
@@ -431,12 +432,19 @@ class DistributedKNNN(KNNN):
             blocks = client.persist([_at(where, j, l2_rows, b) for j, b in enumerate(blocks)])
         if self.whiten != 0:
             if whiten_:
+                # as KNNN: estimated without the calibration rows
+                rows = calibration_rows(n, getattr(self, "_calibrate_all", False),
+                                        whitened=True)
+                est = blocks if rows is None else [
+                    _at(where, j, _tasks.drop_rows, b,
+                        rows[(rows >= bounds[j]) & (rows < bounds[j + 1])] - bounds[j])
+                    for j, b in enumerate(blocks)]
                 total, count = client.compute(_tree([_at(where, j, _tasks.column_sums, b)
-                                                     for j, b in enumerate(blocks)],
+                                                     for j, b in enumerate(est)],
                                                     _tasks.add), sync=True)
                 mean = total / count
                 gram, norm4 = client.compute(_tree([_at(where, j, whitening_moments, b, mean)
-                                                    for j, b in enumerate(blocks)],
+                                                    for j, b in enumerate(est)],
                                                    _tasks.add), sync=True)
                 cov, _ = ledoit_wolf_from_moments(count, gram, norm4)
                 mu, W = whitening_matrix(mean, cov, whiten_, dtype)

@@ -61,6 +61,11 @@ def clean_block(X, dtype):
     return X
 
 
+def drop_rows(X, local_ids):
+    """A block without the rows ``local_ids`` (ids within the block)."""
+    return np.delete(X, np.asarray(local_ids, dtype=np.int64), axis=0)
+
+
 def column_sums(X):
     """(float64 column sums, row count) of a block."""
     return X.sum(axis=0, dtype=np.float64), X.shape[0]
