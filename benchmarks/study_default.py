@@ -176,7 +176,7 @@ def decide(out, part="dev"):
         cells = " | ".join(f"{means[s][col].mean():.4f} ({margins[s]:+.4f})" for s in means)
         lines.append(f"| {name} | {cells} | {score[name]:+.4f} |")
     declared = {n: v for n, v in score.items() if n in CANDIDATES}
-    if not declared:  # confirmation: no choice to make, the margins are the result
+    if part != "dev":  # confirmation: no choice to make, the margins are the result
         text = "\n".join(lines + ["", "Targets: " + ", ".join(
             f"{s} {targets(s, m):.4f}" for s, m in means.items())])
         print(text)
