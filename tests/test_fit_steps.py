@@ -105,6 +105,16 @@ def test_neighborhoods_and_held_out_groups():
 
 def test_threshold_and_conformal_pvalues():
     s = np.array([-3.0, -1.0, -2.0, -5.0, -4.0])  # score_samples
-    assert threshold(s, 0.25) == np.percentile(s, 25)
+    # conformal: the k-th lowest, k = floor(rate * (n + 1)), at least 1
+    assert threshold(s, 0.25) == -5.0  # k = floor(1.5) = 1
+    assert threshold(s, 0.34) == -4.0  # k = floor(2.04) = 2
+    assert threshold(s, 0.5) == -3.0   # k = 3
+    assert threshold(s, 0.01) == -5.0  # fewer scores than the rate needs: the lowest
+    # predict at a rate flags what pvalue <= rate flags
+    rng = np.random.default_rng(0)
+    cal, new = rng.normal(size=199), rng.normal(size=5000)
+    for rate in (0.01, 0.05, 0.2):
+        flagged = new - threshold(cal, rate) < 0
+        np.testing.assert_array_equal(flagged, conformal_pvalues(-new, cal) <= rate)
     # anomaly scores 1..5: a query scoring 4 has 2 calibration scores >= it
     np.testing.assert_allclose(conformal_pvalues([4.0, 0.0, 9.0], s), [3 / 6, 1.0, 1 / 6])

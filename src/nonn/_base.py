@@ -70,10 +70,19 @@ def resolve_contamination(contamination):
 
 
 def threshold(score_samples, rate):
-    """The threshold ``offset_`` that flags a share ``rate`` of the scores
-    ``score_samples`` (higher = more normal): their ``100 * rate``-th
-    percentile, linearly interpolated."""
-    return float(np.percentile(np.asarray(score_samples, dtype=np.float64), 100.0 * rate))
+    """The threshold ``offset_`` on ``score_samples`` (higher = more normal)
+    that flags about a share ``rate`` of new data like the calibration
+    scores: the k-th lowest of the n scores, k = floor(rate * (n + 1)) (at
+    least 1). This is the conformal rule: a new point exchangeable with the
+    calibration points scores below it with probability k / (n + 1), never
+    more than ``rate`` and within 1 / (n + 1) of it, and ``predict`` then
+    flags what ``pvalue(X) <= rate`` flags. (An interpolated percentile
+    flags about ``rate + 1 / (n + 1)``: twice the rate for 1 % of 100
+    scores.) With fewer than ``1 / rate - 1`` scores, k = 1: the lowest
+    score, about ``1 / (n + 1)`` flagged."""
+    s = np.sort(np.asarray(score_samples, dtype=np.float64))
+    k = max(int(np.floor(rate * (len(s) + 1) + 1e-9)), 1)
+    return float(s[min(k, len(s)) - 1])
 
 
 def conformal_pvalues(anomaly_scores, calibration_scores):

@@ -915,9 +915,12 @@ def _top_mean(m, q):
 
 
 def _upper_quantile(values, rate):
-    """The value that about ``rate`` of ``values`` exceed (the core detectors'
-    threshold rule, on anomaly scores)."""
-    return float(np.percentile(np.asarray(values, dtype=np.float64), 100.0 * (1.0 - rate)))
+    """The value that about ``rate`` of new values like ``values`` exceed:
+    the core detectors' conformal threshold rule (:func:`nonn._base.threshold`)
+    on anomaly scores."""
+    from nonn._base import threshold
+
+    return -threshold(-np.asarray(values, dtype=np.float64), rate)
 
 
 def greedy_coreset(X, ratio, random_state=0, projection=128, chunk=65536):
