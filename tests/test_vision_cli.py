@@ -188,7 +188,9 @@ def test_info_describes_a_spade_image_model(spade_model, capsys):
     assert "    n_neighbors = 5\n" in out and "    n_neighbors_of_neighbors = 10\n" in out
     assert f"    offset_ = {system.detector_.offset_!r}\n" in out
     assert re.search(r"\n  train_maps +\(24, 176, 8, 8\)", out) and "eigenvectors_" in out
-    assert re.search(r"\n  map_calibration +\(24, 3\)", out)
+    # one row per calibration image: half the 24 (the detector whitens its
+    # 1280 features, so half the rows are held out of the whitening)
+    assert re.search(r"\n  map_calibration +\(12, 3\)", out)
     assert "verified" not in out
     rc, out, err = _info(capsys, spade_model, "--verify")
     assert rc == 0, err
