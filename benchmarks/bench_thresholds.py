@@ -147,8 +147,15 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--suites", default="mvtec", help="comma-separated: mvtec,tabular,cifar10")
     ap.add_argument("--seeds", type=int, default=10)
+    ap.add_argument("--detectors", help="comma-separated subset of "
+                    + ",".join(DETECTORS) + " (default: all)")
     ap.add_argument("--out", help="folder for thresholds.md and thresholds.csv")
     args = ap.parse_args(argv)
+    if args.detectors:
+        keep = [d.strip() for d in args.detectors.split(",")]
+        for name in list(DETECTORS):
+            if name not in keep:
+                del DETECTORS[name]
     run([s.strip() for s in args.suites.split(",") if s.strip()], args.seeds, args.out)
 
 

@@ -311,7 +311,7 @@ class GlobalEigenKNN(_NeighbourQueries, BaseDetector):
 
 
 #: folds of GlobalEigenKNN's cross-fitted calibration scores
-_FOLDS = 5
+_FOLDS = 10
 
 
 def _global_eq3(Q, X, idx, evals, evecs, floor, det):
