@@ -101,7 +101,7 @@ def _flagged(det, held):
             for rate in RATES}
 
 
-def run(suites, seeds, out=None):
+def run(suites, seeds, out=None, keep=None):
     rows = []
     for suite in suites:
         for name, normals, prep in _normals(suite):
@@ -113,6 +113,8 @@ def run(suites, seeds, out=None):
                 if prep == "minmax":
                     train, held = _minmax(train, held)
                 for det_name, make in _detectors(suite).items():
+                    if keep is not None and det_name not in keep:
+                        continue
                     t = time.perf_counter()
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
@@ -151,12 +153,8 @@ def main(argv=None):
                     + ",".join(DETECTORS) + " (default: all)")
     ap.add_argument("--out", help="folder for thresholds.md and thresholds.csv")
     args = ap.parse_args(argv)
-    if args.detectors:
-        keep = [d.strip() for d in args.detectors.split(",")]
-        for name in list(DETECTORS):
-            if name not in keep:
-                del DETECTORS[name]
-    run([s.strip() for s in args.suites.split(",") if s.strip()], args.seeds, args.out)
+    keep = [d.strip() for d in args.detectors.split(",")] if args.detectors else None
+    run([s.strip() for s in args.suites.split(",") if s.strip()], args.seeds, args.out, keep)
 
 
 if __name__ == "__main__":

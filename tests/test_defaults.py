@@ -8,7 +8,7 @@ import pytest
 from sklearn.covariance import LedoitWolf
 
 from nonn import KNNN
-from nonn.evaluation import KNNN_PAPER
+from nonn.evaluation import DETECTORS
 
 from oracles import naive_greedy_order, naive_knnn_scores
 
@@ -52,7 +52,7 @@ def test_paper_operator_is_one_call_away():
     assert (p["normalize"], p["whiten"]) == (None, 0.0)
     # overridable, and the benchmark registry's "KNNN-paper" is the same operator
     assert KNNN.paper(n_neighbors=5).n_neighbors == 5
-    assert KNNN_PAPER == KNNN.PAPER_PARAMS
+    assert DETECTORS["KNNN-paper"].make(0).get_params() == KNNN.paper().get_params()
 
 
 def test_paper_operator_matches_naive_eq2():

@@ -341,16 +341,16 @@ def _authors(**params):
     return make
 
 
-#: KNNN.PAPER_PARAMS, spelled out here so that the registry needs no import
-#: of the estimators at module load
-KNNN_PAPER = dict(n_neighbors=3, n_neighbors_of_neighbors=25, set_size=5, reorder="greedy",
-                  eig_floor=0.0, aggregate="sum", normalize=None, whiten=0.0)
+def _knnn_paper(seed):
+    from ._knnn import KNNN
+
+    return KNNN.paper()
 
 
 def _register_builtins():
     nonn = [
         ("KNNN", _nonn("KNNN"), "nonn KNNN, default parameters"),
-        ("KNNN-paper", _nonn("KNNN", **KNNN_PAPER),
+        ("KNNN-paper", _knnn_paper,
          "nonn KNNN.paper(): the paper's k=3, K'=25, L=5, greedy reordering, Eq. 2's sum, "
          "no floor beyond the safe one, rows as given"),
         ("KNNN-L40", _nonn("KNNN", n_neighbors=3, n_neighbors_of_neighbors=50, set_size=40,
