@@ -1,28 +1,26 @@
 #!/usr/bin/env python
 """Approximate search against exact search on real data: does KNNN keep its
 AUROC when the k-NN graph and queries come from FAISS HNSW or IVF?
+(protocol: benchmarks/README.md).
 
-For each large ADBench tabular set (the novelty protocol of
-``nonn.evaluation``, training normals capped at ``--max-train``), fit
-``KNNN()`` (the defaults) once with the exact ``brute`` backend and once per
-approximate backend, and report AUROC, the AUROC difference to exact,
-recall@K' of the training graph (the neighbourhoods) and recall@k of the
-queries against exact, and fit/score seconds. The issue's target: AUROC within
-0.005 of exact.
-
-Usage (repository root, venv active)::
+Usage::
 
     python benchmarks/bench_approx_auroc.py                 # ~5-10 min on 2 cores
-    python benchmarks/bench_approx_auroc.py --datasets 8_celeba --seeds 0
+    python benchmarks/bench_approx_auroc.py --backends HNSW32 --name approx_auroc_dedupe
+    python benchmarks/bench_approx_auroc.py --datasets 6_cardio --seeds 0 \
+        --backends "HNSW32, efSearch=64," --out /tmp/approx                    # smoke
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import best_of, markdown_table, query_neighbours, recall  # noqa: E402
 
 BACKENDS = {
     "faiss HNSW32, efSearch=64": ("faiss", {"index": "HNSW32", "efSearch": 64}),
@@ -33,10 +31,6 @@ BACKENDS = {
     "faiss IVF1024,Flat, nprobe=32, refine=1": ("faiss", {"index": "IVF1024,Flat",
                                                           "nprobe": 32, "refine": 1}),
 }
-
-
-def recall(approx, exact):
-    return float(np.mean([len(np.intersect1d(a, e)) / len(e) for a, e in zip(approx, exact)]))
 
 
 def main(argv=None):
@@ -73,41 +67,40 @@ def main(argv=None):
             ref = None
             for label, (backend, params) in [("exact (brute)", ("brute", None))] + list(
                     chosen.items()):
-                det = KNNN(backend=backend, backend_params=params)
-                t0 = time.perf_counter()
-                det.fit(Xtr)
-                fit_s = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                s = det.anomaly_score(Xte)
-                score_s = time.perf_counter() - t0
-                # the query neighbours KNNN scores with (refined where asked)
-                qidx = det._query_neighbours(det._to_grid(Xte[:1000]))
+                fit_s, det = best_of(lambda: KNNN(backend=backend,
+                                                  backend_params=params).fit(Xtr))
+                score_s, s = best_of(lambda: det.anomaly_score(Xte))
+                qidx = query_neighbours(det, Xte[:1000])
                 auc = roc_auc_score(y[te], s)
                 row = dict(dataset=name, seed=seed, n_train=len(tr), d=X.shape[1],
                            backend=label, auroc=auc, fit_s=fit_s, score_s=score_s)
                 if ref is None:
                     ref = (auc, det.neighborhoods_[:, 1:], qidx)
                 else:
-                    sample = np.random.default_rng(seed).choice(len(tr), 1000, replace=False)
+                    sample = np.random.default_rng(seed).choice(len(tr), min(1000, len(tr)),
+                                                                replace=False)
                     row.update(d_auroc=auc - ref[0],
-                               recall_graph=recall(det.neighborhoods_[sample, 1:], ref[1][sample]),
+                               recall_graph=recall(det.neighborhoods_[sample, 1:],
+                                                   ref[1][sample]),
                                recall_query=recall(qidx, ref[2]))
                 rows.append(row)
                 print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()},
                       flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    lines = ["| dataset | seed | N train | D | backend | AUROC | Δ vs exact | recall@K'-1 graph "
-             "| recall@k query | fit s | score s |", "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(
-            f"| {r['dataset']} | {r['seed']} | {r['n_train']:,} | {r['d']} | {r['backend']} | "
-            f"{r['auroc']:.4f} | {r.get('d_auroc', 0):+.4f} | {r.get('recall_graph', 1):.3f} | "
-            f"{r.get('recall_query', 1):.3f} | {r['fit_s']:.1f} | {r['score_s']:.1f} |")
+    table = markdown_table(
+        ["dataset", "seed", "N train", "D", "backend", "AUROC", "Δ vs exact",
+         "recall@K'-1 graph", "recall@k query", "fit s", "score s"],
+        [[r["dataset"], r["seed"], f"{r['n_train']:,}", r["d"], r["backend"],
+          f"{r['auroc']:.4f}",
+          f"{r.get('d_auroc', 0):+.4f}", f"{r.get('recall_graph', 1):.3f}",
+          f"{r.get('recall_query', 1):.3f}", f"{r['fit_s']:.1f}", f"{r['score_s']:.1f}"]
+         for r in rows])
     worst = {b: max(abs(r["d_auroc"]) for r in rows if r["backend"] == b) for b in chosen}
-    lines += ["", "Largest |Δ AUROC| vs exact: " + "; ".join(f"{b}: {v:.4f}" for b, v in worst.items())]
-    (out / f"{a.name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    md = table + "\n\nLargest |Δ AUROC| vs exact: " + "; ".join(
+        f"{b}: {v:.4f}" for b, v in worst.items())
+    (out / f"{a.name}.md").write_text(md + "\n")
+    print(md)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,11 @@
-"""partial_fit against a full refit: KNNN on N rows plus M new normal rows.
+"""partial_fit against a full refit: KNNN on N rows plus M new normal rows
+(protocol: benchmarks/README.md). Reads the update's own statistics
+(``_last_update``) and, with ``--check``, ``nonn._update.frozen_fit``.
 
     nice -n 10 python benchmarks/bench_partial_fit.py --n 100000 --d 512 --adds 1000 \\
         --out benchmarks/results/partial_fit
-
-Fit once on N rows; for each M, time ``partial_fit`` of M new rows drawn
-from the same distribution (on a copy of the fitted model), against ``KNNN.fit`` on all N + M
-rows (what a user would otherwise run). With ``--loaded`` the update is
-also timed on the model saved and read back (a file keeps its
-neighbourhoods but not the one neighbour beyond, which the calibration
-then searches). With ``--check`` the updated model is compared with the
-reference of equality, ``nonn._update.frozen_fit`` (a fit on all rows with
-the first fit's global statistics; another full fit's time).
-
-Data: ``bench_core.embedding_like`` (float32, relu of a 32-d latent mixed to
-D dims). The script prints the machine's load: other processes' CPU use
-inflates every time.
+    python benchmarks/bench_partial_fit.py --n 3000 --d 32 --adds 100 --loaded --check \\
+        --out /tmp/pf                                                    # smoke
 """
 
 from __future__ import annotations
@@ -23,34 +14,19 @@ import argparse
 import copy
 import json
 import os
-import platform
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_core import embedding_like  # noqa: E402
+from _common import best_of, embedding_like, environment, load_average  # noqa: E402
 
 from nonn import KNNN, load  # noqa: E402
 
 
-def params_from(args):
-    return dict(n_neighbors=args.k, n_neighbors_of_neighbors=args.kp, set_size=args.set_size,
-                eig_floor=args.eig_floor, backend="brute")
-
-
 def timed(fn):
-    t = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t
-
-
-def load_avg():
-    try:
-        return os.getloadavg()
-    except OSError:  # pragma: no cover
-        return (float("nan"),) * 3
+    t, out = best_of(fn)
+    return out, t
 
 
 def main(argv=None):
@@ -69,14 +45,15 @@ def main(argv=None):
     args = ap.parse_args(argv)
     adds = [int(a) for a in args.adds.split(",")]
     os.makedirs(args.out, exist_ok=True)
-    params = params_from(args)
+    params = dict(n_neighbors=args.k, n_neighbors_of_neighbors=args.kp,
+                  set_size=args.set_size, eig_floor=args.eig_floor, backend="brute")
     rows = []
-    header = {"machine": f"{os.cpu_count()} CPUs, {platform.platform()}",
-              "python": platform.python_version(), "numpy": np.__version__,
-              "params": params, "n": args.n, "d": args.d, "seed": args.seed,
-              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "load_avg_start": load_avg()}
+    env = environment()
+    header = {"machine": f"{env['cpus']} CPUs, {env['platform']}", "python": env["python"],
+              "numpy": env["numpy"], "params": params, "n": args.n, "d": args.d,
+              "seed": args.seed, "started": env["time"], "load_avg_start": load_average()}
     print(json.dumps(header), flush=True)
-    X_data, _ = embedding_like(args.n + max(adds), 0, args.d, seed=args.seed)
+    X_data = embedding_like(args.n + max(adds), 0, args.d, seed=args.seed)[0]
     X = X_data[: args.n]
     fitted, t_fit = timed(lambda: KNNN(**params).fit(X))
     print(f"fit on {args.n} rows {t_fit:.1f} s", flush=True)
@@ -86,7 +63,7 @@ def main(argv=None):
     for M in adds:
         X_all, X_new = X_data[: args.n + M], X_data[args.n: args.n + M]
         det = copy.deepcopy(fitted)
-        la0 = load_avg()
+        la0 = load_average()
         _, t_update = timed(lambda: det.partial_fit(X_new))
         stats = dict(det._last_update)
         print(f"  partial_fit {t_update:.2f} s {stats}", flush=True)
@@ -99,7 +76,7 @@ def main(argv=None):
                   flush=True)
             del model
         ref, t_refit = timed(lambda: KNNN(**params).fit(X_all))
-        la1 = load_avg()
+        la1 = load_average()
         print(f"  refit on {args.n + M} rows {t_refit:.1f} s; ratio {t_refit / t_update:.1f}x",
               flush=True)
         check = None
@@ -139,7 +116,7 @@ def main(argv=None):
         fh.write(f"# partial_fit vs refit: KNNN, N = {args.n:,}, D = {args.d}\n\n")
         fh.write(f"- machine: {header['machine']}; python {header['python']}, numpy "
                  f"{header['numpy']}; started {header['started']}\n")
-        fh.write(f"- params: {params}; data: bench_core.embedding_like (float32), seed "
+        fh.write(f"- params: {params}; data: _common.embedding_like (float32), seed "
                  f"{args.seed}; new rows from the same distribution\n")
         fh.write("- the machine is shared: the 1-minute load average before/after each "
                  "timing is listed (2 CPUs; above 2 other processes slow every time)\n\n")

@@ -1,26 +1,14 @@
 #!/usr/bin/env python
-"""KNNN against the bare search of each backend, at growing N (D = 512).
-
-For every training size and backend, in one run, on the same embedding-like
-float32 data (``_common.embedding_like``): the k-NN graph KNNN needs
-(``kneighbors(None, K')``, ids only) and the query search (``kneighbors(Q,
-k)``) on the backend nonn builds, beside ``KNNN.fit`` and
-``KNNN.anomaly_score`` with the same backend (the floors search the data KNNN
-searches, after its input transforms); peak RSS; for approximate backends
-recall@K' of the fitted graph and recall@k of the queries against exact
-search on a sample; AUROC of every detector on the queries; peers (PyOD
-``KNN``, the authors' ``knnn``) with ``--peers``. A benchmark: it reports.
-
-Backend specs (``--backends``, separated by ``;``): ``NAME[:MAIN][@KEY=VALUE]...``,
-NAME a nonn backend, MAIN its main option (faiss: the index-factory string),
-each ``@KEY=VALUE`` one more ``backend_params`` entry, e.g.
-``brute;faiss:HNSW32@efSearch=64;faiss:IVF1024,Flat@nprobe=32@refine=1``.
+"""KNNN against the bare search of each backend, at growing N (D = 512):
+fit / graph and score / query per backend, peak RSS, recall of approximate
+backends, AUROC, peers (protocol and backend specs: benchmarks/README.md).
 
 Usage::
 
-    python benchmarks/bench_scale.py --sizes 100000 --backends "brute;faiss:HNSW32@efSearch=64" \
+    python benchmarks/bench_scale.py --sizes 10000,100000 \
+        --backends "brute;faiss:IVF1024,Flat@nprobe=32;faiss:HNSW32@efSearch=64" \
         --peers pyod,knnn
-    python benchmarks/bench_scale.py --sizes 2000,5000 -D 64 -Q 500      # smoke
+    python benchmarks/bench_scale.py --sizes 2000,5000 -D 64 -Q 500 --out /tmp/scale  # smoke
 """
 
 from __future__ import annotations
@@ -35,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PeakRSS, best_of, embedding_like, environment, markdown_table, recall, \
-    write_results  # noqa: E402
+from _common import PeakRSS, best_of, embedding_like, environment, exact_neighbours, \
+    markdown_table, recall, searched_data, write_results  # noqa: E402
 
 MAIN_OPTION = {"faiss": "index", "torch": "device", "sklearn": "algorithm"}
 
@@ -49,20 +37,22 @@ def parse_backends(text):
         params = {MAIN_OPTION[name]: main} if main else {}
         for opt in opts:
             key, _, val = opt.partition("=")
-            params[key] = next((c(val) for c in (int, float) if _is(c, val)), val)
+            params[key] = number(val)
         specs.append((item, name, params))
     return specs
 
 
-def _is(cast, text):
-    try:
-        cast(text)
-        return True
-    except ValueError:
-        return False
+def number(text):
+    """``text`` as an int, else a float, else as it is."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
 
 
-def one(n, spec, X, Q, labels, args, exact_graph, exact_query):
+def one(n, spec, X, Q, labels, args, sample):
     from sklearn.metrics import roc_auc_score
 
     from nonn import KNNN
@@ -70,58 +60,27 @@ def one(n, spec, X, Q, labels, args, exact_graph, exact_query):
 
     label, name, params = spec
     with PeakRSS() as mem:
-        t0 = time.perf_counter()
-        det = KNNN(backend=name, backend_params=params or None, memory=args.memory).fit(X)
-        t_fit = time.perf_counter() - t0
+        t_fit, det = best_of(lambda: KNNN(backend=name, backend_params=params or None,
+                                          memory=args.memory).fit(X), 1)
     t_score, scores = best_of(lambda: det.anomaly_score(Q), 1)
     Kp, k = det.n_neighbors_of_neighbors_, det.n_neighbors_
-    Xp, Qp = det._fit_X, det._to_grid(det._preprocess(Q))
+    Xp, Qp = searched_data(det, Q)
     floor = make_backend(name, n_samples=n, n_features=X.shape[1], **params)
     t_build, _ = best_of(lambda: floor.fit(Xp), 1)
-    t_graph, graph = best_of(lambda: floor.kneighbors(None, min(Kp, n - 1),
-                                                      return_distance=False), 1)
+    t_graph, _ = best_of(lambda: floor.kneighbors(None, min(Kp, n - 1),
+                                                  return_distance=False), 1)
     t_query, found = best_of(lambda: floor.kneighbors(Qp, k, return_distance=False), 1)
     row = {"N": n, "backend": label, "fit_s": t_fit, "graph_s": t_build + t_graph,
            "score_s": t_score, "query_s": t_query, "fit/graph": t_fit / (t_build + t_graph),
            "score/query": t_score / t_query, "fit_peak_rss_mib": mem.delta / 2**20,
            "data_mib": X.nbytes / 2**20, "auroc": float(roc_auc_score(labels, scores)),
            "K'": Kp, "k": k}
-    if exact_graph is not None and not getattr(det._search, "exact", True):
-        rows, truth = exact_graph(Xp)
-        row["recall_graph"] = recall(det.neighborhoods_[rows, 1:], truth)
-        row["recall_query"] = recall(found[: len(exact_query(Xp, Qp))], exact_query(Xp, Qp))
+    if name != "brute":  # recall against exact search on a sample of rows and queries
+        rows = np.sort(np.random.default_rng(7).choice(n, min(sample, n), replace=False))
+        row["recall_graph"] = recall(det.neighborhoods_[rows, 1:],
+                                     exact_neighbours(Xp, Xp[rows], min(Kp, n - 1) - 1, rows))
+        row["recall_query"] = recall(found[:sample], exact_neighbours(Xp, Qp[:sample], k))
     return row
-
-
-def exact_sample(sample, k_of, seed=7):
-    """Exact neighbours (FAISS flat) of a sample of training rows / queries."""
-    cache = {}
-
-    def graph(Xp):
-        import faiss
-
-        key = ("g", Xp.shape)
-        if key not in cache:
-            rows = np.sort(np.random.default_rng(seed).choice(len(Xp), sample, replace=False))
-            flat = faiss.IndexFlatL2(Xp.shape[1])
-            flat.add(np.ascontiguousarray(Xp, dtype=np.float32))
-            _, ids = flat.search(np.ascontiguousarray(Xp[rows], dtype=np.float32), k_of[0] + 1)
-            cache[key] = rows, np.array([[j for j in r if j != i][:k_of[0]]
-                                         for r, i in zip(ids, rows)])
-        return cache[key]
-
-    def query(Xp, Qp):
-        import faiss
-
-        key = ("q", Xp.shape)
-        if key not in cache:
-            flat = faiss.IndexFlatL2(Xp.shape[1])
-            flat.add(np.ascontiguousarray(Xp, dtype=np.float32))
-            cache[key] = flat.search(np.ascontiguousarray(Qp[:sample], dtype=np.float32),
-                                     k_of[1])[1]
-        return cache[key]
-
-    return graph, query
 
 
 def peers(n, X, Q, labels, names):
@@ -164,11 +123,8 @@ def main(argv=None):
     rows, specs = [], parse_backends(args.backends)
     for n in (int(s) for s in args.sizes.split(",")):
         X, Q, labels = embedding_like(n, args.queries, args.dim)
-        probe = KNNN().fit(X[:2000])
-        graph, query = exact_sample(min(args.sample, n), (probe.n_neighbors_of_neighbors_ - 1,
-                                                          probe.n_neighbors_))
         for spec in specs:
-            rows.append(one(n, spec, X, Q, labels, args, graph, query))
+            rows.append(one(n, spec, X, Q, labels, args, args.sample))
             print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v)
                               for k, v in rows[-1].items()}), flush=True)
         rows += peers(n, X, Q, labels, args.peers.split(","))

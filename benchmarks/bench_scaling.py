@@ -1,28 +1,14 @@
 #!/usr/bin/env python
 """The detectors' ``scale`` option on the 43 ADBench tabular sets (or the
-MVTec ResNet-18 embeddings, ``--suite mvtec``).
-
-Runs the novelty protocol of :mod:`nonn.evaluation` (train on normals, test
-on held-out normals + all anomalies, AUROC averaged over the seeds) with the
-harness's own scaling OFF, so that each detector scales the data itself with
-``scale=None|"standard"|"minmax"|"robust"`` learned from the training
-normals it is fitted on (what ``nonn fit --scale`` does). Compares the
-default ``KNNN`` and the default ``KNN`` under the four options, and writes
-into ``--out``: ``results.csv`` (every run), ``auroc.csv`` (dataset x
-detector), ``summary.md`` (the tables below) and ``summary.csv``.
-
-The mean rank is computed within each base detector (the four scale options
-of KNNN ranked against each other on each dataset, and likewise for KNN),
-average ranks for ties, over the datasets where every option ran. Each
-option is also compared with no scaling, dataset by dataset: wins / ties /
-losses (AUROC rounded to 3 decimals) and a two-sided Wilcoxon signed-rank
-test over the datasets.
+MVTec ResNet-18 embeddings, ``--suite mvtec``); protocol: benchmarks/README.md.
+Writes ``results.csv``, ``auroc.csv``, ``summary.csv`` and ``summary.md``.
 
 Usage::
 
-    python benchmarks/bench_scaling.py --out benchmarks/results/scaling    # ~1 h on 2 busy cores
-    python benchmarks/bench_scaling.py --suite mvtec --out benchmarks/results/scaling/mvtec
-    python benchmarks/bench_scaling.py --resume ...   # re-summarise, running only missing runs
+    python benchmarks/bench_scaling.py --seeds 0,1,2 --out benchmarks/results/scaling
+    python benchmarks/bench_scaling.py --suite mvtec --seeds 0,1,2 \
+        --out benchmarks/results/scaling/mvtec
+    python benchmarks/bench_scaling.py --datasets 4_breastw --seeds 0 --out /tmp/s   # smoke
 """
 
 from __future__ import annotations

@@ -1,30 +1,10 @@
 #!/usr/bin/env python
-"""Peak memory of ``nonn.load`` and ``nonn info`` on hostile model files.
-
-Builds, from ``KNNN().fit(X).save(...)`` with ``X`` 500 x 8 normal, the
-bombs of the hardening review (with ``tests/hostile.py``):
-
-* ``meta-deflate``: ``__meta__.npy`` deflated, expanding to 1 GiB;
-* ``fit_X-deflate``: ``fit_X.npy`` deflated, 1 GiB of float64 zeros
-  (2**24 x 8), the JSON announcing that shape;
-* ``fit_X-header``: ``fit_X.npy``'s header declares shape (10**12,);
-* ``alias``: 40 central-directory entries sharing the eigenvectors' data
-  (8 MB declared in a 0.5 MB file);
-* ``members``: 20,000 empty members;
-* ``nested-json``: metadata nested 100,000 lists deep;
-
-then runs ``nonn.load`` and ``nonn info`` on each in a fresh subprocess and
-prints the file size, the peak of Python-tracked allocations (tracemalloc,
-which numpy's buffers report to) and the growth of the peak resident set
-size during the call, with the outcome (the exception type, or "loaded").
-
+"""Peak memory of ``nonn.load`` and ``nonn info`` on hostile model files (the
+bombs of ``tests/hostile.py``; list: benchmarks/README.md), each call in a
+fresh subprocess. A measurement; ``tests/test_hostile_files.py`` asserts.
 Run it with the ``nonn`` to measure first on ``PYTHONPATH``::
 
     PYTHONPATH=src python benchmarks/hostile_load_memory.py
-    PYTHONPATH=/path/to/old/src python benchmarks/hostile_load_memory.py
-
-This is a measurement, not a test; ``tests/test_hostile_files.py`` holds
-the assertions.
 """
 
 from __future__ import annotations
