@@ -175,15 +175,9 @@ def exact_neighbours(X, Q, k, self_rows=None):
 def searched_data(det, Q):
     """The training rows a fitted ``KNNN`` searches and ``Q`` as it searches
     them (after its input transforms): what the bare search floors are timed
-    on. With ``query_neighbours``, ``fitted_search`` and ``state_bytes``, the
-    only places the benchmarks read an estimator's private state."""
+    on. With ``fitted_search`` and ``state_bytes``, the only places the
+    benchmarks read an estimator's private state."""
     return det._fit_X, det._to_grid(det._preprocess(Q))
-
-
-def query_neighbours(det, Q):
-    """Ids of the training rows a fitted ``KNNN`` scores each query of ``Q``
-    with (refined against its graph where the backend refines)."""
-    return det._query_neighbours(searched_data(det, Q)[1])
 
 
 def fitted_search(det):
@@ -195,6 +189,36 @@ def state_bytes(det):
     """``{array name: bytes}`` of the fitted arrays a model stores (its file's payload)."""
     return {name: getattr(det, name).nbytes for name in type(det)._state_arrays_for(
         det.get_params()) if isinstance(getattr(det, name, None), np.ndarray)}
+
+
+def against_floors(make, X, Q, labels, repeats=1, backend_params=None, build_in_graph=False):
+    """Time ``make().fit(X)`` and ``anomaly_score(Q)`` (best of ``repeats``),
+    then, on the backend the fit used and the rows as it searches them, the
+    bare search it needs: the K'-NN graph (``kneighbors(None, K')``; with
+    ``build_in_graph`` the index build counts in it) and the k-NN query,
+    ids only. Returns ``(det, row, (Xp, Qp, query ids))``; ``row`` holds the
+    seconds, the ratios, the fit's peak RSS increase and the AUROC."""
+    from sklearn.metrics import roc_auc_score
+
+    from nonn.neighbors import make_backend
+
+    with PeakRSS() as mem:
+        t_fit, det = best_of(lambda: make().fit(X), repeats)
+    t_score, scores = best_of(lambda: det.anomaly_score(Q), repeats)
+    n, Kp, k = len(X), det.n_neighbors_of_neighbors_, det.n_neighbors_
+    Xp, Qp = searched_data(det, Q)
+    floor = make_backend(det.backend_, n_samples=n, n_features=X.shape[1],
+                         **(backend_params or {}))
+    t_build, _ = best_of(lambda: floor.fit(Xp))
+    floor.kneighbors(Xp[:100], k, return_distance=False)  # warm-up
+    t_graph, _ = best_of(lambda: floor.kneighbors(None, min(Kp, n - 1),
+                                                  return_distance=False), repeats)
+    t_graph += t_build if build_in_graph else 0.0
+    t_query, found = best_of(lambda: floor.kneighbors(Qp, k, return_distance=False), repeats)
+    return det, {"fit_s": t_fit, "graph_s": t_graph, "score_s": t_score, "query_s": t_query,
+                 "fit/graph": t_fit / t_graph, "score/query": t_score / t_query,
+                 "fit_peak_rss_mib": mem.delta / 2**20, "K'": Kp, "k": k,
+                 "auroc": float(roc_auc_score(labels, scores))}, (Xp, Qp, found)
 
 
 # ------------------------------------------------------------------ output

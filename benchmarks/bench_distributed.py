@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import embedding_like, environment, load_average, machine_busy_seconds, \
-    markdown_table, recall, reset_peak_rss, write_results  # noqa: E402
+    markdown_table, peak_rss_mib, recall, reset_peak_rss, write_results  # noqa: E402
 
 
 class Contention:
@@ -58,10 +58,8 @@ def own_cpu():
 
 def _worker_state(dask_worker=None):
     """(pid, CPU s, peak RSS bytes, bytes sent) of a worker or nanny process."""
-    sent = int(getattr(dask_worker, "transfer_outgoing_bytes_total", 0))
-    with open("/proc/self/status") as fh:
-        hwm = next(int(ln.split()[1]) * 1024 for ln in fh if ln.startswith("VmHWM"))
-    return os.getpid(), time.process_time(), hwm, sent
+    return (os.getpid(), time.process_time(), peak_rss_mib() * 2**20,
+            int(getattr(dask_worker, "transfer_outgoing_bytes_total", 0)))
 
 
 def probe(client):

@@ -135,31 +135,27 @@ def main(argv=None):
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     t0 = time.perf_counter()
     results = []
-    for case in ("pairs +4sd", "pairs +1sd", "pairs swap", "independent +4sd"):
-        per_seed = [hit_rates(*synthetic_case(case, s), set_size=4) for s in range(args.seeds)]
+
+    def add(data, per_seed, chance, **extra):
         for name in per_seed[0]:
-            feat = [r[name][0] for r in per_seed]
-            pair = [r[name][1] for r in per_seed]
-            results.append({"data": f"synthetic: {case}", "detector": name,
-                            "top1_feature": float(np.mean(feat)),
+            feat, pair = ([r[name][i] for r in per_seed] for i in (0, 1))
+            results.append({"data": data, "detector": name, "top1_feature": float(np.mean(feat)),
                             "top1_feature_sd": float(np.std(feat)),
                             "top1_pair": None if pair[0] is None else float(np.mean(pair)),
-                            "chance": 1 / 12})
+                            "chance": chance, **extra})
             print(results[-1], flush=True)
+
+    for case in ("pairs +4sd", "pairs +1sd", "pairs swap", "independent +4sd"):
+        add(f"synthetic: {case}", [hit_rates(*synthetic_case(case, s), set_size=4)
+                                   for s in range(args.seeds)], 1 / 12)
     for ds in [d for d in args.datasets.split(",") if d]:
         for delta in (2.0, 4.0):
             per_seed = []
             for s in range(args.seeds):
                 X, Q, f, usable, d = adbench_case(ds, delta, s)
                 per_seed.append(hit_rates(X, Q, f, False, set_size=5))
-            for name in per_seed[0]:
-                feat = [r[name][0] for r in per_seed]
-                results.append({"data": f"{ds} (min-max), one feature +-{delta:g} sd, "
-                                f"{len(Q)} queries x {args.seeds} seeds",
-                                "detector": name, "top1_feature": float(np.mean(feat)),
-                                "top1_feature_sd": float(np.std(feat)), "top1_pair": None,
-                                "chance": 1 / usable, "features": d})
-                print(results[-1], flush=True)
+            add(f"{ds} (min-max), one feature +-{delta:g} sd, {len(Q)} queries x "
+                f"{args.seeds} seeds", per_seed, 1 / usable, features=d)
     env = environment()
     md = "\n".join([
         "# explain: does the largest contribution name the injected feature?", "",
@@ -168,7 +164,7 @@ def main(argv=None):
         "- top-1 hit rate: the share of queries whose largest contribution is the changed "
         "feature (mean over seeds, +- their std); pair: is in its correlated pair; chance: "
         "1 / number of features that can be changed",
-        "- \"proportional split\" is not nonn's rule (see the script's docstring)", "",
+        "- \"proportional split\" is not nonn's rule (benchmarks/README.md)", "",
         markdown_table(["data", "detector", "top-1 feature", "top-1 pair", "chance"], [
             [r["data"], r["detector"], f"{r['top1_feature']:.3f} +- {r['top1_feature_sd']:.3f}",
              "" if r["top1_pair"] is None else f"{r['top1_pair']:.3f}", f"{r['chance']:.3f}"]

@@ -19,7 +19,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import best_of, embedding_like, environment, load_average  # noqa: E402
+from _common import best_of, embedding_like, environment, load_average, markdown_table, \
+    write_results  # noqa: E402
 
 from nonn import KNNN, load  # noqa: E402
 
@@ -109,36 +110,35 @@ def main(argv=None):
         del det
     if args.loaded:
         os.remove(path)
-    name = f"partial_fit_N{args.n}_D{args.d}_M{'-'.join(map(str, adds))}"
-    with open(os.path.join(args.out, name + ".json"), "w") as fh:
-        json.dump({**header, "rows": rows}, fh, indent=1, default=float)
-    with open(os.path.join(args.out, name + ".md"), "w") as fh:
-        fh.write(f"# partial_fit vs refit: KNNN, N = {args.n:,}, D = {args.d}\n\n")
-        fh.write(f"- machine: {header['machine']}; python {header['python']}, numpy "
-                 f"{header['numpy']}; started {header['started']}\n")
-        fh.write(f"- params: {params}; data: _common.embedding_like (float32), seed "
-                 f"{args.seed}; new rows from the same distribution\n")
-        fh.write("- the machine is shared: the 1-minute load average before/after each "
-                 "timing is listed (2 CPUs; above 2 other processes slow every time)\n\n")
-        fh.write("| M | partial_fit s | refit s | refit / partial_fit | loaded model's "
-                 "partial_fit s | ratio (loaded) | neighbourhoods changed | calibration "
-                 "rows rescored | stages s (search, lists, eigen, calibration) | load avg "
-                 "before / after |\n|---|---|---|---|---|---|---|---|---|---|\n")
-        for r in rows:
-            st = r["stats"].get("stage_seconds", {})
-            stages = ", ".join(f"{st.get(k, float('nan')):.2f}" for k in
-                               ("search", "lists", "eigen", "calibration"))
-            loaded = ("", "") if r["partial_fit_loaded_s"] is None else (
-                f"{r['partial_fit_loaded_s']:.2f}", f"{r['ratio_loaded']:.1f}")
-            fh.write(f"| {r['M']} | {r['partial_fit_s']:.2f} | {r['refit_s']:.1f} | "
-                     f"{r['ratio']:.1f} | {loaded[0]} | {loaded[1]} | "
-                     f"{r['stats'].get('neighborhoods_changed')} | "
-                     f"{r['stats'].get('calibration_rescored')} | {stages} | "
-                     f"{r['load_avg_before'][0]:.1f} / {r['load_avg_after'][0]:.1f} |\n")
-        for r in rows:
-            if r["check"]:
-                fh.write(f"\nM = {r['M']}: against frozen_fit: {r['check']}\n")
-    print(f"wrote {os.path.join(args.out, name)}.md/.json")
+    table = []
+    for r in rows:
+        st = r["stats"].get("stage_seconds", {})
+        table.append([r["M"], f"{r['partial_fit_s']:.2f}", f"{r['refit_s']:.1f}",
+                      f"{r['ratio']:.1f}", *(("", "") if r["partial_fit_loaded_s"] is None else
+                                             (f"{r['partial_fit_loaded_s']:.2f}",
+                                              f"{r['ratio_loaded']:.1f}")),
+                      r["stats"].get("neighborhoods_changed"),
+                      r["stats"].get("calibration_rescored"),
+                      ", ".join(f"{st.get(k, float('nan')):.2f}"
+                                for k in ("search", "lists", "eigen", "calibration")),
+                      f"{r['load_avg_before'][0]:.1f} / {r['load_avg_after'][0]:.1f}"])
+    md = "\n".join([
+        f"# partial_fit vs refit: KNNN, N = {args.n:,}, D = {args.d}", "",
+        f"- `{env['command']}`; {header['machine']}; python {header['python']}, numpy "
+        f"{header['numpy']}; started {header['started']}",
+        f"- params: {params}; data: _common.embedding_like (float32), seed {args.seed}; new "
+        "rows from the same distribution",
+        "- the machine is shared: the 1-minute load average before/after each timing is "
+        "listed (2 CPUs; above 2 other processes slow every time)", "",
+        markdown_table(["M", "partial_fit s", "refit s", "refit / partial_fit",
+                        "loaded model's partial_fit s", "ratio (loaded)",
+                        "neighbourhoods changed", "calibration rows rescored",
+                        "stages s (search, lists, eigen, calibration)",
+                        "load avg before / after"], table)]
+        + [f"\nM = {r['M']}: against frozen_fit: {r['check']}" for r in rows if r["check"]])
+    path = write_results(args.out, f"partial_fit_N{args.n}_D{args.d}_M{'-'.join(map(str, adds))}",
+                         {**header, "rows": rows}, md)
+    print(f"wrote {path} and .json")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 """GPU check of nonn's torch backend: correctness against the CPU (graph ids;
 KNNN query and leave-one-out scores to ``--rtol``, rows whose neighbours
 differ by float32 near-ties excepted), then ``KNNN.fit`` / ``anomaly_score``
-at ``--n`` x ``--d``, recall of the fitted graph, and the bare torch graph
-and query (skipped when they would end past ``--deadline``).
+at ``--n`` x ``--d`` against the bare torch graph and query, and recall of
+the fitted graph. Interrupted (SIGINT), it still writes what it measured.
 
 Run through ``benchmarks/gpu_check.sh`` (set-up, time limit; with
 ``GPU_CHECK_DRY_RUN=1`` on the CPU at a small size). Writes ``gpu_check.json``
@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import best_of, embedding_like, environment, exact_neighbours, log, \
+from _common import against_floors, embedding_like, environment, exact_neighbours, log, \
     markdown_table, recall, searched_data, write_results  # noqa: E402
 
 
@@ -56,35 +55,22 @@ def correctness(a, rows):
 
 
 def speed(a, rows, result):
-    from sklearn.metrics import roc_auc_score
-
     from nonn import KNNN
-    from nonn.neighbors import make_backend
 
     X, Q, labels = embedding_like(a.n, a.queries, a.d)
-    gpu = {"device": a.device}
-    KNNN(backend="torch", backend_params=gpu).fit(X[:2000])  # compile, warm up
-    t_fit, det = best_of(lambda: KNNN(backend="torch", backend_params=gpu).fit(X))
-    t_score, s = best_of(lambda: det.anomaly_score(Q))
-    Kp, k = det.n_neighbors_of_neighbors_, det.n_neighbors_
-    Xp, Qp = searched_data(det, Q)
+    make = lambda: KNNN(backend="torch", backend_params={"device": a.device})  # noqa: E731
+    make().fit(X[:2000])  # compile, warm up
+    det, r, (Xp, _, _) = against_floors(make, X, Q, labels, backend_params={"device": a.device})
     sample = np.sort(np.random.default_rng(7).choice(a.n, min(1000, a.n), replace=False))
-    rec = recall(det.neighborhoods_[sample, 1:], exact_neighbours(Xp, Xp[sample], Kp - 1,
-                                                                  sample))
-    result.update(fit_s=t_fit, score_s=t_score, recall_graph=rec,
-                  auroc=float(roc_auc_score(labels, s)))
-    rows += [["KNNN.fit", f"{t_fit:.1f} s", "", ""],
-             [f"KNNN.anomaly_score, {a.queries} queries", f"{t_score:.2f} s", "", ""],
-             [f"recall@{Kp - 1} of the fitted graph", f"{rec:.4f}", "", ""]]
-    if a.deadline and time.time() + 1.2 * t_fit > a.deadline:
-        rows.append(["floors", "skipped: past the deadline", "", ""])
-        return
-    floor = make_backend("torch", **gpu).fit(Xp)
-    t_graph, _ = best_of(lambda: floor.kneighbors(None, Kp - 1, return_distance=False))
-    t_query, _ = best_of(lambda: floor.kneighbors(Qp, k, return_distance=False))
-    result.update(graph_s=t_graph, query_s=t_query)
-    rows += [["fit / bare graph", f"{t_fit / t_graph:.2f} ({t_graph:.1f} s)", "", ""],
-             ["score / bare query", f"{t_score / t_query:.2f} ({t_query:.2f} s)", "", ""]]
+    r["recall_graph"] = recall(det.neighborhoods_[sample, 1:],
+                               exact_neighbours(Xp, Xp[sample], r["K'"] - 1, sample))
+    result.update(r)
+    rows += [["KNNN.fit / bare graph", f"{r['fit_s']:.1f} s / {r['graph_s']:.1f} s",
+              f"{r['fit/graph']:.2f}", ""],
+             [f"KNNN.anomaly_score / bare query, {a.queries} queries",
+              f"{r['score_s']:.2f} s / {r['query_s']:.2f} s", f"{r['score/query']:.2f}", ""],
+             [f"recall@{det.n_neighbors_of_neighbors_ - 1} of the fitted graph, AUROC",
+              f"{r['recall_graph']:.4f}, {r['auroc']:.4f}", "", ""]]
 
 
 def main(argv=None):
@@ -97,7 +83,6 @@ def main(argv=None):
     p.add_argument("--queries", type=int, default=10_000)
     p.add_argument("--rtol", type=float, default=1e-4)
     p.add_argument("--min-graph-agreement", type=float, default=0.999)
-    p.add_argument("--deadline", type=float, help="epoch seconds (gpu_check.sh sets it)")
     p.add_argument("--no-timing", action="store_true", help="correctness only")
     p.add_argument("--out", default=os.environ.get("OUT") or "gpu_results")
     a = p.parse_args(argv)

@@ -77,10 +77,6 @@ def _register():
         register_detector(Detector(f"study-{name}", make, family="custom"), replace=True)
 
 
-def _every_other(names, start):
-    return names[start::2]
-
-
 def subsets(part):
     """(suite, dataset names) of the development part (``"dev"``) or the
     confirmation part (``"confirm"``), as declared."""
@@ -89,7 +85,7 @@ def subsets(part):
     tab = nd.list_adbench("classical")
     dev = {
         "mvtec": mvtec_dev,
-        "classical": _every_other(tab, 0),
+        "classical": tab[0::2],
         "cifar10": ["CIFAR10_0"],
         "cifar10_effnet": [f"cifar10-effnet224-{c}" for c in (0, 2, 4, 6, 8)],
         "fashion_effnet": [f"fashion-effnet224-{c}" for c in (0, 2, 4, 6, 8)],
@@ -99,7 +95,7 @@ def subsets(part):
         return dev
     conf = {
         "mvtec": [n for n in nd.list_adbench("mvtec") if n not in mvtec_dev],
-        "classical": _every_other(tab, 1),
+        "classical": tab[1::2],
         "cifar10": ["CIFAR10_4", "CIFAR10_6"],
         "cifar10_effnet": [f"cifar10-effnet224-{c}" for c in (1, 3, 5, 7, 9)],
         "fashion_effnet": [f"fashion-effnet224-{c}" for c in (1, 3, 5, 7, 9)],
@@ -184,7 +180,7 @@ def decide(out, part="dev"):
         return None
     best = max(declared.values())
     pick = next(n for n in COST if score[n] >= best - 0.002)
-    lines.append(f"\nTargets: " + ", ".join(f"{s} {targets(s, m):.4f}" for s, m in means.items()))
+    lines.append("\nTargets: " + ", ".join(f"{s} {targets(s, m):.4f}" for s, m in means.items()))
     lines.append(f"Pick: **{pick}** (worst margin {score[pick]:+.4f}; best {best:+.4f}).")
     text = "\n".join(lines)
     print(text)
