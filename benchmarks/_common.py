@@ -151,22 +151,13 @@ def recall(found, truth):
 
 
 def exact_neighbours(X, Q, k, self_rows=None):
-    """Ids of the ``k`` exact nearest rows of ``X`` (squared Euclidean) to each
-    row of ``Q``; with ``self_rows`` (``Q = X[self_rows]``) each row's own id
-    is left out. FAISS flat search where installed, else numpy in blocks."""
-    X = np.ascontiguousarray(X, dtype=np.float32)
-    Q = np.ascontiguousarray(Q, dtype=np.float32)
-    extra = 0 if self_rows is None else 1
-    try:
-        import faiss
+    """Ids of the ``k`` exact nearest rows of ``X`` (Euclidean; nonn's brute
+    backend) to each row of ``Q``; with ``self_rows`` (``Q = X[self_rows]``)
+    each row's own id is left out."""
+    from nonn.neighbors import make_backend
 
-        flat = faiss.IndexFlatL2(X.shape[1])
-        flat.add(X)
-        ids = flat.search(Q, k + extra)[1]
-    except ImportError:
-        sq = (X.astype(np.float64) ** 2).sum(1)
-        ids = np.vstack([np.argsort(sq - 2 * (Q[i:i + 256] @ X.T), axis=1, kind="stable")
-                         [:, :k + extra] for i in range(0, len(Q), 256)])
+    ids = make_backend("brute").fit(X).kneighbors(Q, k + (self_rows is not None),
+                                                   return_distance=False)
     if self_rows is None:
         return ids
     return np.array([[j for j in r if j != i][:k] for r, i in zip(ids, self_rows)])

@@ -35,6 +35,11 @@ from _common import embedding_like, environment, load_average, machine_busy_seco
     markdown_table, peak_rss_mib, recall, reset_peak_rss, write_results  # noqa: E402
 
 
+def own_cpu():
+    """CPU seconds of this process so far."""
+    return sum(os.times()[:2])
+
+
 class Contention:
     """CPU share of other processes between creation and ``stop(own_cpu)``:
     (machine busy seconds - ``own_cpu``) / (wall x CPUs); None without /proc/stat."""
@@ -43,17 +48,12 @@ class Contention:
         self.busy0, self.t0, self.load0 = machine_busy_seconds(), time.perf_counter(), \
             load_average()
 
-    def stop(self, own_cpu):
+    def stop(self, own):
         wall, busy = time.perf_counter() - self.t0, machine_busy_seconds()
-        others = None if busy is None else max(busy - self.busy0 - own_cpu, 0.0)
-        return {"wall_s": wall, "own_cpu_s": own_cpu, "others_cpu_s": others,
+        others = None if busy is None else max(busy - self.busy0 - own, 0.0)
+        return {"wall_s": wall, "own_cpu_s": own, "others_cpu_s": others,
                 "others_share": None if others is None else others / (wall * os.cpu_count()),
                 "load_before": self.load0[0], "load_after": load_average()[0]}
-
-
-def own_cpu():
-    t = os.times()
-    return t.user + t.system
 
 
 def _worker_state(dask_worker=None):
@@ -159,10 +159,12 @@ def stages(n_shard, d, kp, k, L=5):
     """CPU and wall seconds of each worker task, on one core and one shard of
     ``n_shard`` rows (the task functions the workers run; features in their
     given order, sets of ``L``)."""
+    import numba
     from threadpoolctl import threadpool_limits
 
     from nonn.distributed import _tasks
 
+    numba.set_num_threads(1)
     X, Q, _ = embedding_like(2 * n_shard, 2000, d, seed=1)
     A, B = np.ascontiguousarray(X[:n_shard]), np.ascontiguousarray(X[n_shard:])
     sizes = np.array([L] * (d // L) + ([d % L] if d % L else []), dtype=np.int64)

@@ -53,9 +53,7 @@ TABLE = {2: "Table 2 — one class normal, the rest anomalous",
 
 def split(table, ytr, yte, c):
     """Training rows and test labels (1 = anomalous) of class ``c``'s run."""
-    if table == 2:
-        return vds.one_class_split(ytr, yte, c)
-    return vds.leave_one_class_out_split(ytr, yte, c)
+    return (vds.one_class_split if table == 2 else vds.leave_one_class_out_split)(ytr, yte, c)
 
 
 def paper(ds, table, system):
@@ -369,8 +367,7 @@ def full224(args):
             Xtr, ytr, Xte, yte, scale = data[ds]
             for table in args.tables:
                 for c in args.classes:
-                    tr, lab = (np.flatnonzero(ytr == c), (yte != c).astype(int)) if table == 2 \
-                        else (np.flatnonzero(ytr != c), (yte == c).astype(int))
+                    tr, lab = split(table, ytr, yte, c)
                     for op in operators:
                         if (ds, str(table), str(c), system, op) in done:
                             continue
@@ -395,23 +392,20 @@ def full224(args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--full224", action="store_true",
-                    help="Feature and SPADE on cached 224-px pooled features")
+    ap.add_argument("--full224", action="store_true", help="cached 224-px features")
     ap.add_argument("--out", help="default benchmarks/results/images[/full224]")
-    ap.add_argument("--cache", help="trunk cache (default $NONN_BENCH_CACHE or "
-                    "~/.cache/nonn-bench-images); --full224: the feature cache (default "
-                    "$NONN_FEATURE_CACHE or /work/cache/effnet224)")
-    ap.add_argument("--datasets", help="default cifar10,fashion,mnist; --full224: cifar10,fashion")
+    ap.add_argument("--cache", help="the trunk cache (default $NONN_BENCH_CACHE or "
+                    "~/.cache/nonn-bench-images); --full224: the features ($NONN_FEATURE_CACHE "
+                    "or /work/cache/effnet224)")
+    ap.add_argument("--datasets", help="default cifar10,fashion,mnist (--full224: no mnist)")
     ap.add_argument("--tables", default="2,3")
     ap.add_argument("--classes", default="0,1,2,3,4,5,6,7,8,9")
-    ap.add_argument("--operators", default="knn,knn_l2,knnn,knnn_embed", help="--full224 only")
-    ap.add_argument("--systems", default="Feature,SPADE", help="--full224 only")
+    ap.add_argument("--operators", default="knn,knn_l2,knnn,knnn_embed", help="--full224")
+    ap.add_argument("--systems", default="Feature,SPADE", help="--full224")
     ap.add_argument("--no-panda", action="store_true")
-    ap.add_argument("--normalize", action="store_true",
-                    help="unit-length pooled features (the paper uses raw features)")
-    ap.add_argument("--no-timing", action="store_true", help="skip the 224-px extraction timing")
-    ap.add_argument("--timing-only", action="store_true",
-                    help="only measure seconds per image (run on a quiet machine)")
+    ap.add_argument("--normalize", action="store_true", help="unit-length pooled features")
+    ap.add_argument("--no-timing", action="store_true", help="no 224-px extraction timing")
+    ap.add_argument("--timing-only", action="store_true", help="seconds per image only")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny subsample")
     args = ap.parse_args(argv)
     args.tables = [int(t) for t in args.tables.split(",")]

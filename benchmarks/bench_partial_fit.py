@@ -25,11 +25,6 @@ from _common import best_of, embedding_like, environment, load_average, markdown
 from nonn import KNNN, load  # noqa: E402
 
 
-def timed(fn):
-    t, out = best_of(fn)
-    return out, t
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=100_000)
@@ -56,7 +51,7 @@ def main(argv=None):
     print(json.dumps(header), flush=True)
     X_data = embedding_like(args.n + max(adds), 0, args.d, seed=args.seed)[0]
     X = X_data[: args.n]
-    fitted, t_fit = timed(lambda: KNNN(**params).fit(X))
+    t_fit, fitted = best_of(lambda: KNNN(**params).fit(X))
     print(f"fit on {args.n} rows {t_fit:.1f} s", flush=True)
     path = os.path.join(args.out, ".bench_model.nonn")
     if args.loaded:
@@ -65,18 +60,18 @@ def main(argv=None):
         X_all, X_new = X_data[: args.n + M], X_data[args.n: args.n + M]
         det = copy.deepcopy(fitted)
         la0 = load_average()
-        _, t_update = timed(lambda: det.partial_fit(X_new))
+        t_update, _ = best_of(lambda: det.partial_fit(X_new))
         stats = dict(det._last_update)
         print(f"  partial_fit {t_update:.2f} s {stats}", flush=True)
         t_loaded, stats_loaded = None, None
         if args.loaded:
             model = load(path)
-            _, t_loaded = timed(lambda: model.partial_fit(X_new))
+            t_loaded, _ = best_of(lambda: model.partial_fit(X_new))
             stats_loaded = dict(model._last_update)
             print(f"  partial_fit of the loaded model {t_loaded:.2f} s {stats_loaded}",
                   flush=True)
             del model
-        ref, t_refit = timed(lambda: KNNN(**params).fit(X_all))
+        t_refit, ref = best_of(lambda: KNNN(**params).fit(X_all))
         la1 = load_average()
         print(f"  refit on {args.n + M} rows {t_refit:.1f} s; ratio {t_refit / t_update:.1f}x",
               flush=True)

@@ -171,17 +171,12 @@ def decide(out, part="dev"):
         score[name] = min(margins.values())
         cells = " | ".join(f"{means[s][col].mean():.4f} ({margins[s]:+.4f})" for s in means)
         lines.append(f"| {name} | {cells} | {score[name]:+.4f} |")
-    declared = {n: v for n, v in score.items() if n in CANDIDATES}
-    if part != "dev":  # confirmation: no choice to make, the margins are the result
-        text = "\n".join(lines + ["", "Targets: " + ", ".join(
-            f"{s} {targets(s, m):.4f}" for s, m in means.items())])
-        print(text)
-        (Path(out) / f"decision_{part}.md").write_text(text + "\n")
-        return None
-    best = max(declared.values())
-    pick = next(n for n in COST if score[n] >= best - 0.002)
-    lines.append("\nTargets: " + ", ".join(f"{s} {targets(s, m):.4f}" for s, m in means.items()))
-    lines.append(f"Pick: **{pick}** (worst margin {score[pick]:+.4f}; best {best:+.4f}).")
+    lines += ["", "Targets: " + ", ".join(f"{s} {targets(s, m):.4f}" for s, m in means.items())]
+    pick = None
+    if part == "dev":  # confirmation: no choice to make, the margins are the result
+        best = max(v for n, v in score.items() if n in CANDIDATES)
+        pick = next(n for n in COST if score[n] >= best - 0.002)
+        lines.append(f"Pick: **{pick}** (worst margin {score[pick]:+.4f}; best {best:+.4f}).")
     text = "\n".join(lines)
     print(text)
     (Path(out) / f"decision_{part}.md").write_text(text + "\n")
