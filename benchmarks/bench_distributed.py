@@ -222,7 +222,7 @@ def markdown(r):
         one = next((o for o in r["runs"] if o["n"] == x["n"] and o.get("workers") == 1
                     and o.get("backend_params") is None), None)
         up = ["—", "—"]
-        if x.get("workers") == 2 and one is not None:
+        if x.get("workers") == 2 and one is not None and not x.get("backend_params"):
             up = [f"{one[f'{ph}_s'] / x[f'{ph}_s']:.2f}× / "
                   f"{one['per_worker'][0][f'{ph}_cpu_s'] / worst:.2f}×"
                   for ph in ("fit", "score")
