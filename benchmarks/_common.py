@@ -1,5 +1,6 @@
-"""Shared helpers of the benchmark scripts: data, timing, memory, recall,
-the machine's description and result files. Not part of the library."""
+"""The benchmark scripts' one shared helper module: data, timing, memory,
+recall, the machine's description and result files. Not part of the
+library; the scripts import only from here and from ``nonn``."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import math
 import os
 import platform
+import resource
+import sys
 import threading
 import time
 from pathlib import Path
@@ -46,6 +49,12 @@ def best_of(fn, repeats=1):
     return best, out
 
 
+def log(msg):
+    """``msg`` to stdout with the wall-clock time, flushed."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------ memory
 def rss_bytes():
     """Resident set size of this process (Linux; 0 elsewhere)."""
     try:
@@ -55,9 +64,32 @@ def rss_bytes():
         return 0
 
 
+def peak_rss_mib():
+    """This process's peak RSS since it started (or since ``reset_peak_rss``), MiB."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_rss():
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0);
+    False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
 class PeakRSS:
-    """Peak RSS increase over a block, sampled every 5 ms by a thread (it
-    sees native libraries' memory too)."""
+    """Peak RSS increase over a block (``.delta`` bytes), sampled every 5 ms
+    by a thread (it sees native libraries' memory too)."""
 
     def __enter__(self):
         self.start = self.peak = rss_bytes()
@@ -78,26 +110,111 @@ class PeakRSS:
         return False
 
 
+# ------------------------------------------------------------------ machine
+def machine_busy_seconds():
+    """CPU seconds the whole machine spent busy since boot (``/proc/stat``;
+    None elsewhere). Differences over a block, minus the benchmark's own CPU
+    time, give the other processes' load."""
+    try:
+        with open("/proc/stat") as fh:
+            v = [int(x) for x in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal ...
+    return (v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)) / os.sysconf(
+        "SC_CLK_TCK")
+
+
+def load_average():
+    try:
+        return os.getloadavg()
+    except OSError:
+        return (float("nan"),) * 3
+
+
+def environment():
+    """What the numbers were measured on, and the command that produced them."""
+    import nonn
+
+    return {"command": " ".join(["python", os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+            "python": platform.python_version(), "machine": platform.machine(),
+            "platform": platform.platform(), "cpus": os.cpu_count(),
+            "load_average_1min": load_average()[0], "nonn": nonn.__version__,
+            "numpy": np.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+# ------------------------------------------------------------------ neighbours
 def recall(found, truth):
     """Mean share of each row's true neighbours that ``found`` holds."""
     found, truth = np.asarray(found), np.asarray(truth)
     return float(np.mean([len(np.intersect1d(f, t)) / len(t) for f, t in zip(found, truth)]))
 
 
-def environment():
-    """What the numbers were measured on."""
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = None
-    import nonn
+def exact_neighbours(X, Q, k, self_rows=None):
+    """Ids of the ``k`` exact nearest rows of ``X`` (Euclidean; nonn's brute
+    backend) to each row of ``Q``; with ``self_rows`` (``Q = X[self_rows]``)
+    each row's own id is left out."""
+    from nonn.neighbors import make_backend
 
-    return {"python": platform.python_version(), "machine": platform.machine(),
-            "cpus": os.cpu_count(), "load_average_1min": load, "nonn": nonn.__version__,
-            "numpy": np.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    ids = make_backend("brute").fit(X).kneighbors(Q, k + (self_rows is not None),
+                                                   return_distance=False)
+    if self_rows is None:
+        return ids
+    return np.array([[j for j in r if j != i][:k] for r, i in zip(ids, self_rows)])
 
 
+def searched_data(det, Q):
+    """The training rows a fitted ``KNNN`` searches and ``Q`` as it searches
+    them (after its input transforms): what the bare search floors are timed
+    on. With ``fitted_search`` and ``state_bytes``, the only places the
+    benchmarks read an estimator's private state."""
+    return det._fit_X, det._to_grid(det._preprocess(Q))
+
+
+def fitted_search(det):
+    """The search backend object a fitted detector queries (e.g. its FAISS index)."""
+    return det._search
+
+
+def state_bytes(det):
+    """``{array name: bytes}`` of the fitted arrays a model stores (its file's payload)."""
+    return {name: getattr(det, name).nbytes for name in type(det)._state_arrays_for(
+        det.get_params()) if isinstance(getattr(det, name, None), np.ndarray)}
+
+
+def against_floors(make, X, Q, labels, repeats=1, backend_params=None, build_in_graph=False):
+    """Time ``make().fit(X)`` and ``anomaly_score(Q)`` (best of ``repeats``),
+    then, on the backend the fit used and the rows as it searches them, the
+    bare search it needs: the K'-NN graph (``kneighbors(None, K')``; with
+    ``build_in_graph`` the index build counts in it) and the k-NN query,
+    ids only. Returns ``(det, row, (Xp, Qp, query ids))``; ``row`` holds the
+    seconds, the ratios, the fit's peak RSS increase and the AUROC."""
+    from sklearn.metrics import roc_auc_score
+
+    from nonn.neighbors import make_backend
+
+    with PeakRSS() as mem:
+        t_fit, det = best_of(lambda: make().fit(X), repeats)
+    t_score, scores = best_of(lambda: det.anomaly_score(Q), repeats)
+    n, Kp, k = len(X), det.n_neighbors_of_neighbors_, det.n_neighbors_
+    Xp, Qp = searched_data(det, Q)
+    floor = make_backend(det.backend_, n_samples=n, n_features=X.shape[1],
+                         **(backend_params or {}))
+    t_build, _ = best_of(lambda: floor.fit(Xp))
+    floor.kneighbors(Xp[:100], k, return_distance=False)  # warm-up
+    t_graph, _ = best_of(lambda: floor.kneighbors(None, min(Kp, n - 1),
+                                                  return_distance=False), repeats)
+    t_graph += t_build if build_in_graph else 0.0
+    t_query, found = best_of(lambda: floor.kneighbors(Qp, k, return_distance=False), repeats)
+    return det, {"fit_s": t_fit, "graph_s": t_graph, "score_s": t_score, "query_s": t_query,
+                 "fit/graph": t_fit / t_graph, "score/query": t_score / t_query,
+                 "fit_peak_rss_mib": mem.delta / 2**20, "K'": Kp, "k": k,
+                 "auroc": float(roc_auc_score(labels, scores))}, (Xp, Qp, found)
+
+
+# ------------------------------------------------------------------ output
 def markdown_table(header, rows):
+    """A Markdown table; cells are written with ``str``."""
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(out)

@@ -1,44 +1,15 @@
 #!/usr/bin/env python
-"""What ``fit_predict`` gives on contaminated training data (PyOD's setting).
-
-nonn's detectors model clean normal data (novelty detection). Many users
-come from PyOD, where the usual call is ``fit(X)`` on *all* rows, anomalies
-included, and the training rows' own scores are the result (outlier
-detection). This script measures that setting on the 43 ADBench tabular
-sets, beside PyOD's k-NN and isolation forest:
-
-- every row of the set (anomalies included) is used to fit, and the same
-  rows are scored: nonn's ``fit_predict`` training scores (each row scored
-  out of sample, as by a model fitted without it: ``-train_scores_``),
-  PyOD's ``decision_scores_``; AUROC and average precision against ``y``;
-- columns min-max scaled on all rows (ADBench's preprocessing), the same
-  input for every detector;
-- sets above ``--max-rows`` (10,000, ADBench's own cap) are subsampled,
-  stratified by label, with the seed; a set at or below the cap is used
-  whole, so that only the isolation forest (its trees) changes with the
-  seed and the deterministic detectors are run once on it;
-- detectors at their defaults: ``KNNN()`` as the library ships it,
-  ``KNNN(set_size="all", normalize="auto", whiten="auto",
-  eig_floor="auto")``, ``KNN()``, PyOD ``KNN()`` (5 neighbours, largest
-  distance) and ``IForest(random_state=seed)``;
-- the user guide's "clean first" recipe: the isolation forest's top 10 %
-  set aside, ``KNNN()`` fitted on the remaining rows, every row scored out
-  of sample by it;
-- for reference, what clean training data give: ``KNNN()`` fitted on the
-  normal rows only (the labels tell which; a user does not know them), every
-  row scored out of sample the same way.
-
-Nothing here is tuned; the numbers are reported, not compared with a target.
+"""What ``fit_predict`` gives on contaminated training data (PyOD's setting):
+fit on every row of each ADBench tabular set, anomalies included, score the
+same rows out of sample (protocol: benchmarks/README.md).
 
 Usage::
 
-    python benchmarks/bench_contamination.py --seeds 3 \
-        --out benchmarks/results/contamination
-    python benchmarks/bench_contamination.py --datasets 6_cardio,38_thyroid --seeds 1
+    python benchmarks/bench_contamination.py --seeds 3 --out benchmarks/results/contamination
+    python benchmarks/bench_contamination.py --datasets 6_cardio --seeds 1 --out /tmp/c  # smoke
 
-Writes ``results.csv`` (one row per data set, seed and detector; a rerun
-with ``--resume`` skips the rows already there) and ``summary.md`` into
-``--out``.
+Writes ``results.csv`` (one row per data set, seed and detector; ``--resume``
+skips the rows there) and ``summary.md`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -55,158 +26,102 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import MinMaxScaler
 
-from nonn import KNN, KNNN
-from nonn import datasets as nd
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import markdown_table  # noqa: E402
+
+from nonn import KNN, KNNN  # noqa: E402
+from nonn import datasets as nd  # noqa: E402
 
 MAX_ROWS = 10_000
 #: share of rows the "clean first" recipe sets aside (declared, not tuned)
 TRIM = 0.10
-COLUMNS = ["dataset", "n", "d", "anomaly_rate", "seed", "detector", "auroc", "ap",
-           "seconds"]
+COLUMNS = ["dataset", "n", "d", "anomaly_rate", "seed", "detector", "auroc", "ap", "seconds"]
 
 
-class _Nonn:
-    """A nonn detector in PyOD's setting: ``fit_predict(X)`` on all rows,
-    the training rows' out-of-sample anomaly scores as the result."""
-
-    deterministic = True
-
-    def __init__(self, make):
-        self.make = make
-
-    def scores(self, X, seed, y=None):
-        det = self.make()
-        with warnings.catch_warnings():
-            # the warning this benchmark is about: fit_predict on contaminated data
-            warnings.simplefilter("ignore", UserWarning)
-            det.fit_predict(X)
-        return -np.asarray(det.train_scores_, dtype=np.float64)
-
-
-class _CleanFirst:
-    """The guide's "clean first" recipe: an isolation forest (seeded) scores
-    all rows, the share ``trim`` it finds most anomalous is set aside, a
-    nonn detector is fitted on the rest; every row is then scored out of
-    sample (the kept rows by ``fit_predict``'s held-out scores, the rows set
-    aside as queries of that model)."""
-
-    deterministic = False
-
-    def __init__(self, make, trim):
-        self.make = make
-        self.trim = trim
-
-    def scores(self, X, seed, y=None):
-        from pyod.models.iforest import IForest
-
-        forest = IForest(random_state=seed).fit(X).decision_scores_
-        drop = np.zeros(len(X), dtype=bool)
-        drop[np.argsort(-forest, kind="stable")[:int(round(self.trim * len(X)))]] = True
-        return self.fit_kept(X, drop)
-
-    def fit_kept(self, X, drop):
-        det = self.make()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            det.fit_predict(X[~drop])
-        out = np.empty(len(X))
-        out[~drop] = -np.asarray(det.train_scores_, dtype=np.float64)
+def out_of_sample(make, X, drop):
+    """Every row's score from a nonn detector fitted on the rows not in
+    ``drop``: the kept rows' held-out training scores, the others as queries."""
+    det = make()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # fit_predict on contaminated data
+        det.fit_predict(X[~drop])
+    out = np.empty(len(X))
+    out[~drop] = -np.asarray(det.train_scores_, dtype=np.float64)
+    if drop.any():
         out[drop] = det.anomaly_score(X[drop])
-        return out
+    return out
 
 
-class _LabelsKnown(_CleanFirst):
-    """The reference: the same nonn detector fitted on the normal rows only
-    (known from the labels, which a user does not have), every row scored
-    out of sample as in :class:`_CleanFirst`. What clean training data give."""
+def forest(X, seed):
+    from pyod.models.iforest import IForest
 
-    deterministic = True
-
-    def __init__(self, make):
-        self.make = make
-
-    def scores(self, X, seed, y=None):
-        return self.fit_kept(X, y == 1)
+    return IForest(random_state=seed).fit(X).decision_scores_
 
 
-class _PyOD:
-    def __init__(self, make, deterministic):
-        self.make = make
-        self.deterministic = deterministic
-
-    def scores(self, X, seed, y=None):
-        return np.asarray(self.make(seed).fit(X).decision_scores_, dtype=np.float64)
+def trimmed(X, seed):
+    """The rows IsolationForest (seeded) finds most anomalous, ``TRIM`` of them."""
+    drop = np.zeros(len(X), dtype=bool)
+    drop[np.argsort(-forest(X, seed), kind="stable")[:int(round(TRIM * len(X)))]] = True
+    return drop
 
 
 def detectors():
-    from pyod.models.iforest import IForest
+    """{name: (scores(X, seed, y), deterministic)}."""
     from pyod.models.knn import KNN as PyodKNN
 
+    none = lambda X: np.zeros(len(X), dtype=bool)  # noqa: E731
+    auto = lambda: KNNN(set_size="all", normalize="auto", whiten="auto",  # noqa: E731
+                        eig_floor="auto")
     return {
-        "KNNN()": _Nonn(KNNN),
-        "KNNN(set_size='all', auto)": _Nonn(lambda: KNNN(
-            set_size="all", normalize="auto", whiten="auto", eig_floor="auto")),
-        "KNN()": _Nonn(KNN),
-        "PyOD KNN": _PyOD(lambda seed: PyodKNN(), deterministic=True),
-        "PyOD IForest": _PyOD(lambda seed: IForest(random_state=seed), deterministic=False),
-        f"IForest {TRIM:.0%} trim, then KNNN()": _CleanFirst(KNNN, TRIM),
-        "reference: KNNN() fitted on the normal rows only": _LabelsKnown(KNNN),
+        "KNNN()": (lambda X, seed, y: out_of_sample(KNNN, X, none(X)), True),
+        "KNNN(set_size='all', auto)": (lambda X, seed, y: out_of_sample(auto, X, none(X)), True),
+        "KNN()": (lambda X, seed, y: out_of_sample(KNN, X, none(X)), True),
+        "PyOD KNN": (lambda X, seed, y: PyodKNN().fit(X).decision_scores_, True),
+        "PyOD IForest": (lambda X, seed, y: forest(X, seed), False),
+        f"IForest {TRIM:.0%} trim, then KNNN()":
+            (lambda X, seed, y: out_of_sample(KNNN, X, trimmed(X, seed)), False),
+        "reference: KNNN() fitted on the normal rows only":
+            (lambda X, seed, y: out_of_sample(KNNN, X, y == 1), True),
     }
-
-
-def _size(name, max_rows):
-    """Entries of a run on ``name`` (rows capped at ``max_rows``)."""
-    with np.load(nd.resolve_adbench(name)) as z:
-        n, d = z["X"].shape
-    return min(n, max_rows) * d
-
-
-def rows_of(X, y, seed, max_rows):
-    """The rows of one run: all of them, or a stratified subsample of ``max_rows``."""
-    if len(X) <= max_rows:
-        return X, y
-    idx, _ = train_test_split(np.arange(len(X)), train_size=max_rows, stratify=y,
-                              random_state=seed)
-    idx = np.sort(idx)
-    return X[idx], y[idx]
-
-
-def _done(path):
-    if not path.exists():
-        return set()
-    with open(path, newline="") as fh:
-        return {(r["dataset"], int(r["seed"]), r["detector"]) for r in csv.DictReader(fh)}
 
 
 def run(datasets, seeds, out, max_rows=MAX_ROWS, resume=False):
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.csv"
-    done = _done(path) if resume else set()
-    if not resume or not path.exists():
+    done = set()
+    if resume and path.exists():
+        done = {(r["dataset"], int(r["seed"]), r["detector"])
+                for r in csv.DictReader(open(path, newline=""))}
+    else:
         with open(path, "w", newline="") as fh:
             csv.writer(fh).writerow(COLUMNS)
+
+    def size(name):
+        with np.load(nd.resolve_adbench(name)) as z:
+            return min(len(z["X"]), max_rows) * z["X"].shape[1]
+
     dets = detectors()
-    # seed-major, smallest sets first: an interrupted run (--resume goes on)
-    # has every set of the first seed before any of the second
+    # seed-major, smallest sets first: an interrupted run has every set of
+    # the first seed before any of the second
     for seed in range(seeds):
-        for name in sorted(datasets, key=lambda name: _size(name, max_rows)):
-            X_all, y_all = nd.load_adbench(name)
-            y_all = (np.asarray(y_all) == 1).astype(np.int64)
-            X, y = rows_of(np.asarray(X_all, dtype=np.float64), y_all, seed, max_rows)
+        for name in sorted(datasets, key=size):
+            X, y = nd.load_adbench(name)
+            X, y = np.asarray(X, dtype=np.float64), (np.asarray(y) == 1).astype(np.int64)
+            whole = len(X) <= max_rows
+            if not whole:
+                idx = np.sort(train_test_split(np.arange(len(X)), train_size=max_rows,
+                                               stratify=y, random_state=seed)[0])
+                X, y = X[idx], y[idx]
             X = MinMaxScaler().fit_transform(X)
-            whole = len(X_all) <= max_rows
-            for det_name, det in dets.items():
-                if (name, seed, det_name) in done:
-                    continue
-                if whole and det.deterministic and seed > 0:
-                    continue  # the same rows, the same scores: run once
+            for det_name, (scores, deterministic) in dets.items():
+                if (name, seed, det_name) in done or (whole and deterministic and seed > 0):
+                    continue  # done, or the same rows and the same scores as seed 0
                 t = time.perf_counter()
-                s = det.scores(X, seed, y)
-                seconds = time.perf_counter() - t
+                s = np.asarray(scores(X, seed, y), dtype=np.float64)
                 row = [name, len(X), X.shape[1], f"{y.mean():.4f}", seed, det_name,
                        f"{roc_auc_score(y, s):.6f}", f"{average_precision_score(y, s):.6f}",
-                       f"{seconds:.2f}"]
+                       f"{time.perf_counter() - t:.2f}"]
                 with open(path, "a", newline="") as fh:
                     csv.writer(fh).writerow(row)
                 print(" ".join(map(str, row)), file=sys.stderr, flush=True)
@@ -218,60 +133,45 @@ def run(datasets, seeds, out, max_rows=MAX_ROWS, resume=False):
 
 def summarize(path, seeds, max_rows=MAX_ROWS):
     """Per data set and detector: mean AUROC over the runs; then the means,
-    mean ranks and counts over data sets."""
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    dets = list(dict.fromkeys(r["detector"] for r in rows))
-    sets = list(dict.fromkeys(r["dataset"] for r in rows))
-    auc = {(s, d): [] for s in sets for d in dets}
-    ap = {(s, d): [] for s in sets for d in dets}
-    info = {}
-    for r in rows:
-        auc[(r["dataset"], r["detector"])].append(float(r["auroc"]))
-        ap[(r["dataset"], r["detector"])].append(float(r["ap"]))
-        info[r["dataset"]] = (r["n"], r["d"], float(r["anomaly_rate"]))
-    complete = [s for s in sets if all(auc[(s, d)] for d in dets)]
-    mean = {k: float(np.mean(v)) for k, v in auc.items() if v}
-    mean_ap = {k: float(np.mean(v)) for k, v in ap.items() if v}
+    mean ranks and wins / ties / losses against PyOD KNN over the data sets."""
     from scipy.stats import rankdata
 
+    rows = list(csv.DictReader(open(path, newline="")))
+    dets = list(dict.fromkeys(r["detector"] for r in rows))
+    sets = list(dict.fromkeys(r["dataset"] for r in rows))
+    auc, ap, info = {}, {}, {}
+    for r in rows:
+        auc.setdefault((r["dataset"], r["detector"]), []).append(float(r["auroc"]))
+        ap.setdefault((r["dataset"], r["detector"]), []).append(float(r["ap"]))
+        info[r["dataset"]] = (r["n"], r["d"], float(r["anomaly_rate"]))
+    complete = [s for s in sets if all((s, d) in auc for d in dets)]
+    mean = {k: float(np.mean(v)) for k, v in auc.items()}
     ranks = np.array([rankdata([-round(mean[(s, d)], 3) for d in dets]) for s in complete])
-    pyod_knn = "PyOD KNN"
-    lines = [
-        "# fit_predict on contaminated training data (PyOD's setting)",
-        "",
-        f"`python benchmarks/bench_contamination.py --seeds {seeds} --out "
-        f"{Path(path).parent}`",
-        "",
-        f"Fit on all rows of each ADBench tabular set (anomalies included), score the same "
+    ref = "PyOD KNN"
+    table = []
+    for j, d in enumerate(dets):
+        a = np.array([mean[(s, d)] for s in complete])
+        p = np.array([np.mean(ap[(s, d)]) for s in complete])
+        wtl = "—"
+        if d != ref and ref in dets:
+            diff = np.round(a, 3) - np.round([mean[(s, ref)] for s in complete], 3)
+            wtl = f"{(diff > 0).sum()}/{(diff == 0).sum()}/{(diff < 0).sum()}"
+        table.append([d, f"{a.mean():.3f}", f"{np.median(a):.3f}", f"{p.mean():.3f}",
+                      f"{ranks[:, j].mean():.2f}", (a < 0.5).sum(), wtl])
+    per_set = [[s, *info[s][:2], f"{info[s][2]:.1%}"]
+               + [f"{mean[(s, x)]:.3f}" if (s, x) in mean else "" for x in dets] for s in sets]
+    return "\n".join([
+        "# fit_predict on contaminated training data (PyOD's setting)", "",
+        f"`python benchmarks/bench_contamination.py --seeds {seeds} --out {Path(path).parent}`",
+        "", f"Fit on all rows of each ADBench tabular set (anomalies included), score the same "
         f"rows, AUROC against the labels. Columns min-max scaled on all rows; sets above "
         f"{max_rows:,} rows subsampled (stratified, per seed); {len(complete)} data sets; "
         f"{seeds} seeds where the rows or the detector are random. nonn: the out-of-sample "
-        "training scores of `fit_predict`; PyOD: `decision_scores_`. Defaults everywhere.",
-        "",
-        "| detector | mean AUROC | median AUROC | mean AP | mean rank | sets below 0.5 | "
-        f"W/T/L vs {pyod_knn} |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for j, d in enumerate(dets):
-        a = np.array([mean[(s, d)] for s in complete])
-        p = np.array([mean_ap[(s, d)] for s in complete])
-        if d == pyod_knn or pyod_knn not in dets:
-            wtl = "—"
-        else:
-            ref = np.array([mean[(s, pyod_knn)] for s in complete])
-            diff = np.round(a, 3) - np.round(ref, 3)
-            wtl = f"{(diff > 0).sum()}/{(diff == 0).sum()}/{(diff < 0).sum()}"
-        lines.append(f"| {d} | {a.mean():.3f} | {np.median(a):.3f} | {p.mean():.3f} | "
-                     f"{ranks[:, j].mean():.2f} | {(a < 0.5).sum()} | {wtl} |")
-    lines += ["", "Per data set (mean AUROC over the runs):", "",
-              "| data set | n | d | anomalies | " + " | ".join(dets) + " |",
-              "|---|---:|---:|---:|" + "---:|" * len(dets)]
-    for s in sets:
-        n, d, rate = info[s]
-        cells = [f"{mean[(s, x)]:.3f}" if (s, x) in mean else "" for x in dets]
-        lines.append(f"| {s} | {n} | {d} | {rate:.1%} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        "training scores of `fit_predict`; PyOD: `decision_scores_`. Defaults everywhere.", "",
+        markdown_table(["detector", "mean AUROC", "median AUROC", "mean AP", "mean rank",
+                        "sets below 0.5", f"W/T/L vs {ref}"], table), "",
+        "Per data set (mean AUROC over the runs):", "",
+        markdown_table(["data set", "n", "d", "anomalies", *dets], per_set)]) + "\n"
 
 
 def main(argv=None):

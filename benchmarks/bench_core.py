@@ -1,20 +1,15 @@
 #!/usr/bin/env python
-"""KNNN against the neighbour search under it, at N = 20,000, D = 512.
-
-Targets: ``KNNN.fit`` within 2x the exact k-NN graph it needs (K' other
-neighbours per training row) and ``KNNN.anomaly_score`` within 1.5x the
-exact k-NN query (k neighbours per query), both on the same backend, data
-and machine, in the same run; the authors' ``knnn`` 0.1.0 fit beside it
-(``--peer``). Data: embedding-like float32 (see ``_common.embedding_like``).
-The floors search the data KNNN searches (after its input transforms).
-Times are the best of ``--repeats`` wall-clock runs after a warm-up (kernel
-compilation). A benchmark, never a test: it reports, it does not fail.
+"""KNNN against the neighbour search under it, at N = 20,000, D = 512:
+``KNNN.fit`` / the exact K'-NN graph (target <= 2) and ``anomaly_score`` /
+the exact k-NN query (target <= 1.5), same backend, data and run; stored
+bytes per point; the authors' ``knnn`` fit with ``--peer`` (protocol:
+benchmarks/README.md). A benchmark: it reports, it does not fail.
 
 Usage::
 
-    python benchmarks/bench_core.py                      # the defaults, N=20000
+    python benchmarks/bench_core.py --out benchmarks/results/core_default
     python benchmarks/bench_core.py --params '{"set_size": 5, "n_neighbors_of_neighbors": 50}'
-    python benchmarks/bench_core.py -N 2000 -D 64 -Q 200  # smoke size
+    python benchmarks/bench_core.py --quick --out /tmp/core   # smoke (N=2000, D=64, Q=200)
 """
 
 from __future__ import annotations
@@ -26,58 +21,45 @@ import warnings
 
 import numpy as np
 
-sys.path.insert(0, __import__("os").path.dirname(__file__))
-from _common import PeakRSS, best_of, embedding_like, environment, markdown_table, \
-    write_results  # noqa: E402
+sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.abspath(__file__)))
+from _common import against_floors, best_of, embedding_like, environment, markdown_table, \
+    state_bytes, write_results  # noqa: E402
 
 from nonn import KNNN  # noqa: E402
-from nonn.neighbors import make_backend  # noqa: E402
 
 
 def run(n, d, q, backend, params, repeats, peer, out):
     X, Q, labels = embedding_like(n, q, d)
     Xs, Qs, _ = embedding_like(1500, 100, d, seed=1)
     KNNN(backend=backend, **params).fit(Xs).anomaly_score(Qs)  # compile, warm up
-    make = lambda: KNNN(backend=backend, **params)  # noqa: E731
-    with PeakRSS() as fit_mem:
-        t_fit, det = best_of(lambda: make().fit(X), repeats)
-    t_score, scores = best_of(lambda: det.anomaly_score(Q), repeats)
+    det, r, _ = against_floors(lambda: KNNN(backend=backend, **params), X, Q, labels, repeats)
+    t_fit, t_graph, t_score, t_query = r["fit_s"], r["graph_s"], r["score_s"], r["query_s"]
     Kp, k = det.n_neighbors_of_neighbors_, det.n_neighbors_
-    Xp, Qp = det._fit_X, det._to_grid(det._preprocess(Q)) if hasattr(det, "_to_grid") else Q
-    search = make_backend(det.backend_, n_samples=n, n_features=d).fit(Xp)
-    search.kneighbors(Xp[:100], k, return_distance=False)
-    t_graph, _ = best_of(lambda: search.kneighbors(None, min(Kp, n - 1),
-                                                   return_distance=False), repeats)
-    t_query, _ = best_of(lambda: search.kneighbors(Qp, k, return_distance=False), repeats)
-    state = {name: getattr(det, name).nbytes for name in type(det)._state_arrays_for(
-        det.get_params()) if isinstance(getattr(det, name, None), np.ndarray)}
-    from sklearn.metrics import roc_auc_score
-
+    state = state_bytes(det)
     result = {
         "environment": environment(), "n_train": n, "n_features": d, "n_queries": q,
         "backend": det.backend_, "params": det.get_params(),
         "fitted": {"k": k, "K'": Kp, "L": det.set_size_, "normalize": det.normalize_,
                    "whiten": det.whiten_, "eig_floor": det.eig_floor_rel_},
         "seconds": {"fit": t_fit, "graph": t_graph, "score": t_score, "query": t_query},
-        "ratios": {"fit/graph": t_fit / t_graph, "score/query": t_score / t_query},
-        "fit_peak_rss_mib": fit_mem.delta / 2**20,
+        "ratios": {"fit/graph": r["fit/graph"], "score/query": r["score/query"]},
+        "fit_peak_rss_mib": r["fit_peak_rss_mib"],
         "state_bytes_per_point": {name: b / n for name, b in state.items()},
         "state_bytes_per_point_total": sum(state.values()) / n,
-        "auroc_synthetic": float(roc_auc_score(labels, scores)),
+        "auroc_synthetic": r["auroc"],
     }
-    if peer:
-        from knnn import KNNN as AuthorsKNNN
-
-        t_peer, _ = best_of(lambda: AuthorsKNNN(
-            number_of_neighbors=k, number_of_neighbors_of_neighbors=Kp,
-            distance_function="euclidean").fit(X.astype(np.float64)), 1)
-        result["seconds"]["authors_knnn_fit"] = t_peer
-        result["ratios"]["authors_knnn_fit/fit"] = t_peer / t_fit
     rows = [["KNNN.fit / exact graph (K' others)", f"{t_fit:.2f} s / {t_graph:.2f} s",
              f"{t_fit / t_graph:.2f}", "<= 2.0"],
             ["KNNN.anomaly_score / exact query (k)", f"{t_score:.2f} s / {t_query:.2f} s",
              f"{t_score / t_query:.2f}", "<= 1.5"]]
-    if peer:
+    if peer:  # the authors' knnn 0.1.0: float64 only; Euclidean like nonn's search
+        from knnn import KNNN as AuthorsKNNN
+
+        t_peer, _ = best_of(lambda: AuthorsKNNN(
+            number_of_neighbors=k, number_of_neighbors_of_neighbors=Kp,
+            distance_function="euclidean").fit(X.astype(np.float64)))
+        result["seconds"]["authors_knnn_fit"] = t_peer
+        result["ratios"]["authors_knnn_fit/fit"] = t_peer / t_fit
         rows.append(["authors' knnn fit / KNNN.fit", f"{t_peer:.1f} s / {t_fit:.2f} s",
                      f"{t_peer / t_fit:.1f}", ""])
     md = (f"N={n}, D={d}, {q} queries, backend {det.backend_}, k={k}, K'={Kp}, "
@@ -85,7 +67,7 @@ def run(n, d, q, backend, params, repeats, peer, out):
           f"load average {result['environment']['load_average_1min']}\n\n"
           + markdown_table(["", "seconds", "ratio", "target"], rows)
           + f"\n\nStored state: {result['state_bytes_per_point_total']:.0f} bytes per training "
-          f"point ({', '.join(f'{k} {v:.0f}' for k, v in result['state_bytes_per_point'].items())})."
+          f"point ({', '.join(f'{a} {b / n:.0f}' for a, b in state.items())})."
           f" Fit peak RSS +{result['fit_peak_rss_mib']:.0f} MiB.")
     print(md)
     write_results(out, f"bench_core_{det.backend_}_N{n}_D{d}_Q{q}", result, md)
@@ -102,8 +84,11 @@ def main(argv=None):
                     help="KNNN parameters as JSON (default: KNNN's defaults)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--peer", action="store_true", help="also time the authors' knnn fit")
+    ap.add_argument("--quick", action="store_true", help="smoke size: N=2000, D=64, Q=200")
     ap.add_argument("--out", default="benchmarks/results/core")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.n_train, args.n_features, args.n_queries, args.repeats = 2000, 64, 200, 1
     warnings.simplefilter("ignore")
     run(args.n_train, args.n_features, args.n_queries, args.backend, args.params,
         args.repeats, args.peer, args.out)

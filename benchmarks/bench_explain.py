@@ -1,52 +1,24 @@
 """Does ``explain`` find the cause? Top-1 hit rates of injected single-feature
-anomalies, k-NNN against plain k-NN's |difference| attribution.
+anomalies, k-NNN against plain k-NN's |difference| attribution (protocol:
+benchmarks/README.md).
 
     nice -n 10 python benchmarks/bench_explain.py --out benchmarks/results/explain
-
-A held-out normal row gets one feature ``f`` changed; an explanation "hits"
-when its largest contribution is ``f`` (or, for correlated pairs, a feature
-of ``f``'s pair: which member of a pair broke the pair's relation is not
-identifiable from the data, and the neighbours decide which one the
-explanation blames). Every query counts, flagged or not.
-
-Synthetic cases (12 features, 500 training normals, 200 queries per seed):
-
-* ``pairs +4sd``: six correlated pairs (the paper's Figure 6 layout,
-  correlation ~0.99), one feature moved by 4 of its standard deviations;
-* ``pairs +1sd``: the same by 1 sd (inside the feature's range, ~10 sd off
-  its pair's line);
-* ``pairs swap``: the feature replaced by the same feature of another
-  training row, at least 1 sd away (Figure 6: no single feature is unusual);
-* ``independent +4sd``: twelve independent features, one moved by 4 sd.
-
-Real data (ADBench, min-max scaled by the training normals): 80 % of the
-normal rows train, the other normal rows are the queries, each with one
-non-constant feature moved by 2 or 4 training standard deviations (sign at
-random).
-
-Detectors: ``KNNN(n_neighbors=3, n_neighbors_of_neighbors=25)`` with set
-size 4 (5 on real data) and eigenvalue floor 1e-3 (``aggregate="min"``, and
-the paper's ``"sum"``), the same with floor 1.0 (what ``eig_floor="auto"``
-gives tabular data), with all features in one set, and
-``KNN(n_neighbors=3)`` (mean distance: its contributions are
-``d_f^2 / ||d||``, the |difference| ranking). One more column splits
-k-NNN's terms *in proportion to* ``|d_f v_jf|`` (non-negative pieces that
-also add up to each term): not nonn's rule, measured to show what the
-sign rule's cancelling pieces cost.
+    python benchmarks/bench_explain.py --seeds 1 --datasets 6_cardio --out /tmp/ex   # smoke
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
+import sys
 import time
 
 import numpy as np
 
-from nonn import KNN, KNNN
-from nonn._local_eigen import pad
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import environment, markdown_table, searched_data, write_results  # noqa: E402
+
+from nonn import KNN, KNNN  # noqa: E402
 
 
 def correlated_pairs(rng, n, n_pairs=6, noise=0.1):
@@ -58,9 +30,10 @@ def proportional_split(det, Q, neighbor):
     """k-NNN's per-neighbour terms (primal form) split over the features in
     proportion to |d_f v_jf| per direction, and the floored term in
     proportion to (P_F d)_f^2; the neighbour is the explained one."""
-    Qg = det._to_grid(det._preprocess(Q))
+    Xg, Qg = searched_data(det, Q)
     S, L = len(det.set_sizes_), det.set_size_
-    d = pad(Qg.astype(np.float64) - det._fit_X[neighbor], S * L).reshape(-1, S, L)
+    d = Qg.astype(np.float64) - Xg[neighbor]
+    d = np.pad(d, ((0, 0), (0, S * L - d.shape[1]))).reshape(-1, S, L)
     V = det.eigenvectors_[neighbor].astype(np.float64)
     e = det.eigenvalues_[neighbor].astype(np.float64)
     fl = det.eig_floor_.astype(np.float64)
@@ -159,54 +132,46 @@ def main(argv=None):
     ap.add_argument("--datasets", default="6_cardio,38_thyroid")
     ap.add_argument("--out", default="benchmarks/results/explain")
     args = ap.parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     t0 = time.perf_counter()
     results = []
-    for case in ("pairs +4sd", "pairs +1sd", "pairs swap", "independent +4sd"):
-        per_seed = [hit_rates(*synthetic_case(case, s), set_size=4) for s in range(args.seeds)]
+
+    def add(data, per_seed, chance, **extra):
         for name in per_seed[0]:
-            feat = [r[name][0] for r in per_seed]
-            pair = [r[name][1] for r in per_seed]
-            results.append({"data": f"synthetic: {case}", "detector": name,
-                            "top1_feature": float(np.mean(feat)),
+            feat, pair = ([r[name][i] for r in per_seed] for i in (0, 1))
+            results.append({"data": data, "detector": name, "top1_feature": float(np.mean(feat)),
                             "top1_feature_sd": float(np.std(feat)),
                             "top1_pair": None if pair[0] is None else float(np.mean(pair)),
-                            "chance": 1 / 12})
+                            "chance": chance, **extra})
             print(results[-1], flush=True)
+
+    for case in ("pairs +4sd", "pairs +1sd", "pairs swap", "independent +4sd"):
+        add(f"synthetic: {case}", [hit_rates(*synthetic_case(case, s), set_size=4)
+                                   for s in range(args.seeds)], 1 / 12)
     for ds in [d for d in args.datasets.split(",") if d]:
         for delta in (2.0, 4.0):
             per_seed = []
             for s in range(args.seeds):
                 X, Q, f, usable, d = adbench_case(ds, delta, s)
                 per_seed.append(hit_rates(X, Q, f, False, set_size=5))
-            for name in per_seed[0]:
-                feat = [r[name][0] for r in per_seed]
-                results.append({"data": f"{ds} (min-max), one feature +-{delta:g} sd, "
-                                f"{len(Q)} queries x {args.seeds} seeds",
-                                "detector": name, "top1_feature": float(np.mean(feat)),
-                                "top1_feature_sd": float(np.std(feat)), "top1_pair": None,
-                                "chance": 1 / usable, "features": d})
-                print(results[-1], flush=True)
-    meta = {"started": started, "seconds": time.perf_counter() - t0, "seeds": args.seeds,
-            "machine": f"{os.cpu_count()} CPUs, {platform.platform()}"}
-    with open(os.path.join(args.out, "hit_rates.json"), "w") as fh:
-        json.dump({**meta, "results": results}, fh, indent=1)
-    with open(os.path.join(args.out, "hit_rates.md"), "w") as fh:
-        fh.write("# explain: does the largest contribution name the injected feature?\n\n")
-        fh.write(f"- `benchmarks/bench_explain.py`, {args.seeds} seeds, started {started}, "
-                 f"{meta['seconds']:.0f} s on {meta['machine']}\n")
-        fh.write("- top-1 hit rate: the share of queries whose largest contribution is the "
-                 "changed feature (mean over seeds, +- their std); pair: is in its "
-                 "correlated pair; chance: 1 / number of features that can be changed\n")
-        fh.write("- \"proportional split\" is not nonn's rule (see the script's docstring)\n\n")
-        fh.write("| data | detector | top-1 feature | top-1 pair | chance |\n"
-                 "|---|---|---|---|---|\n")
-        for r in results:
-            pair = "" if r["top1_pair"] is None else f"{r['top1_pair']:.3f}"
-            fh.write(f"| {r['data']} | {r['detector']} | {r['top1_feature']:.3f} +- "
-                     f"{r['top1_feature_sd']:.3f} | {pair} | {r['chance']:.3f} |\n")
-    print(f"wrote {args.out}/hit_rates.md and hit_rates.json")
+            add(f"{ds} (min-max), one feature +-{delta:g} sd, {len(Q)} queries x "
+                f"{args.seeds} seeds", per_seed, 1 / usable, features=d)
+    env = environment()
+    md = "\n".join([
+        "# explain: does the largest contribution name the injected feature?", "",
+        f"- `benchmarks/bench_explain.py`, {args.seeds} seeds, started {started}, "
+        f"{time.perf_counter() - t0:.0f} s on {env['cpus']} CPUs, {env['platform']}",
+        "- top-1 hit rate: the share of queries whose largest contribution is the changed "
+        "feature (mean over seeds, +- their std); pair: is in its correlated pair; chance: "
+        "1 / number of features that can be changed",
+        "- \"proportional split\" is not nonn's rule (benchmarks/README.md)", "",
+        markdown_table(["data", "detector", "top-1 feature", "top-1 pair", "chance"], [
+            [r["data"], r["detector"], f"{r['top1_feature']:.3f} +- {r['top1_feature_sd']:.3f}",
+             "" if r["top1_pair"] is None else f"{r['top1_pair']:.3f}", f"{r['chance']:.3f}"]
+            for r in results])])
+    path = write_results(args.out, "hit_rates",
+                         {**env, "seeds": args.seeds, "results": results}, md)
+    print(f"wrote {path} and .json")
 
 
 if __name__ == "__main__":

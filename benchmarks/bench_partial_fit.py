@@ -1,20 +1,11 @@
-"""partial_fit against a full refit: KNNN on N rows plus M new normal rows.
+"""partial_fit against a full refit: KNNN on N rows plus M new normal rows
+(protocol: benchmarks/README.md). Reads the update's own statistics
+(``_last_update``) and, with ``--check``, ``nonn._update.frozen_fit``.
 
     nice -n 10 python benchmarks/bench_partial_fit.py --n 100000 --d 512 --adds 1000 \\
         --out benchmarks/results/partial_fit
-
-Fit once on N rows; for each M, time ``partial_fit`` of M new rows drawn
-from the same distribution (on a copy of the fitted model), against ``KNNN.fit`` on all N + M
-rows (what a user would otherwise run). With ``--loaded`` the update is
-also timed on the model saved and read back (a file keeps its
-neighbourhoods but not the one neighbour beyond, which the calibration
-then searches). With ``--check`` the updated model is compared with the
-reference of equality, ``nonn._update.frozen_fit`` (a fit on all rows with
-the first fit's global statistics; another full fit's time).
-
-Data: ``bench_core.embedding_like`` (float32, relu of a 32-d latent mixed to
-D dims). The script prints the machine's load: other processes' CPU use
-inflates every time.
+    python benchmarks/bench_partial_fit.py --n 3000 --d 32 --adds 100 --loaded --check \\
+        --out /tmp/pf                                                    # smoke
 """
 
 from __future__ import annotations
@@ -23,34 +14,15 @@ import argparse
 import copy
 import json
 import os
-import platform
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_core import embedding_like  # noqa: E402
+from _common import best_of, embedding_like, environment, load_average, markdown_table, \
+    write_results  # noqa: E402
 
 from nonn import KNNN, load  # noqa: E402
-
-
-def params_from(args):
-    return dict(n_neighbors=args.k, n_neighbors_of_neighbors=args.kp, set_size=args.set_size,
-                eig_floor=args.eig_floor, backend="brute")
-
-
-def timed(fn):
-    t = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t
-
-
-def load_avg():
-    try:
-        return os.getloadavg()
-    except OSError:  # pragma: no cover
-        return (float("nan"),) * 3
 
 
 def main(argv=None):
@@ -69,16 +41,17 @@ def main(argv=None):
     args = ap.parse_args(argv)
     adds = [int(a) for a in args.adds.split(",")]
     os.makedirs(args.out, exist_ok=True)
-    params = params_from(args)
+    params = dict(n_neighbors=args.k, n_neighbors_of_neighbors=args.kp,
+                  set_size=args.set_size, eig_floor=args.eig_floor, backend="brute")
     rows = []
-    header = {"machine": f"{os.cpu_count()} CPUs, {platform.platform()}",
-              "python": platform.python_version(), "numpy": np.__version__,
-              "params": params, "n": args.n, "d": args.d, "seed": args.seed,
-              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "load_avg_start": load_avg()}
+    env = environment()
+    header = {"machine": f"{env['cpus']} CPUs, {env['platform']}", "python": env["python"],
+              "numpy": env["numpy"], "params": params, "n": args.n, "d": args.d,
+              "seed": args.seed, "started": env["time"], "load_avg_start": load_average()}
     print(json.dumps(header), flush=True)
-    X_data, _ = embedding_like(args.n + max(adds), 0, args.d, seed=args.seed)
+    X_data = embedding_like(args.n + max(adds), 0, args.d, seed=args.seed)[0]
     X = X_data[: args.n]
-    fitted, t_fit = timed(lambda: KNNN(**params).fit(X))
+    t_fit, fitted = best_of(lambda: KNNN(**params).fit(X))
     print(f"fit on {args.n} rows {t_fit:.1f} s", flush=True)
     path = os.path.join(args.out, ".bench_model.nonn")
     if args.loaded:
@@ -86,20 +59,20 @@ def main(argv=None):
     for M in adds:
         X_all, X_new = X_data[: args.n + M], X_data[args.n: args.n + M]
         det = copy.deepcopy(fitted)
-        la0 = load_avg()
-        _, t_update = timed(lambda: det.partial_fit(X_new))
+        la0 = load_average()
+        t_update, _ = best_of(lambda: det.partial_fit(X_new))
         stats = dict(det._last_update)
         print(f"  partial_fit {t_update:.2f} s {stats}", flush=True)
         t_loaded, stats_loaded = None, None
         if args.loaded:
             model = load(path)
-            _, t_loaded = timed(lambda: model.partial_fit(X_new))
+            t_loaded, _ = best_of(lambda: model.partial_fit(X_new))
             stats_loaded = dict(model._last_update)
             print(f"  partial_fit of the loaded model {t_loaded:.2f} s {stats_loaded}",
                   flush=True)
             del model
-        ref, t_refit = timed(lambda: KNNN(**params).fit(X_all))
-        la1 = load_avg()
+        t_refit, ref = best_of(lambda: KNNN(**params).fit(X_all))
+        la1 = load_average()
         print(f"  refit on {args.n + M} rows {t_refit:.1f} s; ratio {t_refit / t_update:.1f}x",
               flush=True)
         check = None
@@ -132,36 +105,35 @@ def main(argv=None):
         del det
     if args.loaded:
         os.remove(path)
-    name = f"partial_fit_N{args.n}_D{args.d}_M{'-'.join(map(str, adds))}"
-    with open(os.path.join(args.out, name + ".json"), "w") as fh:
-        json.dump({**header, "rows": rows}, fh, indent=1, default=float)
-    with open(os.path.join(args.out, name + ".md"), "w") as fh:
-        fh.write(f"# partial_fit vs refit: KNNN, N = {args.n:,}, D = {args.d}\n\n")
-        fh.write(f"- machine: {header['machine']}; python {header['python']}, numpy "
-                 f"{header['numpy']}; started {header['started']}\n")
-        fh.write(f"- params: {params}; data: bench_core.embedding_like (float32), seed "
-                 f"{args.seed}; new rows from the same distribution\n")
-        fh.write("- the machine is shared: the 1-minute load average before/after each "
-                 "timing is listed (2 CPUs; above 2 other processes slow every time)\n\n")
-        fh.write("| M | partial_fit s | refit s | refit / partial_fit | loaded model's "
-                 "partial_fit s | ratio (loaded) | neighbourhoods changed | calibration "
-                 "rows rescored | stages s (search, lists, eigen, calibration) | load avg "
-                 "before / after |\n|---|---|---|---|---|---|---|---|---|---|\n")
-        for r in rows:
-            st = r["stats"].get("stage_seconds", {})
-            stages = ", ".join(f"{st.get(k, float('nan')):.2f}" for k in
-                               ("search", "lists", "eigen", "calibration"))
-            loaded = ("", "") if r["partial_fit_loaded_s"] is None else (
-                f"{r['partial_fit_loaded_s']:.2f}", f"{r['ratio_loaded']:.1f}")
-            fh.write(f"| {r['M']} | {r['partial_fit_s']:.2f} | {r['refit_s']:.1f} | "
-                     f"{r['ratio']:.1f} | {loaded[0]} | {loaded[1]} | "
-                     f"{r['stats'].get('neighborhoods_changed')} | "
-                     f"{r['stats'].get('calibration_rescored')} | {stages} | "
-                     f"{r['load_avg_before'][0]:.1f} / {r['load_avg_after'][0]:.1f} |\n")
-        for r in rows:
-            if r["check"]:
-                fh.write(f"\nM = {r['M']}: against frozen_fit: {r['check']}\n")
-    print(f"wrote {os.path.join(args.out, name)}.md/.json")
+    table = []
+    for r in rows:
+        st = r["stats"].get("stage_seconds", {})
+        table.append([r["M"], f"{r['partial_fit_s']:.2f}", f"{r['refit_s']:.1f}",
+                      f"{r['ratio']:.1f}", *(("", "") if r["partial_fit_loaded_s"] is None else
+                                             (f"{r['partial_fit_loaded_s']:.2f}",
+                                              f"{r['ratio_loaded']:.1f}")),
+                      r["stats"].get("neighborhoods_changed"),
+                      r["stats"].get("calibration_rescored"),
+                      ", ".join(f"{st.get(k, float('nan')):.2f}"
+                                for k in ("search", "lists", "eigen", "calibration")),
+                      f"{r['load_avg_before'][0]:.1f} / {r['load_avg_after'][0]:.1f}"])
+    md = "\n".join([
+        f"# partial_fit vs refit: KNNN, N = {args.n:,}, D = {args.d}", "",
+        f"- `{env['command']}`; {header['machine']}; python {header['python']}, numpy "
+        f"{header['numpy']}; started {header['started']}",
+        f"- params: {params}; data: _common.embedding_like (float32), seed {args.seed}; new "
+        "rows from the same distribution",
+        "- the machine is shared: the 1-minute load average before/after each timing is "
+        "listed (2 CPUs; above 2 other processes slow every time)", "",
+        markdown_table(["M", "partial_fit s", "refit s", "refit / partial_fit",
+                        "loaded model's partial_fit s", "ratio (loaded)",
+                        "neighbourhoods changed", "calibration rows rescored",
+                        "stages s (search, lists, eigen, calibration)",
+                        "load avg before / after"], table)]
+        + [f"\nM = {r['M']}: against frozen_fit: {r['check']}" for r in rows if r["check"]])
+    path = write_results(args.out, f"partial_fit_N{args.n}_D{args.d}_M{'-'.join(map(str, adds))}",
+                         {**header, "rows": rows}, md)
+    print(f"wrote {path} and .json")
 
 
 if __name__ == "__main__":

@@ -1,26 +1,21 @@
 #!/usr/bin/env python
-"""KNNN against the bare search of each backend, at growing N (D = 512).
-
-For every training size and backend, in one run, on the same embedding-like
-float32 data (``_common.embedding_like``): the k-NN graph KNNN needs
-(``kneighbors(None, K')``, ids only) and the query search (``kneighbors(Q,
-k)``) on the backend nonn builds, beside ``KNNN.fit`` and
-``KNNN.anomaly_score`` with the same backend (the floors search the data KNNN
-searches, after its input transforms); peak RSS; for approximate backends
-recall@K' of the fitted graph and recall@k of the queries against exact
-search on a sample; AUROC of every detector on the queries; peers (PyOD
-``KNN``, the authors' ``knnn``) with ``--peers``. A benchmark: it reports.
-
-Backend specs (``--backends``, separated by ``;``): ``NAME[:MAIN][@KEY=VALUE]...``,
-NAME a nonn backend, MAIN its main option (faiss: the index-factory string),
-each ``@KEY=VALUE`` one more ``backend_params`` entry, e.g.
-``brute;faiss:HNSW32@efSearch=64;faiss:IVF1024,Flat@nprobe=32@refine=1``.
+"""KNNN against the bare search of each backend, at growing N (D = 512):
+fit / graph and score / query per backend, peak RSS, recall of approximate
+backends, AUROC, peers. ``million``: one million points end to end on an
+approximate backend: fit time and peak RSS, recall@(K'-1) against exact
+search on a sample, the bare index's efSearch sweep, scoring time and AUROC
+(protocols and backend specs: benchmarks/README.md).
 
 Usage::
 
-    python benchmarks/bench_scale.py --sizes 100000 --backends "brute;faiss:HNSW32@efSearch=64" \
+    python benchmarks/bench_scale.py million --ef 64 --ef-construction 80 --refine 2  # ~20 min
+    python benchmarks/bench_scale.py million -N 20000 -D 64 -Q 1000 --sample 200 \
+        --out /tmp/m                                                                # smoke
+
+    python benchmarks/bench_scale.py --sizes 10000,100000 \
+        --backends "brute;faiss:IVF1024,Flat@nprobe=32;faiss:HNSW32@efSearch=64" \
         --peers pyod,knnn
-    python benchmarks/bench_scale.py --sizes 2000,5000 -D 64 -Q 500      # smoke
+    python benchmarks/bench_scale.py --sizes 2000,5000 -D 64 -Q 500 --out /tmp/scale  # smoke
 """
 
 from __future__ import annotations
@@ -35,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PeakRSS, best_of, embedding_like, environment, markdown_table, recall, \
+from _common import against_floors, best_of, embedding_like, environment, \
+    exact_neighbours, fitted_search, markdown_table, peak_rss_mib, recall, searched_data, \
     write_results  # noqa: E402
 
 MAIN_OPTION = {"faiss": "index", "torch": "device", "sklearn": "algorithm"}
@@ -49,104 +45,140 @@ def parse_backends(text):
         params = {MAIN_OPTION[name]: main} if main else {}
         for opt in opts:
             key, _, val = opt.partition("=")
-            params[key] = next((c(val) for c in (int, float) if _is(c, val)), val)
+            params[key] = number(val)
         specs.append((item, name, params))
     return specs
 
 
-def _is(cast, text):
+def number(text):
+    """``text`` as a JSON number, else as it is."""
     try:
-        cast(text)
-        return True
+        return json.loads(text)
     except ValueError:
-        return False
+        return text
 
 
-def one(n, spec, X, Q, labels, args, exact_graph, exact_query):
-    from sklearn.metrics import roc_auc_score
-
+def one(n, spec, X, Q, labels, args, sample):
     from nonn import KNNN
-    from nonn.neighbors import make_backend
 
     label, name, params = spec
-    with PeakRSS() as mem:
-        t0 = time.perf_counter()
-        det = KNNN(backend=name, backend_params=params or None, memory=args.memory).fit(X)
-        t_fit = time.perf_counter() - t0
-    t_score, scores = best_of(lambda: det.anomaly_score(Q), 1)
-    Kp, k = det.n_neighbors_of_neighbors_, det.n_neighbors_
-    Xp, Qp = det._fit_X, det._to_grid(det._preprocess(Q))
-    floor = make_backend(name, n_samples=n, n_features=X.shape[1], **params)
-    t_build, _ = best_of(lambda: floor.fit(Xp), 1)
-    t_graph, graph = best_of(lambda: floor.kneighbors(None, min(Kp, n - 1),
-                                                      return_distance=False), 1)
-    t_query, found = best_of(lambda: floor.kneighbors(Qp, k, return_distance=False), 1)
-    row = {"N": n, "backend": label, "fit_s": t_fit, "graph_s": t_build + t_graph,
-           "score_s": t_score, "query_s": t_query, "fit/graph": t_fit / (t_build + t_graph),
-           "score/query": t_score / t_query, "fit_peak_rss_mib": mem.delta / 2**20,
-           "data_mib": X.nbytes / 2**20, "auroc": float(roc_auc_score(labels, scores)),
-           "K'": Kp, "k": k}
-    if exact_graph is not None and not getattr(det._search, "exact", True):
-        rows, truth = exact_graph(Xp)
-        row["recall_graph"] = recall(det.neighborhoods_[rows, 1:], truth)
-        row["recall_query"] = recall(found[: len(exact_query(Xp, Qp))], exact_query(Xp, Qp))
+    det, row, (Xp, Qp, found) = against_floors(
+        lambda: KNNN(backend=name, backend_params=params or None, memory=args.memory), X, Q,
+        labels, backend_params=params, build_in_graph=True)
+    row = {"N": n, "backend": label, **row, "data_mib": X.nbytes / 2**20}
+    if name != "brute":  # recall against exact search on a sample of rows and queries
+        Kp, k = row["K'"], row["k"]
+        rows = np.sort(np.random.default_rng(7).choice(n, min(sample, n), replace=False))
+        row["recall_graph"] = recall(det.neighborhoods_[rows, 1:],
+                                     exact_neighbours(Xp, Xp[rows], min(Kp, n - 1) - 1, rows))
+        row["recall_query"] = recall(found[:sample], exact_neighbours(Xp, Qp[:sample], k))
     return row
 
 
-def exact_sample(sample, k_of, seed=7):
-    """Exact neighbours (FAISS flat) of a sample of training rows / queries."""
-    cache = {}
-
-    def graph(Xp):
-        import faiss
-
-        key = ("g", Xp.shape)
-        if key not in cache:
-            rows = np.sort(np.random.default_rng(seed).choice(len(Xp), sample, replace=False))
-            flat = faiss.IndexFlatL2(Xp.shape[1])
-            flat.add(np.ascontiguousarray(Xp, dtype=np.float32))
-            _, ids = flat.search(np.ascontiguousarray(Xp[rows], dtype=np.float32), k_of[0] + 1)
-            cache[key] = rows, np.array([[j for j in r if j != i][:k_of[0]]
-                                         for r, i in zip(ids, rows)])
-        return cache[key]
-
-    def query(Xp, Qp):
-        import faiss
-
-        key = ("q", Xp.shape)
-        if key not in cache:
-            flat = faiss.IndexFlatL2(Xp.shape[1])
-            flat.add(np.ascontiguousarray(Xp, dtype=np.float32))
-            cache[key] = flat.search(np.ascontiguousarray(Qp[:sample], dtype=np.float32),
-                                     k_of[1])[1]
-        return cache[key]
-
-    return graph, query
-
-
 def peers(n, X, Q, labels, names):
+    """PyOD's KNN (k = 3) and the authors' knnn 0.1.0 (float64, Euclidean)."""
     from sklearn.metrics import roc_auc_score
 
     rows = []
-    if "pyod" in names:
-        from pyod.models.knn import KNN
+    for name in names:
+        if name == "pyod":
+            from pyod.models.knn import KNN
 
-        t_fit, m = best_of(lambda: KNN(n_neighbors=3).fit(X), 1)
-        t_score, s = best_of(lambda: m.decision_function(Q), 1)
-        rows.append({"N": n, "backend": "PyOD KNN", "fit_s": t_fit, "score_s": t_score,
-                     "auroc": float(roc_auc_score(labels, s))})
-    if "knnn" in names:
-        from knnn import KNNN as AuthorsKNNN
+            label, fit, score = "PyOD KNN", lambda: KNN(n_neighbors=3).fit(X), \
+                lambda m: m.decision_function(Q)
+        elif name == "knnn":
+            from knnn import KNNN as AuthorsKNNN
 
-        t_fit, m = best_of(lambda: AuthorsKNNN(distance_function="euclidean").fit(
-            X.astype(np.float64)), 1)
-        t_score, s = best_of(lambda: m.predict(Q.astype(np.float64)), 1)
-        rows.append({"N": n, "backend": "authors' knnn", "fit_s": t_fit, "score_s": t_score,
+            label, fit, score = "authors' knnn", lambda: AuthorsKNNN(
+                distance_function="euclidean").fit(X.astype(np.float64)), \
+                lambda m: m.predict(Q.astype(np.float64))
+        else:
+            continue
+        t_fit, m = best_of(fit)
+        t_score, s = best_of(lambda: score(m))
+        rows.append({"N": n, "backend": label, "fit_s": t_fit, "score_s": t_score,
                      "auroc": float(roc_auc_score(labels, s))})
     return rows
 
 
+def million(argv=None):
+    """``bench_scale.py million``: one fit at 1M x 512 on an approximate backend."""
+    import faiss
+    from sklearn.metrics import roc_auc_score
+
+    from nonn import KNNN
+
+    p = argparse.ArgumentParser(prog="bench_scale.py million", description=million.__doc__)
+    p.add_argument("-N", type=int, default=1_000_000)
+    p.add_argument("-D", type=int, default=512)
+    p.add_argument("-Q", type=int, default=10_000)
+    p.add_argument("--index", default="HNSW32")
+    p.add_argument("--ef", type=int, default=128, help="efSearch for the fit (128)")
+    p.add_argument("--ef-construction", type=int, default=None)
+    p.add_argument("--memory", default="lean", choices=["lean", "precomputed"])
+    p.add_argument("--refine", type=int, default=0,
+                   help="rounds of neighbours-of-neighbours graph refinement (0)")
+    p.add_argument("--verbose", action="store_true", help="progress bars of every phase")
+    p.add_argument("--sample", type=int, default=1000)
+    p.add_argument("--out", default="benchmarks/results/scale_1m_lean")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    log = []
+
+    def say(msg):
+        print(msg, flush=True)
+        log.append(msg)
+
+    X, Q, labels = embedding_like(a.N, a.Q, a.D, seed=a.seed)
+    params = {"index": a.index, "efSearch": a.ef, "efConstruction": a.ef_construction,
+              "refine": a.refine or None}
+    params = {k: v for k, v in params.items() if v}
+    det = KNNN(backend="faiss", backend_params=params, memory=a.memory, verbose=a.verbose)
+    t0 = time.perf_counter()
+    det.fit(X)
+    fit_s = time.perf_counter() - t0
+    say(f"KNNN(memory={a.memory!r}, backend=faiss {params}).fit: {fit_s:.1f} s "
+        f"({fit_s / 60:.1f} min); peak RSS {peak_rss_mib():.0f} MiB; "
+        f"K'={det.n_neighbors_of_neighbors_}, k={det.n_neighbors_}, L={det.set_size_}")
+    rows = np.sort(np.random.default_rng(a.seed + 7).choice(a.N, a.sample, replace=False))
+    kp1 = det.n_neighbors_of_neighbors_ - 1
+    Xp = searched_data(det, Q[:1])[0]  # the rows as KNNN searches them
+    Xs = np.ascontiguousarray(Xp[rows])
+    exact = exact_neighbours(Xp, Xs, kp1, self_rows=rows)
+    rec_fit = recall(det.neighborhoods_[rows, 1:], exact)
+    say(f"recall@{kp1} of the fitted neighbourhoods: {rec_fit:.4f}"
+        + (f" (after {a.refine} refinement round(s); the sweep below is the bare index)"
+           if a.refine else ""))
+    index, curve = fitted_search(det).index_, []
+    for ef in sorted({32, 64, 128, 256, 512, a.ef}):
+        faiss.ParameterSpace().set_index_parameter(index, "efSearch", ef)
+        t0 = time.perf_counter()
+        ids = index.search(Xs, kp1 + 1)[1]
+        dt = time.perf_counter() - t0
+        ids = np.array([[j for j in e if j != r][:kp1] for e, r in zip(ids, rows)])
+        curve.append({"efSearch": ef, "recall": recall(ids, exact), "s_per_1000": dt})
+        say(f"  efSearch={ef}: recall@{kp1} {curve[-1]['recall']:.4f}, {dt:.2f} s per "
+            f"{a.sample} rows -> ~{dt * a.N / a.sample / 60:.1f} min for the graph")
+    faiss.ParameterSpace().set_index_parameter(index, "efSearch", a.ef)
+    t0 = time.perf_counter()
+    s = det.anomaly_score(Q)
+    score_s = time.perf_counter() - t0
+    auc = roc_auc_score(labels, s)
+    say(f"anomaly_score({a.Q} queries): {score_s:.1f} s, AUROC {auc:.4f}; peak RSS "
+        f"{peak_rss_mib():.0f} MiB")
+    stem = (f"million_N{a.N}_{a.index}_ef{a.ef}_{a.memory}"
+            + (f"_refine{a.refine}" if a.refine else ""))
+    path = write_results(a.out, stem, dict(
+        args=vars(a), environment=environment(), fit_s=fit_s, score_s=score_s, auroc=auc,
+        recall_fit=rec_fit, curve=curve, peak_rss_mib=peak_rss_mib()),
+        "\n".join(["```"] + log + ["```"]))
+    say(f"saved {path} and .json")
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["million"]:
+        return million(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="10000,100000")
     ap.add_argument("-D", "--dim", type=int, default=512)
@@ -164,11 +196,8 @@ def main(argv=None):
     rows, specs = [], parse_backends(args.backends)
     for n in (int(s) for s in args.sizes.split(",")):
         X, Q, labels = embedding_like(n, args.queries, args.dim)
-        probe = KNNN().fit(X[:2000])
-        graph, query = exact_sample(min(args.sample, n), (probe.n_neighbors_of_neighbors_ - 1,
-                                                          probe.n_neighbors_))
         for spec in specs:
-            rows.append(one(n, spec, X, Q, labels, args, graph, query))
+            rows.append(one(n, spec, X, Q, labels, args, args.sample))
             print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v)
                               for k, v in rows[-1].items()}), flush=True)
         rows += peers(n, X, Q, labels, args.peers.split(","))

@@ -1,28 +1,14 @@
 #!/usr/bin/env python
 """The detectors' ``scale`` option on the 43 ADBench tabular sets (or the
-MVTec ResNet-18 embeddings, ``--suite mvtec``).
-
-Runs the novelty protocol of :mod:`nonn.evaluation` (train on normals, test
-on held-out normals + all anomalies, AUROC averaged over the seeds) with the
-harness's own scaling OFF, so that each detector scales the data itself with
-``scale=None|"standard"|"minmax"|"robust"`` learned from the training
-normals it is fitted on (what ``nonn fit --scale`` does). Compares the
-default ``KNNN`` and the default ``KNN`` under the four options, and writes
-into ``--out``: ``results.csv`` (every run), ``auroc.csv`` (dataset x
-detector), ``summary.md`` (the tables below) and ``summary.csv``.
-
-The mean rank is computed within each base detector (the four scale options
-of KNNN ranked against each other on each dataset, and likewise for KNN),
-average ranks for ties, over the datasets where every option ran. Each
-option is also compared with no scaling, dataset by dataset: wins / ties /
-losses (AUROC rounded to 3 decimals) and a two-sided Wilcoxon signed-rank
-test over the datasets.
+MVTec ResNet-18 embeddings, ``--suite mvtec``); protocol: benchmarks/README.md.
+Writes ``results.csv``, ``auroc.csv``, ``summary.csv`` and ``summary.md``.
 
 Usage::
 
-    python benchmarks/bench_scaling.py --out benchmarks/results/scaling    # ~1 h on 2 busy cores
-    python benchmarks/bench_scaling.py --suite mvtec --out benchmarks/results/scaling/mvtec
-    python benchmarks/bench_scaling.py --resume ...   # re-summarise, running only missing runs
+    python benchmarks/bench_scaling.py --seeds 0,1,2 --out benchmarks/results/scaling
+    python benchmarks/bench_scaling.py --suite mvtec --seeds 0,1,2 \
+        --out benchmarks/results/scaling/mvtec
+    python benchmarks/bench_scaling.py --datasets 4_breastw --seeds 0 --out /tmp/s   # smoke
 """
 
 from __future__ import annotations
@@ -32,6 +18,9 @@ import platform
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import environment, markdown_table  # noqa: E402
 
 
 def main(argv=None):
@@ -44,6 +33,7 @@ def main(argv=None):
                     help="keep the runs of --out/results.csv and run only the missing ones")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    from scipy.stats import wilcoxon
 
     from nonn.datasets import list_adbench
     from nonn.evaluation import (
@@ -69,20 +59,7 @@ def main(argv=None):
     summary = summarize(df)
     auroc = summary.auroc.loc[[d for d in summary.auroc.index if d not in summary.dropped]]
 
-    lines = [
-        f"### Detector `scale` option on the ADBench {args.suite} suite ({len(auroc)} "
-        f"datasets, seeds {seeds})",
-        "",
-        "Novelty protocol of `nonn.evaluation` with the harness's scaling off "
-        "(`run_suite(..., scale=None)`); each detector learns its scaling from its training "
-        "normals. Default parameters otherwise (KNNN: k=3, K'=50, L=5, min; KNN: k=3, mean "
-        "distance). Mean rank: the four options of one detector ranked on each dataset (1 = "
-        "best, ties averaged).",
-        "",
-        "| detector | scale | mean AUROC | mean rank | wins | datasets | fit s | score s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    rows = []
+    rows, table = [], []
     for base in ("KNNN", "KNN"):
         cols = [f"{base} scale={'none' if o is None else o}" for o in SCALE_OPTIONS]
         sub = auroc[cols]
@@ -94,35 +71,37 @@ def main(argv=None):
                              mean_auroc=sub[c].mean(), mean_rank=ranks[c].mean(),
                              wins=int(wins[c]), n_datasets=len(sub), fit_s=o["fit_s"],
                              score_s=o["score_s"]))
-            lines.append(f"| {base} | {c.split('=', 1)[1]} | {sub[c].mean():.4f} | "
-                         f"{ranks[c].mean():.2f} | {int(wins[c])} | {len(sub)} | "
-                         f"{o['fit_s']:.1f} | {o['score_s']:.1f} |")
-    from scipy.stats import wilcoxon
-
-    lines += ["", "Against no scaling, dataset by dataset (AUROC rounded to 3 decimals; "
-              "p: two-sided Wilcoxon signed-rank test over the datasets):", "",
-              "| detector | scale | mean AUROC - none | wins | ties | losses | p |",
-              "|---|---|---:|---:|---:|---:|---:|"]
+            table.append([base, rows[-1]["scale"], f"{sub[c].mean():.4f}",
+                          f"{ranks[c].mean():.2f}", int(wins[c]), len(sub),
+                          f"{o['fit_s']:.1f}", f"{o['score_s']:.1f}"])
+    against = []
     for base in ("KNNN", "KNN"):
         ref = auroc[f"{base} scale=none"]
         for o in SCALE_OPTIONS[1:]:
             col = auroc[f"{base} scale={o}"]
-            a, b = col.round(3), ref.round(3)
-            diff = col - ref
+            a, b, diff = col.round(3), ref.round(3), col - ref
             p = wilcoxon(col, ref).pvalue if (diff != 0).any() else float("nan")
-            lines.append(f"| {base} | {o} | {diff.mean():+.4f} | {int((a > b).sum())} | "
-                         f"{int((a == b).sum())} | {int((a < b).sum())} | {p:.3f} |")
-    lines += ["", "Per dataset (mean AUROC over seeds):", "",
-              "| dataset | " + " | ".join(auroc.columns) + " |",
-              "|---|" + "---:|" * len(auroc.columns)]
-    for ds, r in auroc.iterrows():
-        lines.append(f"| {ds} | " + " | ".join(f"{v:.3f}" for v in r) + " |")
-    failed = df[df["error"] != ""]
-    lines += ["", f"Runs with an error: {len(failed)}."]
+            against.append([base, o, f"{diff.mean():+.4f}", int((a > b).sum()),
+                            int((a == b).sum()), int((a < b).sum()), f"{p:.3f}"])
+    lines = [
+        f"### Detector `scale` option on the ADBench {args.suite} suite ({len(auroc)} "
+        f"datasets, seeds {seeds})", "",
+        "Novelty protocol of `nonn.evaluation` with the harness's scaling off "
+        "(`run_suite(..., scale=None)`); each detector learns its scaling from its training "
+        "normals; `KNNN()` and `KNN()` defaults otherwise. Mean rank: the four options of one "
+        "detector ranked on each dataset (1 = best, ties averaged).", "",
+        markdown_table(["detector", "scale", "mean AUROC", "mean rank", "wins", "datasets",
+                        "fit s", "score s"], table), "",
+        "Against no scaling, dataset by dataset (AUROC rounded to 3 decimals; p: two-sided "
+        "Wilcoxon signed-rank test over the datasets):", "",
+        markdown_table(["detector", "scale", "mean AUROC - none", "wins", "ties", "losses",
+                        "p"], against), "", "Per dataset (mean AUROC over seeds):", "",
+        markdown_table(["dataset", *auroc.columns],
+                       [[ds, *(f"{v:.3f}" for v in r)] for ds, r in auroc.iterrows()]), "",
+        f"Runs with an error: {int((df['error'] != '').sum())}."]
     if summary.dropped:
         lines.append(f"Datasets dropped (a run failed): {summary.dropped}.")
-    lines += ["", f"Command: `python benchmarks/bench_scaling.py --suite {args.suite} --seeds "
-              f"{','.join(map(str, seeds))} --out {args.out}` ({platform.machine()}, Python "
+    lines += ["", f"Command: `{environment()['command']}` ({platform.machine()}, Python "
               f"{platform.python_version()}; this invocation {minutes:.1f} min"
               f"{', resumed from a checkpoint' if args.resume else ''})."]
     md = "\n".join(lines) + "\n"

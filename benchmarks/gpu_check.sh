@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# GPU check of nonn (issue 4, item 5): correctness of the torch CUDA backend
-# against the CPU path on a small set, then KNNN fit / score times at
-# N = 1M, D = 512 on one GPU. Finishes within ~5 minutes on an H200.
+# GPU check of nonn: correctness of the torch CUDA backend against the CPU
+# path on a small set, then KNNN fit / score times at N = 1M, D = 512 on one
+# GPU (benchmarks/gpu_check.py). Meant to finish within ~5 minutes on an H200.
 #
 #   bash benchmarks/gpu_check.sh            # from anywhere; results to $OUT or ./gpu_results
 #   PYTHON=/path/to/python bash benchmarks/gpu_check.sh
@@ -14,7 +14,7 @@
 # CUDA torch stays in use), falling back to PYTHONPATH=src when pip cannot
 # (offline). Exit status: 0 = passed, or no CUDA device (skipped);
 # 1 = a correctness check failed; 3 = set-up failed on a GPU machine;
-# 124 = the time limit was hit (what was measured is in the JSON).
+# 124 = the time limit was hit (what was measured is in the JSON / .md).
 #
 #   GPU_CHECK_DRY_RUN=1 bash benchmarks/gpu_check.sh
 # runs the whole script on the CPU at a small size, without installing
@@ -40,10 +40,9 @@ if [ "$DRY" = 1 ]; then
     [ -x "$REPO/.venv/bin/python" ] && [ -z "${PYTHON:-}" ] && PY=$REPO/.venv/bin/python
     export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
     log "DRY RUN with $PY on the CPU at a small size (no installs): checks the script only"
-    DEADLINE=$(( START + LIMIT ))
     timeout --signal=INT --kill-after=10 $(( LIMIT + 5 )) "$PY" "$REPO/benchmarks/gpu_check.py" \
-        --deadline "$DEADLINE" --device cpu --n 20000 --d 64 --queries 1000 --n-small 2000 \
-        --d-small 32 "$@"
+        --device cpu --n 20000 --d 64 --queries 1000 --n-small 2000 \
+        --d-small 32 --out "${OUT:-$REPO/gpu_results}" "$@"
     exit $?
 fi
 
@@ -108,7 +107,7 @@ DEADLINE=$(( START + LIMIT ))
 LEFT=$(( DEADLINE - $(date +%s) ))
 log "running benchmarks/gpu_check.py (deadline in ${LEFT} s)"
 timeout --signal=INT --kill-after=10 $(( LEFT + 5 )) \
-    "$PY" "$REPO/benchmarks/gpu_check.py" --deadline "$DEADLINE" "$@"
+    "$PY" "$REPO/benchmarks/gpu_check.py" "$@"
 RC=$?
 if [ $RC -eq 124 ] || [ $RC -eq 130 ]; then
     log "TIME LIMIT hit; partial results are in the JSON"

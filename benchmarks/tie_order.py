@@ -1,14 +1,10 @@
 #!/usr/bin/env python
-"""How much KNNN's scores move with the order of the training rows.
-
-Exact backends break ties between equidistant neighbours by row id (see the
-README, "Ties between equidistant neighbours"), so on heavily tied data the
-neighbourhoods depend on the row order. This prints, for tied and untied
-data, the largest relative change of a score over a few shuffles of the
-training rows (leave-one-out training scores matched back to their rows;
-query scores of the same queries). Not a test: it reports.
-
-Usage::
+"""How much KNNN's scores move with the order of the training rows: exact
+backends break distance ties by row id (docs/guide.md, "Ties between
+equidistant neighbours"), so on tied data the neighbourhoods depend on the
+row order. Prints, for tied and untied data, the largest relative change of
+a query score and of a leave-one-out training score (matched back to its
+row) over ``--shuffles`` shuffles of the training rows. It reports::
 
     python benchmarks/tie_order.py [--shuffles 5] [--backend brute]
 """
