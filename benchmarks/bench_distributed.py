@@ -316,8 +316,7 @@ def stages(n_shard, d, kp, k, threads=1):
     import numba
 
     from nonn.distributed import _tasks
-    from nonn._local_eigen import permute
-    from nonn._partition import set_sizes
+    from nonn._layout import permute, set_sizes
 
     numba.set_num_threads(threads)
     from threadpoolctl import threadpool_limits

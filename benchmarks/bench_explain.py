@@ -46,7 +46,7 @@ import time
 import numpy as np
 
 from nonn import KNN, KNNN
-from nonn._local_eigen import pad
+from nonn._layout import pad
 
 
 def correlated_pairs(rng, n, n_pairs=6, noise=0.1):

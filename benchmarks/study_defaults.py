@@ -88,7 +88,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from nonn import KNNN
-from nonn._partition import feature_order, set_sizes
+from nonn._layout import feature_order, set_sizes
 
 ROOT = Path(__file__).resolve().parent
 OUT = ROOT / "results" / "study"

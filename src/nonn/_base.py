@@ -112,6 +112,14 @@ def cap(value, limit, name, what):
     return value
 
 
+def resolve_set_size(set_size, n_features):
+    """The set size L a fit on ``n_features`` columns uses (``"all"``: one
+    set; larger values capped, with a warning)."""
+    if set_size == "all":
+        set_size = n_features
+    return cap(set_size, n_features, "set_size", "the number of features")
+
+
 def resolve_n_jobs(n_jobs):
     """Threads for nonn's own batched work; None = all cores, as the BLAS."""
     cpus = os.cpu_count() or 1

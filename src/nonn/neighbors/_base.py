@@ -126,7 +126,7 @@ def refine_sorted(X, q, cand):
     compressed indices), with the candidates sorted by them (stable).
 
     A compiled kernel does it without gathering the (q, m, d) candidates."""
-    from .. import _kernels
+    from . import _kernels
 
     q = np.ascontiguousarray(q, dtype=X.dtype)
     cand = np.ascontiguousarray(cand, dtype=np.int64)
@@ -169,7 +169,7 @@ def refine_graph(X, ind, rounds=1, fanout=10, reverse=0, working_memory=None, ve
     squared Euclidean distances (float64, sorted) and ids (int64) of the
     last round.
     """
-    from .. import _kernels
+    from . import _kernels
     from .._chunks import chunk_rows, progress
 
     rounds = int(rounds)

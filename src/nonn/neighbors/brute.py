@@ -121,7 +121,7 @@ class BruteForceBackend:
                         "k-NN search", total=len(starts))
 
     def _search(self, Q, start, stop, k, self_query, threads, dist, ind):
-        from .. import _kernels
+        from . import _kernels
 
         Xt = self._X
         n = Xt.shape[0]

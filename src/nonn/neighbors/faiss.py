@@ -348,7 +348,7 @@ class FaissBackend:
         """k-NN through the index of distinct rows: search neighbour groups,
         expand each to its members (the own group's other members first for
         a training row), then exact distances when asked."""
-        from .. import _kernels
+        from . import _kernels
 
         Xt = self._X
         gr = self._groups
