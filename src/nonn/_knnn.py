@@ -502,27 +502,12 @@ class KNNN(BaseDetector):
         return out
 
     def _query_neighbours(self, Qg):
-        """The ``n_neighbors_`` training neighbours (ids) of grid queries.
-
-        With an approximate backend asked to refine its graph
-        (``backend_params={"refine": R, ...}``, FAISS), the found neighbours
-        are refined once more against the stored neighbourhoods: each
-        query's exact k nearest among the found ones and their K' - 1
-        neighbours (the graph is part of the model, so this is the same
-        after saving and loading)."""
-        k = self.n_neighbors_
-        idx = self._search.kneighbors(Qg, k, return_distance=False)
-        if getattr(self._search, "refine", 0) and not self._search.exact:
-            from ._kernels import refine_by_neighbours
-
-            sq = np.empty(idx.shape, dtype=np.float64)
-            out = np.empty_like(idx)
-            none = np.zeros(1, dtype=np.int64)
-            refine_by_neighbours(self._fit_X, np.ascontiguousarray(Qg, dtype=self._fit_X.dtype),
-                                 idx, self.neighborhoods_, k, none, none[:0],
-                                 np.full(len(idx), -1, dtype=np.int64), sq, out)
-            idx = out
-        return idx
+        """The ``n_neighbors_`` training neighbours (ids) of grid queries,
+        refined by the backend against the stored neighbourhoods where it
+        can (an approximate FAISS index with ``refine``: see
+        :meth:`nonn.neighbors.faiss.FaissBackend.refine_neighbors`)."""
+        idx = self._search.kneighbors(Qg, self.n_neighbors_, return_distance=False)
+        return self._search.refine_neighbors(Qg, idx, self.neighborhoods_)
 
     def explain(self, X):
         """Per-feature contributions to each query's anomaly score, and the
