@@ -125,7 +125,7 @@ JACOBI_MAX_SET = 8
 
 # Two compiled copies of the Jacobi loops, each called (not inlined) by the
 # kernels so that those stay small to compile: any size, and the default set
-# size 5 as a compile-time constant (its loops unroll: about 1.5x faster).
+# size 5 as a compile-time constant (its loops unroll).
 @njit(cache=True, error_model="numpy", fastmath=_FASTMATH)
 def _jacobi_lanes(A, V, r, B, tol):
     """:func:`_jacobi_lanes_body` for any ``r``."""

@@ -107,9 +107,8 @@ class FaissBackend:
         Approximate indexes only: index each distinct row once and expand
         each found row to all its exact duplicates (ascending id, as exact
         search orders ties). Graph indexes navigate badly through many
-        identical points (ADBench donors: 100,000 rows, 9,476 distinct, one
-        repeated 16,244 times; HNSW32's query recall 0.33, AUROC -0.05), and
-        an identical copy is an exact neighbour at distance 0. No effect
+        identical points (docs/results.md, "Search backends"), and an
+        identical copy is an exact neighbour at distance 0. No effect
         without duplicates beyond one pass to find them.
     recompute_distances : bool, default=True
         Recompute the returned distances from the training rows (true,
