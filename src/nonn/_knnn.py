@@ -711,8 +711,8 @@ def calibration_rows(n, all_rows=False, whitened=False):
     With whitening (``whitened``) at most half the rows: the whitening is
     then estimated from the other rows, so that it is out of sample for the
     calibration rows too (a covariance estimated with a row in it makes that
-    row look more normal than new data: on one-class CIFAR-10 features it
-    flagged 30 % of new normal images for 1 % asked). ``all_rows``
+    row look more normal than new data, and the threshold would flag far
+    more new normals than asked: docs/guide.md). ``all_rows``
     (``fit_predict``) scores every row, the whitening then from all of them.
     """
     if all_rows:
