@@ -153,3 +153,60 @@ def naive_held_out_scores(X, k, Kp, L, order, rel_floor, aggregate="sum"):
                                      L, order, rel_floor, aggregate=aggregate,
                                      floors=floors)[0])
     return np.array(out)
+
+
+# ------------------------------------------ the vectorised numpy reference
+# (the library's former numpy engine: LAPACK's eigh on each covariance, and
+# Eq. 2's sums vectorised; the compiled kernels are checked against it)
+def _pad(A, width):
+    out = np.zeros(A.shape[:-1] + (width,), dtype=A.dtype)
+    out[..., :A.shape[-1]] = A
+    return out
+
+
+def reference_neighborhood_eigen(Xg, groups, sizes, set_size):
+    """Primal eigen-state of each neighbourhood ``groups`` (c, M) of the grid
+    data ``Xg``, per feature set: eigenvalues (c, S, L) ascending, clipped at
+    0 (padding 0), eigenvectors (c, S, L, L) as columns (padding 0);
+    covariance divisor M."""
+    n_sets, L = len(sizes), set_size
+    c, m = groups.shape
+    G = _pad(Xg[groups], n_sets * L).reshape(c, m, n_sets, L)
+    G -= G.mean(axis=1, keepdims=True)
+    G = np.ascontiguousarray(G.transpose(0, 2, 1, 3))  # (c, S, M, L)
+    C = np.matmul(G.transpose(0, 1, 3, 2), G)
+    C /= m
+    evals = np.zeros((c, n_sets, L), dtype=Xg.dtype)
+    evecs = np.zeros((c, n_sets, L, L), dtype=Xg.dtype)
+    full = int(np.sum(sizes == L))
+    if full:
+        w, v = np.linalg.eigh(C[:, :full].reshape(-1, L, L))
+        evals[:, :full] = w.reshape(c, full, L)
+        evecs[:, :full] = v.reshape(c, full, L, L)
+    if full < n_sets:  # the shorter last set, on its own r x r covariance
+        r = int(sizes[-1])
+        w, v = np.linalg.eigh(C[:, -1, :r, :r])
+        evals[:, -1, :r] = w
+        evecs[:, -1, :r, :r] = v
+    np.maximum(evals, 0, out=evals)
+    return evals, evecs
+
+
+def reference_score_terms(Qg, idx, Xg, evecs, evals, sizes, floor):
+    """Eq. 2's per-neighbour sums (q, k) of grid queries ``Qg`` against the
+    training rows ``idx`` with their primal eigen-states (rows ``idx`` of
+    ``evecs``/``evals``), the floored subspace summed basis-free."""
+    L = evecs.shape[-1]
+    S = len(sizes)
+    diff = _pad(Qg[:, None, :] - Xg[idx], S * L).reshape(idx.shape + (S, L))
+    evecs, evals = evecs[idx], evals[idx]
+    valid = np.arange(L)[None, :] < np.asarray(sizes)[:, None]  # (S, L)
+    floor = np.asarray(floor, dtype=evals.dtype)
+    floored = evals <= floor[:, None]
+    proj = np.matmul(diff[..., None, :], evecs)[..., 0, :]
+    free = valid & ~floored
+    w = np.where(free, 1.0 / np.sqrt(np.where(free, evals, 1)), 0).astype(proj.dtype)
+    sq = np.where(floored & valid, proj * proj, 0).sum(axis=-1)  # (..., S)
+    out = (np.abs(proj) * w).sum(axis=(-2, -1))
+    out += (np.sqrt(sq) / np.sqrt(floor)).sum(axis=-1)
+    return out.astype(Qg.dtype, copy=False)

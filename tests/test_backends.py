@@ -12,7 +12,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from nonn import KNNN
-from nonn.neighbors import BACKENDS, make_backend, resolve_backend
+from nonn.neighbors import BACKENDS, NeighborsBackend, make_backend, resolve_backend
 
 # id -> (backend name, backend_params, library needed, exact)
 SPECS = {
@@ -151,6 +151,13 @@ def test_contract(spec_id, metric, dtype):
     if exact:
         expected = to_metric(np.sort(sq_q, axis=1)[:, :k], metric)
         np.testing.assert_allclose(dist, expected, **tol(dtype))
+
+    # query refinement is part of the protocol: a search not asked to refine
+    # (every exact one) returns the ids as they are
+    assert isinstance(b, NeighborsBackend)
+    if exact or not params.get("refine"):
+        graph = b.kneighbors(None, 5, return_distance=False)
+        np.testing.assert_array_equal(b.refine_neighbors(Q, ind, graph), ind)
 
 
 @pytest.mark.parametrize("spec_id", list(SPECS))
@@ -529,6 +536,27 @@ def test_knnn_refines_query_neighbours_against_its_graph(tmp_path):
     path = tmp_path / "m.nonn"
     det.save(path)
     np.testing.assert_array_equal(nonn.load(path).anomaly_score(Q), det.anomaly_score(Q))
+
+
+def test_faiss_refines_query_neighbours_by_its_own_metric():
+    """``refine_neighbors`` of an approximate index: each query's exact k
+    nearest, by the backend's metric (cosine here: on unit rows), among the
+    found rows and their graph neighbours (a plain-loop oracle)."""
+    pytest.importorskip("faiss")
+    from nonn.neighbors._base import unit_rows
+
+    X, Q = clustered(n=2000, n_q=100)
+    b = make_backend("faiss", metric="cosine", index="HNSW4", efSearch=4, efConstruction=8,
+                     refine=1).fit(X)
+    graph = b.kneighbors(None, 8, return_distance=False)
+    found = b.kneighbors(Q, 5, return_distance=False)
+    got = b.refine_neighbors(Q, found, graph)
+    U, V = b._X.astype(np.float64), unit_rows(Q).astype(np.float64)
+    for v, f, g in zip(V, found, got):
+        cand = np.unique(np.r_[f, graph[f].ravel()])
+        d = ((U[cand] - v) ** 2).sum(1)
+        np.testing.assert_array_equal(g, cand[np.lexsort((cand, d))][:5])
+    assert (got != found).any()
 
 
 def test_dedupe_expands_exact_duplicates_like_exact_search():

@@ -9,8 +9,8 @@ from sklearn.covariance import ledoit_wolf
 
 from nonn._base import CappedParameterWarning, conformal_pvalues, threshold
 from nonn._knnn import held_out_groups, neighborhoods, resolve_counts, search_width
-from nonn._local_eigen import column_variance, squared_deviations, variance_from_sums
-from nonn._partition import centred_gram, grid_from_statistics, grid_statistics
+from nonn._layout import (centred_gram, column_variance, grid_from_statistics, grid_statistics,
+                          squared_deviations, variance_from_sums)
 from nonn._preprocess import (
     fit_whitening,
     ledoit_wolf_from_moments,

@@ -584,8 +584,8 @@ def test_model_archive_has_only_stored_members(models):
 # ------------------------------------------------------- the kernels alone
 _KERNEL_PROBES = r"""
 import numpy as np
-from nonn import _kernels as K
-from nonn._local_eigen import JACOBI_TOL
+from nonn import _eq2_kernels as E
+from nonn.neighbors import _kernels as K
 
 rng = np.random.default_rng(0)
 N, D, L, S = 50, 10, 5, 2
@@ -593,7 +593,7 @@ X = rng.normal(size=(N, D))
 sizes = np.array([5, 5], np.int64)
 groups = np.tile(np.arange(6, dtype=np.int64), (N, 1))
 w, V = np.empty((N, S, L)), np.empty((N, S, L, L))
-K.neighbourhood_eigen(X, groups, sizes, L, 1e-24, w, V)
+E.primal_eigen(X, groups, sizes, L, 1e-24, w, V)
 q = 7
 Q = rng.normal(size=(q, D))
 idx = rng.integers(0, N, size=(q, 3)).astype(np.int64)
@@ -609,7 +609,6 @@ neg = idx.copy(); neg[2, 1] = -3
 bad_groups = groups.copy(); bad_groups[3, 2] = 10**12
 bad_graph = graph.copy(); bad_graph[idx[0, 0], 1] = 10**12
 big_sizes = np.array([10**4, 10**4], np.int64)
-C = np.empty((N, S, L, L))
 
 def run(name, f):
     try:
@@ -619,18 +618,19 @@ def run(name, f):
     else:
         print(name, "no error", flush=True)
 
-run("eigen ids", lambda: K.neighbourhood_eigen(X, bad_groups, sizes, L, 1e-24, w, V))
-run("eigen sizes", lambda: K.neighbourhood_eigen(X, groups, big_sizes, L, 1e-24, w, V))
-run("eigen out", lambda: K.neighbourhood_eigen(X, groups, sizes, L, 1e-24, w[:3], V))
-run("eigen width", lambda: K.neighbourhood_eigen(X, groups, sizes[:1], L, 1e-24, w, V))
-run("cov ids", lambda: K.covariances(X, bad_groups, sizes, L, C))
-run("cov sizes", lambda: K.covariances(X, groups, big_sizes, L, C))
-run("eq2 ids", lambda: K.score_eq2(Q, huge, X, V, w, sizes, floor, out))
-run("eq2 negative", lambda: K.score_eq2(Q, neg, X, V, w, sizes, floor, out))
-run("eq2 sizes", lambda: K.score_eq2(Q, idx, X, V, w, big_sizes, floor, out))
-run("eq2 eigen rows", lambda: K.score_eq2(Q, idx, X, V[:1], w[:1], sizes, floor, out))
-run("eq2 floor", lambda: K.score_eq2(Q, idx, X, V, w, sizes, floor[:1], out))
-run("eq2 query width", lambda: K.score_eq2(Q[:, :3], idx, X, V, w, sizes, floor, out))
+run("eigen ids", lambda: E.primal_eigen(X, bad_groups, sizes, L, 1e-24, w, V))
+run("eigen sizes", lambda: E.primal_eigen(X, groups, big_sizes, L, 1e-24, w, V))
+run("eigen out", lambda: E.primal_eigen(X, groups, sizes, L, 1e-24, w[:3], V))
+run("eigen width", lambda: E.primal_eigen(X, groups, sizes[:1], L, 1e-24, w, V))
+wd, Ud = np.empty((N, S, 6)), np.empty((N, S, 6, 6))
+run("dual ids", lambda: E.dual_eigen(X, bad_groups, sizes, L, wd, Ud))
+run("dual sizes", lambda: E.dual_eigen(X, groups, big_sizes, L, wd, Ud))
+run("eq2 ids", lambda: E.primal_score(Q, huge, X, V, w, sizes, floor, out))
+run("eq2 negative", lambda: E.primal_score(Q, neg, X, V, w, sizes, floor, out))
+run("eq2 sizes", lambda: E.primal_score(Q, idx, X, V, w, big_sizes, floor, out))
+run("eq2 eigen rows", lambda: E.primal_score(Q, idx, X, V[:1], w[:1], sizes, floor, out))
+run("eq2 floor", lambda: E.primal_score(Q, idx, X, V, w, sizes, floor[:1], out))
+run("eq2 query width", lambda: E.primal_score(Q[:, :3], idx, X, V, w, sizes, floor, out))
 run("exact ids", lambda: K.exact_sq_sorted(X, Q, huge, sq, ids))
 run("exact negative", lambda: K.exact_sq_sorted(X, Q, neg, sq, ids))
 run("refine graph", lambda: K.refine_by_neighbours(X, Q, idx, bad_graph, 3, none, none[:0],

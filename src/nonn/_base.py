@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import numpy as np
@@ -14,6 +13,7 @@ from ._chunks import chunk_rows, progress
 from ._preprocess import fit_whitening, l2_rows, whiten
 from ._scaling import SCALINGS, apply_column_scaling, fit_column_scaling
 from ._state import Array, Int, Optional, Real, Str, Strings
+from ._threads import resolve_n_jobs  # noqa: F401  (estimators resolve n_jobs here)
 from ._validation import Interval, IsDict, IsNone, Options, check_array_input, validate_params
 from .neighbors import BACKENDS, make_backend
 
@@ -112,14 +112,12 @@ def cap(value, limit, name, what):
     return value
 
 
-def resolve_n_jobs(n_jobs):
-    """Threads for nonn's own batched work; None = all cores, as the BLAS."""
-    cpus = os.cpu_count() or 1
-    if n_jobs is None or n_jobs == -1:
-        return cpus
-    if n_jobs < 0:
-        return max(cpus + 1 + n_jobs, 1)
-    return int(n_jobs)
+def resolve_set_size(set_size, n_features):
+    """The set size L a fit on ``n_features`` columns uses (``"all"``: one
+    set; larger values capped, with a warning)."""
+    if set_size == "all":
+        set_size = n_features
+    return cap(set_size, n_features, "set_size", "the number of features")
 
 
 def conformal_pvalues(anomaly_scores, calibration_scores):
@@ -228,7 +226,7 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
     """
 
     _common_constraints = {
-        "backend": [Options("auto", "brute", "sklearn", "faiss", "torch")],
+        "backend": [Options("auto", *BACKENDS)],
         "backend_params": [IsNone(), IsDict()],
         "metric": [Options("euclidean", "cosine")],
         "contamination": [Options("auto"), Interval("real", 0, 0.5, closed="right")],

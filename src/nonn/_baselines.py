@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._base import BaseDetector, cap
-from ._knnn import _SetGridMixin
-from ._local_eigen import neighbourhood_eigen, project_l1
+from ._base import BaseDetector, cap, resolve_set_size
+from ._eq2 import PRIMAL, neighborhood_eigen, shared_score_terms
+from ._layout import GRID_STATE_SPEC, fit_grid, permute
 from ._state import Array
 from ._validation import Interval, Options
 
@@ -326,7 +326,7 @@ def _global_eq3(Q, X, idx, evals, evecs, floor, det):
     return out
 
 
-class LocalEigenKNN(_SetGridMixin, _NeighbourQueries, BaseDetector):
+class LocalEigenKNN(_NeighbourQueries, BaseDetector):
     """Local eigen-normalised k-NN (paper Sec. 5.1, "local normalisation").
 
     The eigenvectors come from the covariance of the query's own k nearest
@@ -361,7 +361,7 @@ class LocalEigenKNN(_SetGridMixin, _NeighbourQueries, BaseDetector):
     _state_scalars = ("n_neighbors_", "set_size_", "offset_", "contamination_",
                       "threshold_source_", "backend_", "data_scale_exponent_", "normalize_",
                       "whiten_")
-    _state_spec = {**BaseDetector._state_spec, **_SetGridMixin._grid_state_spec}
+    _state_spec = {**BaseDetector._state_spec, **GRID_STATE_SPEC}
 
     def __init__(self, n_neighbors=3, set_size=5, reorder="greedy", eig_floor=1e-3,
                  metric="euclidean", backend="auto", backend_params=None, contamination="auto",
@@ -382,8 +382,12 @@ class LocalEigenKNN(_SetGridMixin, _NeighbourQueries, BaseDetector):
         self.scale = scale
 
     def _fit(self, X):
-        self._fit_grid(X)
+        fit_grid(self, X, resolve_set_size(self.set_size, X.shape[1]), self.eig_floor)
         return self._fit_neighbours(X)
+
+    def _to_grid(self, X):
+        """``X`` on the fitted layout (columns re-ordered)."""
+        return permute(X, self.feature_order_)
 
     def _transform(self, X):
         return self._to_grid(X)
@@ -392,12 +396,13 @@ class LocalEigenKNN(_SetGridMixin, _NeighbourQueries, BaseDetector):
         q, k = idx.shape
         n_sets, L = len(self.set_sizes_), self.set_size_
         out = np.empty(q, dtype=Qg.dtype)
-        row_bytes = Qg.dtype.itemsize * n_sets * L * (3 * k + 5 * L)
+        # the eigen-state, and a copy of it per neighbour for the kernel
+        row_bytes = Qg.dtype.itemsize * (n_sets * L * (k + 1) * (L + 1) + Qg.shape[1] * k)
         for sl in self._query_chunks(q, row_bytes):
-            w, v = neighbourhood_eigen(self._fit_X, idx[sl], self.set_sizes_, L, self.n_jobs_)
-            diff = self._diff_grid(Qg[sl], idx[sl])
-            out[sl] = project_l1(diff, v[:, None], w[:, None], self.set_sizes_,
-                                 self.eig_floor_).sum(axis=1)
+            w, v = neighborhood_eigen(self._fit_X, idx[sl], self.set_sizes_, L, self.n_jobs_,
+                                      form=PRIMAL)
+            out[sl] = shared_score_terms(Qg[sl], idx[sl], self._fit_X, v, w, self.set_sizes_, L,
+                                         self.eig_floor_, self.n_jobs_).sum(axis=1)
         return out
 
     def explain(self, X):

@@ -1,19 +1,31 @@
-"""Compiled kernels (numba) of Eq. 2 in its dual (Gram) form.
+"""Compiled kernels (numba) of Eq. 2: the neighbourhood eigen-states and
+the per-neighbour sums, in the primal (L x L covariance) and dual (K' x K'
+Gram matrix) forms. The operator they compute is stated in :mod:`nonn._eq2`.
 
-A neighbourhood of K' points spans at most K' - 1 directions, so the
+Primal. Each point's covariances are formed straight from the neighbour
+ids (two-pass, float64, no N x K' x D gather) and diagonalised by cyclic
+Jacobi rotations run on many matrices at once, one per SIMD lane, so the
+rotations vectorise (``np.linalg.eigh`` spends most of its time in call
+overhead on 5 x 5 matrices). Jacobi runs to convergence; sets larger than
+:data:`JACOBI_MAX_SET` go to LAPACK. Scoring is fused the same way, so no
+(q, k, S, L, L) gather of eigenvectors is ever built.
+
+Dual. A neighbourhood of K' points spans at most K' - 1 directions, so the
 covariance of a feature set of L > K' features has at most K' - 1 non-zero
 eigenvalues. They, and the eigenvectors, come from the K' x K' Gram matrix
-of the centred neighbourhood (the dual form of PCA): with ``G`` the K' x L
-centred sub-vectors, ``G G^T / K' = U diag(e) U^T`` and the eigenvectors of
-the covariance ``G^T G / K'`` are ``v_j = G^T u_j / sqrt(K' e_j)``. A
-difference ``d`` projects as ``d . v_j = (G d) . u_j / sqrt(K' e_j)``, and
-``G d`` is the K' products of the neighbourhood's rows with ``d``, centred —
-so nothing of size L x L is ever formed or stored: per point and set the
-state is ``U`` (K' x K') and ``e`` (K'), and scoring reads the K' rows of
-the neighbourhood (ids stored in the model) again.
+of the centred neighbourhood: with ``G`` the K' x L centred sub-vectors,
+``G G^T / K' = U diag(e) U^T`` and the eigenvectors of the covariance
+``G^T G / K'`` are ``v_j = G^T u_j / sqrt(K' e_j)``. A difference ``d``
+projects as ``d . v_j = (G d) . u_j / sqrt(K' e_j)``, and ``G d`` is the K'
+products of the neighbourhood's rows with ``d``, centred, so nothing of
+size L x L is ever formed or stored: per point and set the state is ``U``
+(K' x K') and ``e`` (K'), and scoring reads the K' rows of the
+neighbourhood (ids stored in the model) again.
 
 Every index and size these kernels read from a model is checked at their
-entry, so a corrupted model raises instead of reading out of bounds.
+entry (:mod:`nonn._kernel_checks`), so a corrupted model raises instead of
+reading out of bounds. The test suite checks them against a naive numpy
+oracle (``tests/oracles.py``).
 """
 
 from __future__ import annotations
@@ -23,25 +35,349 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from ._kernel_checks import check_dual_sets, check_ids, check_rows, check_sets
 
-@njit(cache=True)
-def _check_ids(ids, n):
-    for v in ids.ravel():
-        if v < 0 or v >= n:
-            raise IndexError("a neighbor id is out of range of the training rows")
-
-
-@njit(cache=True)
-def _check_sets(sizes, L, width):
-    total = 0
-    for s in range(sizes.shape[0]):
-        if sizes[s] < 1 or sizes[s] > L:
-            raise ValueError("a feature-set size is out of range")
-        total += sizes[s]
-    if sizes.shape[0] * L < total or total > width:
-        raise ValueError("the feature-set sizes do not fit the data's columns")
+_MAX_SWEEPS = 30
+#: matrices diagonalised together; the innermost loops run over this axis so
+#: LLVM vectorises them (sqrt and division included) with SIMD.
+_BLOCK = 32
 
 
+@njit(cache=True, inline="always")
+def _jacobi_lanes_body(A, V, r, B, tol):
+    """Cyclic Jacobi on B symmetric r x r matrices held lane-wise,
+    ``A[a, c, b]`` (b the lane, innermost so every statement vectorises);
+    only the upper triangle is read and kept up to date (the lower one is
+    left stale). ``V`` (same layout) must hold the identity and receives the
+    eigenvectors as columns. Stops when the off-diagonal norm is below
+    ``tol`` times the diagonal's (squared norms compared) in every lane.
+
+    Each lane loop touches at most two rows of ``A`` besides the rotation
+    arrays, so LLVM's run-time alias checks stay few and the loops vectorise.
+    """
+    dt = A.dtype
+    cs = np.empty(B, dtype=dt)
+    sn = np.empty(B, dtype=dt)
+    # constants of the lanes' dtype: a float64 literal would promote float32
+    # lanes to float64 (half the SIMD width, and conversions)
+    cst = np.zeros(3, dtype=dt)
+    cst[1] = 1.0
+    cst[2] = 2.0
+    zero = cst[0]
+    one = cst[1]
+    two = cst[2]
+    for _ in range(_MAX_SWEEPS):
+        off = 0.0
+        diag = 0.0
+        for p in range(r):
+            for b in range(B):
+                diag += A[p, p, b] * A[p, p, b]
+            for q in range(p + 1, r):
+                for b in range(B):
+                    off += A[p, q, b] * A[p, q, b]
+        if off <= tol * diag:
+            break
+        for p in range(r - 1):
+            for q in range(p + 1, r):
+                # the rotation angle, and the 2 x 2 block it diagonalises
+                for b in range(B):
+                    apq = A[p, q, b]
+                    app = A[p, p, b]
+                    aqq = A[q, q, b]
+                    den = two * apq if apq != zero else one
+                    theta = (aqq - app) / den
+                    # t = tan of the rotation angle, the smaller root
+                    t = one / (abs(theta) + math.sqrt(theta * theta + one))
+                    t = -t if theta < zero else t
+                    t = zero if apq == zero else t
+                    c = one / math.sqrt(t * t + one)
+                    cs[b] = c
+                    sn[b] = t * c
+                    A[p, p, b] = app - t * apq
+                    A[q, q, b] = aqq + t * apq
+                    A[p, q, b] = zero
+                # the other entries of rows/columns p and q (upper triangle)
+                for k in range(r):
+                    if k != p and k != q:
+                        i1 = min(k, p)
+                        j1 = max(k, p)
+                        i2 = min(k, q)
+                        j2 = max(k, q)
+                        for b in range(B):
+                            akp = A[i1, j1, b]
+                            akq = A[i2, j2, b]
+                            A[i1, j1, b] = cs[b] * akp - sn[b] * akq
+                            A[i2, j2, b] = sn[b] * akp + cs[b] * akq
+                for k in range(r):
+                    for b in range(B):
+                        vkp = V[k, p, b]
+                        vkq = V[k, q, b]
+                        V[k, p, b] = cs[b] * vkp - sn[b] * vkq
+                        V[k, q, b] = sn[b] * vkp + cs[b] * vkq
+
+
+_FASTMATH = {"reassoc", "nsz", "arcp", "contract"}
+
+#: largest feature set decomposed by the SIMD-lane Jacobi solver; larger
+#: sets go to LAPACK (numba's ``np.linalg.eigh``)
+JACOBI_MAX_SET = 8
+
+
+# Two compiled copies of the Jacobi loops, each called (not inlined) by the
+# kernels so that those stay small to compile: any size, and the default set
+# size 5 as a compile-time constant (its loops unroll).
+@njit(cache=True, error_model="numpy", fastmath=_FASTMATH)
+def _jacobi_lanes(A, V, r, B, tol):
+    """:func:`_jacobi_lanes_body` for any ``r``."""
+    _jacobi_lanes_body(A, V, r, B, tol)
+
+
+@njit(cache=True, error_model="numpy", fastmath=_FASTMATH)
+def _jacobi_lanes5(A, V, B, tol):
+    """:func:`_jacobi_lanes_body` for ``r = 5`` (unrolled)."""
+    _jacobi_lanes_body(A, V, 5, B, tol)
+
+
+@njit(cache=True, inline="always")
+def _sorted_eigvals_order(A, r, b, order):
+    """Insertion sort of lane b's eigenvalues (diagonal of A), ascending."""
+    for a in range(r):
+        order[a] = a
+    for a in range(1, r):
+        key = order[a]
+        j = a - 1
+        while j >= 0 and A[order[j], order[j], b] > A[key, key, b]:
+            order[j + 1] = order[j]
+            j -= 1
+        order[j + 1] = key
+
+
+# reassociation lets the block reductions vectorise; no "nnan"/"ninf" because
+
+
+#: points per task of the fused kernel (buffers are reused within a task)
+_POINTS_PER_TASK = 16
+
+
+@njit(cache=True, inline="always")
+def _unit_scale(x):
+    """The power of two ``2**-e`` that brings ``x > 0`` into [0.5, 1) (1 for
+    0 or a non-finite ``x``; clamped to float64's normal range)."""
+    if not (x > 0.0 and x < np.inf):
+        return 1.0
+    e = math.frexp(x)[1]
+    e = max(min(e, 1000), -1000)
+    return math.ldexp(1.0, -e)
+
+
+@njit(cache=True, inline="always")
+def _full_sets_eigen(P, m, L, full, B, tol, A, V, order, sc, p, w_out, V_out):
+    """Jacobi on the ``full`` L x L set covariances of point ``p`` (from its
+    lagged products ``P``), one SIMD lane per set, results into the outputs.
+    Inlined, so a constant ``L`` at the call site unrolls every loop over it.
+
+    Each lane is multiplied by the power of two ``sc[s]`` that brings its
+    largest variance into [0.5, 1) (exact; undone on the eigenvalues): the
+    stopping test squares the entries, which over- or underflows for
+    covariances far from 1, and each set then weighs alike in it."""
+    for a in range(L):
+        for b in range(L):
+            for s in range(B):
+                A[a, b, s] = 0.0
+                V[a, b, s] = 0.0
+        for s in range(B):
+            V[a, a, s] = 1.0
+    for s in range(full):
+        mx = 0.0
+        for a in range(L):
+            mx = max(mx, P[0, s * L + a])
+        sc[s] = _unit_scale(mx / m)
+    for lag in range(L):
+        for a in range(L - lag):
+            for s in range(full):
+                v = P[lag, s * L + a] / m * sc[s]
+                A[a, a + lag, s] = v
+                A[a + lag, a, s] = v
+    if L > JACOBI_MAX_SET:
+        # LAPACK's divide and conquer per set: Jacobi's sweeps cost O(L^3)
+        # each and lose to it well before L = 20
+        M = np.empty((L, L), dtype=A.dtype)
+        for s in range(full):
+            for a in range(L):
+                for c in range(L):
+                    M[a, c] = A[a, c, s]
+            e, U = np.linalg.eigh(M)
+            for j in range(L):
+                A[j, j, s] = e[j]
+                for a in range(L):
+                    V[a, j, s] = U[a, j]
+        # eigh's eigenvalues are ascending already; the sort below keeps them
+    elif L == 5:
+        _jacobi_lanes5(A, V, B, tol)
+    else:
+        _jacobi_lanes(A, V, L, B, tol)
+    for s in range(full):
+        _sorted_eigvals_order(A, L, s, order)
+        for j in range(L):
+            src = order[j]
+            e = A[src, src, s]
+            w_out[p, s, j] = e / sc[s] if e > 0.0 else 0.0
+            for a in range(L):
+                V_out[p, s, a, j] = V[a, src, s]
+
+
+@njit(cache=True, parallel=True, error_model="numpy",
+      fastmath={"reassoc", "nsz", "arcp", "contract"})
+def primal_eigen(Xg, groups, sizes, L, tol, w_out, V_out):
+    """Fused covariance + eigen-decomposition of every neighbourhood, per
+    feature set, written straight into the outputs.
+
+    For point ``p``: the covariance (divisor M, two-pass, float64) of the
+    set-s sub-vectors of the M points ``groups[p]``, then cyclic Jacobi on
+    all the point's full sets at once (one SIMD lane per set, in the output
+    dtype: float32 data are diagonalised in float32) and on the short last
+    set on its own. ``w_out[p, s]`` (ascending, clipped at 0) and
+    ``V_out[p, s]`` (eigenvectors as columns) get every slot written; the
+    padding of a short last set is 0.
+    """
+    c, m = groups.shape
+    n_sets = sizes.shape[0]
+    d = Xg.shape[1]
+    width = n_sets * L
+    check_ids(groups, 0, Xg.shape[0])
+    check_sets(sizes, L, d, d <= width and w_out.shape[0] >= c and w_out.shape[1] >= n_sets
+                and w_out.shape[2] >= L and V_out.shape[0] >= c and V_out.shape[1] >= n_sets
+                and V_out.shape[2] >= L and V_out.shape[3] >= L)
+    full = 0
+    for s in range(n_sets):
+        if sizes[s] == L:
+            full += 1
+    r_last = sizes[n_sets - 1]
+    short = r_last < L
+    # lanes padded to a multiple of 16 (padding lanes: identity, converged);
+    # a few large sets (one set of all features) get no padding: 16 lanes of
+    # a 21 x 21 Jacobi for one set cost 16x the work
+    B = full if full < 8 else ((full + 15) // 16) * 16
+    dt = w_out.dtype
+    ntasks = (c + _POINTS_PER_TASK - 1) // _POINTS_PER_TASK
+    for task in prange(ntasks):
+        mean = np.empty(d)
+        G = np.zeros((m, width + L))
+        P = np.empty((L, width))
+        A = np.empty((L, L, B), dtype=dt)
+        V = np.empty((L, L, B), dtype=dt)
+        A1 = np.empty((L, L, 1), dtype=dt)
+        V1 = np.empty((L, L, 1), dtype=dt)
+        order = np.empty(L, dtype=np.int64)
+        sc = np.empty(B)
+        for p in range(task * _POINTS_PER_TASK, min((task + 1) * _POINTS_PER_TASK, c)):
+            # ---- covariance as lagged products along the whole row:
+            # P[lag, f] = sum_t G[t, f] G[t, f + lag], cov[s, a, a + lag] = P[lag, s*L + a]
+            for f in range(d):
+                mean[f] = 0.0
+            for t in range(m):
+                row = groups[p, t]
+                for f in range(d):
+                    mean[f] += Xg[row, f]
+            for f in range(d):
+                mean[f] /= m
+            for t in range(m):
+                row = groups[p, t]
+                for f in range(d):
+                    G[t, f] = Xg[row, f] - mean[f]
+            for lag in range(L):
+                for f in range(width):
+                    P[lag, f] = 0.0
+            for t in range(m):
+                for lag in range(L):
+                    for f in range(width):
+                        P[lag, f] += G[t, f] * G[t, f + lag]
+            # ---- the full sets, one SIMD lane each
+            if full > 0:
+                _full_sets_eigen(P, m, L, full, B, tol, A, V, order, sc, p, w_out, V_out)
+            # ---- the short last set, on its own r x r covariance
+            if short:
+                r = r_last
+                off = full * L
+                for a in range(L):
+                    for b in range(L):
+                        A1[a, b, 0] = 0.0
+                        V1[a, b, 0] = 0.0
+                    V1[a, a, 0] = 1.0
+                mx = 0.0
+                for a in range(r):
+                    mx = max(mx, P[0, off + a])
+                sc1 = _unit_scale(mx / m)  # as each lane of the full sets
+                for a in range(r):
+                    for b in range(a, r):
+                        v = P[b - a, off + a] / m * sc1
+                        A1[a, b, 0] = v
+                        A1[b, a, 0] = v
+                if r > JACOBI_MAX_SET:
+                    M1 = np.empty((r, r), dtype=dt)
+                    for a in range(r):
+                        for b2 in range(r):
+                            M1[a, b2] = A1[a, b2, 0]
+                    e1, U1 = np.linalg.eigh(M1)
+                    for a in range(r):
+                        A1[a, a, 0] = e1[a]
+                        for b2 in range(r):
+                            V1[a, b2, 0] = U1[a, b2]
+                else:
+                    _jacobi_lanes(A1, V1, r, 1, tol)
+                _sorted_eigvals_order(A1, r, 0, order)
+                for j in range(L):
+                    if j < r:
+                        src = order[j]
+                        e = A1[src, src, 0]
+                        w_out[p, full, j] = e / sc1 if e > 0.0 else 0.0
+                    else:
+                        w_out[p, full, j] = 0.0
+                    for a in range(L):
+                        V_out[p, full, a, j] = V1[a, order[j], 0] if (j < r and a < r) else 0.0
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def primal_score(Qg, idx, Xg, evecs, evals, sizes, floor, out):
+    """Eq. 2's inner sums per (query, neighbour): ``out[u, i]`` is the sum over
+    sets and eigen-directions of neighbour ``idx[u, i]`` for grid query ``u``,
+    from that neighbour's stored eigen-state (rows ``idx[u, i]`` of ``Xg``,
+    ``evecs`` and ``evals``). Floored directions are summed basis-free (see
+    :mod:`nonn._eq2`). Aggregating over ``i`` is the caller's."""
+    q, k = idx.shape
+    n_sets = sizes.shape[0]
+    L = evecs.shape[2]
+    check_ids(idx, 0, min(Xg.shape[0], evecs.shape[0], evals.shape[0]))
+    check_sets(sizes, L, min(Qg.shape[1], Xg.shape[1]),
+                Qg.shape[0] >= q and out.shape[0] >= q and out.shape[1] >= k
+                and evecs.shape[1] >= n_sets and evecs.shape[3] >= L
+                and evals.shape[1] >= n_sets and evals.shape[2] >= L and floor.shape[0] >= n_sets)
+    for u in prange(q):
+        d = np.empty(L)
+        for i in range(k):
+            nb = idx[u, i]
+            total = 0.0
+            for s in range(n_sets):
+                off = s * L
+                r = sizes[s]
+                fl = floor[s]
+                for a in range(r):
+                    d[a] = Qg[u, off + a] - Xg[nb, off + a]
+                sq = 0.0
+                for j in range(r):
+                    proj = 0.0
+                    for a in range(r):
+                        proj += d[a] * evecs[nb, s, a, j]
+                    e = evals[nb, s, j]
+                    if e <= fl:
+                        sq += proj * proj
+                    else:
+                        total += abs(proj) / math.sqrt(e)
+                total += math.sqrt(sq) / math.sqrt(fl)
+            out[u, i] = total
+
+
+# ------------------------------------------------------------------ dual form
 @njit(cache=True, parallel=True, error_model="numpy")
 def dual_eigen(Xg, groups, sizes, L, w_out, U_out):
     """Eigen-state of every neighbourhood, per feature set, in the dual form.
@@ -56,8 +392,8 @@ def dual_eigen(Xg, groups, sizes, L, w_out, U_out):
     """
     c, Kp = groups.shape
     n_sets = sizes.shape[0]
-    _check_ids(groups, Xg.shape[0])
-    _check_sets(sizes, L, Xg.shape[1])
+    check_rows(groups, Xg.shape[0])
+    check_dual_sets(sizes, L, Xg.shape[1])
     for p in prange(c):
         mean = np.empty(L)
         for s in range(n_sets):
@@ -101,10 +437,10 @@ def dual_score(Qg, idx, rows, Xg, groups, U, w, sizes, L, floor, out):
     q, k = idx.shape
     n_sets = sizes.shape[0]
     Kp = groups.shape[1]
-    _check_ids(idx, groups.shape[0])
-    _check_ids(rows, Xg.shape[0])
-    _check_ids(groups, Xg.shape[0])
-    _check_sets(sizes, L, Xg.shape[1])
+    check_rows(idx, groups.shape[0])
+    check_rows(rows, Xg.shape[0])
+    check_rows(groups, Xg.shape[0])
+    check_dual_sets(sizes, L, Xg.shape[1])
     for u in prange(q):
         d = np.empty(L)
         t = np.empty(Kp)

@@ -59,7 +59,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._eq2 import PRIMAL, eigen_form
-from ._local_eigen import pad
+from ._layout import diff_grid, pad
 
 #: dtype of every contribution (sums of many terms of both signs)
 _DT = np.float64
@@ -383,7 +383,7 @@ def explain_local(det, X):
     """:meth:`nonn.LocalEigenKNN.explain`: the eigenvectors of the query's
     own k neighbours, each neighbour's difference split as in k-NNN's
     primal form, summed over the k neighbours."""
-    from ._local_eigen import neighbourhood_eigen, project_l1
+    from ._eq2 import PRIMAL, neighborhood_eigen, shared_score_terms
 
     Xp = det._validate_query(X)
     n, D = Xp.shape
@@ -399,9 +399,10 @@ def explain_local(det, X):
         dist, idx = det._search.kneighbors(Qg, k)
         scores[sl] = det._from_neighbours(Qg, dist, idx)
         neighbors[sl] = idx
-        w, v = neighbourhood_eigen(det._fit_X, idx, sizes, L, det.n_jobs_)
-        diff = det._diff_grid(Qg, idx)  # (q, k, S, L)
-        terms[sl] = project_l1(diff, v[:, None], w[:, None], sizes, det.eig_floor_)
+        w, v = neighborhood_eigen(det._fit_X, idx, sizes, L, det.n_jobs_, form=PRIMAL)
+        diff = diff_grid(Qg, det._fit_X, idx, sizes, L)  # (q, k, S, L)
+        terms[sl] = shared_score_terms(Qg, idx, det._fit_X, v, w, sizes, L, det.eig_floor_,
+                                       det.n_jobs_)
         a = primal_weights(diff.astype(_DT), v[:, None], w[:, None], sizes, det.eig_floor_)
         q = len(idx)
         dg = diff.astype(_DT).reshape(q * k, -1)[:, :D]

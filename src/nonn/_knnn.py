@@ -7,54 +7,12 @@ import warnings
 
 import numpy as np
 
-from ._base import BaseDetector, CappedParameterWarning, cap, resolve_floor, warn_contaminated
+from ._base import (BaseDetector, CappedParameterWarning, cap, resolve_floor, resolve_set_size,
+                    warn_contaminated)
 from ._eq2 import aggregate_terms, eigen_row_bytes, eigen_width, neighborhood_eigen, score_terms
-from ._local_eigen import pad, permute
-from ._partition import grid_from_statistics, grid_statistics
-from ._state import Array, Dict, Int, Optional, Real, permutation
-from ._state import set_sizes as valid_set_sizes
+from ._layout import GRID_STATE_SPEC, fit_grid, permute
+from ._state import Array, Dict, Int, Optional, Real
 from ._validation import Interval, IsNone, Options
-
-
-class _SetGridMixin:
-    """Feature re-ordering, partition into sets and the relative eigenvalue
-    floor, shared by :class:`KNNN` and :class:`LocalEigenKNN`."""
-
-    #: the grid's fitted state (see BaseDetector._state_spec)
-    _grid_state_spec = {
-        "feature_order_": Array("D", dtype="int64", check=permutation),
-        "set_sizes_": Array("S", dtype="int64", check=valid_set_sizes),
-        "eig_floor_": Array("S", positive=True),
-        "set_size_": Int(1, "D", binds="L"),
-    }
-
-    def _fit_grid(self, X, set_size=None, eig_floor=None):
-        """Learn the layout (see :func:`nonn._partition.grid_from_statistics`)
-        and return ``X`` on it."""
-        set_size = self.set_size if set_size is None else set_size
-        eig_floor = self.eig_floor if eig_floor is None else eig_floor
-        self.set_size_ = resolve_set_size(set_size, X.shape[1])
-        gram, var = grid_statistics(X, self.set_size_, self.reorder)
-        self.feature_order_, self.set_sizes_, self.eig_floor_ = grid_from_statistics(
-            gram, var, self.set_size_, self.reorder, eig_floor, X.dtype)
-        return permute(X, self.feature_order_)
-
-    def _to_grid(self, X):
-        return permute(X, self.feature_order_)
-
-    def _diff_grid(self, Qg, idx):
-        """(q, k, S, L) differences between queries and their neighbours."""
-        n_sets, L = len(self.set_sizes_), self.set_size_
-        diff = pad(Qg[:, None, :] - self._fit_X[idx], n_sets * L)
-        return diff.reshape(idx.shape + (n_sets, L))
-
-
-def resolve_set_size(set_size, n_features):
-    """The set size L a fit on ``n_features`` columns uses (``"all"``: one
-    set; larger values capped, with a warning)."""
-    if set_size == "all":
-        set_size = n_features
-    return cap(set_size, n_features, "set_size", "the number of features")
 
 
 def resolve_counts(n_samples, n_features, counts):
@@ -131,7 +89,7 @@ def _eigen_width(arr, sym):
     return None
 
 
-class KNNN(_SetGridMixin, BaseDetector):
+class KNNN(BaseDetector):
     """k nearest neighbours of neighbours anomaly detector.
 
     Fit stores, for every training point and every feature set, the
@@ -347,7 +305,7 @@ class KNNN(_SetGridMixin, BaseDetector):
     )
     _state_spec = {
         **BaseDetector._state_spec,
-        **_SetGridMixin._grid_state_spec,
+        **GRID_STATE_SPEC,
         "neighborhoods_": Array("N", "Kp", dtype="int64", ids="N"),
         # L x L per set (primal), or K' x K' (dual, L > K'): see nonn._eq2
         "eigenvalues_": Array("N", "S", "R", low=0, check=_eigen_width),
@@ -411,7 +369,7 @@ class KNNN(_SetGridMixin, BaseDetector):
         counts = self._resolve_auto(X)
         self.n_neighbors_, self.n_neighbors_of_neighbors_, L = resolve_counts(n, d, counts)
         self.eig_floor_rel_ = resolve_floor(self.eig_floor, d)
-        Xg = self._fit_grid(X, set_size=L, eig_floor=self.eig_floor_rel_)
+        Xg = fit_grid(self, X, L, self.eig_floor_rel_)
         self._fit_X = Xg
         self._search = self._make_backend(Xg)
         Kp = self.n_neighbors_of_neighbors_
@@ -452,6 +410,10 @@ class KNNN(_SetGridMixin, BaseDetector):
         self.auto_params_ = {name: chosen[name] for name in auto}
         self.auto_table_ = table
         return chosen
+
+    def _to_grid(self, X):
+        """``X`` on the fitted layout (columns re-ordered)."""
+        return permute(X, self.feature_order_)
 
     def _eigen_row_bytes(self):
         return eigen_row_bytes(self._fit_X.dtype.itemsize, len(self.set_sizes_),
@@ -540,27 +502,12 @@ class KNNN(_SetGridMixin, BaseDetector):
         return out
 
     def _query_neighbours(self, Qg):
-        """The ``n_neighbors_`` training neighbours (ids) of grid queries.
-
-        With an approximate backend asked to refine its graph
-        (``backend_params={"refine": R, ...}``, FAISS), the found neighbours
-        are refined once more against the stored neighbourhoods: each
-        query's exact k nearest among the found ones and their K' - 1
-        neighbours (the graph is part of the model, so this is the same
-        after saving and loading)."""
-        k = self.n_neighbors_
-        idx = self._search.kneighbors(Qg, k, return_distance=False)
-        if getattr(self._search, "refine", 0) and not self._search.exact:
-            from ._kernels import refine_by_neighbours
-
-            sq = np.empty(idx.shape, dtype=np.float64)
-            out = np.empty_like(idx)
-            none = np.zeros(1, dtype=np.int64)
-            refine_by_neighbours(self._fit_X, np.ascontiguousarray(Qg, dtype=self._fit_X.dtype),
-                                 idx, self.neighborhoods_, k, none, none[:0],
-                                 np.full(len(idx), -1, dtype=np.int64), sq, out)
-            idx = out
-        return idx
+        """The ``n_neighbors_`` training neighbours (ids) of grid queries,
+        refined by the backend against the stored neighbourhoods where it
+        can (an approximate FAISS index with ``refine``: see
+        :meth:`nonn.neighbors.faiss.FaissBackend.refine_neighbors`)."""
+        idx = self._search.kneighbors(Qg, self.n_neighbors_, return_distance=False)
+        return self._search.refine_neighbors(Qg, idx, self.neighborhoods_)
 
     def explain(self, X):
         """Per-feature contributions to each query's anomaly score, and the
@@ -725,7 +672,7 @@ class KNNN(_SetGridMixin, BaseDetector):
             done[min(L, X.shape[1])] = L
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", CappedParameterWarning)
-                Fg = probe._fit_grid(F, set_size=L, eig_floor=1.0)
+                Fg = fit_grid(probe, F, resolve_set_size(L, F.shape[1]), 1.0)
             probe._fit_X = Fg
             Qg = probe._to_grid(Q)
             scale = probe.eig_floor_  # floor_scale for a relative floor of 1
@@ -764,8 +711,8 @@ def calibration_rows(n, all_rows=False, whitened=False):
     With whitening (``whitened``) at most half the rows: the whitening is
     then estimated from the other rows, so that it is out of sample for the
     calibration rows too (a covariance estimated with a row in it makes that
-    row look more normal than new data: on one-class CIFAR-10 features it
-    flagged 30 % of new normal images for 1 % asked). ``all_rows``
+    row look more normal than new data, and the threshold would flag far
+    more new normals than asked: docs/guide.md). ``all_rows``
     (``fit_predict``) scores every row, the whitening then from all of them.
     """
     if all_rows:

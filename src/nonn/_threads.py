@@ -1,8 +1,10 @@
-"""Thread control for nonn's compiled work, in one place.
+"""Thread control, in one place: nonn's own ``n_jobs``, numba's pool (which
+runs nonn's kernels), the BLAS, and the pools of the libraries a search
+backend drives (FAISS's OpenMP, torch).
 
-numba's pool runs nonn's kernels; a kernel that calls the BLAS or LAPACK
-from its tasks (each task one product) must keep those libraries to one
-thread, or the two pools oversubscribe the cores.
+A kernel that calls the BLAS or LAPACK from its tasks (each task one
+product) must keep those libraries to one thread, or the two pools
+oversubscribe the cores.
 """
 
 from __future__ import annotations
@@ -20,6 +22,42 @@ def resolve_n_jobs(n_jobs):
     if n_jobs < 0:
         return max(cpus + 1 + n_jobs, 1)
     return int(n_jobs)
+
+
+def library_threads(n_jobs):
+    """Thread count for a library's own pool; None = leave the library's
+    setting alone, -1 = all cores, -2 = all but one, and so on."""
+    if n_jobs is None:
+        return None
+    cpus = os.cpu_count() or 1
+    if n_jobs < 0:
+        return max(cpus + 1 + int(n_jobs), 1)
+    return max(int(n_jobs), 1)
+
+
+@contextlib.contextmanager
+def pool_threads(get, set_, n_jobs):
+    """A library's thread count (read with ``get()``, written with
+    ``set_(n)``) set to :func:`library_threads` of ``n_jobs`` for a block,
+    then restored; None leaves it alone."""
+    n = library_threads(n_jobs)
+    if n is None:
+        yield
+        return
+    prev = get()
+    set_(n)
+    try:
+        yield
+    finally:
+        set_(prev)
+
+
+def numba_pool_size():
+    """Threads numba's pool was started with: the bound of
+    ``numba.get_thread_id()`` (per-thread buffers are sized by it)."""
+    import numba
+
+    return numba.config.NUMBA_NUM_THREADS
 
 
 #: operations below which a kernel runs on one thread: waking numba's pool

@@ -113,7 +113,7 @@ def _exact_sq(X, rows, Y, cols, block=65536):
     """``|X[rows[i]] - Y[cols[i]]|^2`` in float64, with the arithmetic of
     every other exact distance here (the compiled kernel's sequential
     float64 sum), so one pair of rows always gives one value."""
-    from . import _kernels
+    from .neighbors import _kernels
 
     out = np.empty(len(rows))
     ids = np.empty((min(block, len(rows)), 1), dtype=np.int64)
@@ -128,7 +128,7 @@ def _exact_sq(X, rows, Y, cols, block=65536):
 
 def _sq_to(Xg, n, ids):
     """``|Xg[p] - Xg[ids[p]]|^2`` (float64) for the rows ``p < n``."""
-    from . import _kernels
+    from .neighbors import _kernels
 
     sq = np.empty((n, 1), dtype=np.float64)
     out = np.empty((n, 1), dtype=np.int64)
@@ -142,7 +142,7 @@ def merge_lists(Xg, rows, lists, new_rows, new_ids, width):
     ``new_ids`` of each (``new_rows`` says whose), sorted by exact distance
     (stable: a stored member stays before an equidistant new row, which has
     a higher id, as an exact search orders ties) and cut to ``width``."""
-    from . import _kernels
+    from .neighbors import _kernels
 
     out = np.empty((len(rows), width), dtype=np.int64)
     order = np.lexsort((new_ids, new_rows))

@@ -14,7 +14,7 @@ core's own function:
    label-free selection of "auto" values on a sample) and the layout:
    feature order, sets and eigenvalue floors from the column sums, centred
    Gram matrix and squared deviations
-   (:func:`nonn._partition.grid_from_statistics`);
+   (:func:`nonn._layout.grid_from_statistics`);
 3. each partition, on the grid, is indexed on its worker by the chosen
    backend (:class:`~nonn.distributed._tasks.ShardIndex`);
 4. the training k-NN graph by sharded search: every partition's rows are
@@ -59,8 +59,7 @@ from .._base import conformal_pvalues, resolve_floor, resolve_n_jobs, resolve_tr
 from .._eq2 import DUAL, eigen_form, eigen_width
 from .._io import _umask
 from .._knnn import KNNN, calibration_rows, resolve_counts, search_width
-from .._local_eigen import permute, variance_from_sums
-from .._partition import grid_from_statistics, needs_order
+from .._layout import grid_from_statistics, needs_order, permute, variance_from_sums
 from .._preprocess import l2_rows, ledoit_wolf_from_moments, whiten, whitening_matrix
 from .._preprocess import whitening_moments
 from .._scaling import (

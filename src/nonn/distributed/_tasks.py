@@ -3,7 +3,7 @@ blocks, run as Dask tasks on the workers.
 
 Nothing here imports Dask: a task receives and returns plain arrays (or a
 :class:`ShardIndex` or :class:`Halo`), and every step of the maths is the
-core's own (:mod:`nonn._eq2`, :mod:`nonn._knnn`, :mod:`nonn._partition`,
+core's own (:mod:`nonn._eq2`, :mod:`nonn._knnn`, :mod:`nonn._layout`,
 :mod:`nonn._preprocess`, the search backends); the orchestration lives in
 :mod:`nonn.distributed._estimator`.
 
@@ -18,8 +18,7 @@ import numpy as np
 from .._chunks import chunk_rows
 from .._eq2 import aggregate_terms, eigen_row_bytes, eigen_width, neighborhood_eigen, score_terms
 from .._knnn import held_out_groups, neighborhoods, pair_terms
-from .._local_eigen import squared_deviations
-from .._partition import centred_gram
+from .._layout import centred_gram, squared_deviations
 from ..neighbors import make_backend
 
 # ----------------------------------------------------------------- threads
@@ -82,7 +81,7 @@ def merge_extremes(*parts):
 
 def grid_moments(X, mean, gram, block=4096):
     """A block's share of the column statistics of the layout
-    (:func:`nonn._partition.grid_statistics`) about the global ``mean``:
+    (:func:`nonn._layout.grid_statistics`) about the global ``mean``:
     the centred Gram matrix (when ``gram``; None otherwise) and the squared
     deviations, float64, by row blocks (no float64 copy of ``X``)."""
     G = np.zeros((X.shape[1], X.shape[1])) if gram else None

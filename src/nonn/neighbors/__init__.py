@@ -49,16 +49,11 @@ BACKENDS = {
 }
 
 
-#: "auto" no longer picks FAISS's exact flat index: brute (compiled blocks of
-#: ``X @ X.T`` merged into top-k heaps, half the products for the training
-#: graph) beat it at every size measured on the 2-core reference machine,
-#: float32, D = 512: graph 1.5 s vs 2.5 s at N = 20000 (K' = 25, quiet);
-#: graph 34-41 s vs 54-71 s and query 11-15 s vs 16-18 s at N = 40000
-#: (K' = 50, 10000 queries, same run, under load); 0.41 s vs 0.90 s at D = 16.
-#: FAISS stays one parameter away for its approximate indexes.
-#: ... and the torch backend on CUDA from this much data (N * D) on, when a
-#: GPU is visible: a GPU GEMM outruns every CPU backend once the data is
-#: large enough to pay for torch's import and CUDA's start-up.
+#: "auto" picks the torch backend on CUDA from this much data (N * D) on,
+#: when a GPU is visible: a GPU GEMM outruns every CPU backend once the data
+#: is large enough to pay for torch's import and CUDA's start-up. Below it,
+#: and without a GPU, "brute" (never FAISS's exact flat index, which it beat
+#: at every size measured: docs/results.md, "Search backends").
 AUTO_CUDA_MIN_SIZE = 20000 * 512
 
 

@@ -15,6 +15,13 @@ A backend is fitted on the training matrix and answers
 * ``X=None`` means "the training set itself", each point excluded **by
   index** (never by ``distance == 0``, so exact duplicates stay neighbours).
 
+Every backend also answers ``refine_neighbors(X, ind, graph)``: the ids
+``ind`` of the queries ``X`` it found, improved with ``graph``, a neighbour
+graph of the training rows the caller keeps (a KNNN's neighbourhoods). An
+exact backend, or one not asked to refine, returns ``ind`` as it is; FAISS's
+approximate indexes with ``refine`` take each query's exact nearest among
+the found rows and their graph neighbours.
+
 Every backend's constructor takes ``metric``, ``working_memory`` (MiB for
 one block of work), ``verbose`` and ``n_jobs`` (threads of the library it
 drives; None leaves that library's setting alone) as keyword arguments, plus
@@ -26,7 +33,6 @@ plug in without touching them.
 
 from __future__ import annotations
 
-import os
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -60,6 +66,9 @@ class NeighborsBackend(Protocol):
     def kneighbors(self, X: np.ndarray | None = None, n_neighbors: int = 1,
                    return_distance: bool = True): ...
 
+    def refine_neighbors(self, X: np.ndarray, ind: np.ndarray,
+                         graph: np.ndarray) -> np.ndarray: ...
+
 
 def unit_rows(X):
     """Rows scaled to unit L2 norm (zero rows stay zero)."""
@@ -75,16 +84,6 @@ def squared_to_metric(sq, metric):
         sq *= 0.5
         return sq
     return np.sqrt(sq, out=sq)
-
-
-def resolve_threads(n_jobs):
-    """Thread count for a library's own pool; None = leave the library's default."""
-    if n_jobs is None:
-        return None
-    cpus = os.cpu_count() or 1
-    if n_jobs < 0:
-        return max(cpus + 1 + int(n_jobs), 1)
-    return max(int(n_jobs), 1)
 
 
 def check_n_neighbors(n_neighbors, n_train, self_query):
@@ -126,7 +125,7 @@ def refine_sorted(X, q, cand):
     compressed indices), with the candidates sorted by them (stable).
 
     A compiled kernel does it without gathering the (q, m, d) candidates."""
-    from .. import _kernels
+    from . import _kernels
 
     q = np.ascontiguousarray(q, dtype=X.dtype)
     cand = np.ascontiguousarray(cand, dtype=np.int64)
@@ -155,6 +154,23 @@ def reverse_lists(ind, cap):
     return ptr, src[keep]
 
 
+def refine_by_graph(X, Q, ind, graph):
+    """One "neighbours of neighbours" round for queries ``Q`` (not training
+    rows): each query's exact ``k`` nearest rows of ``X`` among its found
+    ones ``ind`` (q, k) and their neighbours in ``graph`` (n, m), sorted by
+    (distance, id). Returns the ids (q, k)."""
+    from . import _kernels
+
+    k = ind.shape[1]
+    sq = np.empty(ind.shape, dtype=np.float64)
+    out = np.empty_like(ind)
+    none = np.zeros(1, dtype=np.int64)
+    _kernels.refine_by_neighbours(X, Q, ind, np.ascontiguousarray(graph, dtype=np.int64), k,
+                                  none, none[:0], np.full(len(ind), -1, dtype=np.int64), sq,
+                                  out)
+    return out
+
+
 def refine_graph(X, ind, rounds=1, fanout=10, reverse=0, working_memory=None, verbose=False):
     """Improve an approximate k-NN graph of the training set by "neighbours
     of neighbours" rounds (the local join of NN-descent, Dong et al. 2011).
@@ -169,7 +185,7 @@ def refine_graph(X, ind, rounds=1, fanout=10, reverse=0, working_memory=None, ve
     squared Euclidean distances (float64, sorted) and ids (int64) of the
     last round.
     """
-    from .. import _kernels
+    from . import _kernels
     from .._chunks import chunk_rows, progress
 
     rounds = int(rounds)

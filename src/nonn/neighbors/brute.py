@@ -36,7 +36,8 @@ import numpy as np
 
 from .. import _data_scale
 from .._chunks import chunk_rows, progress
-from ._base import check_metric, check_n_neighbors, resolve_threads, squared_to_metric, unit_rows
+from .._threads import library_threads, numba_pool_size, numba_threads, single_thread_blas
+from ._base import check_metric, check_n_neighbors, squared_to_metric, unit_rows
 
 
 class BruteForceBackend:
@@ -103,11 +104,15 @@ class BruteForceBackend:
         dist = np.empty((nq, k), dtype=Xt.dtype) if return_distance else None
         ind = np.empty((nq, k), dtype=np.int64)
         # a small search runs on one thread: waking the pool costs more
-        threads = 1 if nq * n_train * Xt.shape[1] < _SMALL_WORK else resolve_threads(self.n_jobs)
-        with _numba_threads(threads) as pool:
+        with numba_threads(library_threads(self.n_jobs), nq * n_train * Xt.shape[1]):
             for start, stop in self._query_blocks(nq, k, self_query):
-                self._search(Q, start, stop, k, self_query, pool.threads, dist, ind)
+                self._search(Q, start, stop, k, self_query, numba_pool_size(), dist, ind)
         return (dist, ind) if return_distance else ind
+
+    def refine_neighbors(self, X, ind, graph):
+        """``ind`` as it is: an exact search has nothing to refine (see
+        :mod:`nonn.neighbors._base`)."""
+        return ind
 
     def _query_blocks(self, nq, k, self_query):
         """Query row ranges searched at once: all of them for the training
@@ -121,7 +126,7 @@ class BruteForceBackend:
                         "k-NN search", total=len(starts))
 
     def _search(self, Q, start, stop, k, self_query, threads, dist, ind):
-        from .. import _kernels
+        from . import _kernels
 
         Xt = self._X
         n = Xt.shape[0]
@@ -131,7 +136,7 @@ class BruteForceBackend:
         heap_v = np.full((stop - start, k), np.inf, dtype=Xt.dtype)
         heap_i = np.full((stop - start, k), n, dtype=np.int64)
         # the kernels run the BLAS one thread per task: no second pool
-        with _single_thread_blas():
+        with single_thread_blas():
             if self_query:
                 bs = int(max(min(_SELF_BLOCK, np.sqrt(per_thread)), 1))
                 buf = np.empty((threads, bs * bs), dtype=Xt.dtype)
@@ -167,46 +172,6 @@ class BruteForceBackend:
 #: small enough that the diagonal blocks (computed whole) waste little and a
 #: block stays in the cache for its two merges.
 _SELF_BLOCK = 1024
-#: multiply-adds below which a search runs on one thread
-_SMALL_WORK = 1 << 22
 #: queries per task, and training rows per product, of a search for new points
 _QUERY_ROWS = 256
 _QUERY_BLOCK = 2048
-
-
-_BLAS_CONTROLLER = []
-
-
-def _single_thread_blas():
-    """Limit the BLAS libraries (the one numba's ``np.dot`` calls included)
-    to one thread for a block. The libraries are looked up once per process
-    (a lookup costs milliseconds, a limit microseconds)."""
-    if not _BLAS_CONTROLLER:
-        import scipy.linalg.cython_blas  # noqa: F401  (the BLAS the kernels call)
-        from threadpoolctl import ThreadpoolController
-
-        _BLAS_CONTROLLER.append(ThreadpoolController())
-    return _BLAS_CONTROLLER[0].limit(limits=1, user_api="blas")
-
-
-class _numba_threads:
-    """Set numba's thread count for a block (``n``; None keeps it), then
-    restore it; ``threads`` is the count in use."""
-
-    def __init__(self, n):
-        self.n = n
-
-    def __enter__(self):
-        import numba
-
-        self.prev = numba.get_num_threads()
-        if self.n is not None:
-            numba.set_num_threads(max(1, min(self.n, numba.config.NUMBA_NUM_THREADS)))
-        self.threads = numba.config.NUMBA_NUM_THREADS
-        return self
-
-    def __exit__(self, *exc):
-        import numba
-
-        numba.set_num_threads(self.prev)
-        return False

@@ -21,13 +21,14 @@ from __future__ import annotations
 import numpy as np
 
 from .._chunks import chunk_rows, progress
+from .._threads import pool_threads
 from ._base import (
     check_metric,
     check_n_neighbors,
     drop_self,
+    refine_by_graph,
     refine_graph,
     refine_sorted,
-    resolve_threads,
     squared_to_metric,
     unit_rows,
 )
@@ -106,9 +107,8 @@ class FaissBackend:
         Approximate indexes only: index each distinct row once and expand
         each found row to all its exact duplicates (ascending id, as exact
         search orders ties). Graph indexes navigate badly through many
-        identical points (ADBench donors: 100,000 rows, 9,476 distinct, one
-        repeated 16,244 times; HNSW32's query recall 0.33, AUROC -0.05), and
-        an identical copy is an exact neighbour at distance 0. No effect
+        identical points (docs/results.md, "Search backends"), and an
+        identical copy is an exact neighbour at distance 0. No effect
         without duplicates beyond one pass to find them.
     recompute_distances : bool, default=True
         Recompute the returned distances from the training rows (true,
@@ -305,6 +305,23 @@ class FaissBackend:
                     dist = squared_to_metric(sq, self.metric).astype(Xt.dtype, copy=False)
         return (dist, ind) if return_distance else ind
 
+    def refine_neighbors(self, X, ind, graph):
+        """The neighbours ``ind`` (q, k) of the queries ``X`` an approximate
+        index found, refined once against ``graph`` (n_train, m), a
+        neighbour graph of the training rows (a KNNN's neighbourhoods):
+        each query's exact k nearest (by this backend's metric) among its
+        found rows and their graph neighbours. As found with ``refine=0``
+        or the exact index. The graph comes with the model, so the result
+        is the same after saving and loading it."""
+        if not self.refine or self.exact:
+            return ind
+        Xt = self._X
+        Q = np.ascontiguousarray(X, dtype=Xt.dtype)
+        if self.metric == "cosine":
+            Q = unit_rows(Q)
+        ind = np.ascontiguousarray(ind, dtype=np.int64)
+        return refine_by_graph(Xt, Q, ind, graph)
+
     def _search_ids(self, q, kk):
         """FAISS's (scores, int64 ids) of ``kk`` neighbours of ``q``; rows an
         approximate index could not fill are searched exactly (their scores
@@ -348,7 +365,7 @@ class FaissBackend:
         """k-NN through the index of distinct rows: search neighbour groups,
         expand each to its members (the own group's other members first for
         a training row), then exact distances when asked."""
-        from .. import _kernels
+        from . import _kernels
 
         Xt = self._X
         gr = self._groups
@@ -464,19 +481,6 @@ def _find_hnsw(faiss, index):
     return None
 
 
-class _threads:
-    """Set FAISS's OpenMP thread count for a block, then restore it."""
-
-    def __init__(self, faiss, n_jobs):
-        self.faiss, self.n = faiss, resolve_threads(n_jobs)
-
-    def __enter__(self):
-        if self.n is not None:
-            self.prev = self.faiss.omp_get_max_threads()
-            self.faiss.omp_set_num_threads(self.n)
-        return self
-
-    def __exit__(self, *exc):
-        if self.n is not None:
-            self.faiss.omp_set_num_threads(self.prev)
-        return False
+def _threads(faiss, n_jobs):
+    """FAISS's OpenMP thread count for a block (see :func:`nonn._threads.pool_threads`)."""
+    return pool_threads(faiss.omp_get_max_threads, faiss.omp_set_num_threads, n_jobs)

@@ -50,3 +50,8 @@ class SklearnBackend:
         if self.metric == "cosine":
             dist = squared_to_metric(dist * dist, "cosine")
         return dist, ind
+
+    def refine_neighbors(self, X, ind, graph):
+        """``ind`` as it is: an exact search has nothing to refine (see
+        :mod:`nonn.neighbors._base`)."""
+        return ind

@@ -18,21 +18,14 @@ import warnings
 import numpy as np
 
 from .._chunks import chunk_rows, progress
-from ._base import check_metric, check_n_neighbors, resolve_threads, squared_to_metric, unit_rows
+from .. import _torch
+from .._threads import pool_threads
+from ._base import check_metric, check_n_neighbors, squared_to_metric, unit_rows
 
 
 def import_torch():
-    try:
-        import torch
-    except ImportError as exc:  # pragma: no cover - exercised only without torch
-        raise ImportError(
-            "The 'torch' backend needs PyTorch, which is not installed. Install it with "
-            "pip install torch (see pytorch.org for the CUDA build), or use backend='brute'."
-        ) from exc
-    return torch
-
-
-_DEVICES = ("auto", "cpu", "cuda")
+    """``torch``, or an ImportError that says how to install it."""
+    return _torch.import_torch("The 'torch' backend (or use backend='brute')")
 
 # Without a working_memory setting, a CUDA block may use this share of the
 # free device memory (GEMM blocks much larger than the CPU default keep the
@@ -71,26 +64,11 @@ class TorchBackend:
     def __init__(self, metric="euclidean", device="auto", batch_size=None, n_jobs=None,
                  working_memory=None, verbose=False):
         self.metric = check_metric(metric)
-        if not isinstance(device, str) or device.split(":")[0] not in _DEVICES:
-            raise ValueError(
-                f"The 'device' parameter of the torch backend must be one of {_DEVICES} "
-                f"(or 'cuda:N'). Got {device!r} instead. For example: device='auto'."
-            )
-        self.device = device
+        self.device = _torch.check_device(device, "the torch backend")
         self.batch_size = batch_size
         self.n_jobs = n_jobs
         self.working_memory = working_memory
         self.verbose = verbose
-
-    def _resolve_device(self, torch):
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise RuntimeError(
-                f"device={self.device!r} was asked for but torch.cuda.is_available() is "
-                "False (no GPU, or a CPU-only torch build). Use device='auto' or 'cpu'."
-            )
-        return self.device
 
     def fit(self, X):
         torch = import_torch()
@@ -98,7 +76,7 @@ class TorchBackend:
         if X.dtype not in (np.float32, np.float64):
             X = X.astype(np.float64)
         self._X = np.ascontiguousarray(unit_rows(X) if self.metric == "cosine" else X)
-        self.device_ = self._resolve_device(torch)
+        self.device_ = _torch.resolve_device(self.device, "the torch backend")
         self._Xt = _as_tensor(torch, self._X, self.device_)
         self._sqnorm = (self._Xt * self._Xt).sum(dim=1)
         return self
@@ -137,42 +115,40 @@ class TorchBackend:
         step = self._block_rows(torch, row_bytes)
         dist = np.empty((nq, k), dtype=self._X.dtype) if return_distance else None
         ind = np.empty((nq, k), dtype=np.int64)
-        threads = resolve_threads(self.n_jobs)
-        prev = torch.get_num_threads()
-        if threads is not None:
-            torch.set_num_threads(threads)
-        try:
-            with torch.no_grad():
-                for start in progress(range(0, nq, step), self.verbose, "torch k-NN search",
-                                      total=-(-nq // step)):
-                    stop = min(start + step, nq)
-                    q = Xt[start:stop] if self_query else _as_tensor(
-                        torch, Q[start:stop], self.device_)
-                    # ranking values: |q|^2 is constant along a row, left out
-                    sq = torch.addmm(self._sqnorm[None, :], q, Xt.T, beta=1, alpha=-2)
-                    if self_query:
-                        rows = torch.arange(stop - start, device=sq.device)
-                        sq[rows, start + rows] = float("inf")
-                    if not return_distance:
-                        # ids only: topk's own order (by the expansion)
-                        _, cand = torch.topk(sq, k, dim=1, largest=False, sorted=True)
-                        del sq
-                        ind[start:stop] = cand.cpu().numpy()
-                        continue
-                    _, cand = torch.topk(sq, k, dim=1, largest=False, sorted=False)
+        with pool_threads(torch.get_num_threads, torch.set_num_threads, self.n_jobs), \
+                torch.no_grad():
+            for start in progress(range(0, nq, step), self.verbose, "torch k-NN search",
+                                  total=-(-nq // step)):
+                stop = min(start + step, nq)
+                q = Xt[start:stop] if self_query else _as_tensor(
+                    torch, Q[start:stop], self.device_)
+                # ranking values: |q|^2 is constant along a row, left out
+                sq = torch.addmm(self._sqnorm[None, :], q, Xt.T, beta=1, alpha=-2)
+                if self_query:
+                    rows = torch.arange(stop - start, device=sq.device)
+                    sq[rows, start + rows] = float("inf")
+                if not return_distance:
+                    # ids only: topk's own order (by the expansion)
+                    _, cand = torch.topk(sq, k, dim=1, largest=False, sorted=True)
                     del sq
-                    diff = Xt[cand]
-                    diff -= q[:, None, :]
-                    exact_sq = (diff * diff).sum(dim=2)
-                    del diff
-                    exact_sq, order = torch.sort(exact_sq, dim=1, stable=True)
-                    cand = torch.gather(cand, 1, order)
-                    dist[start:stop] = squared_to_metric(exact_sq.cpu().numpy(), self.metric)
                     ind[start:stop] = cand.cpu().numpy()
-        finally:
-            if threads is not None:
-                torch.set_num_threads(prev)
+                    continue
+                _, cand = torch.topk(sq, k, dim=1, largest=False, sorted=False)
+                del sq
+                diff = Xt[cand]
+                diff -= q[:, None, :]
+                exact_sq = (diff * diff).sum(dim=2)
+                del diff
+                exact_sq, order = torch.sort(exact_sq, dim=1, stable=True)
+                cand = torch.gather(cand, 1, order)
+                dist[start:stop] = squared_to_metric(exact_sq.cpu().numpy(), self.metric)
+                ind[start:stop] = cand.cpu().numpy()
         return (dist, ind) if return_distance else ind
+
+    def refine_neighbors(self, X, ind, graph):
+        """``ind`` as it is: an exact search has nothing to refine (see
+        :mod:`nonn.neighbors._base`)."""
+        return ind
 
 
 def _as_tensor(torch, a, device):

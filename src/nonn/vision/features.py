@@ -8,36 +8,17 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
+from .. import _torch
 from . import _images
 
 #: ``layers`` of :class:`ImageFeatureExtractor`: the last pooled feature,
 #: or mid-level blocks and the last, pooled and concatenated
 LAYERS = ("last", "multi")
 
-TORCH_HINT = ("nonn's image features need torch. Install the CPU build first, then the "
-              "extra: pip install torch==2.13.0 \"nonn[vision]\"")
-
 
 def import_torch():
     """``torch``, or an ImportError that says how to install it."""
-    try:
-        import torch
-    except ImportError:
-        raise ImportError(TORCH_HINT) from None
-    return torch
-
-
-def resolve_device(device):
-    torch = import_torch()
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
-        raise ValueError(f"The 'device' parameter must be 'auto', 'cpu' or 'cuda'. Got "
-                         f"{device!r} instead.")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but torch sees no CUDA device here; use "
-                         "device='cpu' or 'auto'.")
-    return str(device)
+    return _torch.import_torch("nonn's image features", extra="vision")
 
 
 def show_progress(verbose):
@@ -122,7 +103,7 @@ class ImageFeatureExtractor(TransformerMixin, BaseEstimator):
         from .backbones import load_backbone
 
         self._check_params()
-        self.device_ = resolve_device(self.device)
+        self.device_ = _torch.resolve_device(self.device, "ImageFeatureExtractor")
         self.backbone_ = load_backbone(self.backbone, self.weights, self.device_)
         self.n_features_out_ = int(self.backbone_.feature_dim)
         if self.layers == "multi":

@@ -1,13 +1,23 @@
-"""Feature re-ordering and partition into sets (paper Sec. 3).
+"""The paper's Sec. 3 layout: feature re-ordering, partition into sets,
+the grid the Eq. 2 kernels index by, and the relative eigenvalue floors.
 
-Pure functions on arrays; no estimator state.
+The training data are stored with their D columns re-ordered (not padded;
+search backends see plain D-dimensional rows). Set s holds columns
+``s*L .. s*L + sizes[s]``; only the last set may be shorter. A shorter last
+set of ``r < L`` features is decomposed on its own ``r x r`` covariance; its
+eigenvectors sit in the top-left ``r x r`` block of an ``L x L`` block whose
+padding is zero, and its padded eigenvalue slots count for nothing.
+
+Pure functions on arrays, plus :func:`fit_grid`, which stores a fitted
+layout on an estimator (the attributes of :data:`GRID_STATE_SPEC`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ._local_eigen import column_variance, floor_scale_from_variance
+from ._state import Array, Int, permutation
+from ._state import set_sizes as valid_set_sizes
 
 
 def abs_correlation(X):
@@ -142,3 +152,90 @@ def set_sizes(n_features, set_size):
     L = min(int(set_size), n_features)
     full, rest = divmod(n_features, L)
     return np.array([L] * full + ([rest] if rest else []), dtype=np.int64)
+
+
+#: an estimator's fitted layout (see BaseDetector._state_spec)
+GRID_STATE_SPEC = {
+    "feature_order_": Array("D", dtype="int64", check=permutation),
+    "set_sizes_": Array("S", dtype="int64", check=valid_set_sizes),
+    "eig_floor_": Array("S", positive=True),
+    "set_size_": Int(1, "D", binds="L"),
+}
+
+
+def fit_grid(det, X, set_size, eig_floor):
+    """Learn the layout of ``X`` for the set size ``set_size`` (resolved:
+    at most the number of features) with the estimator's ``reorder``, store
+    it on ``det`` (``set_size_``, ``feature_order_``, ``set_sizes_``,
+    ``eig_floor_``; see :func:`grid_from_statistics`) and return ``X`` on
+    it."""
+    det.set_size_ = int(set_size)
+    gram, var = grid_statistics(X, det.set_size_, det.reorder)
+    det.feature_order_, det.set_sizes_, det.eig_floor_ = grid_from_statistics(
+        gram, var, det.set_size_, det.reorder, eig_floor, X.dtype)
+    return permute(X, det.feature_order_)
+
+
+def permute(X, order):
+    """``X[:, order]`` as a C-contiguous array (``np.take`` along the rows:
+    several times faster than fancy indexing of the columns)."""
+    return np.ascontiguousarray(np.take(X, order, axis=1))
+
+
+def pad(A, width):
+    """Zero-pad the last axis of ``A`` to ``width``."""
+    d = A.shape[-1]
+    if d == width:
+        return A
+    out = np.zeros(A.shape[:-1] + (width,), dtype=A.dtype)
+    out[..., :d] = A
+    return out
+
+
+def diff_grid(Qg, Xg, idx, sizes, set_size):
+    """(q, k, S, L) differences between grid queries ``Qg`` and their
+    neighbours ``idx`` (q, k), rows of ``Xg``; padding 0."""
+    diff = pad(Qg[:, None, :] - Xg[idx], len(sizes) * set_size)
+    return diff.reshape(idx.shape + (len(sizes), set_size))
+
+
+# ---------------------------------------------------- the eigenvalue floors
+def floor_scale_from_variance(var, sizes, set_size):
+    """Per-set reference variance for the relative eigenvalue floor, from
+    the per-column variances ``var`` of the grid data: the mean variance of
+    the set's features over the training set. Falls back to the mean over
+    all features for a constant set, and to 1 for constant data."""
+    n_sets = len(sizes)
+    var = pad(var, n_sets * set_size).reshape(n_sets, set_size)
+    per_set = var.sum(axis=1) / sizes
+    total = var.sum() / sizes.sum()
+    if total <= 0:
+        total = 1.0
+    return np.where(per_set > 0, per_set, total)
+
+
+def column_variance(X, block=4096):
+    """``X.var(axis=0)`` in float64, two-pass, without a float64 copy of
+    ``X``: centred blocks of rows in X's dtype, squares summed in float64."""
+    mean = X.mean(axis=0, dtype=np.float64)
+    return variance_from_sums(squared_deviations(X, mean, block), X.shape[0], mean, X.dtype)
+
+
+def squared_deviations(X, mean, block=4096):
+    """Float64 column sums of ``(X - mean)**2``, the deviations taken in X's
+    dtype from ``mean`` rounded to it (summed over row partitions with the
+    global mean, the sums of the whole matrix)."""
+    mu = np.asarray(mean, dtype=np.float64).astype(X.dtype)
+    acc = np.zeros(X.shape[1])
+    for start in range(0, X.shape[0], block):
+        dev = X[start:start + block] - mu
+        acc += np.einsum("ij,ij->j", dev, dev, dtype=np.float64)
+    return acc
+
+
+def variance_from_sums(sq, n, mean, dtype):
+    """Column variances from :func:`squared_deviations` over ``n`` rows."""
+    mean = np.asarray(mean, dtype=np.float64)
+    # the rounding of the mean to dtype: E[(x - mu)^2] = var + (mean - mu)^2
+    shift = mean - mean.astype(dtype)
+    return np.maximum(np.asarray(sq) / max(n, 1) - shift * shift, 0.0)
