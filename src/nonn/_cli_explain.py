@@ -30,7 +30,7 @@ def _note(message):
 
 # ----------------------------------------------------------------- explain
 def _check_explain_output(path):
-    ext = _io._extension(path)
+    ext = _io.extension(path)
     if ext not in EXPLAIN_FORMATS:
         raise ValueError(f"Cannot write explanations to {path!r}: unknown extension "
                          f"{ext or '(none)'!r}. Expected .csv (the top features of each "

@@ -513,7 +513,7 @@ def _looks_like_model(path):
 def _load_detector(args):
     """The model of `nonn score`, refused with the right command when it is
     an image model or when MODEL and QUERIES are swapped."""
-    if (_io._extension(args.model) in _io.MATRIX_FORMATS
+    if (_io.extension(args.model) in _io.MATRIX_FORMATS
             and not _looks_like_model(args.model) and _looks_like_model(args.queries)):
         raise ValueError(f"MODEL and QUERIES look swapped: {args.queries!r} is the model file "
                          f"and {args.model!r} the data. The model comes first: nonn score "
@@ -632,7 +632,7 @@ def _score_on_cluster(args, cluster):
     from .distributed import DistributedKNNN, read_shards
 
     zarr_out = args.output.rstrip("/\\").endswith(".zarr")
-    folder = zarr_out or _io._extension(args.output) == "" or os.path.isdir(args.output)
+    folder = zarr_out or _io.extension(args.output) == "" or os.path.isdir(args.output)
     if folder:
         parent = os.path.dirname(os.path.abspath(args.output))
         if not os.path.isdir(parent):
@@ -683,7 +683,7 @@ def _count_flagged(folder, zarr_out=False):
         import zarr
 
         return int((zarr.open_group(folder, mode="r")["label"][:] == -1).sum())
-    _, pq = _io._pyarrow()
+    _, pq = _io.import_pyarrow()
     return int((pq.read_table(folder, columns=["label"]).column("label").to_numpy() == -1).sum())
 
 
