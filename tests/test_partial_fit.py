@@ -7,7 +7,6 @@ where nothing frozen differs (the graph and eigen-states), and the naive
 oracle of tests/oracles.py with the frozen floors (the held-out scores).
 """
 
-import copy
 import os
 import subprocess
 import sys
@@ -17,31 +16,11 @@ import numpy as np
 import pytest
 from oracles import naive_floor, naive_knnn_scores, naive_sets
 
-from nonn import KNN, KNNN, GlobalEigenKNN, LocalEigenKNN, _update, load
+from nonn import KNN, KNNN, GlobalEigenKNN, LocalEigenKNN, load
 from nonn._base import CappedParameterWarning
-from nonn._validation import check_array_input
+from nonn._update import frozen_fit
 
 TOL = 1e-9
-
-
-def frozen_fit(det, X):
-    """The model a fit on the rows ``X`` gives with ``det``'s frozen global
-    statistics (input transforms, feature order, eigenvalue floors, the
-    "auto" choices), built from scratch with fit's own steps: the reference
-    ``partial_fit`` is equal to. Returns a new detector; ``det`` is left as
-    it is."""
-    _update._check_local(det, "frozen_fit")
-    work = copy.copy(det)
-    Xw = det._preprocess(check_array_input(det, X, reset=False).astype(det.dtype_, copy=False))
-    if isinstance(det, KNNN):
-        _update.knnn_frozen_state(det, work, det._to_grid(Xw))
-    elif isinstance(det, GlobalEigenKNN):
-        loo = work._fit(Xw)
-        _update.set_threshold(work, -np.asarray(work._to_user_units(loo, "training")), None)
-    else:
-        _update._neighbour_refit(det, work, det._transform(Xw))
-    work.__dict__.pop("_last_update", None)
-    return work
 
 
 def data(seed=0, n=150, n_new=40, d=10, n_q=20):

@@ -9,8 +9,8 @@ matrix, each resolved by the data-type rule), the feature order of the sets
 "auto" parameter the label-free selection picked. New data would change
 each of them, and each change moves every score. ``partial_fit`` keeps them
 as the first fit learned them, so the result is **the model a fit on all the
-rows would give with those statistics** (the tests compute that model from
-scratch, with this module's steps, and compare the two). Only the local state is
+rows would give with those statistics** (:func:`frozen_fit` computes that
+model from scratch; the tests compare the two). Only the local state is
 updated:
 
 * ``KNNN``: every new row gets its neighbourhood (K' - 1 nearest others)
@@ -408,6 +408,28 @@ def _searched_others(work, search, nbhd, new_lists, n_old, R_ids, m, k):
         fill(R_ids)
     fill(others[R_ids, :k].reshape(-1))
     return others
+
+
+def frozen_fit(det, X):
+    """The model a fit on the rows ``X`` gives with ``det``'s frozen global
+    statistics (input transforms, feature order, eigenvalue floors, the
+    "auto" choices): the reference ``partial_fit`` is equal to. Returns a
+    new detector; ``det`` is left as it is."""
+    _check_local(det, "frozen_fit")
+    work = copy.copy(det)
+    Xw = det._preprocess(check_array_input(det, X, reset=False).astype(det.dtype_, copy=False))
+    # by class name: the estimators import this module, so it imports none of them
+    kinds = {cls.__name__ for cls in type(det).__mro__}
+    if "KNNN" in kinds:
+        knnn_frozen_state(det, work, det._to_grid(Xw))
+    elif "GlobalEigenKNN" in kinds:
+        loo = work._fit(Xw)
+        set_threshold(work, -np.asarray(work._to_user_units(loo, "training")), None)
+    else:
+        _neighbour_refit(det, work, det._transform(Xw))
+    for name in ("_last_update",):
+        work.__dict__.pop(name, None)
+    return work
 
 
 # ------------------------------------------------------------- baselines
