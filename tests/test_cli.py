@@ -338,10 +338,10 @@ def test_capped_parameter_is_a_one_line_warning(tmp_path, data, capsys):
 
 
 def test_help_defaults_are_the_estimators():
-    from nonn.cli import _FIT_OPTIONS
+    from nonn.cli._common import FIT_OPTIONS
 
     defaults = nonn.KNNN().get_params()
-    for flag, name, kwargs in _FIT_OPTIONS:
+    for flag, name, kwargs in FIT_OPTIONS:
         default = "none" if defaults[name] is None and name == "scale" else defaults[name]
         assert f"default: {default})" in kwargs["help"], flag
 

@@ -680,7 +680,7 @@ def test_held_out_calibration_subset_equals_knnn(client, monkeypatch, set_size):
     """More training rows than CALIBRATION_ROWS: the same seeded subset of
     calibration rows, each scored out of sample as KNNN scores it (its
     neighbours' neighbourhoods without it)."""
-    monkeypatch.setattr(nonn._knnn, "CALIBRATION_ROWS", 40)
+    monkeypatch.setattr(nonn._base, "CALIBRATION_ROWS", 40)
     X, Q = data(25, n=200)
     det = DistributedKNNN(client=client, backend="brute", set_size=set_size,
                           n_neighbors_of_neighbors=10, n_neighbors=4)

@@ -23,7 +23,7 @@ import pytest
 import hostile as H
 import nonn
 from nonn import KNN, KNNN, GlobalEigenKNN, LocalEigenKNN, ModelFileError, load
-from nonn import persistence
+from nonn import _model_file, persistence
 from nonn.cli import main
 
 X = np.random.default_rng(0).normal(size=(500, 8))
@@ -694,7 +694,7 @@ def _legacy_image_file(system, path):
     arrays = {name.rstrip("_"): getattr(system, name) for name in system._extra_arrays}
     meta = {"format": "nonn-vision-model", "format_version": 1,
             "nonn_version": nonn.__version__, "system": type(system).__name__,
-            "params": persistence._jsonable(system.get_params()),
+            "params": _model_file.jsonable(system.get_params()),
             "arrays": {k: {"shape": list(v.shape), "dtype": v.dtype.str}
                        for k, v in arrays.items()}}
     with open(path, "wb") as fh:

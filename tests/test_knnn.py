@@ -455,9 +455,9 @@ def test_auto_with_few_rows_keeps_the_defaults():
 def test_threshold_rows_beyond_the_calibration_cap(monkeypatch):
     """Above CALIBRATION_ROWS training rows, a seeded subset is scored out of
     sample for the threshold; fit_predict scores every row."""
-    from nonn import _knnn
+    from nonn import _base
 
-    monkeypatch.setattr(_knnn, "CALIBRATION_ROWS", 50)
+    monkeypatch.setattr(_base, "CALIBRATION_ROWS", 50)
     rng = np.random.default_rng(3)
     X = rng.normal(size=(120, 6))
     det = KNNN(n_neighbors_of_neighbors=10).fit(X)

@@ -134,9 +134,9 @@ def test_held_out_scores_match_the_naive_oracle_with_frozen_floors():
 def test_calibration_subset_beyond_the_cap(monkeypatch):
     """Above CALIBRATION_ROWS a fit scores a seeded subset that depends on
     the row count: after an update it is the union's subset."""
-    from nonn import _knnn
+    from nonn import _base
 
-    monkeypatch.setattr(_knnn, "CALIBRATION_ROWS", 60)
+    monkeypatch.setattr(_base, "CALIBRATION_ROWS", 60)
     X, X_new, Q = data(5)
     params = dict(n_neighbors=3, n_neighbors_of_neighbors=12, set_size=4)
     det = add_in_batches(KNNN(**params).fit(X), X_new, [3, 37])

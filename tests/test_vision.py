@@ -67,7 +67,7 @@ def test_vision_imports_without_torch_and_says_how_to_install():
         "        if name == 'torch' or name.startswith('torch.'):\n"
         "            raise ImportError('No module named torch')\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import nonn.vision, nonn.vision.cli, nonn.vision.systems, nonn.vision.datasets\n"
+        "import nonn.vision, nonn.cli.images, nonn.vision.systems, nonn.vision.datasets\n"
         "from nonn.cli import main\n"
         "sys.exit(main(['fit-images', '.', '-o', 'm.nonn']))\n"
     )

@@ -161,7 +161,7 @@ def _info(capsys, *args):
 
 
 def test_info_describes_a_spade_image_model(spade_model, capsys):
-    from nonn.cli import _human_bytes
+    from nonn.cli._common import human_bytes
 
     capsys.readouterr()
     rc, out, err = _info(capsys, spade_model)
@@ -169,7 +169,7 @@ def test_info_describes_a_spade_image_model(spade_model, capsys):
     system = load(spade_model)
     lines = {line.split(":", 1)[0].strip(): line.split(":", 1)[1].strip()
              for line in out.splitlines() if ":" in line and not line.startswith(" ")}
-    assert lines["model"] == (f"{spade_model} ({_human_bytes(spade_model.stat().st_size)} "
+    assert lines["model"] == (f"{spade_model} ({human_bytes(spade_model.stat().st_size)} "
                               "on disk)")
     assert lines["format"].startswith("nonn-vision-model version 3")
     assert lines["system"] == "SPADE (nn = knnn: KNNN detector)"

@@ -10,6 +10,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from . import _data_scale
 from ._chunks import chunk_rows, progress
+from ._model_file import save_detector
 from ._preprocess import fit_whitening, l2_rows, whiten
 from ._scaling import SCALINGS, apply_column_scaling, fit_column_scaling
 from ._state import Array, Int, Optional, Real, Str, Strings
@@ -23,6 +24,33 @@ AUTO_CONTAMINATION = 0.01
 
 #: fitted arrays of every detector's threshold and p-values
 CALIBRATION_ARRAYS = ("calibration_rows_", "calibration_scores_")
+
+
+#: training rows whose held-out scores set the threshold (all of them below
+#: this many; a seeded random subset above): each costs k eigen-decompositions
+CALIBRATION_ROWS = 2000
+
+
+def calibration_rows(n, all_rows=False, whitened=False):
+    """The training rows a fit scores out of sample for its threshold:
+    ``None`` (all) up to :data:`CALIBRATION_ROWS`, else that many, drawn
+    with a fixed seed (the same data give the same threshold).
+
+    With whitening (``whitened``) at most half the rows: the whitening is
+    then estimated from the other rows, so that it is out of sample for the
+    calibration rows too (a covariance estimated with a row in it makes that
+    row look more normal than new data, and the threshold would flag far
+    more new normals than asked: docs/guide.md). ``all_rows``
+    (``fit_predict``) scores every row, the whitening then from all of them.
+    """
+    if all_rows:
+        return None
+    if whitened:
+        return np.sort(np.random.default_rng(0).choice(n, min(CALIBRATION_ROWS, n // 2),
+                                                       replace=False))
+    if n <= CALIBRATION_ROWS:
+        return None
+    return np.sort(np.random.default_rng(0).choice(n, CALIBRATION_ROWS, replace=False))
 
 
 def _preprocess_arrays(params):
@@ -342,7 +370,7 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
         """The training rows whose held-out scores will set the threshold
         (None: all), known before the whitening is estimated: the whitening
         is estimated without them. ``KNNN`` holds out half the rows when it
-        whitens (:func:`nonn._knnn.calibration_rows`); the baselines score
+        whitens (:func:`calibration_rows`); the baselines score
         every row, so their (optional) whitening sees the rows it scores."""
         return None
 
@@ -572,9 +600,7 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
     def save(self, path):
         """Save the fitted detector to ``path`` in nonn's safe format
         (npz arrays + JSON metadata, never pickle). See :func:`nonn.load`."""
-        from .persistence import save
-
-        save(self, path)
+        save_detector(self, path)
         return path
 
     def __sklearn_tags__(self):

@@ -41,7 +41,8 @@ _PYARROW_HINT = 'Parquet files need pyarrow: pip install "nonn[io]" (or pip inst
 _CSV_CHUNK = 65536
 
 
-def _extension(path):
+def extension(path):
+    """The file extension of ``path``, lower case (``''`` for none)."""
     return os.path.splitext(os.fspath(path))[1].lower()
 
 
@@ -49,7 +50,9 @@ def _formats(exts):
     return ", ".join(exts[:-1]) + " or " + exts[-1]
 
 
-def _pyarrow():
+def import_pyarrow():
+    """``(pyarrow, pyarrow.parquet)``, or an ImportError saying how to
+    install them."""
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -109,7 +112,7 @@ def read_table(path, key=None, header="auto"):
         A parquet file without pyarrow installed.
     """
     path = os.fspath(path)
-    ext = _extension(path)
+    ext = extension(path)
     if ext not in MATRIX_FORMATS:
         raise ValueError(
             f"Cannot read {path!r}: unknown extension {ext or '(none)'!r}. "
@@ -395,7 +398,7 @@ def _read_csv(path, header):
 
 
 def _read_parquet(path, key):
-    pa, pq = _pyarrow()
+    pa, pq = import_pyarrow()
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError, ValueError) as exc:
@@ -484,14 +487,14 @@ def check_scores_path(path):
     """Check early that scores can be written to ``path`` (format, pyarrow,
     existing folder), before any long computation. Returns the extension."""
     path = os.fspath(path)
-    ext = _extension(path)
+    ext = extension(path)
     if ext not in SCORE_FORMATS:
         raise ValueError(
             f"Cannot write scores to {path!r}: unknown extension {ext or '(none)'!r}. "
             f"Expected {_formats(SCORE_FORMATS)}."
         )
     if ext == ".parquet":
-        _pyarrow()
+        import_pyarrow()
     check_output_folder(path)
     return ext
 
@@ -574,11 +577,14 @@ def _write_npz(fh, cols):
 
 
 def _write_parquet(fh, cols):
-    pa, pq = _pyarrow()
+    pa, pq = import_pyarrow()
     pq.write_table(pa.table(cols), fh)
 
 
-def _umask():
+def current_umask():
+    """The process's file-creation mask (read without changing it): the
+    permissions a new file or folder gets are ``0o666`` / ``0o777`` without
+    its bits."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -655,7 +661,7 @@ def atomic_write(path, write):
     except OSError:
         mode = None
     if mode is None:
-        mode = 0o666 & ~_umask()
+        mode = 0o666 & ~current_umask()
     fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{_host_tag()}-{os.getpid()}-",
                                suffix=_TMP_SUFFIX, dir=folder)
     try:
@@ -714,7 +720,7 @@ def shard_paths(folder):
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder!r} is not a folder of shards.")
     paths = [os.path.join(folder, name) for name in sorted(os.listdir(folder))
-             if not name.startswith(".") and _extension(name) in SHARD_FORMATS
+             if not name.startswith(".") and extension(name) in SHARD_FORMATS
              and os.path.isfile(os.path.join(folder, name))]
     if not paths:
         raise ValueError(
@@ -728,7 +734,7 @@ def shard_info(path, key=None):
     (``.npy``) or metadata (``.parquet``) without loading the rows (a list
     column's length is read from its first row)."""
     path = os.fspath(path)
-    if _extension(path) == ".npy":
+    if extension(path) == ".npy":
         if key is not None:
             raise ValueError(f"A key ({key!r}) names a column in .parquet shards; {path!r} is "
                              "a .npy file. Drop the key.")
@@ -738,7 +744,7 @@ def shard_info(path, key=None):
             raise ValueError(f"Cannot read {path!r} as a .npy array: {exc}") from exc
         _check_matrix(A[:0], path)
         return A.shape[0], A.shape[1], A.dtype
-    pa, pq = _pyarrow()
+    pa, pq = import_pyarrow()
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError, ValueError) as exc:

@@ -7,8 +7,8 @@ import warnings
 
 import numpy as np
 
-from ._base import (BaseDetector, CappedParameterWarning, cap, resolve_floor, resolve_set_size,
-                    warn_contaminated)
+from ._base import (BaseDetector, CappedParameterWarning, calibration_rows, cap, resolve_floor,
+                    resolve_set_size, warn_contaminated)
 from ._eq2 import aggregate_terms, eigen_row_bytes, eigen_width, neighborhood_eigen, score_terms
 from ._layout import GRID_STATE_SPEC, fit_grid, permute
 from ._state import Array, Dict, Int, Optional, Real
@@ -696,33 +696,6 @@ class KNNN(BaseDetector):
         pick = next(c for c, a in keyed if a >= best - AUTO_TIE)
         table = sorted(keyed, key=lambda ca: -ca[1])
         return pick, table
-
-
-#: training rows whose held-out scores set the threshold (all of them below
-#: this many; a seeded random subset above): each costs k eigen-decompositions
-CALIBRATION_ROWS = 2000
-
-
-def calibration_rows(n, all_rows=False, whitened=False):
-    """The training rows a fit scores out of sample for its threshold:
-    ``None`` (all) up to :data:`CALIBRATION_ROWS`, else that many, drawn
-    with a fixed seed (the same data give the same threshold).
-
-    With whitening (``whitened``) at most half the rows: the whitening is
-    then estimated from the other rows, so that it is out of sample for the
-    calibration rows too (a covariance estimated with a row in it makes that
-    row look more normal than new data, and the threshold would flag far
-    more new normals than asked: docs/guide.md). ``all_rows``
-    (``fit_predict``) scores every row, the whitening then from all of them.
-    """
-    if all_rows:
-        return None
-    if whitened:
-        return np.sort(np.random.default_rng(0).choice(n, min(CALIBRATION_ROWS, n // 2),
-                                                       replace=False))
-    if n <= CALIBRATION_ROWS:
-        return None
-    return np.sort(np.random.default_rng(0).choice(n, CALIBRATION_ROWS, replace=False))
 
 
 def _swap_features(H, rho, rng):

@@ -24,7 +24,7 @@ core's own function:
    *halo*, :class:`~nonn.distributed._tasks.Halo`) and computes their
    eigen-state where its data live;
 6. the held-out scores of the calibration rows
-   (:func:`nonn._knnn.calibration_rows`): each (row, neighbour) pair is
+   (:func:`nonn._base.calibration_rows`): each (row, neighbour) pair is
    scored on the neighbour's partition, with the neighbour's neighbourhood
    without the row (:func:`nonn._knnn.held_out_groups`), and the threshold
    is the core's (:meth:`nonn._base.BaseDetector._fit_threshold`).
@@ -55,10 +55,11 @@ import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
 from .. import _data_scale
-from .._base import conformal_pvalues, resolve_floor, resolve_n_jobs, resolve_transforms
+from .._base import (calibration_rows, conformal_pvalues, resolve_floor, resolve_n_jobs,
+                     resolve_transforms)
 from .._eq2 import DUAL, eigen_form, eigen_width
-from .._io import _umask
-from .._knnn import KNNN, calibration_rows, resolve_counts, search_width
+from .._io import current_umask
+from .._knnn import KNNN, resolve_counts, search_width
 from .._layout import grid_from_statistics, needs_order, permute, variance_from_sums
 from .._preprocess import l2_rows, ledoit_wolf_from_moments, whiten, whitening_matrix
 from .._preprocess import whitening_moments
@@ -163,7 +164,7 @@ class DistributedKNNN(KNNN):
         (``det.client_.compute(a, sync=True)``, or ``a.compute()`` while it
         is the default client).
     train_scores_, calibration_rows_, calibration_scores_ : ndarray
-        As in ``KNNN`` (at most ``nonn._knnn.CALIBRATION_ROWS`` values
+        As in ``KNNN`` (at most ``nonn._base.CALIBRATION_ROWS`` values
         after ``fit``; every training row after ``fit_predict``), on the
         client.
     Others as :class:`~nonn.KNNN` (numpy, on the client).
@@ -700,7 +701,7 @@ class DistributedKNNN(KNNN):
         try:
             # mkdtemp makes the folder private (0700); the output gets the
             # permissions of any new folder there
-            os.chmod(tmp, 0o777 & ~_umask())
+            os.chmod(tmp, 0o777 & ~current_umask())
             if zarr_out:
                 _create_score_group(tmp, len(scores), step, scores.dtype, offset)
                 parts = [dask.delayed(_tasks.write_zarr_block)(tmp, int(starts[b]), blk, offset)

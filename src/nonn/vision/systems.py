@@ -267,14 +267,14 @@ def _system_state(system):
     detector's under ``detector/``, and the metadata (the detector's nested
     under ``"detector"``), checked as :func:`load` checks them."""
     from nonn import __version__
-    from nonn.persistence import _jsonable, state as detector_state
+    from nonn._model_file import detector_state, jsonable
 
     det_arrays, det_meta = detector_state(system.detector_)
     arrays = {name.rstrip("_"): np.ascontiguousarray(getattr(system, name))
               for name in system._saved_arrays()}
     meta = {"format": VISION_FORMAT, "format_version": VISION_FORMAT_VERSION,
             "nonn_version": __version__, "system": type(system).__name__,
-            "params": _jsonable(system.get_params()),
+            "params": jsonable(system.get_params()),
             "arrays": {k: {"shape": list(v.shape), "dtype": v.dtype.str}
                        for k, v in arrays.items()},
             "detector": det_meta}
@@ -1211,7 +1211,7 @@ def _check_meta(meta, where):
     if cls is None:
         raise ModelFileError(f"{where} names an unknown image system "
                              f"{meta.get('system')!r}.")
-    from nonn.persistence import check_array_table
+    from nonn._model_file import check_array_table
 
     keys = ("params", "arrays") + (("detector",) if version >= 2 else ())
     for key in keys:
@@ -1245,7 +1245,7 @@ def read_meta(path):
     reading the stored arrays. Raises
     :class:`nonn.persistence.ModelFileError` for a file that is not a
     readable image model."""
-    from nonn.persistence import check_meta
+    from nonn._model_file import check_meta
 
     with _archive.Archive.open(path, "image model", _CREATE) as ar:
         meta = ar.meta()
@@ -1344,7 +1344,7 @@ def load(path):
     against the detector and the parameters; a file that fails raises
     :class:`nonn.persistence.ModelFileError` naming what is wrong.
     """
-    from nonn.persistence import load_detector
+    from nonn._model_file import load_detector
 
     with _archive.Archive.open(path, "image model", _CREATE) as ar:
         where = ar.where

@@ -1,4 +1,4 @@
-"""The image subcommands of ``nonn`` (the ``vision`` extra)::
+"""The image commands of ``nonn`` (the ``vision`` extra)::
 
     nonn fit-images DIR -o MODEL [--system feature|spade] [--nn knnn|knn]
                     [--backbone NAME] [--weights FILE] [options]
@@ -7,8 +7,9 @@
     nonn eval-images MODEL TEST_DIR [--masks DIR] [-o OUTDIR]
     nonn export MODEL -o MODEL.onnx
 
-This module imports without torch; the commands load it when they run and
-say how to install it when it is missing.
+and the image-model half of ``nonn calibrate`` and ``nonn info``. This
+module imports without torch; the commands load it when they run and say
+how to install it when it is missing.
 """
 
 from __future__ import annotations
@@ -17,43 +18,26 @@ import argparse
 import csv
 import io
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-# one parser for the contamination option, one set of progress flags, one
-# phrasing of errors in flags
-from ..cli import _contamination, _fdr, _in_flags, add_progress_option
-
-
-def _note(message):
-    print(f"nonn: {message}", file=sys.stderr)
-
-
-def _positive_int(text):
-    try:
-        v = int(text)
-    except ValueError:
-        v = 0
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
-    return v
-
-
-def _verbose(args):
-    """Progress bars: --progress / --no-progress, else "auto" (a terminal)."""
-    return "auto" if args.progress is None else bool(args.progress)
-
+from .. import _io
+from .._base import conformal_pvalues, fdr_labels
+from ..persistence import ModelFileError, read_meta
+from ._common import (add_shared_options, array_bytes, flagged_how, human_bytes, image_verbose,
+                      note, parse_contamination, parse_positive_int, phrased_in_flags,
+                      print_arrays, print_calibrate, print_threshold, print_values,
+                      threshold_summary, warn_few)
 
 def _given_paths(sources):
     """The image files named on the command line (not those found in folders)."""
     return [("an input image", p) for p in sources if os.path.isfile(p)]
 
 
-def _require_vision():
-    from .features import import_torch
+def require_vision():
+    from ..vision.features import import_torch
 
     import_torch()
     try:
@@ -65,11 +49,9 @@ def _require_vision():
 
 # --------------------------------------------------------------- fit-images
 def _cmd_fit_images(args):
-    _require_vision()
-    from nonn import _io
-
-    from . import _images
-    from .systems import SYSTEMS
+    require_vision()
+    from ..vision import _images
+    from ..vision.systems import SYSTEMS
 
     _io.check_output_folder(args.output)
     _io.check_not_an_input(args.output, _given_paths(args.images))
@@ -78,7 +60,7 @@ def _cmd_fit_images(args):
         images += _images.as_image_list(src)
     params = dict(nn=args.nn, backbone=args.backbone, weights=args.weights,
                   image_size=args.image_size, batch_size=args.batch_size, device=args.device,
-                  verbose=_verbose(args), contamination=args.contamination)
+                  verbose=image_verbose(args), contamination=args.contamination)
     if args.n_neighbors is not None:
         params["n_neighbors"] = args.n_neighbors
     if args.n_neighbors_of_neighbors is not None:
@@ -93,8 +75,8 @@ def _cmd_fit_images(args):
         params["map_nn"] = args.map_nn
         params.update({k: v for k, v in spade_only.items() if v is not None})
     elif args.map_nn != "knn" or any(v is not None for v in spade_only.values()):
-        _note("note: --map-nn, --map-neighbors-of-neighbors, --image-score and --coreset-ratio "
-              "apply to --system spade; ignored.")
+        note("note: --map-nn, --map-neighbors-of-neighbors, --image-score and --coreset-ratio "
+             "apply to --system spade; ignored.")
     if args.layers is not None:
         if args.system != "feature":
             raise ValueError("--layers applies to --system feature.")
@@ -128,10 +110,8 @@ def _heatmap_names(paths):
     return names
 
 
-def _refuse_detector_model(path):
+def refuse_detector_model(path):
     """A model from `nonn fit` (not an image model): name the command for it."""
-    from nonn.persistence import ModelFileError, read_meta
-
     try:
         read_meta(path)
     except (ModelFileError, OSError):
@@ -141,16 +121,14 @@ def _refuse_detector_model(path):
 
 
 def _cmd_score_images(args):
-    from nonn import _io
-
     if not args.output.lower().endswith(".csv"):
         raise ValueError(f"--output must be a .csv file; got {args.output!r}.")
     _io.check_output_folder(args.output)
     _io.check_not_an_input(args.output, [("MODEL", args.model)] + _given_paths(args.images))
-    _refuse_detector_model(args.model)
-    _require_vision()
-    from . import _images
-    from .systems import SPADE, load
+    refuse_detector_model(args.model)
+    require_vision()
+    from ..vision import _images
+    from ..vision.systems import SPADE, load
 
     system = load(args.model)
     if args.heatmaps is not None and not isinstance(system, SPADE):
@@ -160,10 +138,10 @@ def _cmd_score_images(args):
                    "map_n_neighbors_of_neighbors": args.map_neighbors_of_neighbors}
     map_options = {k: v for k, v in map_options.items() if v is not None}
     if map_options and args.heatmaps is None:
-        _note("note: --map-nn and --map-neighbors-of-neighbors apply to --heatmaps; ignored.")
+        note("note: --map-nn and --map-neighbors-of-neighbors apply to --heatmaps; ignored.")
     elif map_options:
         system.set_params(**map_options)
-    system.set_params(verbose=_verbose(args))
+    system.set_params(verbose=image_verbose(args))
     if args.device is not None:
         system.set_params(device=args.device)
     paths = []
@@ -176,8 +154,6 @@ def _cmd_score_images(args):
     else:
         anomaly = system.anomaly_score(paths)
     seconds = time.perf_counter() - start
-    from nonn._base import conformal_pvalues, fdr_labels
-
     pvalues = conformal_pvalues(anomaly, system.calibration_scores_)
     if args.fdr is None:
         labels = system.labels_from_scores(anomaly)
@@ -195,14 +171,12 @@ def _cmd_score_images(args):
 
     _io.atomic_write(args.output, write)
     n_out = int((labels == -1).sum())
-    from ..cli import flagged_how
-
     print(f"scored {len(paths)} images with {type(system).__name__} in {seconds:.2f} s "
           f"({seconds / len(paths):.3f} s/image): {n_out} flagged as anomalies (label -1) "
           f"{flagged_how(system.detector_, args.fdr, len(paths))}")
     print(f"  wrote {args.output}")
     if maps is not None:
-        from .render import save_pictures
+        from ..vision.render import save_pictures
 
         out = Path(args.heatmaps)
         out.mkdir(parents=True, exist_ok=True)
@@ -226,11 +200,11 @@ def _grid_tile(system, path, amap, size=160):
     """One tile of the worst-misses grid: the image, or (SPADE) its picture."""
     from PIL import Image
 
-    from . import _images
+    from ..vision import _images
 
     img = _images.load_rgb(path)
     if amap is not None:
-        from .render import render
+        from ..vision.render import render
 
         img = render(img, amap, system.map_median_, system.pixel_threshold_)[0]
     im = Image.fromarray(img)
@@ -267,22 +241,20 @@ def _worst_grid(system, paths, labels, scores, maps, out, n=4):
 
 
 def _cmd_eval_images(args):
-    from nonn import _io
-
     out = os.path.abspath(args.output)
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--output {args.output!r} is a file; give a folder.")
     if not os.path.isdir(os.path.dirname(out)):
         raise FileNotFoundError(f"Cannot write to {args.output!r}: the folder "
                                 f"{os.path.dirname(out)!r} does not exist.")
-    _refuse_detector_model(args.model)
-    _require_vision()
-    from . import datasets, metrics
-    from .systems import SPADE, load
+    refuse_detector_model(args.model)
+    require_vision()
+    from ..vision import datasets, metrics
+    from ..vision.systems import SPADE, load
 
     paths, labels, defects, mask_paths = datasets.load_test_folder(args.test_dir, args.masks)
     system = load(args.model)
-    system.set_params(verbose=_verbose(args))
+    system.set_params(verbose=image_verbose(args))
     if args.device is not None:
         system.set_params(device=args.device)
     is_spade = isinstance(system, SPADE)
@@ -365,16 +337,14 @@ def _cmd_eval_images(args):
 
 # ------------------------------------------------------------------- export
 def _cmd_export(args):
-    from nonn import _io
-
     if not args.output.lower().endswith(".onnx"):
         raise ValueError(f"--output must be a .onnx file; got {args.output!r}.")
     _io.check_output_folder(args.output)
     _io.check_not_an_input(args.output, [("MODEL", args.model)])
-    _refuse_detector_model(args.model)
-    _require_vision()
-    from .export import export_onnx
-    from .systems import load
+    refuse_detector_model(args.model)
+    require_vision()
+    from ..vision.export import export_onnx
+    from ..vision.systems import load
 
     system = load(args.model)
     tmp = args.output + ".tmp.onnx"
@@ -394,9 +364,108 @@ def _cmd_export(args):
     return 0
 
 
+# ------------------------------------------------ calibrate and info (images)
+def calibrate_image_model(args, output):
+    """``nonn calibrate`` of a model written by ``nonn fit-images``."""
+    from ..vision import _images
+    from ..vision import systems as vision
+
+    for flag, given in (("--key", args.key), ("--header", args.header != "auto")):
+        if given:
+            note(f"note: {flag} applies to tables, not to images; ignored.")
+    require_vision()
+    system = vision.load(args.model)
+    system.set_params(verbose=image_verbose(args))
+    if args.device is not None:
+        system.set_params(device=args.device)
+    paths = []
+    for src in args.normals:
+        paths += _images.as_image_list(src)
+    before = threshold_summary(system.detector_)
+    start = time.perf_counter()
+    system.calibrate(paths, args.false_alarm_rate)
+    seconds = time.perf_counter() - start
+    warn_few(len(paths), args.false_alarm_rate, "images")
+    # a saved model does not print progress bars when a library user loads it
+    system.set_params(verbose="auto")
+    system.save(output)
+    print_calibrate(system, system.detector_, len(paths), "held-out normal images", seconds,
+                    before, output)
+    return 0
+
+
+def info_image(args):
+    """``nonn info`` of a model written by ``nonn fit-images``."""
+    from ..vision import systems as vision
+
+    meta = vision.read_meta(args.model)
+    det = meta["detector"]
+    params = meta["params"]
+    arrays = meta["arrays"]
+    fitted = det.get("fitted") or {}
+    feats = arrays.get("train_features", {})
+    n_train, dim = (list(feats.get("shape", [])) + [None, None])[:2]
+    print(f"model:        {args.model} ({human_bytes(os.path.getsize(args.model))} on disk)")
+    print(f"format:       {meta.get('format')} version {meta.get('format_version')} "
+          "(image model, `nonn fit-images`)")
+    print(f"nonn version: {meta.get('nonn_version') or det.get('nonn_version')}")
+    print(f"system:       {meta.get('system')} (nn = {params.get('nn')}: "
+          f"{det.get('estimator')} detector)")
+    weights = params.get("weights")
+    print(f"backbone:     {params.get('backbone')} "
+          f"(weights: {weights if weights else 'the packaged/default file'})")
+    size = params.get("image_size")
+    print(f"image_size:   {size} x {size}")
+    print(f"training:     {n_train} images, feature dimension {dim} "
+          f"(normalize = {params.get('normalize')})")
+    print_threshold(fitted, det.get("arrays"),
+                    f"offset_ = {fitted.get('offset_')!r}, contamination_ = "
+                    f"{fitted.get('contamination_')!r} (contamination = "
+                    f"{params.get('contamination')!r})")
+    if meta.get("system") == "SPADE":
+        score = params.get("image_score", "global")
+        print(f"image score:  {score}" + (
+            " (the detector's score of the pooled feature; offset_ above)" if score == "global"
+            else f" (map_score_q = {params.get('map_score_q')}; its threshold comes from the "
+            "held-out map calibration, not the detector's offset_)"))
+    maps = arrays.get("train_maps")
+    bank = arrays.get("memory_bank")
+    if bank is not None:
+        shape, dtype, n = array_bytes(bank)
+        print(f"pixel maps:   memory bank: {shape[0]} locations of {shape[1]} channels "
+              f"(coreset_ratio = {params.get('coreset_ratio')}; {dtype.name}, "
+              f"{human_bytes(n * dtype.itemsize)}); map_nn = {params.get('map_nn', 'knn')}, "
+              f"sigma = {params.get('sigma')}")
+    elif maps is not None:
+        shape, dtype, n = array_bytes(maps)
+        print(f"pixel maps:   stored: {shape[0]} pyramids of {shape[1]} channels x "
+              f"{shape[2]} x {shape[3]} ({dtype.name}, {human_bytes(n * dtype.itemsize)}); "
+              f"map_nn = {params.get('map_nn', 'knn')}, n_map_neighbors = "
+              f"{params.get('n_map_neighbors')}, sigma = {params.get('sigma')}")
+    else:
+        print(f"pixel maps:   none (a {meta.get('system')} stores no feature pyramids; "
+              "fit with --system spade for heat maps)")
+    print_values("params:", params)
+    print(f"detector:     {det.get('estimator')} on {det.get('n_features_in')} features "
+          f"({det.get('dtype')}), nonn-model version {det.get('format_version')}")
+    print_values("  params:", det.get("params"), indent="    ")
+    print_values("  fitted:", fitted, indent="    ")
+    total = print_arrays("arrays:", arrays)
+    total += print_arrays("  detector arrays:", det.get("arrays"), indent="    ")
+    print(f"memory:       {human_bytes(total)} of arrays when loaded")
+    if args.verify:
+        vision.load(args.model)
+        print("verified:     the model loads; every array matches its metadata (the zip's "
+              "CRC-32 checked as it is read; the format has no other checksum), the "
+              "detector passes the core checks, and the features, pyramids and "
+              "detector agree in shape")
+    return 0
+
+
 # ----------------------------------------------------------------- register
 def register(subparsers):
-    """Add ``fit-images`` and ``score-images`` to the ``nonn`` parser."""
+    """Add the image commands (fit-images, score-images, eval-images, export)
+    to the ``nonn`` subcommands ``subparsers``."""
     fit = subparsers.add_parser(
         "fit-images", help="fit an image anomaly detector on a folder of normal images",
         description="Extract pretrained features of the normal (good) images in DIR and fit "
@@ -418,15 +487,15 @@ def register(subparsers):
                      help="pretrained network (default: efficientnet_lite0, works offline; "
                      "the others need their weight file, see docs/vision.md)")
     fit.add_argument("--weights", metavar="FILE", help="weight file of the backbone")
-    fit.add_argument("--image-size", type=_positive_int, default=224, metavar="PX",
+    fit.add_argument("--image-size", type=parse_positive_int, default=224, metavar="PX",
                      help="images are resized to PX x PX (default: 224)")
-    fit.add_argument("--batch-size", type=_positive_int, default=32, metavar="N")
+    fit.add_argument("--batch-size", type=parse_positive_int, default=32, metavar="N")
     fit.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    fit.add_argument("--n-neighbors", type=_positive_int, metavar="K",
+    fit.add_argument("--n-neighbors", type=parse_positive_int, metavar="K",
                      help="k (default: 3 for feature, 50 for spade)")
-    fit.add_argument("--n-neighbors-of-neighbors", type=_positive_int, metavar="KP",
+    fit.add_argument("--n-neighbors-of-neighbors", type=parse_positive_int, metavar="KP",
                      help="K' of k-NNN (default: KNNN's)")
-    fit.add_argument("--contamination", type=_contamination, default="auto",
+    fit.add_argument("--contamination", type=parse_contamination, default="auto",
                      metavar="auto|FLOAT", help="share of training images flagged; sets the "
                      "label threshold (default: auto = 0.01)")
     fit.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
@@ -444,17 +513,17 @@ def register(subparsers):
                      help="spade: keep a greedy k-center coreset of this share (0 < R <= 1) of "
                      "all training locations as one memory bank (PatchCore), instead of every "
                      "training pyramid (default: keep every pyramid)")
-    fit.add_argument("--map-neighbors", type=_positive_int, default=5, metavar="N",
+    fit.add_argument("--map-neighbors", type=parse_positive_int, default=5, metavar="N",
                      help="spade: normal images matched per query for the heat map (default: 5)")
-    fit.add_argument("--map-size", type=_positive_int, default=28, metavar="M",
+    fit.add_argument("--map-size", type=parse_positive_int, default=28, metavar="M",
                      help="spade: side of the stored feature pyramids (default: 28)")
     fit.add_argument("--map-nn", choices=("knn", "knnn"), default="knn",
                      help="spade: pixel matching stored as the model's default for heat maps "
                      "(score-images --map-nn overrides it) (default: knn, SPADE's)")
-    fit.add_argument("--map-neighbors-of-neighbors", type=_positive_int, metavar="KP",
+    fit.add_argument("--map-neighbors-of-neighbors", type=parse_positive_int, metavar="KP",
                      help="spade: K' of the knnn pixel matching (default: 25)")
-    add_progress_option(fit)
-    fit.set_defaults(handler=_in_flags(_cmd_fit_images))
+    add_shared_options(fit)
+    fit.set_defaults(handler=phrased_in_flags(_cmd_fit_images))
 
     score = subparsers.add_parser(
         "score-images", help="score images with a model from fit-images",
@@ -470,11 +539,6 @@ def register(subparsers):
                        help="folder(s) (searched recursively) or image files")
     score.add_argument("-o", "--output", metavar="SCORES.csv", required=True,
                        help="CSV file to write")
-    score.add_argument("--fdr", type=_fdr, metavar="Q",
-                       help="label the images as one batch at false-discovery rate Q in (0, "
-                       "1): Benjamini-Hochberg on the p-values flags the largest set in which, "
-                       "on average, at most a share Q are normal (default: the model's "
-                       "threshold, set by fit-images --contamination or `nonn calibrate`)")
     score.add_argument("--heatmaps", metavar="OUTDIR",
                        help="write <name>_heatmap.png (image | map over it), <name>_mask.png and "
                        "<name>_map.npy per image (spade)")
@@ -484,12 +548,11 @@ def register(subparsers):
                        "gallery (a k-NNN fitted on the gallery locations; 0.2-0.4 s more per "
                        "image on 2 CPU cores) (default: the model's, knn unless fitted with "
                        "--map-nn)")
-    score.add_argument("--map-neighbors-of-neighbors", type=_positive_int, metavar="KP",
+    score.add_argument("--map-neighbors-of-neighbors", type=parse_positive_int, metavar="KP",
                        help="K' of the knnn pixel matching (default: the model's, 25)")
-    score.add_argument("--device", choices=("auto", "cpu", "cuda"),
-                       help="override the device saved in the model")
-    add_progress_option(score)
-    score.set_defaults(handler=_in_flags(_cmd_score_images))
+    add_shared_options(score, fdr=("images", "fit-images --contamination or `nonn "
+                                   "calibrate`"), device="")
+    score.set_defaults(handler=phrased_in_flags(_cmd_score_images))
 
     ev = subparsers.add_parser(
         "eval-images", help="measure an image model on a labelled MVTec-layout folder",
@@ -507,12 +570,10 @@ def register(subparsers):
                     "TEST_DIR/../ground_truth when it exists)")
     ev.add_argument("-o", "--output", metavar="OUTDIR", default="eval",
                     help="folder for scores.csv, metrics.csv, worst_misses.png (default: eval)")
-    ev.add_argument("--worst", type=_positive_int, default=4, metavar="N",
+    ev.add_argument("--worst", type=parse_positive_int, default=4, metavar="N",
                     help="images per row of worst_misses.png (default: 4)")
-    ev.add_argument("--device", choices=("auto", "cpu", "cuda"),
-                    help="override the device saved in the model")
-    add_progress_option(ev)
-    ev.set_defaults(handler=_in_flags(_cmd_eval_images))
+    add_shared_options(ev, device="")
+    ev.set_defaults(handler=phrased_in_flags(_cmd_eval_images))
 
     ex = subparsers.add_parser(
         "export", help="write an image model's feature extractor as ONNX",
@@ -523,7 +584,7 @@ def register(subparsers):
     ex.add_argument("model", metavar="MODEL", help="model file written by `nonn fit-images`")
     ex.add_argument("-o", "--output", metavar="MODEL.onnx", required=True,
                     help="ONNX file to write")
-    ex.add_argument("--opset", type=_positive_int, default=17, metavar="N",
+    ex.add_argument("--opset", type=parse_positive_int, default=17, metavar="N",
                     help="ONNX opset version (default: 17)")
-    ex.set_defaults(handler=_in_flags(_cmd_export))
+    ex.set_defaults(handler=phrased_in_flags(_cmd_export))
     return subparsers

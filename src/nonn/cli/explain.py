@@ -1,36 +1,35 @@
-"""The ``nonn explain`` and ``nonn update`` subcommands::
+"""The ``nonn explain`` and ``nonn update`` commands::
 
     nonn explain MODEL QUERIES -o EXPLANATIONS.csv|.npz [--top N] [--plot DIR]
     nonn update MODEL NEW_NORMALS [-o MODEL2]
 
-Thin layers over :meth:`explain` and :meth:`partial_fit` of the detectors;
-registered by :func:`nonn.cli.build_parser`.
+Thin layers over :meth:`explain` and :meth:`partial_fit` of the detectors.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 import numpy as np
 
-from . import _io
+from .. import _io
+from ..persistence import ModelFileError, load
+from ._common import (QUERIES_HELP, add_shared_options, align_columns, human_bytes,
+                      load_detector, phrased_in_flags, progress)
 
 #: at most this many queries get one bar chart each with --plot; more get
 #: one summary figure
 PLOT_PER_QUERY_MAX = 50
+
+
 #: output formats of `nonn explain`
 EXPLAIN_FORMATS = (".csv", ".npz")
 
 
-def _note(message):
-    print(f"nonn: {message}", file=sys.stderr)
-
-
 # ----------------------------------------------------------------- explain
 def _check_explain_output(path):
-    ext = _io._extension(path)
+    ext = _io.extension(path)
     if ext not in EXPLAIN_FORMATS:
         raise ValueError(f"Cannot write explanations to {path!r}: unknown extension "
                          f"{ext or '(none)'!r}. Expected .csv (the top features of each "
@@ -53,18 +52,16 @@ def _check_plot_folder(folder):
 
 
 def _cmd_explain(args):
-    from .cli import _align_columns, _load_detector, _progress
-
     if args.top < 1:
         raise ValueError(f"--top must be an int >= 1; got {args.top}.")
     _io.check_not_an_input(args.output, {"MODEL": args.model, "QUERIES": args.queries})
     ext = _check_explain_output(args.output)
     if args.plot is not None:
         _check_plot_folder(args.plot)
-    det = _load_image_aware(args, _load_detector)
-    det.set_params(verbose=_progress(args))
+    det = _load_image_aware(args)
+    det.set_params(verbose=progress(args))
     Q, names = _io.read_table_or_shards(args.queries, key=args.key, header=args.header)
-    Q = _align_columns(Q, names, det, args.queries)
+    Q = align_columns(Q, names, det, args.queries)
     start = time.perf_counter()
     ex = det.explain(Q)
     seconds = time.perf_counter() - start
@@ -84,9 +81,7 @@ def _cmd_explain(args):
     return 0
 
 
-def _load_image_aware(args, load_detector):
-    from .persistence import ModelFileError
-
+def _load_image_aware(args):
     try:
         return load_detector(args)
     except (ModelFileError, ValueError) as exc:
@@ -198,8 +193,6 @@ def _plot(ex, folder, top):
 
 # ------------------------------------------------------------------ update
 def _cmd_update(args):
-    from .cli import _align_columns, _human_bytes, _progress
-
     output = args.output or args.model
     _io.check_not_an_input(output, {"NEW_NORMALS": args.new})
     _io.check_output_folder(output)
@@ -210,8 +203,8 @@ def _cmd_update(args):
         raise ValueError(f"{args.new!r} has {X.shape[1]} columns; the model was fitted on "
                          f"{d}. New normal samples must have the model's columns (`nonn info "
                          "MODEL` lists them).")
-    X = _align_columns(X, names, det, args.new)
-    det.set_params(verbose=_progress(args))
+    X = align_columns(X, names, det, args.new)
+    det.set_params(verbose=progress(args))
     before = det.n_samples_seen_
     offset = det.offset_
     start = time.perf_counter()
@@ -228,31 +221,27 @@ def _cmd_update(args):
         print(f"  {stats['neighborhoods_changed']} existing neighbourhoods changed; "
               f"{stats['calibration_rescored']} calibration rows rescored")
     print(f"  offset_: {offset:.6g} -> {det.offset_:.6g}")
-    print(f"  saved to {output} ({_human_bytes(os.path.getsize(output))})")
+    print(f"  saved to {output} ({human_bytes(os.path.getsize(output))})")
     return 0
 
 
 def _load_model(path):
     """A detector model file, or a one-line refusal for an image model."""
-    from .persistence import ModelFileError, load
-
     try:
         return load(path)
     except ModelFileError:
-        from .vision import systems as vision
+        from ..vision.systems import is_image_model
 
-        if vision.is_image_model(path):
+        if is_image_model(path):
             raise ValueError(f"{path!r} is an image model (from `nonn fit-images`); `nonn "
                              "update` adds samples to detector models from `nonn fit`. Fit "
                              "the image model again on all images.") from None
         raise
 
 
-# ---------------------------------------------------------------- parser
+# ------------------------------------------------------------------ parser
 def register(sub):
-    """Add ``explain`` and ``update`` to the ``nonn`` subcommands."""
-    from .cli import _add_header_option, _in_flags, add_progress_option
-
+    """Add ``explain`` and ``update`` to the ``nonn`` subcommands ``sub``."""
     ex = sub.add_parser(
         "explain", help="per-feature explanations of anomaly scores",
         description="Explain each query's anomaly score: the contribution of every input "
@@ -263,9 +252,7 @@ def register(sub):
         "every contribution.",
     )
     ex.add_argument("model", metavar="MODEL", help="model file written by `nonn fit`")
-    ex.add_argument("queries", metavar="QUERIES",
-                    help="query matrix: .npy, .npz, .csv or .parquet, one sample per row; "
-                    "or a folder of .npy/.parquet shards")
+    ex.add_argument("queries", metavar="QUERIES", help=QUERIES_HELP)
     ex.add_argument("-o", "--output", metavar="EXPLANATIONS", required=True,
                     help="explanations file: .csv (top features per query) or .npz (all "
                     "contributions, neighbours and the top features)")
@@ -276,11 +263,8 @@ def register(sub):
                     help=f"write a bar chart PNG per query into DIR (up to "
                     f"{PLOT_PER_QUERY_MAX} queries; more get one summary.png); needs "
                     "matplotlib")
-    ex.add_argument("--key", metavar="NAME",
-                    help="array in a .npz file, or embedding column in a .parquet file")
-    _add_header_option(ex, "QUERIES")
-    add_progress_option(ex)
-    ex.set_defaults(handler=_in_flags(_cmd_explain))
+    add_shared_options(ex, table="QUERIES")
+    ex.set_defaults(handler=phrased_in_flags(_cmd_explain))
 
     up = sub.add_parser(
         "update", help="add new normal samples to a saved model",
@@ -296,8 +280,5 @@ def register(sub):
                     "row, with the model's columns; or a folder of .npy/.parquet shards")
     up.add_argument("-o", "--output", metavar="MODEL2",
                     help="write the updated model here (default: replace MODEL)")
-    up.add_argument("--key", metavar="NAME",
-                    help="array in a .npz file, or embedding column in a .parquet file")
-    _add_header_option(up, "NEW_NORMALS")
-    add_progress_option(up)
-    up.set_defaults(handler=_in_flags(_cmd_update))
+    add_shared_options(up, table="NEW_NORMALS")
+    up.set_defaults(handler=phrased_in_flags(_cmd_update))
