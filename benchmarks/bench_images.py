@@ -71,12 +71,9 @@ def load_images(name, n_train, n_test):
                 *load("test", n_per_class=n_test, random_state=0))
     X, y = vds.load_mnist()  # one split: disjoint train and test parts
     rng = np.random.default_rng(0)
-    tr, te = [], []
-    for c in range(10):
-        ic = rng.permutation(np.flatnonzero(y == c))
-        te.append(ic[:n_test])
-        tr.append(ic[n_test:n_test + n_train])
-    tr, te = np.sort(np.concatenate(tr)), np.sort(np.concatenate(te))
+    perm = [rng.permutation(np.flatnonzero(y == c)) for c in range(10)]
+    tr = np.sort(np.concatenate([p[n_test:n_test + n_train] for p in perm]))
+    te = np.sort(np.concatenate([p[:n_test] for p in perm]))
     return X[tr], y[tr], X[te], y[te]
 
 
@@ -90,9 +87,8 @@ def trunk_features(name, X, part, args, timings):
         return torch.from_numpy(np.load(path).astype(np.float32))
     ext = ImageFeatureExtractor(image_size=size, batch_size=64, device="cpu",
                                 verbose=sys.stderr.isatty()).fit()
-    t0 = time.perf_counter()
-    Z = torch.cat([ext.transform_trunk(X[s:s + 1000]) for s in range(0, len(X), 1000)])
-    dt = time.perf_counter() - t0
+    dt, Z = best_of(lambda: torch.cat([ext.transform_trunk(X[s:s + 1000])
+                                       for s in range(0, len(X), 1000)]))
     timings.append((f"{name} {part}: trunk extraction at {size} px", len(X), dt))
     log(f"  extracted {part} trunk {tuple(Z.shape)} in {dt:.1f} s ({len(X) / dt:.0f} img/s)")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -189,11 +185,10 @@ def summarise(rows, timings, fit_timing, args, total_s):
             if sel:
                 knn, knnn = (float(np.mean([r[o] for r in sel])) for o in ("knn", "knnn"))
                 p = PAPER.get((name, table), {}).get(system, (None, None))
+                wins = f"{sum(r['knnn'] >= r['knn'] for r in sel)}/{len(sel)}"
                 summary.append({"table": table, "dataset": name, "system": system, "knn": knn,
-                                "knnn": knnn, "delta": knnn - knn,
-                                "knnn_wins": f"{sum(r['knnn'] >= r['knn'] for r in sel)}/"
-                                             f"{len(sel)}", "paper_knn": p[0],
-                                "paper_knnn": p[1]})
+                                "knnn": knnn, "delta": knnn - knn, "knnn_wins": wins,
+                                "paper_knn": p[0], "paper_knnn": p[1]})
     write_csv(out / "summary.csv", summary)
     f = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
     lines = ["# Image benchmark: the paper's Tables 2 and 3, k-NN vs k-NNN", "",
