@@ -18,11 +18,9 @@ import numpy as np
 
 
 def embedding_like(n_train, n_queries, d, seed=0, latent=32, n_clusters=8, anomaly_share=0.1):
-    """ResNet-pooled-feature-like float32 data: ``relu(Z @ A + b + noise)``,
-    ``Z`` around one of ``n_clusters`` centres in ``latent`` dimensions (low
-    intrinsic dimension, correlated, sparse, non-negative features).
-    Queries: held-out normals plus ``anomaly_share`` from unseen centres.
-    Returns ``X, Q, labels`` (1 = anomalous query)."""
+    """Pooled-CNN-feature-like float32 data ``relu(Z @ A + b + noise)``, ``Z`` near
+    one of ``n_clusters`` centres in ``latent`` dimensions; queries: held-out
+    normals plus ``anomaly_share`` from unseen centres. ``X, Q, labels``."""
     rng = np.random.default_rng(seed)
     A = rng.normal(size=(latent, d)) / math.sqrt(latent)
     b = rng.normal(0.2, 0.3, size=d)
@@ -54,7 +52,6 @@ def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-# ------------------------------------------------------------------ memory
 def rss_bytes():
     """Resident set size of this process (Linux; 0 elsewhere)."""
     try:
@@ -77,8 +74,7 @@ def peak_rss_mib():
 
 
 def reset_peak_rss():
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0);
-    False where it cannot."""
+    """Reset the peak-RSS mark (VmHWM) to the current RSS; False where it cannot."""
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
@@ -88,8 +84,7 @@ def reset_peak_rss():
 
 
 class PeakRSS:
-    """Peak RSS increase over a block (``.delta`` bytes), sampled every 5 ms
-    by a thread (it sees native libraries' memory too)."""
+    """Peak RSS increase over a block (``.delta`` bytes), sampled every 5 ms."""
 
     def __enter__(self):
         self.start = self.peak = rss_bytes()
@@ -107,14 +102,10 @@ class PeakRSS:
         self._thread.join()
         self.peak = max(self.peak, rss_bytes())
         self.delta = self.peak - self.start
-        return False
 
 
-# ------------------------------------------------------------------ machine
 def machine_busy_seconds():
-    """CPU seconds the whole machine spent busy since boot (``/proc/stat``;
-    None elsewhere). Differences over a block, minus the benchmark's own CPU
-    time, give the other processes' load."""
+    """CPU seconds the whole machine spent busy since boot (None without /proc/stat)."""
     try:
         with open("/proc/stat") as fh:
             v = [int(x) for x in fh.readline().split()[1:]]
@@ -143,7 +134,6 @@ def environment():
             "numpy": np.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-# ------------------------------------------------------------------ neighbours
 def recall(found, truth):
     """Mean share of each row's true neighbours that ``found`` holds."""
     found, truth = np.asarray(found), np.asarray(truth)
@@ -151,23 +141,19 @@ def recall(found, truth):
 
 
 def exact_neighbours(X, Q, k, self_rows=None):
-    """Ids of the ``k`` exact nearest rows of ``X`` (Euclidean; nonn's brute
-    backend) to each row of ``Q``; with ``self_rows`` (``Q = X[self_rows]``)
-    each row's own id is left out."""
+    """Ids of the ``k`` exact nearest rows of ``X`` to each row of ``Q``; with
+    ``self_rows`` (``Q = X[self_rows]``) each row's own id is left out."""
     from nonn.neighbors import make_backend
 
     ids = make_backend("brute").fit(X).kneighbors(Q, k + (self_rows is not None),
                                                    return_distance=False)
-    if self_rows is None:
-        return ids
-    return np.array([[j for j in r if j != i][:k] for r, i in zip(ids, self_rows)])
+    return ids if self_rows is None else np.array([[j for j in r if j != i][:k]
+                                                   for r, i in zip(ids, self_rows)])
 
 
 def searched_data(det, Q):
-    """The training rows a fitted ``KNNN`` searches and ``Q`` as it searches
-    them (after its input transforms): what the bare search floors are timed
-    on. With ``fitted_search`` and ``state_bytes``, the only places the
-    benchmarks read an estimator's private state."""
+    """The training rows a fitted ``KNNN`` searches and ``Q`` as it searches them.
+    This and the next two: the only reads of an estimator's private state."""
     return det._fit_X, det._to_grid(det._preprocess(Q))
 
 
@@ -183,12 +169,9 @@ def state_bytes(det):
 
 
 def against_floors(make, X, Q, labels, repeats=1, backend_params=None, build_in_graph=False):
-    """Time ``make().fit(X)`` and ``anomaly_score(Q)`` (best of ``repeats``),
-    then, on the backend the fit used and the rows as it searches them, the
-    bare search it needs: the K'-NN graph (``kneighbors(None, K')``; with
-    ``build_in_graph`` the index build counts in it) and the k-NN query,
-    ids only. Returns ``(det, row, (Xp, Qp, query ids))``; ``row`` holds the
-    seconds, the ratios, the fit's peak RSS increase and the AUROC."""
+    """Time ``make().fit(X)``, ``anomaly_score(Q)`` and, on the same backend and
+    rows, the bare K'-NN graph (with the index build if ``build_in_graph``) and
+    k-NN query. Returns ``(det, row, (Xp, Qp, query ids))``."""
     from sklearn.metrics import roc_auc_score
 
     from nonn.neighbors import make_backend
@@ -212,7 +195,6 @@ def against_floors(make, X, Q, labels, repeats=1, backend_params=None, build_in_
                  "auroc": float(roc_auc_score(labels, scores))}, (Xp, Qp, found)
 
 
-# ------------------------------------------------------------------ output
 def markdown_table(header, rows):
     """A Markdown table; cells are written with ``str``."""
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

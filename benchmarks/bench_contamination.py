@@ -1,15 +1,9 @@
 #!/usr/bin/env python
-"""What ``fit_predict`` gives on contaminated training data (PyOD's setting):
-fit on every row of each ADBench tabular set, anomalies included, score the
-same rows out of sample (protocol: benchmarks/README.md).
-
-Usage::
+"""What ``fit_predict`` gives on contaminated training data (PyOD's setting;
+protocol: benchmarks/README.md). Writes ``results.csv`` and ``summary.md``.
 
     python benchmarks/bench_contamination.py --seeds 3 --out benchmarks/results/contamination
     python benchmarks/bench_contamination.py --datasets 6_cardio --seeds 1 --out /tmp/c  # smoke
-
-Writes ``results.csv`` (one row per data set, seed and detector; ``--resume``
-skips the rows there) and ``summary.md`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -175,7 +169,7 @@ def summarize(path, seeds, max_rows=MAX_ROWS):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", help="comma-separated ADBench names (default: all 43)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--max-rows", type=int, default=MAX_ROWS)

@@ -1,11 +1,7 @@
 #!/usr/bin/env python
-"""KNNN against the neighbour search under it, at N = 20,000, D = 512:
-``KNNN.fit`` / the exact K'-NN graph (target <= 2) and ``anomaly_score`` /
-the exact k-NN query (target <= 1.5), same backend, data and run; stored
-bytes per point; the authors' ``knnn`` fit with ``--peer`` (protocol:
-benchmarks/README.md). A benchmark: it reports, it does not fail.
-
-Usage::
+"""KNNN against the neighbour search under it, at N = 20,000, D = 512: fit /
+exact graph, score / exact query, stored bytes per point (protocol:
+benchmarks/README.md). It reports, it does not fail.
 
     python benchmarks/bench_core.py --out benchmarks/results/core_default
     python benchmarks/bench_core.py --params '{"set_size": 5, "n_neighbors_of_neighbors": 50}'

@@ -11,9 +11,6 @@ Usage::
         --params '{"set_size": "all"}'
     nice -n 19 python benchmarks/bench_distributed.py --stages 20000
     python benchmarks/bench_distributed.py --quick --single 1 --out /tmp/dist   # smoke
-
-Results: ``bench_distributed_D{D}_N{sizes}.{json,md}`` and
-``stages_N{N_SHARD}_D{D}.json`` in ``--out``.
 """
 
 from __future__ import annotations
@@ -29,20 +26,20 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import spearmanr
+from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import embedding_like, environment, load_average, machine_busy_seconds, \
+from _common import best_of, embedding_like, environment, load_average, machine_busy_seconds, \
     markdown_table, peak_rss_mib, recall, reset_peak_rss, write_results  # noqa: E402
 
 
 def own_cpu():
-    """CPU seconds of this process so far."""
     return sum(os.times()[:2])
 
 
 class Contention:
-    """CPU share of other processes between creation and ``stop(own_cpu)``:
-    (machine busy seconds - ``own_cpu``) / (wall x CPUs); None without /proc/stat."""
+    """Other processes' CPU share from creation to ``stop(own CPU s)``."""
 
     def __init__(self):
         self.busy0, self.t0, self.load0 = machine_busy_seconds(), time.perf_counter(), \
@@ -69,7 +66,7 @@ def probe(client):
     return client.run(_worker_state), sum(nannies.values())
 
 
-def run_distributed(X, Q, folder, workers, params, label):
+def run_distributed(X, Q, folder, workers, params):
     import dask
     import distributed
 
@@ -90,15 +87,11 @@ def run_distributed(X, Q, folder, workers, params, label):
         DistributedKNNN(client=client, **params).fit(X[: max(2000, 40 * workers)])  # compile
         client.run(reset_peak_rss)
         (w0, n0), mine0, busy = probe(client), own_cpu(), Contention()
-        det = DistributedKNNN(client=client, **params)
-        t0 = time.perf_counter()
-        det.fit(read_shards(folder))
-        fit_s = time.perf_counter() - t0
+        fit_s, det = best_of(lambda: DistributedKNNN(client=client, **params).fit(
+            read_shards(folder)))
         w1, _ = probe(client)
         client.run(reset_peak_rss)
-        t0 = time.perf_counter()
-        scores = det.anomaly_score(Q)
-        score_s = time.perf_counter() - t0
+        score_s, scores = best_of(lambda: det.anomaly_score(Q))
         w2, n2 = probe(client)
         contention = busy.stop(own_cpu() - mine0 + n2 - n0 + sum(
             w2[w][1] - w0[w][1] for w in w0))
@@ -114,15 +107,24 @@ def run_distributed(X, Q, folder, workers, params, label):
         n, d = X.shape
         state = (n * d + det.eigenvalues_.size + det.eigenvectors_.size) * X.dtype.itemsize \
             + groups.size * 8
+        label = f"DistributedKNNN {workers} worker(s)" + (
+            f" faiss {params['backend_params']}" if "backend_params" in params else "")
         return {"label": label, "workers": workers, "partitions": det.n_partitions_,
                 "fit_s": fit_s, "score_s": score_s, "contention": contention,
                 "state_mib_total": state / 2**20, "per_worker": per_worker,
                 "halo_rows_per_partition": [h and h[0] for h in halos],
                 "halo_mib_per_partition": [h and h[1] / 2**20 for h in halos],
-                "backend_params": params.get("backend_params")}, scores, groups
+                "backend_params": params.get("backend_params"), "groups": groups}, scores
     finally:
         client.close()
         cluster.close()
+
+
+def timed(fn, *a):
+    """``(result, wall s, CPU s of this process)`` of ``fn(*a)``."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    r = fn(*a)
+    return r, time.perf_counter() - t0, time.process_time() - c0
 
 
 def run_single(X, Q, params, threads):
@@ -131,20 +133,15 @@ def run_single(X, Q, params, threads):
     p = dict(params, n_jobs=threads)
     KNNN(**p).fit(X[:2000])  # compile
     mine0, busy = own_cpu(), Contention()
-    t0, c0 = time.perf_counter(), time.process_time()
-    det = KNNN(**p).fit(X)
-    fit_s, fit_cpu = time.perf_counter() - t0, time.process_time() - c0
-    t0, c0 = time.perf_counter(), time.process_time()
-    s = det.anomaly_score(Q)
-    score_s, score_cpu = time.perf_counter() - t0, time.process_time() - c0
+    det, fit_s, fit_cpu = timed(KNNN(**p).fit, X)
+    s, score_s, score_cpu = timed(det.anomaly_score, Q)
     return {"label": f"KNNN n_jobs={threads}", "threads": threads, "fit_s": fit_s,
             "score_s": score_s, "fit_cpu_s": fit_cpu, "score_cpu_s": score_cpu,
             "contention": busy.stop(own_cpu() - mine0)}, s, det.neighborhoods_
 
 
 def subtle_anomalies(Q, share, rho, seed):
-    """The last ``share`` of the queries replaced by held-out normal rows with
-    a fraction ``rho`` of their features taken from other normal rows."""
+    """The last ``share`` of ``Q``: normal rows with ``rho`` of their features swapped."""
     rng = np.random.default_rng(seed)
     n_anom = int(round(share * len(Q)))
     normal = Q[: len(Q) - n_anom]
@@ -156,9 +153,7 @@ def subtle_anomalies(Q, share, rho, seed):
 
 
 def stages(n_shard, d, kp, k, L=5):
-    """CPU and wall seconds of each worker task, on one core and one shard of
-    ``n_shard`` rows (the task functions the workers run; features in their
-    given order, sets of ``L``)."""
+    """CPU and wall seconds of each worker task on one core and one shard."""
     import numba
     from threadpoolctl import threadpool_limits
 
@@ -170,28 +165,27 @@ def stages(n_shard, d, kp, k, L=5):
     sizes = np.array([L] * (d // L) + ([d % L] if d % L else []), dtype=np.int64)
     out = {"n_shard": n_shard, "d": d, "K'": kp, "k": k, "threads": 1}
 
-    def timed(name, fn, *a):
-        c0, t0 = time.process_time(), time.perf_counter()
-        r = fn(*a)
-        out[name] = {"cpu_s": time.process_time() - c0, "wall_s": time.perf_counter() - t0}
+    def step(name, fn, *a):
+        r, wall, cpu = timed(fn, *a)
+        out[name] = {"cpu_s": cpu, "wall_s": wall}
         return r
 
     with threadpool_limits(1):
-        idx = timed("brute_build", _tasks.ShardIndex, A, 0, "brute", "euclidean", {}, 1)
-        timed("brute_search_other_shard", idx.kneighbors, B, kp - 1)
-        _, others = timed("brute_search_own_shard", idx.kneighbors, None, kp - 1)
+        idx = step("brute_build", _tasks.ShardIndex, A, 0, "brute", "euclidean", {}, 1)
+        step("brute_search_other_shard", idx.kneighbors, B, kp - 1)
+        _, others = step("brute_search_own_shard", idx.kneighbors, None, kp - 1)
         nlist = int(np.sqrt(n_shard))
         for name, bp in (("hnsw32", {"index": "HNSW32"}),
                          ("ivf", {"index": f"IVF{nlist},Flat", "nprobe": max(nlist // 8, 1)})):
-            h = timed(f"{name}_build", _tasks.ShardIndex, A, 0, "faiss", "euclidean", bp, 1)
-            timed(f"{name}_search_other_shard", h.kneighbors, B, kp - 1)
+            h = step(f"{name}_build", _tasks.ShardIndex, A, 0, "faiss", "euclidean", bp, 1)
+            step(f"{name}_search_other_shard", h.kneighbors, B, kp - 1)
         halo = _tasks.gather_halo(_tasks.partition_neighborhoods(others, 0, kp),
                                   (0, np.arange(n_shard), A))
-        w, v = timed("eigen", _tasks.block_eigen, halo, kp, sizes, L, 1, None)
+        w, v = step("eigen", _tasks.block_eigen, halo, kp, sizes, L, 1, None)
         qidx = idx.kneighbors(np.ascontiguousarray(Q), k)[1]
         req = _tasks.pair_requests(np.ascontiguousarray(Q), qidx, 0, n_shard)
         floor = 1e-3 * A.var(axis=0).mean() * np.ones(len(sizes))
-        timed("pair_scores", _tasks.pair_scores, A, w, v, None, req, sizes, L, floor, 1, None)
+        step("pair_scores", _tasks.pair_scores, A, w, v, None, req, sizes, L, floor, 1, None)
     out.update(pairs=int(qidx.size), queries=len(Q))
     return out
 
@@ -272,10 +266,10 @@ def main(argv=None):
     if args.stages:
         kp, k = KNNN().n_neighbors_of_neighbors, KNNN().n_neighbors
         stages(2000, d, kp, k)  # compile
-        res = dict(stages(args.stages, d, kp, k), load=load_average())
+        res = json.dumps(dict(stages(args.stages, d, kp, k), load=load_average()), indent=1)
         os.makedirs(args.out, exist_ok=True)
-        Path(args.out, f"stages_N{args.stages}_D{d}.json").write_text(json.dumps(res, indent=1))
-        print(json.dumps(res, indent=1))
+        Path(args.out, f"stages_N{args.stages}_D{d}.json").write_text(res)
+        print(res)
         return 0
     report = {"environment": environment(), "knnn_params": KNNN(**params).get_params(),
               "d": d, "queries": args.queries, "runs": [], "skipped": []}
@@ -294,9 +288,6 @@ def main(argv=None):
         report["runs"].append(res)
         print(json.dumps(res, default=str), flush=True)
         write_results(args.out, stem, report, markdown(report))  # an interrupted run keeps it
-
-    from scipy.stats import spearmanr
-    from sklearn.metrics import roc_auc_score
 
     t_start, prev = time.perf_counter(), None
     tmp = tempfile.mkdtemp(prefix="nonn-bench-dist-")
@@ -324,11 +315,7 @@ def main(argv=None):
                     {"index": "HNSW32"}, {"index": f"IVF{nlist},Flat",
                                           "nprobe": max(nlist // 8, 1)})]
             for workers, p in runs:
-                res, s, g = run_distributed(X, Q, os.path.join(tmp, f"N{n}"), workers, p,
-                                            f"DistributedKNNN {workers} worker(s)"
-                                            + (f" faiss {p['backend_params']}"
-                                               if "backend_params" in p else ""))
-                res["groups"] = g
+                res, s = run_distributed(X, Q, os.path.join(tmp, f"N{n}"), workers, p)
                 record(res, n, s, y, ref)
             work = sum(r["fit_s"] + r["score_s"] for r in report["runs"][first:])
             prev = (n, work, time.perf_counter() - t_n)

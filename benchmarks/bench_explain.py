@@ -132,8 +132,7 @@ def main(argv=None):
     ap.add_argument("--datasets", default="6_cardio,38_thyroid")
     ap.add_argument("--out", default="benchmarks/results/explain")
     args = ap.parse_args(argv)
-    started = time.strftime("%Y-%m-%d %H:%M:%S")
-    t0 = time.perf_counter()
+    started, t0 = time.strftime("%Y-%m-%d %H:%M:%S"), time.perf_counter()
     results = []
 
     def add(data, per_seed, chance, **extra):

@@ -1,10 +1,6 @@
 #!/usr/bin/env python
-"""KNNN against the bare search of each backend, at growing N (D = 512):
-fit / graph and score / query per backend, peak RSS, recall of approximate
-backends, AUROC, peers. ``million``: one million points end to end on an
-approximate backend: fit time and peak RSS, recall@(K'-1) against exact
-search on a sample, the bare index's efSearch sweep, scoring time and AUROC
-(protocols and backend specs: benchmarks/README.md).
+"""KNNN against the bare search of each backend at growing N; ``million``:
+1M points end to end on HNSW (protocols, backend specs: benchmarks/README.md).
 
 Usage::
 
@@ -23,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -45,17 +40,12 @@ def parse_backends(text):
         params = {MAIN_OPTION[name]: main} if main else {}
         for opt in opts:
             key, _, val = opt.partition("=")
-            params[key] = number(val)
+            try:
+                params[key] = json.loads(val)
+            except ValueError:
+                params[key] = val
         specs.append((item, name, params))
     return specs
-
-
-def number(text):
-    """``text`` as a JSON number, else as it is."""
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
 
 
 def one(n, spec, X, Q, labels, args, sample):
@@ -80,20 +70,17 @@ def peers(n, X, Q, labels, names):
     from sklearn.metrics import roc_auc_score
 
     rows = []
-    for name in names:
+    for name in (x for x in names if x in ("pyod", "knnn")):
         if name == "pyod":
             from pyod.models.knn import KNN
 
             label, fit, score = "PyOD KNN", lambda: KNN(n_neighbors=3).fit(X), \
                 lambda m: m.decision_function(Q)
-        elif name == "knnn":
-            from knnn import KNNN as AuthorsKNNN
-
-            label, fit, score = "authors' knnn", lambda: AuthorsKNNN(
-                distance_function="euclidean").fit(X.astype(np.float64)), \
-                lambda m: m.predict(Q.astype(np.float64))
         else:
-            continue
+            from knnn import KNNN
+
+            label, fit, score = "authors' knnn", lambda: KNNN(distance_function="euclidean").fit(
+                X.astype(np.float64)), lambda m: m.predict(Q.astype(np.float64))
         t_fit, m = best_of(fit)
         t_score, s = best_of(lambda: score(m))
         rows.append({"N": n, "backend": label, "fit_s": t_fit, "score_s": t_score,
@@ -130,13 +117,10 @@ def million(argv=None):
         log.append(msg)
 
     X, Q, labels = embedding_like(a.N, a.Q, a.D, seed=a.seed)
-    params = {"index": a.index, "efSearch": a.ef, "efConstruction": a.ef_construction,
-              "refine": a.refine or None}
-    params = {k: v for k, v in params.items() if v}
-    det = KNNN(backend="faiss", backend_params=params, memory=a.memory, verbose=a.verbose)
-    t0 = time.perf_counter()
-    det.fit(X)
-    fit_s = time.perf_counter() - t0
+    params = {k: v for k, v in {"index": a.index, "efSearch": a.ef, "efConstruction":
+                                a.ef_construction, "refine": a.refine}.items() if v}
+    fit_s, det = best_of(lambda: KNNN(backend="faiss", backend_params=params, memory=a.memory,
+                                      verbose=a.verbose).fit(X))
     say(f"KNNN(memory={a.memory!r}, backend=faiss {params}).fit: {fit_s:.1f} s "
         f"({fit_s / 60:.1f} min); peak RSS {peak_rss_mib():.0f} MiB; "
         f"K'={det.n_neighbors_of_neighbors_}, k={det.n_neighbors_}, L={det.set_size_}")
@@ -152,17 +136,13 @@ def million(argv=None):
     index, curve = fitted_search(det).index_, []
     for ef in sorted({32, 64, 128, 256, 512, a.ef}):
         faiss.ParameterSpace().set_index_parameter(index, "efSearch", ef)
-        t0 = time.perf_counter()
-        ids = index.search(Xs, kp1 + 1)[1]
-        dt = time.perf_counter() - t0
+        dt, (_, ids) = best_of(lambda: index.search(Xs, kp1 + 1))
         ids = np.array([[j for j in e if j != r][:kp1] for e, r in zip(ids, rows)])
         curve.append({"efSearch": ef, "recall": recall(ids, exact), "s_per_1000": dt})
         say(f"  efSearch={ef}: recall@{kp1} {curve[-1]['recall']:.4f}, {dt:.2f} s per "
             f"{a.sample} rows -> ~{dt * a.N / a.sample / 60:.1f} min for the graph")
     faiss.ParameterSpace().set_index_parameter(index, "efSearch", a.ef)
-    t0 = time.perf_counter()
-    s = det.anomaly_score(Q)
-    score_s = time.perf_counter() - t0
+    score_s, s = best_of(lambda: det.anomaly_score(Q))
     auc = roc_auc_score(labels, s)
     say(f"anomaly_score({a.Q} queries): {score_s:.1f} s, AUROC {auc:.4f}; peak RSS "
         f"{peak_rss_mib():.0f} MiB")

@@ -1,9 +1,6 @@
 #!/usr/bin/env python
 """The detectors' ``scale`` option on the 43 ADBench tabular sets (or the
 MVTec ResNet-18 embeddings, ``--suite mvtec``); protocol: benchmarks/README.md.
-Writes ``results.csv``, ``auroc.csv``, ``summary.csv`` and ``summary.md``.
-
-Usage::
 
     python benchmarks/bench_scaling.py --seeds 0,1,2 --out benchmarks/results/scaling
     python benchmarks/bench_scaling.py --suite mvtec --seeds 0,1,2 \
@@ -36,14 +33,8 @@ def main(argv=None):
     from scipy.stats import wilcoxon
 
     from nonn.datasets import list_adbench
-    from nonn.evaluation import (
-        SCALE_OPTIONS,
-        check_datasets,
-        run_suite,
-        scaling_detectors,
-        summarize,
-        write_csv,
-    )
+    from nonn.evaluation import SCALE_OPTIONS, check_datasets, run_suite, scaling_detectors, \
+        summarize, write_csv
 
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     names = ([d.strip() for d in args.datasets.split(",") if d.strip()] if args.datasets

@@ -1,13 +1,8 @@
 #!/usr/bin/env python
-"""GPU check of nonn's torch backend: correctness against the CPU (graph ids;
-KNNN query and leave-one-out scores to ``--rtol``, rows whose neighbours
-differ by float32 near-ties excepted), then ``KNNN.fit`` / ``anomaly_score``
-at ``--n`` x ``--d`` against the bare torch graph and query, and recall of
-the fitted graph. Interrupted (SIGINT), it still writes what it measured.
-
-Run through ``benchmarks/gpu_check.sh`` (set-up, time limit; with
-``GPU_CHECK_DRY_RUN=1`` on the CPU at a small size). Writes ``gpu_check.json``
-/ ``.md`` to ``--out``. Exit status: 0 = correct, 1 = a check failed.
+"""GPU check of nonn's torch backend: correctness against the CPU, then fit
+and score at ``--n`` x ``--d`` against the bare torch search (protocol:
+benchmarks/README.md). Run through ``benchmarks/gpu_check.sh``. Exit status:
+0 = correct, 1 = a check failed; interrupted, it still writes what it measured.
 """
 
 from __future__ import annotations

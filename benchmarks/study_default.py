@@ -93,7 +93,7 @@ def subsets(part):
     }
     if part == "dev":
         return dev
-    conf = {
+    return {
         "mvtec": [n for n in nd.list_adbench("mvtec") if n not in mvtec_dev],
         "classical": tab[1::2],
         "cifar10": ["CIFAR10_4", "CIFAR10_6"],
@@ -101,7 +101,6 @@ def subsets(part):
         "fashion_effnet": [f"fashion-effnet224-{c}" for c in (1, 3, 5, 7, 9)],
         "mvtec_union": ["MVTec-union-5", "MVTec-union-11"],
     }
-    return conf
 
 
 #: caps of the tabular development runs (training normals, test rows): the

@@ -1,10 +1,6 @@
 #!/usr/bin/env python
-"""How much KNNN's scores move with the order of the training rows: exact
-backends break distance ties by row id (docs/guide.md, "Ties between
-equidistant neighbours"), so on tied data the neighbourhoods depend on the
-row order. Prints, for tied and untied data, the largest relative change of
-a query score and of a leave-one-out training score (matched back to its
-row) over ``--shuffles`` shuffles of the training rows. It reports::
+"""How much KNNN's scores move with the order of tied training rows
+(protocol: benchmarks/README.md)::
 
     python benchmarks/tie_order.py [--shuffles 5] [--backend brute]
 """
