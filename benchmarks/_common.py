@@ -135,12 +135,12 @@ def environment():
 
 
 def recall(found, truth):
-    """Mean share of each row's true neighbours that ``found`` holds."""
+    """Mean share of each row's true neighbors that ``found`` holds."""
     found, truth = np.asarray(found), np.asarray(truth)
     return float(np.mean([len(np.intersect1d(f, t)) / len(t) for f, t in zip(found, truth)]))
 
 
-def exact_neighbours(X, Q, k, self_rows=None):
+def exact_neighbors(X, Q, k, self_rows=None):
     """Ids of the ``k`` exact nearest rows of ``X`` to each row of ``Q``; with
     ``self_rows`` (``Q = X[self_rows]``) each row's own id is left out."""
     from nonn.neighbors import make_backend

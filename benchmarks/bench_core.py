@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""KNNN against the neighbour search under it, at N = 20,000, D = 512: fit /
+"""KNNN against the neighbor search under it, at N = 20,000, D = 512: fit /
 exact graph, score / exact query, stored bytes per point (protocol:
 benchmarks/README.md). It reports, it does not fail.
 

@@ -27,9 +27,9 @@ def correlated_pairs(rng, n, n_pairs=6, noise=0.1):
 
 
 def proportional_split(det, Q, neighbor):
-    """k-NNN's per-neighbour terms (primal form) split over the features in
+    """k-NNN's per-neighbor terms (primal form) split over the features in
     proportion to |d_f v_jf| per direction, and the floored term in
-    proportion to (P_F d)_f^2; the neighbour is the explained one."""
+    proportion to (P_F d)_f^2; the neighbor is the explained one."""
     Xg, Qg = searched_data(det, Q)
     S, L = len(det.set_sizes_), det.set_size_
     d = Qg.astype(np.float64) - Xg[neighbor]

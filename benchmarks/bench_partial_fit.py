@@ -121,7 +121,7 @@ def main(argv=None):
         "listed (2 CPUs; above 2 other processes slow every time)", "",
         markdown_table(["M", "partial_fit s", "refit s", "refit / partial_fit",
                         "loaded model's partial_fit s", "ratio (loaded)",
-                        "neighbourhoods changed", "calibration rows rescored",
+                        "neighborhoods changed", "calibration rows rescored",
                         "stages s (search, lists, eigen, calibration)",
                         "load avg before / after"], table)]
         + [f"\nM = {r['M']}: against frozen_fit: {r['check']}" for r in rows if r["check"]])

@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import against_floors, best_of, embedding_like, environment, \
-    exact_neighbours, fitted_search, markdown_table, peak_rss_mib, recall, searched_data, \
+    exact_neighbors, fitted_search, markdown_table, peak_rss_mib, recall, searched_data, \
     write_results  # noqa: E402
 
 MAIN_OPTION = {"faiss": "index", "torch": "device", "sklearn": "algorithm"}
@@ -60,8 +60,8 @@ def one(n, spec, X, Q, labels, args, sample):
         Kp, k = row["K'"], row["k"]
         rows = np.sort(np.random.default_rng(7).choice(n, min(sample, n), replace=False))
         row["recall_graph"] = recall(det.neighborhoods_[rows, 1:],
-                                     exact_neighbours(Xp, Xp[rows], min(Kp, n - 1) - 1, rows))
-        row["recall_query"] = recall(found[:sample], exact_neighbours(Xp, Qp[:sample], k))
+                                     exact_neighbors(Xp, Xp[rows], min(Kp, n - 1) - 1, rows))
+        row["recall_query"] = recall(found[:sample], exact_neighbors(Xp, Qp[:sample], k))
     return row
 
 
@@ -104,7 +104,7 @@ def million(argv=None):
     p.add_argument("--ef-construction", type=int, default=None)
     p.add_argument("--memory", default="lean", choices=["lean", "precomputed"])
     p.add_argument("--refine", type=int, default=0,
-                   help="rounds of neighbours-of-neighbours graph refinement (0)")
+                   help="rounds of neighbors-of-neighbors graph refinement (0)")
     p.add_argument("--verbose", action="store_true", help="progress bars of every phase")
     p.add_argument("--sample", type=int, default=1000)
     p.add_argument("--out", default="benchmarks/results/scale_1m_lean")
@@ -128,9 +128,9 @@ def million(argv=None):
     kp1 = det.n_neighbors_of_neighbors_ - 1
     Xp = searched_data(det, Q[:1])[0]  # the rows as KNNN searches them
     Xs = np.ascontiguousarray(Xp[rows])
-    exact = exact_neighbours(Xp, Xs, kp1, self_rows=rows)
+    exact = exact_neighbors(Xp, Xs, kp1, self_rows=rows)
     rec_fit = recall(det.neighborhoods_[rows, 1:], exact)
-    say(f"recall@{kp1} of the fitted neighbourhoods: {rec_fit:.4f}"
+    say(f"recall@{kp1} of the fitted neighborhoods: {rec_fit:.4f}"
         + (f" (after {a.refine} refinement round(s); the sweep below is the bare index)"
            if a.refine else ""))
     index, curve = fitted_search(det).index_, []

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import against_floors, embedding_like, environment, exact_neighbours, log, \
+from _common import against_floors, embedding_like, environment, exact_neighbors, log, \
     markdown_table, recall, searched_data, write_results  # noqa: E402
 
 
@@ -45,7 +45,7 @@ def correctness(a, rows):
         bad = int(np.sum(~close & ~tied))
         ok &= bad == 0
         rows.append([f"KNNN {what}, torch vs brute", f"{close.mean():.4%} within rtol; "
-                     f"{bad} differ with the same neighbours", f"rtol {a.rtol:g}", bad == 0])
+                     f"{bad} differ with the same neighbors", f"rtol {a.rtol:g}", bad == 0])
     return bool(ok)
 
 
@@ -58,7 +58,7 @@ def speed(a, rows, result):
     det, r, (Xp, _, _) = against_floors(make, X, Q, labels, backend_params={"device": a.device})
     sample = np.sort(np.random.default_rng(7).choice(a.n, min(1000, a.n), replace=False))
     r["recall_graph"] = recall(det.neighborhoods_[sample, 1:],
-                               exact_neighbours(Xp, Xp[sample], r["K'"] - 1, sample))
+                               exact_neighbors(Xp, Xp[sample], r["K'"] - 1, sample))
     result.update(r)
     rows += [["KNNN.fit / bare graph", f"{r['fit_s']:.1f} s / {r['graph_s']:.1f} s",
               f"{r['fit/graph']:.2f}", ""],

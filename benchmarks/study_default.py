@@ -2,7 +2,7 @@
 """The default of KNNN, round two: a rule declared before the runs, applied
 to a development subset, confirmed on the rest (docs/defaults-study.md).
 
-Candidates (k = 3, min over the k neighbours, K' = 25 unless said):
+Candidates (k = 3, min over the k neighbors, K' = 25 unless said):
 
 - ``old``: the previous default, L = 5, K' = 50, floor 1e-3;
 - ``all-raw``: one set of all features (``set_size="all"``), floor 0.1;

@@ -33,7 +33,7 @@ def naive_greedy_order(X, L):
 
 
 def eq2_term(diff, e, V, floor):
-    """sum_j |diff . v_j| / sqrt(e_j) for one neighbour and one set. Floored
+    """sum_j |diff . v_j| / sqrt(e_j) for one neighbor and one set. Floored
     eigenvalues (e_j <= floor) share the weight 1/sqrt(floor); their
     directions are summed in the basis aligned with the difference (the L2
     norm of the projection), as nonn documents."""
@@ -74,7 +74,7 @@ def naive_floor(X, sets, rel):
 def naive_knnn_scores(X, Q, k, Kp, L, order, rel_floor, loo=False, aggregate="sum",
                       floors=None):
     """Eq. 2 with explicit sums over i, s, j; ``aggregate="min"`` takes the
-    smallest per-neighbour sum instead of summing over i. ``floors``
+    smallest per-neighbor sum instead of summing over i. ``floors``
     overrides the per-set floors computed from ``X``."""
     Xr = X[:, order]
     Qr = Q[:, order]
@@ -96,14 +96,14 @@ def naive_knnn_scores(X, Q, k, Kp, L, order, rel_floor, loo=False, aggregate="su
     out = []
     for qi, q in enumerate(Qr):
         nbrs = naive_knn_ids(Xr, q, k, exclude=qi if loo else None)
-        per_neighbour = []
+        per_neighbor = []
         for i in nbrs:
             total = 0.0
             for si, s in enumerate(sets):
                 e, V = eigen(i, si)
                 total += eq2_term(q[s] - Xr[i][s], e, V, floors[si])
-            per_neighbour.append(total)
-        out.append(sum(per_neighbour) if aggregate == "sum" else min(per_neighbour))
+            per_neighbor.append(total)
+        out.append(sum(per_neighbor) if aggregate == "sum" else min(per_neighbor))
     return np.array(out)
 
 
@@ -165,7 +165,7 @@ def _pad(A, width):
 
 
 def reference_neighborhood_eigen(Xg, groups, sizes, set_size):
-    """Primal eigen-state of each neighbourhood ``groups`` (c, M) of the grid
+    """Primal eigen-state of each neighborhood ``groups`` (c, M) of the grid
     data ``Xg``, per feature set: eigenvalues (c, S, L) ascending, clipped at
     0 (padding 0), eigenvectors (c, S, L, L) as columns (padding 0);
     covariance divisor M."""
@@ -193,7 +193,7 @@ def reference_neighborhood_eigen(Xg, groups, sizes, set_size):
 
 
 def reference_score_terms(Qg, idx, Xg, evecs, evals, sizes, floor):
-    """Eq. 2's per-neighbour sums (q, k) of grid queries ``Qg`` against the
+    """Eq. 2's per-neighbor sums (q, k) of grid queries ``Qg`` against the
     training rows ``idx`` with their primal eigen-states (rows ``idx`` of
     ``evecs``/``evals``), the floored subspace summed basis-free."""
     L = evecs.shape[-1]

@@ -3,7 +3,7 @@
 The contract (``nonn.neighbors._base``): ``(distances, indices)`` sorted
 ascending, true distances (not squared), int64 ids, no -1 padding, and for
 the training set (``X=None``) each point excluded by index, so exact
-duplicates are neighbours at distance 0 but a point never is its own;
+duplicates are neighbors at distance 0 but a point never is its own;
 ``return_distance=False`` returns the same ids alone.
 """
 
@@ -86,7 +86,7 @@ def check_shape_and_order(dist, ind, nq, k, n_train, dtype):
 
 
 def check_ids_only(b, query, k, ind, sq, spec_id, dtype):
-    """``return_distance=False`` returns just the int64 ids: the neighbours
+    """``return_distance=False`` returns just the int64 ids: the neighbors
     of the call with distances, ordered by the backend's own ranking, i.e.
     by the true distances up to the rounding of that ranking. Lossy
     compressed codes rank by their own distances; where such an index
@@ -164,7 +164,7 @@ def test_contract(spec_id, metric, dtype):
 def test_contract_edges(spec_id):
     """All other points / all points (an approximate index may pad with -1
     here: the backend must fill those rows exactly), and more duplicates
-    than neighbours asked for (the own id may then be missing from k + 1)."""
+    than neighbors asked for (the own id may then be missing from k + 1)."""
     name, params, _ = available(spec_id)
     X = data_with_duplicates(np.float32, n=320)
     n = len(X)
@@ -178,7 +178,7 @@ def test_contract_edges(spec_id):
     dist, ind = b.kneighbors(X[:5] + 0.5, n)
     check_shape_and_order(dist, ind, 5, n, n, np.float32)
 
-    # 40 copies of one row, 5 neighbours: all at distance 0, never itself
+    # 40 copies of one row, 5 neighbors: all at distance 0, never itself
     rng = np.random.default_rng(2)
     Xd = np.vstack([np.repeat(X[:1], 40, axis=0), X[1:]]).astype(np.float32)
     Xd = Xd[rng.permutation(len(Xd))]
@@ -208,7 +208,7 @@ def test_brute_blocks_match_oracle(dtype, working_memory):
     """The brute backend's blocked search (the training set: blocks of the
     symmetric product merged into rows and columns, in round-robin rounds;
     queries: blocks of rows against blocks of the training set) gives the
-    oracle's neighbours whatever the block sizes (a small budget makes
+    oracle's neighbors whatever the block sizes (a small budget makes
     many, and an odd count of, uneven blocks), ties going to the lowest id."""
     X = data_with_duplicates(dtype, n=300)
     n = len(X)
@@ -260,8 +260,8 @@ def test_recall_of_approximate_backends(approx_id):
 def separated(dtype, seed=4, n=300, d=8, n_q=60):
     """Centred training data (float32 rounding of the |a|^2 - 2ab + |b|^2
     expansion stays near machine epsilon relative to the distances) whose
-    neighbour distances at the k and K' cuts are far apart relative to that
-    rounding, so every exact backend must pick the same neighbours. The seed
+    neighbor distances at the k and K' cuts are far apart relative to that
+    rounding, so every exact backend must pick the same neighbors. The seed
     was chosen for that; the test checks it against a float64 oracle."""
     rng = np.random.default_rng(seed)
     X = rng.normal(size=(n, d))
@@ -435,8 +435,8 @@ def test_every_backend_takes_the_common_parameters(spec_id):
 
 # ------------------------------------------------- graph refinement
 def naive_refine_round(X, ind, fanout, reverse):
-    """One "neighbours of neighbours" round written as plain loops: the
-    candidates of row i are its neighbours, the neighbours of its first
+    """One "neighbors of neighbors" round written as plain loops: the
+    candidates of row i are its neighbors, the neighbors of its first
     ``fanout`` ones and the first ``reverse`` rows (by their rank, then id)
     that list i; the k nearest distinct ones other than i, by (distance, id)."""
     n, k = ind.shape
@@ -464,7 +464,7 @@ def test_refine_graph_matches_loop_oracle(fanout, reverse, rounds):
     rng = np.random.default_rng(5)
     X = rng.normal(size=(150, 6)).astype(np.float32)
     k = 7
-    # a poor start: random distinct neighbours, never the row itself
+    # a poor start: random distinct neighbors, never the row itself
     ind = np.array([rng.choice(np.delete(np.arange(150), i), k, replace=False)
                     for i in range(150)])
     exp_ids = ind
@@ -511,9 +511,9 @@ def test_refine_parameters_are_checked():
             make_backend("faiss", index="HNSW8", **bad)
 
 
-def test_knnn_refines_query_neighbours_against_its_graph(tmp_path):
-    """With ``refine``, KNNN's query neighbours are the exact k nearest among
-    the index's finds and their stored neighbourhoods (a plain-loop oracle),
+def test_knnn_refines_query_neighbors_against_its_graph(tmp_path):
+    """With ``refine``, KNNN's query neighbors are the exact k nearest among
+    the index's finds and their stored neighborhoods (a plain-loop oracle),
     which lifts query recall; the result survives save / load."""
     pytest.importorskip("faiss")
     import nonn
@@ -524,7 +524,7 @@ def test_knnn_refines_query_neighbours_against_its_graph(tmp_path):
                backend_params=dict(params, refine=2)).fit(X)
     Qg = det._to_grid(Q)
     found = det._search.kneighbors(Qg, 5, return_distance=False)
-    got = det._query_neighbours(Qg)
+    got = det._query_neighbors(Qg)
     Xg = det._fit_X.astype(np.float64)
     for q, f, g in zip(Qg.astype(np.float64), found, got):
         cand = np.unique(np.r_[f, det.neighborhoods_[f].ravel()])
@@ -538,10 +538,10 @@ def test_knnn_refines_query_neighbours_against_its_graph(tmp_path):
     np.testing.assert_array_equal(nonn.load(path).anomaly_score(Q), det.anomaly_score(Q))
 
 
-def test_faiss_refines_query_neighbours_by_its_own_metric():
+def test_faiss_refines_query_neighbors_by_its_own_metric():
     """``refine_neighbors`` of an approximate index: each query's exact k
     nearest, by the backend's metric (cosine here: on unit rows), among the
-    found rows and their graph neighbours (a plain-loop oracle)."""
+    found rows and their graph neighbors (a plain-loop oracle)."""
     pytest.importorskip("faiss")
     from nonn.neighbors._base import unit_rows
 

@@ -66,7 +66,7 @@ def assert_same_model(det, ref, X, Q, rtol):
     np.testing.assert_allclose(det.eig_floor_, ref.eig_floor_, rtol=rtol)
     assert det.n_neighbors_ == ref.n_neighbors_
     assert det.n_neighbors_of_neighbors_ == ref.n_neighbors_of_neighbors_
-    # the same neighbourhoods (order inside a neighbourhood is immaterial)
+    # the same neighborhoods (order inside a neighborhood is immaterial)
     nb = gather(det, det.neighborhoods_)
     np.testing.assert_array_equal(nb[:, 0], np.arange(len(X)))
     np.testing.assert_array_equal(np.sort(nb, axis=1), np.sort(ref.neighborhoods_, axis=1))
@@ -130,7 +130,7 @@ def test_defaults_follow_knnn(client):
 
 
 def test_small_partitions_and_caps(client):
-    """Partitions smaller than K' (neighbours come from several shards) and
+    """Partitions smaller than K' (neighbors come from several shards) and
     counts capped to the data, with KNNN's warnings."""
     X, Q = data(5, n=30, d=6)
     det = DistributedKNNN(client=client, backend="brute", n_neighbors_of_neighbors=40,
@@ -432,7 +432,7 @@ def test_write_scores_failure_leaves_nothing(client, tmp_path, monkeypatch, name
 def test_partition_tasks_keep_their_placement(client, tmp_path):
     """The scheduler receives the worker of every per-partition task (fit:
     index, halo, eigen-state, held-out Eq. 2; scoring: Eq. 2 on the worker
-    holding the neighbour's eigen-state). Without it, Dask places them by
+    holding the neighbor's eigen-state). Without it, Dask places them by
     its own estimates and may move a partition's eigen-state (D·(L+1)
     values a row) to the queries instead of the queries to it."""
     from distributed.diagnostics.plugin import SchedulerPlugin
@@ -456,7 +456,7 @@ def test_partition_tasks_keep_their_placement(client, tmp_path):
              ("write_scores", lambda: det.write_scores(da.from_array(Q, chunks=(20, -1)),
                                                        tmp_path / "s"), ("pair_scores",)))
 
-    def dual_fit():  # 12 features in one set, neighbourhoods of 10: the dual form
+    def dual_fit():  # 12 features in one set, neighborhoods of 10: the dual form
         det.set_params(set_size="all", n_neighbors_of_neighbors=10)
         det.fit(da.from_array(X, chunks=(75, -1)))
 
@@ -618,7 +618,7 @@ def embeddings(seed, n, d, n_q=30, dtype=np.float64):
 @pytest.mark.parametrize("rows", [300, 150, 100, 75, 60])  # 1 to 5 partitions
 def test_dual_form_all_features_equals_knnn(client, rows, aggregate):
     """set_size="all" (one set of D = 12 > K' = 8 features: the dual form),
-    with the neighbourhoods' rows read from each partition's halo."""
+    with the neighborhoods' rows read from each partition's halo."""
     X, Q = data(21)
     det = DistributedKNNN(client=client, backend="brute", set_size="all",
                           n_neighbors_of_neighbors=8, aggregate=aggregate)
@@ -679,7 +679,7 @@ def test_full_whitening_and_unit_rows_equal_knnn(client, dtype, rtol):
 def test_held_out_calibration_subset_equals_knnn(client, monkeypatch, set_size):
     """More training rows than CALIBRATION_ROWS: the same seeded subset of
     calibration rows, each scored out of sample as KNNN scores it (its
-    neighbours' neighbourhoods without it)."""
+    neighbors' neighborhoods without it)."""
     monkeypatch.setattr(nonn._base, "CALIBRATION_ROWS", 40)
     X, Q = data(25, n=200)
     det = DistributedKNNN(client=client, backend="brute", set_size=set_size,
@@ -784,7 +784,7 @@ def test_robust_scale_is_refused_by_fit_but_spread_by_from_knnn(client):
 
 def test_fit_runs_each_partition_task_once(client):
     """The fit searches each (partition, shard) pair once and decomposes
-    each partition's neighbourhoods once: intermediate results the held-out
+    each partition's neighborhoods once: intermediate results the held-out
     scores need are kept, not recomputed (a second sharded search)."""
     X, _ = data(31, n=150)
     det = DistributedKNNN(client=client, backend="brute", n_neighbors_of_neighbors=10)

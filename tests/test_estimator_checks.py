@@ -3,8 +3,8 @@
 Two checks are expected to fail, for the reason scikit-learn itself exempts
 LocalOutlierFactor(novelty=True) from them: the threshold ``offset_`` is set
 from *leave-one-out* training scores (a training point is not its own
-neighbour), as nonn's thresholds require. ``predict(X_train)`` treats the
-training points as new queries, each its own nearest neighbour at distance 0,
+neighbor), as nonn's thresholds require. ``predict(X_train)`` treats the
+training points as new queries, each its own nearest neighbor at distance 0,
 so it flags fewer than ``contamination`` of them and cannot equal
 ``fit_predict`` (which uses the leave-one-out scores and flags exactly
 ``contamination``).
@@ -17,7 +17,7 @@ from nonn import KNN, KNNN, GlobalEigenKNN, LocalEigenKNN
 
 LOO_REASON = (
     "offset_ is calibrated on leave-one-out training scores; predict(X_train) "
-    "scores training points as their own neighbours (same exemption as "
+    "scores training points as their own neighbors (same exemption as "
     "LocalOutlierFactor(novelty=True))"
 )
 EXPECTED_FAILED = {

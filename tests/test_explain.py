@@ -1,9 +1,9 @@
 """explain(X): per-feature contributions that sum to the anomaly score, the
-neighbours they came from, and the `nonn explain` command.
+neighbors they came from, and the `nonn explain` command.
 
 The oracle below is written from the documented rule with explicit loops
-over neighbours, feature sets, eigen-directions and features, on its own
-eigen-decompositions (LAPACK on each neighbourhood's covariance); it shares
+over neighbors, feature sets, eigen-directions and features, on its own
+eigen-decompositions (LAPACK on each neighborhood's covariance); it shares
 no code with nonn.
 """
 
@@ -28,7 +28,7 @@ def well_conditioned(seed, n=150, d=12, n_q=15):
 
 # ------------------------------------------------------------------ oracle
 def split_term(d, e, V, floor):
-    """Eq. 2's term of one neighbour and one set, and its split over the
+    """Eq. 2's term of one neighbor and one set, and its split over the
     set's features: sign(d.v_j) d_f v_jf / sqrt(e_j) for e_j > floor, and
     d_f (P_F d)_f / (||P_F d|| sqrt(floor)) for the floored directions."""
     r = len(d)
@@ -53,8 +53,8 @@ def split_term(d, e, V, floor):
 
 
 def naive_knnn_explanation(X, Q, k, Kp, L, order, rel_floor, aggregate):
-    """Per-query (contributions in input order, score, neighbour ids, the
-    neighbour attaining the minimum or -1)."""
+    """Per-query (contributions in input order, score, neighbor ids, the
+    neighbor attaining the minimum or -1)."""
     Xr, Qr = X[:, order], Q[:, order]
     d = X.shape[1]
     sets = naive_sets(d, L)
@@ -104,7 +104,7 @@ def assert_matches_oracle(ex, expected, rtol):
 def test_knnn_contributions_match_naive_oracle(seed, L, Kp, aggregate):
     """Every set size, primal (L <= K') and dual (L > K', set_size='all'):
     the contributions equal the oracle's split feature by feature, sum to
-    anomaly_score, and name the oracle's neighbours."""
+    anomaly_score, and name the oracle's neighbors."""
     X, Q = well_conditioned(seed)
     d = X.shape[1]
     k, rel = 3, 1e-2
@@ -121,7 +121,7 @@ def test_knnn_contributions_match_naive_oracle(seed, L, Kp, aggregate):
         scores = det.anomaly_score(Q)
         np.testing.assert_array_equal(ex.anomaly_scores, scores)
         # the rows sum to the score to float precision: in the dual form a
-        # set of at most K' - 1 features lies in its neighbourhood's span and
+        # set of at most K' - 1 features lies in its neighborhood's span and
         # its floored term is a difference of nearly equal numbers (the
         # score carries its rounding, ~sqrt(eps) of the term)
         dual_short = L_num > Kp and d % L_num and d % L_num < Kp
@@ -441,7 +441,7 @@ def test_cli_explain_errors_are_one_line(model_files, args, fragment):
 # ------------------------------------------------------------ distributed
 def test_distributed_knnn_explains_as_the_gathered_knnn():
     """DistributedKNNN.explain is KNNN.explain on the gathered model (the same
-    neighbours, eigen-states and scores); partial_fit asks to gather first."""
+    neighbors, eigen-states and scores); partial_fit asks to gather first."""
     import warnings
 
     distributed = pytest.importorskip("distributed")

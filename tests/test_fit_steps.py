@@ -97,7 +97,7 @@ def test_neighborhoods_and_held_out_groups():
                                   [[10, 1, 2], [11, 0, 2], [12, 1, 0]])
     assert search_width(100, 3, 50) == 50 and search_width(100, 60, 50) == 60
     assert search_width(20, 3, 50) == 19
-    # neighbour 5 without row 7: 7 leaves, the next nearest (4) comes in
+    # neighbor 5 without row 7: 7 leaves, the next nearest (4) comes in
     groups = held_out_groups(np.array([7, 9]), np.array([5, 5]),
                              np.array([[2, 7, 3, 4], [2, 7, 3, 4]]), 4)
     np.testing.assert_array_equal(groups, [[5, 2, 3, 4], [5, 2, 7, 3]])

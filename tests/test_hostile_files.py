@@ -47,8 +47,8 @@ def models(tmp_path_factory):
         "f32": KNNN(**review),
         "default": KNNN(),
         "default_lean": KNNN(memory="lean"),
-        # 8 features in one set, neighbourhoods of 5: the dual form, whose
-        # scoring re-reads each neighbourhood's rows by the stored ids
+        # 8 features in one set, neighborhoods of 5: the dual form, whose
+        # scoring re-reads each neighborhood's rows by the stored ids
         "dual": KNNN(n_neighbors_of_neighbors=5),
     }
     out = {}
@@ -633,14 +633,14 @@ run("eq2 floor", lambda: E.primal_score(Q, idx, X, V, w, sizes, floor[:1], out))
 run("eq2 query width", lambda: E.primal_score(Q[:, :3], idx, X, V, w, sizes, floor, out))
 run("exact ids", lambda: K.exact_sq_sorted(X, Q, huge, sq, ids))
 run("exact negative", lambda: K.exact_sq_sorted(X, Q, neg, sq, ids))
-run("refine graph", lambda: K.refine_by_neighbours(X, Q, idx, bad_graph, 3, none, none[:0],
+run("refine graph", lambda: K.refine_by_neighbors(X, Q, idx, bad_graph, 3, none, none[:0],
                                                    self_ids, sq, ids))
-run("refine first", lambda: K.refine_by_neighbours(X, Q, huge, graph, 3, none, none[:0],
+run("refine first", lambda: K.refine_by_neighbors(X, Q, huge, graph, 3, none, none[:0],
                                                    self_ids, sq, ids))
-run("refine ptr", lambda: K.refine_by_neighbours(X, Q, idx, graph, 3,
+run("refine ptr", lambda: K.refine_by_neighbors(X, Q, idx, graph, 3,
                                                  np.array([0, 5, 3, 8, 8, 8, 8, 8]),
                                                  np.zeros(8, np.int64), self_ids, sq, ids))
-run("refine fanout", lambda: K.refine_by_neighbours(X, Q, idx, graph, -5, none, none[:0],
+run("refine fanout", lambda: K.refine_by_neighbors(X, Q, idx, graph, -5, none, none[:0],
                                                     self_ids, sq, ids))
 run("groups gids", lambda: K.expand_groups(np.array([[0, 7], [1, 0]]), ptr, members,
                                            np.full(2, -1), np.full(2, -1),

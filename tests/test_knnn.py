@@ -48,7 +48,7 @@ def test_knnn_matches_naive_eq2(seed, reorder, d, L, aggregate):
                                     (16, 7, 5)])
 @pytest.mark.parametrize("aggregate", ["sum", "min"])
 def test_large_sets_dual_form_match_naive_eq2(seed, d, L, Kp, aggregate):
-    """Sets with more features than a neighbourhood has points (L > K') are
+    """Sets with more features than a neighborhood has points (L > K') are
     decomposed through the K' x K' Gram matrix; the scores are Eq. 2 of the
     naive oracle (an L x L covariance per set), every L, with the shorter
     last set, LOO scores and both memory modes."""
@@ -72,7 +72,7 @@ def test_large_sets_dual_form_match_naive_eq2(seed, d, L, Kp, aggregate):
 
 def test_dual_form_equals_primal_form_where_both_apply():
     """Where both forms apply (L <= K'), the dual kernel run on the same
-    neighbourhoods gives the primal scores."""
+    neighborhoods gives the primal scores."""
     from nonn import _eq2
 
     X, Q = well_conditioned(5, d=6, n=40)
@@ -198,12 +198,12 @@ def test_knn_aggregates_hand_computed():
 
 
 def test_hand_computed_knnn_2d():
-    """Neighbourhood on a line: the across-line direction has a floored
+    """Neighborhood on a line: the across-line direction has a floored
     eigenvalue, the along-line direction the line's variance."""
     X = np.array([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [3.0, 0.0]])
     det = KNNN(n_neighbors=1, n_neighbors_of_neighbors=4, set_size=2, reorder="none",
                eig_floor=0.5).fit(X)
-    # all neighbourhoods = the 4 points: var along x = 1.25, across = 0
+    # all neighborhoods = the 4 points: var along x = 1.25, across = 0
     # floor for the only set = 0.5 * mean feature variance = 0.5 * (1.25 + 0) / 2
     floor = 0.5 * 1.25 / 2
     q = np.array([[1.0, 0.5], [1.5, 0.0]])
@@ -252,8 +252,8 @@ def test_greedy_handles_constant_columns():
     assert sorted(order.tolist()) == list(range(6))
 
 
-# ---------------------------------------------------------- neighbourhoods
-def test_point_in_own_neighbourhood_with_duplicates():
+# ---------------------------------------------------------- neighborhoods
+def test_point_in_own_neighborhood_with_duplicates():
     rng = np.random.default_rng(0)
     base = rng.normal(size=(20, 5))
     X = np.repeat(base, 4, axis=0)  # every row 4 times

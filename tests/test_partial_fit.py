@@ -80,7 +80,7 @@ PARAMS = [
 @pytest.mark.parametrize("params", PARAMS)
 @pytest.mark.parametrize("batches", [[1] * 12 + [28], [40], [7, 13, 20]])
 def test_knnn_equals_a_fit_on_all_rows_with_frozen_statistics(params, batches):
-    """One row at a time, one batch, several batches: neighbourhoods,
+    """One row at a time, one batch, several batches: neighborhoods,
     eigen-states, calibration rows, held-out scores, threshold and query
     scores equal the frozen fit on all rows (float64, 1e-9)."""
     X, X_new, Q = data(1)
@@ -101,7 +101,7 @@ def test_frozen_fit_on_the_fitted_rows_is_fit(params):
 
 def test_graph_and_eigen_state_equal_a_plain_fit_on_all_rows():
     """Where the frozen statistics cannot differ from the union's (no
-    re-ordering, no transforms), the neighbourhoods and eigen-states are
+    re-ordering, no transforms), the neighborhoods and eigen-states are
     those of KNNN.fit on all rows (only the floors, variances of the data,
     differ)."""
     X, X_new, _ = data(3)
@@ -146,7 +146,7 @@ def test_calibration_subset_beyond_the_cap(monkeypatch):
 
 def test_only_changed_calibration_rows_are_rescored(monkeypatch):
     """A calibration row is rescored only if its list or one of its k
-    neighbours' lists changed; the others keep their scores (and those are
+    neighbors' lists changed; the others keep their scores (and those are
     what a fresh computation gives)."""
     from nonn import _knnn
 
@@ -166,7 +166,7 @@ def test_only_changed_calibration_rows_are_rescored(monkeypatch):
 
 
 def test_a_model_read_from_a_file_updates_alike(tmp_path):
-    """A saved model keeps its neighbourhoods but not the neighbours beyond
+    """A saved model keeps its neighborhoods but not the neighbors beyond
     them; the update searches those it needs and gives the same model."""
     X, X_new, Q = data(7)
     params = dict(n_neighbors=3, n_neighbors_of_neighbors=15, set_size=4)
@@ -296,7 +296,7 @@ def test_faiss_hnsw_index_is_extended_and_no_neighborhood_gets_worse():
     U = np.vstack([X, X_new])
     Ug = det._fit_X
     for p in range(len(X)):
-        # a stored neighbourhood merged exactly with the new rows
+        # a stored neighborhood merged exactly with the new rows
         cand = np.concatenate([old[p, 1:], np.arange(len(X), len(U))])
         d2 = ((Ug[cand] - Ug[p]) ** 2).sum(axis=1)
         want = cand[np.argsort(d2, kind="stable")[:9]]
@@ -354,7 +354,7 @@ def test_cli_update_end_to_end(tmp_path):
     r = run("update", "m.nonn", "new.csv", "-o", "m2.nonn", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "150 -> 190 samples seen" in r.stdout
-    assert "existing neighbourhoods changed" in r.stdout and "offset_:" in r.stdout
+    assert "existing neighborhoods changed" in r.stdout and "offset_:" in r.stdout
     import pandas as pd
 
     want = load(tmp_path / "m.nonn")

@@ -147,7 +147,7 @@ def test_exponent_of_extreme_and_degenerate_data():
 
 # ------------------------------------------------------------- clear errors
 def test_knn_distances_beyond_float32_are_an_error():
-    # finite float32 data whose nearest-neighbour distances exceed float32's
+    # finite float32 data whose nearest-neighbor distances exceed float32's
     # largest value
     X = np.array([[3e38, 0, 0, 0], [-3e38, 0, 0, 0], [0, 3e38, 0, 0]], dtype=np.float32)
     for backend in ("brute", "sklearn"):
@@ -240,7 +240,7 @@ def test_eigen_kernel_is_safe_far_from_unit_scale(dtype, cs):
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_brute_backend_alone_at_any_scale(dtype, metric):
-    """The search backend used directly: the same neighbours at every scale,
+    """The search backend used directly: the same neighbors at every scale,
     true distances in the data's units (cosine distances have none)."""
     from nonn.neighbors import make_backend
 

@@ -41,7 +41,7 @@ def test_leave_one_out_training_scores():
         rest = np.delete(X, i, axis=0)
         alone = KNN(n_neighbors=3).fit(rest).anomaly_score(X[i:i + 1])[0]
         assert -det.train_scores_[i] == pytest.approx(alone)
-    # and it is not the in-sample score, where the point is its own neighbour
+    # and it is not the in-sample score, where the point is its own neighbor
     assert np.all(-det.train_scores_ > det.anomaly_score(X))
 
 

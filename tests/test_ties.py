@@ -1,6 +1,6 @@
-"""Ties among equidistant neighbours: the documented rule.
+"""Ties among equidistant neighbors: the documented rule.
 
-The "brute" backend (and so ``KNNN``'s neighbourhoods with it) ranks
+The "brute" backend (and so ``KNNN``'s neighborhoods with it) ranks
 candidates by (ranking value, id): among exact duplicates, and among rows
 at equal distance whose distances the arithmetic computes exactly (binary
 features), the lowest training ids win, whatever the blocks and threads.
@@ -70,15 +70,15 @@ def _oracle(make, dtype, self_query, k=12):
 
 
 @pytest.mark.parametrize("memory", ["precomputed", "lean"])
-def test_knnn_neighbourhoods_take_the_lowest_ids(memory):
-    """KNNN's neighbourhoods (brute): the point, then its K' - 1 nearest
-    others by (distance, id); a query's neighbours likewise."""
+def test_knnn_neighborhoods_take_the_lowest_ids(memory):
+    """KNNN's neighborhoods (brute): the point, then its K' - 1 nearest
+    others by (distance, id); a query's neighbors likewise."""
     X, Q = duplicated_rows(np.float64, copies=4)
     det = KNNN(n_neighbors=3, n_neighbors_of_neighbors=6, backend="brute", memory=memory).fit(X)
     np.testing.assert_array_equal(det.neighborhoods_[:, 0], np.arange(len(X)))
     np.testing.assert_array_equal(det.neighborhoods_[:, 1:], oracle_ids(X, X, 5, True))
     Qg = det._to_grid(det._preprocess(Q))
-    np.testing.assert_array_equal(det._query_neighbours(Qg), oracle_ids(X, Q, 3, False))
+    np.testing.assert_array_equal(det._query_neighbors(Qg), oracle_ids(X, Q, 3, False))
 
 
 def test_faiss_flat_ties_go_to_the_lowest_ids():

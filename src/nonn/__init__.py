@@ -1,4 +1,4 @@
-"""nonn — k-NNN anomaly detection (nearest neighbours of neighbours).
+"""nonn — k-NNN anomaly detection (nearest neighbors of neighbors).
 
 Nizan & Tal, "k-NNN: Nearest Neighbors of Neighbors for Anomaly Detection",
 WACV Workshops 2024. Exact Eq. 2, its baselines, safe persistence.

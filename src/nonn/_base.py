@@ -249,7 +249,7 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
     """Common behaviour of every nonn detector.
 
     Subclasses implement ``_fit(X) -> loo_anomaly_scores`` (training scores
-    where a point does not count itself as a neighbour) and
+    where a point does not count itself as a neighbor) and
     ``_anomaly_score(X)`` on validated data.
     """
 
@@ -536,7 +536,7 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
 
     def fit_predict(self, X, y=None):
         """Fit, then label the training points themselves by their
-        leave-one-out scores (a point is not its own neighbour), so about
+        leave-one-out scores (a point is not its own neighbor), so about
         ``contamination`` of them are flagged.
 
         nonn's detectors model clean normal data (novelty detection). On a
@@ -572,7 +572,7 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
             raise ValueError(
                 f"{int(seen.sum())} of the {n} rows given to calibrate are training rows of "
                 "this model; their scores are not out of sample (a training row is its own "
-                "nearest neighbour), so the threshold would flag far more new normal data "
+                "nearest neighbor), so the threshold would flag far more new normal data "
                 "than asked. Calibrate on normal data held out from fit.")
         if seen.any():
             warnings.warn(f"{int(seen.sum())} of the {n} calibration rows are training rows "

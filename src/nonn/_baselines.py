@@ -19,25 +19,25 @@ _AGGREGATES = {
 }
 
 
-class _NeighbourQueries:
-    """Chunked "search, then score from the neighbours" loop."""
+class _NeighborQueries:
+    """Chunked "search, then score from the neighbors" loop."""
 
-    def _fit_neighbours(self, X):
+    def _fit_neighbors(self, X):
         n = X.shape[0]
         self.n_neighbors_ = cap(self.n_neighbors, n - 1, "n_neighbors",
                                 "the number of other training points")
         self._fit_X = self._transform(X)
         self._search = self._make_backend(self._fit_X)
         dist, idx = self._search.kneighbors(None, self.n_neighbors_)
-        # each row's k-th neighbour distance: which rows partial_fit rescores
+        # each row's k-th neighbor distance: which rows partial_fit rescores
         self._knn_radius = dist[:, -1].astype(np.float64)
-        return self._from_neighbours(self._fit_X, dist, idx)
+        return self._from_neighbors(self._fit_X, dist, idx)
 
     def partial_fit(self, X, y=None):
         """Add normal samples ``X`` to the fitted model without a refit: the
         new rows are scored by their k nearest others, and an existing row's
         leave-one-out score is recomputed only when a new row is nearer than
-        its k-th neighbour. The input transforms (and the feature order and
+        its k-th neighbor. The input transforms (and the feature order and
         floors of :class:`LocalEigenKNN`) stay those of the first fit; with
         an exact backend the result is the model a fit on all rows gives with
         them. ``n_samples_seen_`` counts every row. See
@@ -55,9 +55,9 @@ class _NeighbourQueries:
         -------
         self
         """
-        from ._update import neighbour_partial_fit
+        from ._update import neighbor_partial_fit
 
-        return neighbour_partial_fit(self, X)
+        return neighbor_partial_fit(self, X)
 
     def _transform(self, X):
         return X
@@ -68,11 +68,11 @@ class _NeighbourQueries:
         for sl in self._query_chunks(X.shape[0], row_bytes, "queries"):
             Q = self._transform(X[sl])
             dist, idx = self._search.kneighbors(Q, self.n_neighbors_)
-            out[sl] = self._from_neighbours(Q, dist, idx)
+            out[sl] = self._from_neighbors(Q, dist, idx)
         return out
 
 
-class KNN(_NeighbourQueries, BaseDetector):
+class KNN(_NeighborQueries, BaseDetector):
     """Plain k-NN distance detector (the paper's baseline).
 
     Parameters
@@ -133,18 +133,18 @@ class KNN(_NeighbourQueries, BaseDetector):
         self.scale = scale
 
     def _fit(self, X):
-        return self._fit_neighbours(X)
+        return self._fit_neighbors(X)
 
-    def _from_neighbours(self, Q, dist, idx):
+    def _from_neighbors(self, Q, dist, idx):
         return _AGGREGATES[self.aggregate](dist).astype(Q.dtype, copy=False)
 
     def explain(self, X):
         """Per-feature contributions to each query's score and the training
-        neighbours it came from. A Euclidean distance ``||d||`` is split as
+        neighbors it came from. A Euclidean distance ``||d||`` is split as
         ``d_f^2 / ||d||`` (sums to the distance exactly; every share is
         >= 0 without whitening), a cosine distance as ``(u_q - u_x)_f^2 / 2``
         over the unit rows it compares; ``aggregate="mean"`` averages the k
-        neighbours' splits, ``"max"``/``"kth"`` takes the k-th neighbour's
+        neighbors' splits, ``"max"``/``"kth"`` takes the k-th neighbor's
         (``neighbor``).
 
         Parameters
@@ -164,7 +164,7 @@ class KNN(_NeighbourQueries, BaseDetector):
         return explain_knn(self, X)
 
 
-class GlobalEigenKNN(_NeighbourQueries, BaseDetector):
+class GlobalEigenKNN(_NeighborQueries, BaseDetector):
     """Global eigen-normalised k-NN (paper Eq. 3).
 
     One eigen-decomposition of the covariance of the whole training set;
@@ -266,7 +266,7 @@ class GlobalEigenKNN(_NeighbourQueries, BaseDetector):
     def _cross_fitted_scores(self, X):
         """Out-of-sample scores of every training row by K-fold cross-fitting:
         the rows of a fold are scored by the model (covariance, floor,
-        neighbours) of the other folds. A leave-one-out score would keep the
+        neighbors) of the other folds. A leave-one-out score would keep the
         row in the global covariance: with fewer rows than features every
         training row then lies in the covariance's span while new rows do
         not, and a threshold set on such scores flags almost all new data."""
@@ -283,7 +283,7 @@ class GlobalEigenKNN(_NeighbourQueries, BaseDetector):
         self._search = self._make_backend(X)  # _make_backend records backend_
         return out
 
-    def _from_neighbours(self, Q, dist, idx):
+    def _from_neighbors(self, Q, dist, idx):
         return _global_eq3(Q, self._fit_X, idx, self.eigenvalues_, self.components_,
                            self.eig_floor_[0], self)
 
@@ -291,7 +291,7 @@ class GlobalEigenKNN(_NeighbourQueries, BaseDetector):
         """Per-feature contributions to each query's score (Eq. 3): each
         ``|d_i . v_j| / sqrt(max(e_j, floor))`` is split as
         ``sign(d_i . v_j) d_if v_jf / sqrt(max(e_j, floor))``, summed over the
-        k neighbours ``i`` (``neighbor`` is -1: all k count).
+        k neighbors ``i`` (``neighbor`` is -1: all k count).
 
         Parameters
         ----------
@@ -326,11 +326,11 @@ def _global_eq3(Q, X, idx, evals, evecs, floor, det):
     return out
 
 
-class LocalEigenKNN(_NeighbourQueries, BaseDetector):
+class LocalEigenKNN(_NeighborQueries, BaseDetector):
     """Local eigen-normalised k-NN (paper Sec. 5.1, "local normalisation").
 
     The eigenvectors come from the covariance of the query's own k nearest
-    training points (not from each neighbour's neighbourhood as in k-NNN),
+    training points (not from each neighbor's neighborhood as in k-NNN),
     then Eq. 3 is applied, per feature set as in :class:`KNNN` so that it
     scales to embeddings (with ``set_size >= n_features`` it is exactly the
     paper's whole-vector version).
@@ -383,7 +383,7 @@ class LocalEigenKNN(_NeighbourQueries, BaseDetector):
 
     def _fit(self, X):
         fit_grid(self, X, resolve_set_size(self.set_size, X.shape[1]), self.eig_floor)
-        return self._fit_neighbours(X)
+        return self._fit_neighbors(X)
 
     def _to_grid(self, X):
         """``X`` on the fitted layout (columns re-ordered)."""
@@ -392,11 +392,11 @@ class LocalEigenKNN(_NeighbourQueries, BaseDetector):
     def _transform(self, X):
         return self._to_grid(X)
 
-    def _from_neighbours(self, Qg, dist, idx):
+    def _from_neighbors(self, Qg, dist, idx):
         q, k = idx.shape
         n_sets, L = len(self.set_sizes_), self.set_size_
         out = np.empty(q, dtype=Qg.dtype)
-        # the eigen-state, and a copy of it per neighbour for the kernel
+        # the eigen-state, and a copy of it per neighbor for the kernel
         row_bytes = Qg.dtype.itemsize * (n_sets * L * (k + 1) * (L + 1) + Qg.shape[1] * k)
         for sl in self._query_chunks(q, row_bytes):
             w, v = neighborhood_eigen(self._fit_X, idx[sl], self.set_sizes_, L, self.n_jobs_,
@@ -407,9 +407,9 @@ class LocalEigenKNN(_NeighbourQueries, BaseDetector):
 
     def explain(self, X):
         """Per-feature contributions to each query's score: the eigenvectors
-        of the query's own k neighbours, each neighbour's difference split as
+        of the query's own k neighbors, each neighbor's difference split as
         in :meth:`nonn.KNNN.explain` (primal form), summed over the k
-        neighbours (``neighbor`` is -1: all k count).
+        neighbors (``neighbor`` is -1: all k count).
 
         Parameters
         ----------

@@ -3,7 +3,7 @@ handles, learned at fit and applied to every query.
 
 The scores of nonn's detectors do not depend on the data's units (KNNN's and
 the eigen-normalised baselines' eigenvalue floor is relative), but the
-arithmetic behind them does: the search squares norms, the neighbourhood
+arithmetic behind them does: the search squares norms, the neighborhood
 eigen-solver squares covariance entries (fourth powers of the data), and
 those overflow or underflow once the data sit far from 1 -- float32 data
 times 1e10 or 1e-12 already do, float64 data times 1e+-100. So a detector
@@ -12,7 +12,7 @@ multiplies its training data and every query by one power of two,
 
 Multiplying by a power of two is exact in binary floating point (only the
 exponent changes, as long as nothing over- or underflows), so the scaled
-data are the user's data in other units, bit for bit: neighbours, ties and
+data are the user's data in other units, bit for bit: neighbors, ties and
 every scale-free score are those of the data as given, computed where the
 arithmetic is safe. Scores that carry units (:class:`nonn.KNN`'s distances)
 are multiplied back by the same exact factor.

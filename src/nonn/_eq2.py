@@ -1,19 +1,19 @@
-"""The k-NNN operator (Nizan & Tal, Eq. 2): neighbourhood eigen-states and
+"""The k-NNN operator (Nizan & Tal, Eq. 2): neighborhood eigen-states and
 the anomaly score.
 
 For a query ``f`` and its k nearest training points ``f_i``, with the
 features cut into sets ``s`` (:mod:`nonn._layout`) and ``e_{i,j,s}``,
 ``v_{i,j,s}`` the eigenvalues and eigenvectors of the covariance (divisor
-K') of ``f_i``'s neighbourhood (``f_i`` and its K' - 1 nearest training
+K') of ``f_i``'s neighborhood (``f_i`` and its K' - 1 nearest training
 points) in set ``s``::
 
     AS_i(f) = sum_s sum_j |(f_s - f_{i,s}) . v_{i,j,s}| / sqrt(e_{i,j,s})
 
-and the score aggregates the k per-neighbour sums: their sum (the paper's
-Eq. 2) or their minimum. The difference is taken to the neighbour ``f_i``,
-not to its neighbourhood's mean.
+and the score aggregates the k per-neighbor sums: their sum (the paper's
+Eq. 2) or their minimum. The difference is taken to the neighbor ``f_i``,
+not to its neighborhood's mean.
 
-Floored subspace. Neighbourhoods are often singular (duplicates, constant
+Floored subspace. Neighborhoods are often singular (duplicates, constant
 columns, K' <= L, low-rank data), so every eigenvalue at or below the set's
 floor (relative to the data's scale, see :mod:`nonn._layout`) is raised to
 it. Those directions then share the weight ``1 / sqrt(floor)`` and span a
@@ -32,8 +32,8 @@ Two forms of the same eigen-state, chosen by the set size L against K':
   shorter last set is 0) and an L x L eigenvector matrix (columns).
 * ``"dual"`` (L > K'): the covariance has rank at most K' - 1, and its
   non-zero eigen-pairs come from the K' x K' Gram matrix of the centred
-  neighbourhood; state per point and set: K' eigenvalues and a K' x K'
-  matrix, whatever L is; scoring re-reads the neighbourhood's rows.
+  neighborhood; state per point and set: K' eigenvalues and a K' x K'
+  matrix, whatever L is; scoring re-reads the neighborhood's rows.
   Directions outside the span are floored.
 
 Both give the same scores (up to rounding); the dual form makes any set
@@ -58,7 +58,7 @@ JACOBI_TOL = {np.dtype(np.float64): 1e-24,
 
 
 def eigen_form(set_size, n_neighbors_of_neighbors):
-    """``"dual"`` when a set has more features than a neighbourhood has
+    """``"dual"`` when a set has more features than a neighborhood has
     points (its covariance is rank-deficient), else ``"primal"``."""
     return DUAL if set_size > n_neighbors_of_neighbors else PRIMAL
 
@@ -80,7 +80,7 @@ def eigen_row_bytes(itemsize, n_sets, set_size, n_neighbors_of_neighbors):
 
 
 def neighborhood_eigen(Xg, groups, sizes, set_size, n_jobs=1, out=None, form=None):
-    """Eigen-state ``(eigenvalues, eigenvectors)`` of the neighbourhoods
+    """Eigen-state ``(eigenvalues, eigenvectors)`` of the neighborhoods
     ``groups`` (c, M) of the grid data ``Xg``, per feature set.
 
     ``form`` (default: :func:`eigen_form` of L and M) picks the shapes:
@@ -117,12 +117,12 @@ def neighborhood_eigen(Xg, groups, sizes, set_size, n_jobs=1, out=None, form=Non
 
 def score_terms(Qg, idx, Xg, evecs, evals, sizes, set_size, floor, n_jobs=1, rows=None,
                 groups=None):
-    """Eq. 2's per-neighbour sums ``AS_i``, (q, k), for grid queries ``Qg``.
+    """Eq. 2's per-neighbor sums ``AS_i``, (q, k), for grid queries ``Qg``.
 
     ``idx`` (q, k) indexes the eigen-state rows of ``evecs``/``evals``. The
-    neighbour of eigen-state row ``t`` is training row ``rows[t]`` of ``Xg``
+    neighbor of eigen-state row ``t`` is training row ``rows[t]`` of ``Xg``
     (``rows=None``: row ``t`` itself, the eigen-state of every training
-    point); the dual form also needs ``groups[t]``, the neighbourhood that
+    point); the dual form also needs ``groups[t]``, the neighborhood that
     eigen-state was computed from. ``floor`` (S,) is each set's absolute
     eigenvalue floor.
     """
@@ -138,7 +138,7 @@ def score_terms(Qg, idx, Xg, evecs, evals, sizes, set_size, floor, n_jobs=1, row
             _eq2_kernels.primal_score(Qg, idx, X_rows, evecs, evals, sizes, floor, terms)
         return terms
     if groups is None:
-        raise ValueError("the dual eigen-state needs the neighbourhoods it was computed from")
+        raise ValueError("the dual eigen-state needs the neighborhoods it was computed from")
     rows = np.arange(evecs.shape[0], dtype=np.int64) if rows is None else rows
     with numba_threads(n_jobs, idx.size * groups.shape[1] * Xg.shape[1]):
         _eq2_kernels.dual_score(np.ascontiguousarray(Qg, dtype=Xg.dtype), idx,
@@ -150,7 +150,7 @@ def score_terms(Qg, idx, Xg, evecs, evals, sizes, set_size, floor, n_jobs=1, row
 
 def shared_score_terms(Qg, idx, Xg, evecs, evals, sizes, set_size, floor, n_jobs=1):
     """Eq. 2's sums (q, k) of each grid query ``Qg[u]`` against its
-    neighbours ``idx[u]`` (rows of ``Xg``), all k under one primal
+    neighbors ``idx[u]`` (rows of ``Xg``), all k under one primal
     eigen-state per query, ``evecs[u]``/``evals[u]`` (the local
     eigen-normalised baseline's operator, Eq. 3 per feature set)."""
     q, k = idx.shape
@@ -160,9 +160,9 @@ def shared_score_terms(Qg, idx, Xg, evecs, evals, sizes, set_size, floor, n_jobs
 
 
 def aggregate_terms(terms, how):
-    """Combine per-neighbour sums ``terms`` (q, k): ``"sum"`` is the paper's
+    """Combine per-neighbor sums ``terms`` (q, k): ``"sum"`` is the paper's
     Eq. 2, ``"min"`` the smallest of the k (the query is as normal as its
-    best-fitting neighbour says)."""
+    best-fitting neighbor says)."""
     if how == "sum":
         return terms.sum(axis=1)
     if how == "min":

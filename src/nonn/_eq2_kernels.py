@@ -1,8 +1,8 @@
-"""Compiled kernels (numba) of Eq. 2: the neighbourhood eigen-states and
-the per-neighbour sums, in the primal (L x L covariance) and dual (K' x K'
+"""Compiled kernels (numba) of Eq. 2: the neighborhood eigen-states and
+the per-neighbor sums, in the primal (L x L covariance) and dual (K' x K'
 Gram matrix) forms. The operator they compute is stated in :mod:`nonn._eq2`.
 
-Primal. Each point's covariances are formed straight from the neighbour
+Primal. Each point's covariances are formed straight from the neighbor
 ids (two-pass, float64, no N x K' x D gather) and diagonalised by cyclic
 Jacobi rotations run on many matrices at once, one per SIMD lane, so the
 rotations vectorise (``np.linalg.eigh`` spends most of its time in call
@@ -10,17 +10,17 @@ overhead on 5 x 5 matrices). Jacobi runs to convergence; sets larger than
 :data:`JACOBI_MAX_SET` go to LAPACK. Scoring is fused the same way, so no
 (q, k, S, L, L) gather of eigenvectors is ever built.
 
-Dual. A neighbourhood of K' points spans at most K' - 1 directions, so the
+Dual. A neighborhood of K' points spans at most K' - 1 directions, so the
 covariance of a feature set of L > K' features has at most K' - 1 non-zero
 eigenvalues. They, and the eigenvectors, come from the K' x K' Gram matrix
-of the centred neighbourhood: with ``G`` the K' x L centred sub-vectors,
+of the centred neighborhood: with ``G`` the K' x L centred sub-vectors,
 ``G G^T / K' = U diag(e) U^T`` and the eigenvectors of the covariance
 ``G^T G / K'`` are ``v_j = G^T u_j / sqrt(K' e_j)``. A difference ``d``
 projects as ``d . v_j = (G d) . u_j / sqrt(K' e_j)``, and ``G d`` is the K'
-products of the neighbourhood's rows with ``d``, centred, so nothing of
+products of the neighborhood's rows with ``d``, centred, so nothing of
 size L x L is ever formed or stored: per point and set the state is ``U``
 (K' x K') and ``e`` (K'), and scoring reads the K' rows of the
-neighbourhood (ids stored in the model) again.
+neighborhood (ids stored in the model) again.
 
 Every index and size these kernels read from a model is checked at their
 entry (:mod:`nonn._kernel_checks`), so a corrupted model raises instead of
@@ -229,7 +229,7 @@ def _full_sets_eigen(P, m, L, full, B, tol, A, V, order, sc, p, w_out, V_out):
 @njit(cache=True, parallel=True, error_model="numpy",
       fastmath={"reassoc", "nsz", "arcp", "contract"})
 def primal_eigen(Xg, groups, sizes, L, tol, w_out, V_out):
-    """Fused covariance + eigen-decomposition of every neighbourhood, per
+    """Fused covariance + eigen-decomposition of every neighborhood, per
     feature set, written straight into the outputs.
 
     For point ``p``: the covariance (divisor M, two-pass, float64) of the
@@ -339,9 +339,9 @@ def primal_eigen(Xg, groups, sizes, L, tol, w_out, V_out):
 
 @njit(cache=True, parallel=True, error_model="numpy")
 def primal_score(Qg, idx, Xg, evecs, evals, sizes, floor, out):
-    """Eq. 2's inner sums per (query, neighbour): ``out[u, i]`` is the sum over
-    sets and eigen-directions of neighbour ``idx[u, i]`` for grid query ``u``,
-    from that neighbour's stored eigen-state (rows ``idx[u, i]`` of ``Xg``,
+    """Eq. 2's inner sums per (query, neighbor): ``out[u, i]`` is the sum over
+    sets and eigen-directions of neighbor ``idx[u, i]`` for grid query ``u``,
+    from that neighbor's stored eigen-state (rows ``idx[u, i]`` of ``Xg``,
     ``evecs`` and ``evals``). Floored directions are summed basis-free (see
     :mod:`nonn._eq2`). Aggregating over ``i`` is the caller's."""
     q, k = idx.shape
@@ -380,9 +380,9 @@ def primal_score(Qg, idx, Xg, evecs, evals, sizes, floor, out):
 # ------------------------------------------------------------------ dual form
 @njit(cache=True, parallel=True, error_model="numpy")
 def dual_eigen(Xg, groups, sizes, L, w_out, U_out):
-    """Eigen-state of every neighbourhood, per feature set, in the dual form.
+    """Eigen-state of every neighborhood, per feature set, in the dual form.
 
-    ``groups[p]`` lists the K' training rows of neighbourhood ``p``; set
+    ``groups[p]`` lists the K' training rows of neighborhood ``p``; set
     ``s`` holds columns ``s*L .. s*L + sizes[s]`` of ``Xg``. Writes the
     eigenvalues of ``G G^T / K'`` (ascending, clipped at 0) into
     ``w_out[p, s]`` (K') and its eigenvectors, as columns, into
@@ -423,13 +423,13 @@ def dual_eigen(Xg, groups, sizes, L, w_out, U_out):
 
 @njit(cache=True, parallel=True, error_model="numpy")
 def dual_score(Qg, idx, rows, Xg, groups, U, w, sizes, L, floor, out):
-    """Eq. 2's inner sums per (query, neighbour) from dual eigen-states.
+    """Eq. 2's inner sums per (query, neighbor) from dual eigen-states.
 
     ``out[u, i]`` is the sum over sets and eigen-directions for grid query
-    ``u`` and the neighbour whose eigen-state is row ``t = idx[u, i]`` of
-    ``U``/``w``/``groups``; the neighbour's own training row is ``rows[t]``.
+    ``u`` and the neighbor whose eigen-state is row ``t = idx[u, i]`` of
+    ``U``/``w``/``groups``; the neighbor's own training row is ``rows[t]``.
     Eigenvalues at or below the set's floor, and the directions outside the
-    neighbourhood's span, share the weight ``1 / sqrt(floor)`` and are
+    neighborhood's span, share the weight ``1 / sqrt(floor)`` and are
     summed as the L2 norm of the difference's projection on them (the
     basis-free rule of the primal form): ``|d|^2`` minus the squared
     projections on the kept directions.

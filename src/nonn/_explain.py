@@ -1,10 +1,10 @@
 """Per-feature explanations of anomaly scores: which features, and which
-training neighbours, a score came from.
+training neighbors, a score came from.
 
 The rule (every detector)
 -------------------------
 Each detector's score is a sum of terms, one per (query, training
-neighbour) pair, and every term is a function ``t(d)`` of the pair's
+neighbor) pair, and every term is a function ``t(d)`` of the pair's
 difference ``d = q - x`` that is positively homogeneous of degree one
 (``t(c d) = c t(d)`` for ``c > 0``): a sum of ``|d . v| / sqrt(e)`` terms
 and of Euclidean norms. For such a function Euler's theorem gives the exact
@@ -17,11 +17,11 @@ set this is
   add up to ``|d . v_j| / sqrt(e_j)`` exactly;
 * the floored directions' term ``||P_F d|| / sqrt(floor)`` (``P_F`` the
   projection onto the directions whose eigenvalue is at or below the floor,
-  and in the dual form also the directions outside the neighbourhood's
+  and in the dual form also the directions outside the neighborhood's
   span) gives ``d_f (P_F d)_f / (||P_F d|| sqrt(floor))``: they add up to
   ``||P_F d|| / sqrt(floor)`` because ``d . P_F d = ||P_F d||^2``. In the
   dual form ``v_j = G^T u_j / sqrt(K' e_j)`` (``G`` the centred
-  neighbourhood rows of the set) and ``P_F d = d - sum_kept (d . v_j) v_j``;
+  neighborhood rows of the set) and ``P_F d = d - sum_kept (d . v_j) v_j``;
 * a Euclidean distance ``||d||`` (k-NN) gives ``d_f^2 / ||d||``; a cosine
   distance ``||u_q - u_x||^2 / 2`` of unit rows gives ``(u_q - u_x)_f^2 / 2``.
 
@@ -29,10 +29,10 @@ So the contributions of a query sum to its anomaly score (to floating-point
 rounding), and a contribution can be **negative**: a feature whose
 difference points against the direction's sign lowers that direction's
 term (the other features of the set then carry more than the term).
-With ``aggregate="min"`` the score is one neighbour's term, and so is the
+With ``aggregate="min"`` the score is one neighbor's term, and so is the
 explanation (``neighbor`` names that training row); with ``"sum"`` (and the
-baselines that sum or average over the k neighbours) the explanation is the
-sum (or mean) of the k neighbours' splits.
+baselines that sum or average over the k neighbors) the explanation is the
+sum (or mean) of the k neighbors' splits.
 
 Input transforms
 ----------------
@@ -66,7 +66,7 @@ _DT = np.float64
 
 
 class Explanation:
-    """Per-feature contributions to anomaly scores, and the neighbours they
+    """Per-feature contributions to anomaly scores, and the neighbors they
     came from (see :mod:`nonn._explain` for the exact rule).
 
     Attributes
@@ -83,11 +83,11 @@ class Explanation:
         nearest training points, nearest first.
     neighbor : ndarray of shape (n_queries,), int64
         The training row whose term is the whole score (``KNNN`` with
-        ``aggregate="min"``: the neighbour attaining the minimum; ``KNN``
-        with ``aggregate="max"`` or ``"kth"``: the k-th neighbour); -1 where
+        ``aggregate="min"``: the neighbor attaining the minimum; ``KNN``
+        with ``aggregate="max"`` or ``"kth"``: the k-th neighbor); -1 where
         the score combines all k (sum, mean).
     neighbor_terms : ndarray of shape (n_queries, k)
-        Each neighbour's own term (k-NNN: Eq. 2's per-neighbour sum; k-NN:
+        Each neighbor's own term (k-NNN: Eq. 2's per-neighbor sum; k-NN:
         the distance), in the order of ``neighbors``.
     feature_names : list of str or None
         The model's column names (``feature_names_in_``), if it has them.
@@ -142,7 +142,7 @@ class Explanation:
 
 # ------------------------------------------------------------- gradients
 def primal_weights(diff, evecs, evals, sizes, floor):
-    """Per-feature gradient ``a`` of Eq. 2's per-neighbour term with respect
+    """Per-feature gradient ``a`` of Eq. 2's per-neighbor term with respect
     to the difference, primal form: ``term = sum(diff * a)`` exactly.
 
     diff : (..., S, L) float64 differences on the padded set grid
@@ -170,11 +170,11 @@ def primal_weights(diff, evecs, evals, sizes, floor):
 
 
 def dual_weights(diff, Xg, groups, U, w, sizes, set_size, floor):
-    """Per-feature gradient of Eq. 2's per-neighbour term, dual form (sets
-    larger than a neighbourhood): ``term = sum(diff * a)`` exactly.
+    """Per-feature gradient of Eq. 2's per-neighbor term, dual form (sets
+    larger than a neighborhood): ``term = sum(diff * a)`` exactly.
 
     diff : (m, D) float64 differences in grid order; groups : (m, K') the
-    neighbourhood each eigen-state was computed from; U : (m, S, K', K'),
+    neighborhood each eigen-state was computed from; U : (m, S, K', K'),
     w : (m, S, K') the dual eigen-state; returns (m, D) float64.
     """
     m, Kp = groups.shape
@@ -258,7 +258,7 @@ def explain_knnn(det, X):
     """:meth:`nonn.KNNN.explain`."""
     if not isinstance(getattr(det, "_fit_X", None), np.ndarray) and hasattr(det, "to_knnn"):
         # a model whose state lives on a cluster: explain with the gathered
-        # single-machine model (the same neighbours, eigen-states and scores)
+        # single-machine model (the same neighbors, eigen-states and scores)
         return explain_knnn(det.to_knnn(), X)
     Xp = det._validate_query(X)
     n, D = Xp.shape
@@ -274,7 +274,7 @@ def explain_knnn(det, X):
     row_bytes = 8 * k * (D * (4 + (Kp if form != PRIMAL else det.set_size_)) + 64)
     for sl in det._query_chunks(n, row_bytes, "explanations"):
         Qg = det._to_grid(Xp[sl])
-        idx = det._query_neighbours(Qg)
+        idx = det._query_neighbors(Qg)
         if lean:
             uniq, inv = np.unique(idx, return_inverse=True)
             w, v = det._eigen_of(uniq)
@@ -329,7 +329,7 @@ def explain_knn(det, X):
     for sl in det._query_chunks(n, 8 * k * D * 4, "explanations"):
         Q = det._transform(Xp[sl])
         dist, idx = det._search.kneighbors(Q, k)
-        scores[sl] = det._from_neighbours(Q, dist, idx)
+        scores[sl] = det._from_neighbors(Q, dist, idx)
         neighbors[sl], dists[sl] = idx, dist
         q = Q.astype(_DT)[:, None, :]
         x = det._fit_X[idx].astype(_DT)
@@ -344,7 +344,7 @@ def explain_knn(det, X):
             c = input_contributions(det, d.reshape(-1, D), a.reshape(-1, D)).reshape(d.shape)
         if det.aggregate == "mean":
             contrib[sl] = c.mean(axis=1)
-        else:  # "max" and "kth": the k-th (farthest) neighbour's distance
+        else:  # "max" and "kth": the k-th (farthest) neighbor's distance
             contrib[sl] = c[:, -1]
             neighbor[sl] = idx[:, -1]
     if det._scores_carry_units:
@@ -355,7 +355,7 @@ def explain_knn(det, X):
 def explain_global(det, X):
     """:meth:`nonn.GlobalEigenKNN.explain`: Eq. 3's ``|d_i . v_j| /
     sqrt(max(e_j, floor))`` split as ``sign(d_i . v_j) d_if v_jf / ...``,
-    summed over the k neighbours ``i``."""
+    summed over the k neighbors ``i``."""
     Xp = det._validate_query(X)
     n, D = Xp.shape
     k = det.n_neighbors_
@@ -368,7 +368,7 @@ def explain_global(det, X):
     for sl in det._query_chunks(n, 8 * k * D * 6, "explanations"):
         Q = Xp[sl]
         dist, idx = det._search.kneighbors(Q, k)
-        scores[sl] = det._from_neighbours(Q, dist, idx)
+        scores[sl] = det._from_neighbors(Q, dist, idx)
         neighbors[sl] = idx
         d = Q.astype(_DT)[:, None, :] - det._fit_X[idx].astype(_DT)  # (q, k, D)
         proj = d @ V
@@ -381,8 +381,8 @@ def explain_global(det, X):
 
 def explain_local(det, X):
     """:meth:`nonn.LocalEigenKNN.explain`: the eigenvectors of the query's
-    own k neighbours, each neighbour's difference split as in k-NNN's
-    primal form, summed over the k neighbours."""
+    own k neighbors, each neighbor's difference split as in k-NNN's
+    primal form, summed over the k neighbors."""
     from ._eq2 import PRIMAL, neighborhood_eigen, shared_score_terms
 
     Xp = det._validate_query(X)
@@ -397,7 +397,7 @@ def explain_local(det, X):
     for sl in det._query_chunks(n, 8 * k * S * L * (3 * L + 6), "explanations"):
         Qg = det._transform(Xp[sl])
         dist, idx = det._search.kneighbors(Qg, k)
-        scores[sl] = det._from_neighbours(Qg, dist, idx)
+        scores[sl] = det._from_neighbors(Qg, dist, idx)
         neighbors[sl] = idx
         w, v = neighborhood_eigen(det._fit_X, idx, sizes, L, det.n_jobs_, form=PRIMAL)
         diff = diff_grid(Qg, det._fit_X, idx, sizes, L)  # (q, k, S, L)

@@ -31,14 +31,14 @@ def resolve_counts(n_samples, n_features, counts):
 
 def search_width(n_samples, n_neighbors, n_neighbors_of_neighbors):
     """Nearest other rows a fit finds per training row: the K' - 1 of its
-    neighbourhood and one more, which replaces a calibration row that
-    leaves the neighbourhood (see :func:`held_out_groups`), or k when
+    neighborhood and one more, which replaces a calibration row that
+    leaves the neighborhood (see :func:`held_out_groups`), or k when
     larger; at most the n - 1 others."""
     return min(max(n_neighbors_of_neighbors, n_neighbors), n_samples - 1)
 
 
 def neighborhoods(others, n_neighbors_of_neighbors, first_id=0):
-    """Each row's neighbourhood: the row itself (column 0; rows numbered
+    """Each row's neighborhood: the row itself (column 0; rows numbered
     from ``first_id``) and its K' - 1 nearest others (``others``, nearest
     first)."""
     own = np.arange(first_id, first_id + others.shape[0], dtype=np.int64)[:, None]
@@ -46,10 +46,10 @@ def neighborhoods(others, n_neighbors_of_neighbors, first_id=0):
 
 
 def held_out_groups(held, nbrs, cand, n_neighbors_of_neighbors):
-    """The neighbourhood of neighbour ``nbrs[i]`` as a fit without the
+    """The neighborhood of neighbor ``nbrs[i]`` as a fit without the
     training row ``held[i]`` would find it: ``nbrs[i]``, then the first
     K' - 1 of its nearest other rows ``cand[i]`` (nearest first; one more
-    than a neighbourhood needs) that are not ``held[i]``. (c, K') ids, fewer
+    than a neighborhood needs) that are not ``held[i]``. (c, K') ids, fewer
     columns when ``cand`` holds every other row."""
     width = min(n_neighbors_of_neighbors - 1, cand.shape[-1] - 1)
     keep = cand != held[:, None]
@@ -58,8 +58,8 @@ def held_out_groups(held, nbrs, cand, n_neighbors_of_neighbors):
 
 
 def pair_terms(Qg, Xg, groups, sizes, set_size, floor, n_jobs=1):
-    """Eq. 2's sum of each grid query ``Qg[i]`` against the neighbour
-    ``groups[i, 0]`` with the eigen-state of the neighbourhood
+    """Eq. 2's sum of each grid query ``Qg[i]`` against the neighbor
+    ``groups[i, 0]`` with the eigen-state of the neighborhood
     ``groups[i]`` (rows of ``Xg``), computed here."""
     w, v = neighborhood_eigen(Xg, groups, sizes, set_size, n_jobs)
     local = np.arange(len(groups), dtype=np.int64)[:, None]
@@ -90,13 +90,13 @@ def _eigen_width(arr, sym):
 
 
 class KNNN(BaseDetector):
-    """k nearest neighbours of neighbours anomaly detector.
+    """k nearest neighbors of neighbors anomaly detector.
 
     Fit stores, for every training point and every feature set, the
-    eigenvectors and eigenvalues of the covariance of its neighbourhood (the
+    eigenvectors and eigenvalues of the covariance of its neighborhood (the
     point itself and its ``n_neighbors_of_neighbors - 1`` nearest other
     training points). For a query ``f`` and each of its ``n_neighbors``
-    nearest training points ``f_i``, the per-neighbour sum of Eq. 2 is::
+    nearest training points ``f_i``, the per-neighbor sum of Eq. 2 is::
 
         AS_i(f) = sum_s sum_j |(f_s - f_{i,s}) . v_{i,j,s}| / sqrt(e_{i,j,s})
 
@@ -107,7 +107,7 @@ class KNNN(BaseDetector):
 
     The defaults differ from the paper's settings where the defaults study
     measured a gain: one set of all features (``set_size="all"``, computed
-    through each neighbourhood's K' x K' Gram matrix, so its cost does not
+    through each neighborhood's K' x K' Gram matrix, so its cost does not
     grow with the set), and ``normalize``/``whiten``/``eig_floor`` chosen
     from the number of features (``"auto"``: embeddings, 64 features or
     more, get unit-length rows, whitening 0.5 and floor 0.1; tabular data
@@ -118,16 +118,16 @@ class KNNN(BaseDetector):
     Parameters
     ----------
     n_neighbors : int or "auto", default=3
-        k, neighbours of a query.
+        k, neighbors of a query.
     n_neighbors_of_neighbors : int or "auto", default=25
-        K', size of each training point's neighbourhood (itself included),
+        K', size of each training point's neighborhood (itself included),
         as in the paper.
     set_size : int, "all" or "auto", default="all"
         L, features per set; the last set may be shorter (never dropped).
         ``"all"``: one set of every feature. A set larger than K' is
-        decomposed through its neighbourhood's K' x K' Gram matrix (the dual
+        decomposed through its neighborhood's K' x K' Gram matrix (the dual
         form: O(K'^2 D) per point, K' x K' numbers stored per point), and
-        the directions the neighbourhood does not span get the floor. The
+        the directions the neighborhood does not span get the floor. The
         paper's L is 5.
     reorder : {"greedy", "none"}, default="greedy"
         The paper's greedy correlation ordering of the features before they
@@ -137,24 +137,24 @@ class KNNN(BaseDetector):
         ``eig_floor`` times the mean training variance of the set's features.
         ``"auto"``: 0.1 for embeddings (64 features or more), 1.0 for
         tabular data.
-        Keeps singular neighbourhoods finite and makes the score invariant to
+        Keeps singular neighborhoods finite and makes the score invariant to
         a uniform rescaling of the data. ``0`` means the smallest safe floor
         (10 machine epsilons), the closest to the paper's unfloored maths.
     aggregate : {"min", "sum"}, default="min"
-        How the k per-neighbour sums combine: "sum" is the paper's Eq. 2,
+        How the k per-neighbor sums combine: "sum" is the paper's Eq. 2,
         "min" the smallest of them.
     memory : {"precomputed", "lean"}, default="precomputed"
         "precomputed" stores every training point's eigen-state, as the
         paper does (n_samples * n_features * set_size values): fastest
-        scoring. "lean" stores only the n_samples x K' neighbourhood graph
-        and computes the eigen-state of each query's k neighbours when it
+        scoring. "lean" stores only the n_samples x K' neighborhood graph
+        and computes the eigen-state of each query's k neighbors when it
         scores (memory O(n_samples * n_features); the same scores; scoring
         does up to k eigen-decompositions per query more).
     normalize : {None, "l2", "auto"}, default="auto"
         ``"auto"``: ``"l2"`` for embeddings (64 features or more), None
         otherwise (``normalize_`` says which).
         ``"l2"`` scales every row (training and query) to unit length first,
-        so that neighbours and Eq. 2 compare directions, not norms (the
+        so that neighbors and Eq. 2 compare directions, not norms (the
         usual preprocessing of CNN embeddings; cosine k-NN is Euclidean
         k-NN of unit rows).
     whiten : float in [0, 1] or "auto", default="auto"
@@ -164,19 +164,19 @@ class KNNN(BaseDetector):
         with an isotropic one (``whiten`` = the weight of the Ledoit-Wolf
         part; 1 whitens fully, 0 not at all), learned at fit. It shrinks
         the local operator toward the global Gaussian: the eigenvalue floor
-        and the directions a neighbourhood does not span are measured in
+        and the directions a neighborhood does not span are measured in
         the global covariance's metric. Costs O(D^2) memory and
         O(N D^2) time.
     metric : {"euclidean", "cosine"}, default="euclidean"
-        Distance used to find neighbours (Eq. 2 itself is unchanged).
+        Distance used to find neighbors (Eq. 2 itself is unchanged).
     backend : str, default="auto"
         Search backend by name (see :mod:`nonn.neighbors`); the fitted
         attribute ``backend_`` says which one "auto" picked.
     backend_params : dict, default=None
         Extra keyword arguments for the backend. With an approximate FAISS
         index, ``{"refine": 1}`` or more refines the training graph by
-        neighbours of neighbours (see :class:`nonn.neighbors.faiss.FaissBackend`)
-        and each query's k neighbours once against the stored neighbourhoods.
+        neighbors of neighbors (see :class:`nonn.neighbors.faiss.FaissBackend`)
+        and each query's k neighbors once against the stored neighborhoods.
     contamination : "auto" or float in (0, 0.5], default="auto"
         Share of normal data to flag, set on held-out scores of training
         rows (each scored as by a model fitted without it); "auto" = 0.01.
@@ -213,7 +213,7 @@ class KNNN(BaseDetector):
         Column permutation applied before the partition.
     set_sizes_ : ndarray (n_sets,)
     neighborhoods_ : ndarray (n_samples, n_neighbors_of_neighbors_)
-        Ids of each training point's neighbourhood; column 0 is the point.
+        Ids of each training point's neighborhood; column 0 is the point.
     eigenvalues_ : ndarray (n_samples, n_sets, set_size_)
         Ascending per set; the padding of a shorter last set is 0.
         Absent with ``memory="lean"``.
@@ -245,11 +245,11 @@ class KNNN(BaseDetector):
 
     Notes
     -----
-    Ties among equidistant neighbours are broken by the search backend:
+    Ties among equidistant neighbors are broken by the search backend:
     "brute" (and FAISS's exact "Flat" index) take the lowest training row
     id, scikit-learn's trees ("auto" with 3 features or fewer) and torch's
     ``topk`` an unspecified one. On heavily tied data (many distinct rows at
-    equal distances, as with binary features) the neighbourhoods, hence the
+    equal distances, as with binary features) the neighborhoods, hence the
     scores, then depend on the order of the training rows; exact copies
     alone do not matter (see the README, "Choices the paper leaves open").
 
@@ -270,7 +270,7 @@ class KNNN(BaseDetector):
     """
 
     #: the paper's settings (Nizan & Tal, Section 4): K' = 25, five features
-    #: per set, Eq. 2's sum over the k neighbours, no floor beyond the
+    #: per set, Eq. 2's sum over the k neighbors, no floor beyond the
     #: numerically safe one, rows as given
     PAPER_PARAMS = dict(n_neighbors=3, n_neighbors_of_neighbors=25, set_size=5,
                         reorder="greedy", eig_floor=0.0, aggregate="sum", normalize=None,
@@ -373,12 +373,12 @@ class KNNN(BaseDetector):
         self._fit_X = Xg
         self._search = self._make_backend(Xg)
         Kp = self.n_neighbors_of_neighbors_
-        # ids only, in the backend's own order: the neighbourhoods and the
-        # held-out neighbours need no distances
+        # ids only, in the backend's own order: the neighborhoods and the
+        # held-out neighbors need no distances
         others = self._search.kneighbors(None, search_width(n, self.n_neighbors_, Kp),
                                          return_distance=False)
         self.neighborhoods_ = neighborhoods(others, Kp)
-        # the neighbours beyond the neighbourhoods (not saved): partial_fit's
+        # the neighbors beyond the neighborhoods (not saved): partial_fit's
         # held-out scores need them
         self._graph_tail = np.ascontiguousarray(others[:, Kp - 1:])
         if self.memory != "lean":
@@ -420,12 +420,12 @@ class KNNN(BaseDetector):
                                self.set_size_, self.neighborhoods_.shape[1])
 
     def _eigen_of(self, points):
-        """Eigen-state (values, vectors) of the neighbourhoods of ``points``."""
+        """Eigen-state (values, vectors) of the neighborhoods of ``points``."""
         return neighborhood_eigen(self._fit_X, self.neighborhoods_[points], self.set_sizes_,
                                   self.set_size_, self.n_jobs_)
 
     def _terms(self, Qg, idx, evecs, evals, rows=None):
-        """Per-neighbour Eq. 2 sums (q, k) of grid queries ``Qg``; ``idx``
+        """Per-neighbor Eq. 2 sums (q, k) of grid queries ``Qg``; ``idx``
         indexes rows of the eigen-state ``evecs``/``evals``, whose training
         rows are ``rows`` (None: all of them, in order)."""
         groups = self.neighborhoods_ if rows is None else self.neighborhoods_[rows]
@@ -448,10 +448,10 @@ class KNNN(BaseDetector):
     def _held_out_scores(self, rows, others):
         """Out-of-sample anomaly scores of the training rows ``rows``: each
         row ``p`` is scored as by a model fitted without it — by its k
-        nearest other rows, each with the eigen-state of its neighbourhood
-        *without p* (p, when there, replaced by that neighbour's next
-        nearest row; ``others`` holds one more neighbour than a
-        neighbourhood needs). Keeping p in its neighbours' neighbourhoods
+        nearest other rows, each with the eigen-state of its neighborhood
+        *without p* (p, when there, replaced by that neighbor's next
+        nearest row; ``others`` holds one more neighbor than a
+        neighborhood needs). Keeping p in its neighbors' neighborhoods
         would put the difference to them inside the span of their
         eigenvectors and make these scores optimistic, so that a threshold
         set on them would flag more held-out normals than asked. The
@@ -461,8 +461,8 @@ class KNNN(BaseDetector):
         k = self.n_neighbors_
         rows = np.arange(Xg.shape[0]) if rows is None else rows
         c = len(rows)
-        held = np.repeat(rows, k)  # (c * k,): each row once per neighbour
-        nbrs = others[rows, :k].reshape(-1)  # its held-out neighbours
+        held = np.repeat(rows, k)  # (c * k,): each row once per neighbor
+        nbrs = others[rows, :k].reshape(-1)  # its held-out neighbors
         groups = held_out_groups(held, nbrs, others[nbrs], self.n_neighbors_of_neighbors_)
         terms = np.empty(c * k, dtype=Xg.dtype)
         row_bytes = eigen_row_bytes(Xg.dtype.itemsize, len(self.set_sizes_), self.set_size_,
@@ -472,13 +472,13 @@ class KNNN(BaseDetector):
                                    self.set_size_, self.eig_floor_, self.n_jobs_)
         return aggregate_terms(terms.reshape(c, k), self.aggregate)
 
-    def _score_neighbours(self, Qg, idx):
-        """Eq. 2 for grid queries ``Qg`` whose neighbours are ``idx`` (q, k)."""
+    def _score_neighbors(self, Qg, idx):
+        """Eq. 2 for grid queries ``Qg`` whose neighbors are ``idx`` (q, k)."""
         q, k = idx.shape
         n_sets, L = len(self.set_sizes_), self.set_size_
         out = np.empty(q, dtype=Qg.dtype)
         if self.memory == "lean":
-            # the k neighbours' eigen-state, computed here (once per distinct one)
+            # the k neighbors' eigen-state, computed here (once per distinct one)
             row_bytes = k * (self._eigen_row_bytes() + Qg.dtype.itemsize * Qg.shape[1])
             for sl in self._query_chunks(q, row_bytes):
                 uniq, inv = np.unique(idx[sl], return_inverse=True)
@@ -497,13 +497,13 @@ class KNNN(BaseDetector):
         row_bytes = X.dtype.itemsize * len(self.set_sizes_) * self.set_size_ * 2
         for sl in self._query_chunks(X.shape[0], row_bytes * 64, "k-NNN queries"):
             Qg = self._to_grid(X[sl])
-            idx = self._query_neighbours(Qg)
-            out[sl] = self._score_neighbours(Qg, idx)
+            idx = self._query_neighbors(Qg)
+            out[sl] = self._score_neighbors(Qg, idx)
         return out
 
-    def _query_neighbours(self, Qg):
-        """The ``n_neighbors_`` training neighbours (ids) of grid queries,
-        refined by the backend against the stored neighbourhoods where it
+    def _query_neighbors(self, Qg):
+        """The ``n_neighbors_`` training neighbors (ids) of grid queries,
+        refined by the backend against the stored neighborhoods where it
         can (an approximate FAISS index with ``refine``: see
         :meth:`nonn.neighbors.faiss.FaissBackend.refine_neighbors`)."""
         idx = self._search.kneighbors(Qg, self.n_neighbors_, return_distance=False)
@@ -511,17 +511,17 @@ class KNNN(BaseDetector):
 
     def explain(self, X):
         """Per-feature contributions to each query's anomaly score, and the
-        training neighbours the score came from.
+        training neighbors the score came from.
 
         Eq. 2 is a sum of ``|d . v_j| / sqrt(e_j)`` over feature sets and
         eigen-directions (``d`` the difference between the query and a
-        neighbour); each term is split over the features ``f`` of its set as
+        neighbor); each term is split over the features ``f`` of its set as
         ``sign(d . v_j) * d_f * v_jf / sqrt(e_j)``, which sums to the term
         exactly, and the floored directions' term ``||P_F d|| / sqrt(floor)``
         as ``d_f (P_F d)_f / (||P_F d|| sqrt(floor))``. A contribution can
         be negative. With ``aggregate="min"`` the explanation is that of the
-        neighbour attaining the minimum (``neighbor``), with ``"sum"`` the
-        sum over the k neighbours. Contributions are per input column, in
+        neighbor attaining the minimum (``neighbor``), with ``"sum"`` the
+        sum over the k neighbors. Contributions are per input column, in
         the input's order; with whitening they are mapped back through the
         whitening matrix exactly, with ``normalize="l2"`` they are those of
         the unit-row coordinates (see :mod:`nonn._explain`).
@@ -560,27 +560,27 @@ class KNNN(BaseDetector):
     def partial_fit(self, X, y=None):
         """Add normal samples ``X`` to the fitted model without a refit.
 
-        The new rows get their neighbourhoods, the existing neighbourhoods a
+        The new rows get their neighborhoods, the existing neighborhoods a
         new row enters are updated (only their eigen-states are recomputed),
         and the held-out calibration scores and the threshold are brought up
-        to date (only the calibration rows whose neighbours' lists changed
+        to date (only the calibration rows whose neighbors' lists changed
         are rescored). The global statistics of the first fit stay frozen:
         the input transforms (``scale``, the working scale, ``normalize``,
         ``whiten``), the feature order of the sets, the eigenvalue floors
         and any "auto" choice. With an exact backend the result is the model
-        a fit on all rows would give with those statistics (neighbourhoods,
+        a fit on all rows would give with those statistics (neighborhoods,
         eigen-states, calibration scores, threshold); an approximate FAISS
         index is extended with ``add`` (see :mod:`nonn._update` for what is
         guaranteed then). A threshold set by :meth:`calibrate` is replaced
         by the fit's (it scored the model before the update); calibrate
         again if needed. When the first fit capped ``n_neighbors`` or
         ``n_neighbors_of_neighbors`` for lack of rows and the new rows lift
-        the cap, the neighbourhoods are recomputed in full.
+        the cap, the neighborhoods are recomputed in full.
 
-        The cost grows with the new rows and the neighbourhoods they enter
+        The cost grows with the new rows and the neighborhoods they enter
         (about ``K' - 1`` per new row): one search of the new rows, one pass
         of distances between old and new rows, and the eigen-states of the
-        changed neighbourhoods; ``n_samples_seen_`` counts every row.
+        changed neighborhoods; ``n_samples_seen_`` counts every row.
 
         Parameters
         ----------
@@ -606,7 +606,7 @@ class KNNN(BaseDetector):
 
         k-NNN is a novelty detector: it models clean normal data. On a
         training set that itself holds anomalies they shape the
-        neighbourhoods, and their own scores can come out lower than those
+        neighborhoods, and their own scores can come out lower than those
         of normal points (see the user guide); this method warns (a
         ``UserWarning``) to say so."""
         warn_contaminated(self)

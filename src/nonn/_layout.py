@@ -194,7 +194,7 @@ def pad(A, width):
 
 def diff_grid(Qg, Xg, idx, sizes, set_size):
     """(q, k, S, L) differences between grid queries ``Qg`` and their
-    neighbours ``idx`` (q, k), rows of ``Xg``; padding 0."""
+    neighbors ``idx`` (q, k), rows of ``Xg``; padding 0."""
     diff = pad(Qg[:, None, :] - Xg[idx], len(sizes) * set_size)
     return diff.reshape(idx.shape + (len(sizes), set_size))
 

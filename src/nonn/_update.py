@@ -13,14 +13,14 @@ rows would give with those statistics** (:func:`frozen_fit` computes that
 model from scratch; the tests compare the two). Only the local state is
 updated:
 
-* ``KNNN``: every new row gets its neighbourhood (K' - 1 nearest others)
-  from a search of all rows; an existing row's neighbourhood changes only
+* ``KNNN``: every new row gets its neighborhood (K' - 1 nearest others)
+  from a search of all rows; an existing row's neighborhood changes only
   if a new row is nearer than its farthest member, which one pass of
   distances between the old and the new rows finds exactly (then merged by
-  exact distance); only the changed neighbourhoods' eigen-states and the new
+  exact distance); only the changed neighborhoods' eigen-states and the new
   rows' are computed. A calibration row's held-out score depends on its k
   nearest others and on their K' nearest others (one more than a
-  neighbourhood: the replacement when the row itself leaves it), so it is
+  neighborhood: the replacement when the row itself leaves it), so it is
   reused when none of these lists changed and recomputed otherwise; the
   calibration rows themselves are those a fit on all rows takes (all of
   them up to ``CALIBRATION_ROWS``, else a seeded subset that depends on the
@@ -29,18 +29,18 @@ updated:
   scored the old model).
 * ``KNN``, ``LocalEigenKNN``: new rows are scored by their k nearest
   others, and an existing row is rescored only if a new row is nearer than
-  its k-th neighbour.
+  its k-th neighbor.
 * ``GlobalEigenKNN``: its state is global (one covariance of all rows, and
   cross-fitted calibration scores): it is recomputed on all rows, in the
   fitted input space.
 
 With an exact search backend the state equals that fresh fit's up to the
-order of exactly tied neighbours. With an approximate FAISS index the
+order of exactly tied neighbors. With an approximate FAISS index the
 index is extended (FAISS ``add``; an IVF or PQ index keeps the lists and
-codebooks trained on the first rows), the new rows' neighbourhoods come from
-it as a fit's would, and the existing neighbourhoods are updated exactly
-against the new rows: a new row enters a stored neighbourhood if and only
-if it is nearer than the stored members, so no stored neighbourhood gets
+codebooks trained on the first rows), the new rows' neighborhoods come from
+it as a fit's would, and the existing neighborhoods are updated exactly
+against the new rows: a new row enters a stored neighborhood if and only
+if it is nearer than the stored members, so no stored neighborhood gets
 worse than it was (the graph refinement of ``backend_params={"refine":
 ...}`` is not rerun on the old rows).
 """
@@ -225,7 +225,7 @@ def _commit(det, work, stats):
 
 # ------------------------------------------------------------------ KNNN
 def _knnn_graph(work, Xg):
-    """A fit's neighbourhood graph and eigen-state on ``Xg`` (the counts
+    """A fit's neighborhood graph and eigen-state on ``Xg`` (the counts
     already set on ``work``); returns its ``others`` graph."""
     n = Xg.shape[0]
     work._fit_X = Xg
@@ -288,7 +288,7 @@ def knnn_partial_fit(det, X):
     k_req = _requested(det, "n_neighbors")
     Kp_req = _requested(det, "n_neighbors_of_neighbors")
     if min(k_req, n - 1) != det.n_neighbors_ or min(Kp_req, n) != det.n_neighbors_of_neighbors_:
-        # a count the smaller data capped: all neighbourhoods widen
+        # a count the smaller data capped: all neighborhoods widen
         knnn_frozen_state(det, work, Xg)
         return _commit(det, work, {"added": M, "refit": "a count capped by the first fit's "
                                    "rows grows", "seconds": time.perf_counter() - t0})
@@ -382,7 +382,7 @@ def knnn_partial_fit(det, X):
 def _searched_others(work, search, nbhd, new_lists, n_old, R_ids, m, k):
     """The ``m``-nearest-others lists the held-out scores read, where the
     model does not hold them (a model read from a file keeps only its
-    neighbourhoods, not the one row beyond): searched for the rows needed
+    neighborhoods, not the one row beyond): searched for the rows needed
     (the calibration rows and their k nearest others)."""
     from .neighbors._base import drop_self
 
@@ -398,7 +398,7 @@ def _searched_others(work, search, nbhd, new_lists, n_old, R_ids, m, k):
         rows = np.unique(rows[~known[rows]])
         if not len(rows):
             return
-        for sl in work._query_chunks(len(rows), 16 * (m + 1), "calibration neighbours"):
+        for sl in work._query_chunks(len(rows), 16 * (m + 1), "calibration neighbors"):
             r = rows[sl]
             ids = search.kneighbors(work._fit_X[r], m + 1, return_distance=False)
             others[r] = drop_self(None, ids, r, m)[1]
@@ -426,14 +426,14 @@ def frozen_fit(det, X):
         loo = work._fit(Xw)
         set_threshold(work, -np.asarray(work._to_user_units(loo, "training")), None)
     else:
-        _neighbour_refit(det, work, det._transform(Xw))
+        _neighbor_refit(det, work, det._transform(Xw))
     for name in ("_last_update",):
         work.__dict__.pop(name, None)
     return work
 
 
 # ------------------------------------------------------------- baselines
-def _neighbour_refit(det, work, Xw):
+def _neighbor_refit(det, work, Xw):
     n = Xw.shape[0]
     work.n_neighbors_ = cap(det.n_neighbors, n - 1, "n_neighbors",
                             "the number of other training points")
@@ -441,7 +441,7 @@ def _neighbour_refit(det, work, Xw):
     work._search = work._make_backend(Xw, name=det.backend_)
     dist, idx = work._search.kneighbors(None, work.n_neighbors_)
     work._knn_radius = dist[:, -1].astype(np.float64)
-    loo = work._from_neighbours(Xw, dist, idx)
+    loo = work._from_neighbors(Xw, dist, idx)
     set_threshold(work, -np.asarray(work._to_user_units(loo, "training")), None)
 
 
@@ -451,10 +451,10 @@ def _cosine_rows(det, X):
     return unit_rows(X) if det.metric == "cosine" else X
 
 
-def neighbour_partial_fit(det, X):
+def neighbor_partial_fit(det, X):
     """:meth:`partial_fit` of ``KNN`` and ``LocalEigenKNN``: new rows scored
     by their k nearest others; an existing row rescored only when a new row
-    is nearer than its k-th neighbour."""
+    is nearer than its k-th neighbor."""
     from .neighbors._base import drop_self
 
     if _unfitted(det):
@@ -467,13 +467,13 @@ def neighbour_partial_fit(det, X):
     Xw = np.concatenate([det._fit_X, new])
     work = copy.copy(det)
     if min(det.n_neighbors, n - 1) != det.n_neighbors_:
-        _neighbour_refit(det, work, Xw)
+        _neighbor_refit(det, work, Xw)
         return _commit(det, work, {"added": M, "refit": "n_neighbors capped by the first "
                                    "fit's rows grows", "seconds": time.perf_counter() - t0})
     k = det.n_neighbors_
     radius = getattr(det, "_knn_radius", None)
     if radius is None or len(radius) != n_old:
-        # a model read from a file: its rows' k-th neighbour distances, once
+        # a model read from a file: its rows' k-th neighbor distances, once
         radius = det._search.kneighbors(None, k)[0][:, -1].astype(np.float64)
     work._fit_X = Xw
     search = _extend_search(det, work, Xw, new)
@@ -481,7 +481,7 @@ def neighbour_partial_fit(det, X):
         work._search = search
         dist_n, idx_n = search.kneighbors(new, k + 1)
         dist_n, idx_n = drop_self(dist_n, idx_n, np.arange(n_old, n), k)
-        loo_new = work._from_neighbours(new, dist_n, idx_n)
+        loo_new = work._from_neighbors(new, dist_n, idx_n)
         # cosine distance = |u - v|^2 / 2 of unit rows
         r2 = 2.0 * radius if det.metric == "cosine" else radius * radius
         p, _, _ = closer_pairs(_cosine_rows(det, det._fit_X), r2, _cosine_rows(det, new),
@@ -493,7 +493,7 @@ def neighbour_partial_fit(det, X):
         if len(aff):
             dist_a, idx_a = search.kneighbors(Xw[aff], k + 1)
             dist_a, idx_a = drop_self(dist_a, idx_a, aff, k)
-            loo_a = work._from_neighbours(Xw[aff], dist_a, idx_a)
+            loo_a = work._from_neighbors(Xw[aff], dist_a, idx_a)
             train[aff] = -np.asarray(work._to_user_units(loo_a, "training"))
             rad[aff] = dist_a[:, -1]
         work._knn_radius = rad

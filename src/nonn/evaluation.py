@@ -117,7 +117,7 @@ PAPER_TABLE4 = {
 }
 
 #: the paper's Table 7 (15 MVTec classes united): (k, K', AUROC); K' = 0 is
-#: plain k-NN with k neighbours
+#: plain k-NN with k neighbors
 PAPER_TABLE7 = (
     (1, 75, 0.753), (3, 20, 0.753), (3, 25, 0.757), (3, 75, 0.755), (4, 20, 0.754),
     (5, 15, 0.753), (10, 5, 0.686), (60, 0, 0.616), (75, 0, 0.616), (80, 0, 0.634),
@@ -356,7 +356,7 @@ def _register_builtins():
         ("KNNN-L40", _nonn("KNNN", n_neighbors=3, n_neighbors_of_neighbors=50, set_size=40,
                            eig_floor=1e-3, normalize=None, whiten=0.0, aggregate="min"),
          "nonn KNNN, round one's accuracy-only winner: K'=50, L=40 (capped at D), floor "
-         "1e-3, min over neighbours"),
+         "1e-3, min over neighbors"),
         ("KNNN-auto", _nonn("KNNN", seeded=True, n_neighbors="auto",
                             n_neighbors_of_neighbors="auto", set_size="auto", eig_floor="auto"),
          "nonn KNNN with k, K', L and the floor chosen label-free from the training "
@@ -973,10 +973,10 @@ def plot_results(summary, path, *, kind="both", title=None):
 
 def table7_grid(dataset="MVTec-union-15", ks=(1, 3, 4, 5, 10), kprimes=(0, 5, 15, 20, 25, 75),
                 seeds=(0, 1, 2), *, pairs=None, knnn_params=None, progress=True, **run_kw):
-    """The paper's Table 7: AUROC over a grid of k (neighbours of a query)
-    and K' (neighbours of each neighbour).
+    """The paper's Table 7: AUROC over a grid of k (neighbors of a query)
+    and K' (neighbors of each neighbor).
 
-    ``K' = 0`` is plain k-NN with k neighbours (nonn ``KNN``, mean distance),
+    ``K' = 0`` is plain k-NN with k neighbors (nonn ``KNN``, mean distance),
     as in the paper's bottom rows; otherwise nonn ``KNNN(n_neighbors=k,
     n_neighbors_of_neighbors=K', **knnn_params)``.
 

@@ -23,8 +23,8 @@ Protocol choices the paper leaves open
   ``n_train`` points and there are ``n_anomalies`` (default 1,000) anomalies.
 - Uniform anomalies that happen to fall on a noisy curve are still labelled
   anomalies (the paper's protocol), so no method can reach AUROC 1.
-- Every method uses the paper's defaults: k = 3 neighbours, K' = 25
-  neighbours of neighbours; ``set_size=2`` (the whole 2-D vector is one set,
+- Every method uses the paper's defaults: k = 3 neighbors, K' = 25
+  neighbors of neighbors; ``set_size=2`` (the whole 2-D vector is one set,
   which is Eq. 1 of the paper) for k-NNN and the local baseline.
 
 :func:`run_demo` reproduces Table 5 (every dataset x training size x seed)
@@ -310,7 +310,7 @@ def run_demo(out_dir="nonn-demo", seeds=5, sizes=(100, 200, 300, 400, 500),
     if quick:
         seeds, sizes = 2, (100, 300)
     seeds = _check_int(seeds, "seeds", 1, "run_demo")
-    # k = 3 neighbours need at least 4 training points
+    # k = 3 neighbors need at least 4 training points
     sizes = tuple(_check_int(s, "sizes", 4, "run_demo") for s in sizes)
     if not sizes:
         raise ValueError("The 'sizes' parameter of run_demo must hold at least one training "

@@ -51,7 +51,7 @@ def build_parser():
     """The argparse parser of the ``nonn`` command."""
     parser = argparse.ArgumentParser(
         prog="nonn",
-        description="k-NNN anomaly detection (nearest neighbours of neighbours; "
+        description="k-NNN anomaly detection (nearest neighbors of neighbors; "
         "Nizan & Tal, WACV Workshops 2024).",
     )
     parser.add_argument("--version", action="version", version=f"nonn {__version__}")

@@ -97,11 +97,11 @@ def _backend_param(text):
 FIT_OPTIONS = (
     ("--n-neighbors", "n_neighbors",
      dict(type=_int_or_auto, metavar="K|auto",
-          help="k, neighbours of a query; auto = chosen from the training data "
+          help="k, neighbors of a query; auto = chosen from the training data "
           "(knnn only) (default: 3)")),
     ("--n-neighbors-of-neighbors", "n_neighbors_of_neighbors",
      dict(type=_int_or_auto, metavar="KP|auto", help="K', size of each training point's "
-          "neighbourhood, itself included (knnn only; default: 25)")),
+          "neighborhood, itself included (knnn only; default: 25)")),
     ("--set-size", "set_size",
      dict(type=_set_size, metavar="L|all|auto",
           help="L, features per set; all = one set of every feature (knnn, local; "
@@ -116,17 +116,17 @@ FIT_OPTIONS = (
           "isotropic one; auto = 0.5 with 64 features or more, 0 below (knn, global and "
           "local default to 0; default: auto)")),
     ("--aggregate", "aggregate",
-     dict(choices=("min", "sum"), help="how a query's k per-neighbour sums combine: "
+     dict(choices=("min", "sum"), help="how a query's k per-neighbor sums combine: "
           "sum = the paper's Eq. 2 (knnn only; default: min)")),
     ("--memory", "memory",
      dict(choices=("precomputed", "lean"), help="store every training point's eigen-state, "
-          "or only the neighbour graph and compute it when scoring (knnn only; "
+          "or only the neighbor graph and compute it when scoring (knnn only; "
           "default: precomputed)")),
     ("--reorder", "reorder",
      dict(choices=("greedy", "none"), help="correlation re-ordering of the features before "
           "they are cut into sets (knnn, local; default: greedy)")),
     ("--metric", "metric",
-     dict(choices=sorted(METRICS), help="distance used to find neighbours "
+     dict(choices=sorted(METRICS), help="distance used to find neighbors "
           "(default: euclidean)")),
     ("--backend", "backend",
      dict(metavar="NAME", help="search backend: 'auto' or one of "

@@ -163,7 +163,7 @@ def _plot(ex, folder, top):
             ax.set_yticklabels(labels)
             ax.axvline(0, color="black", linewidth=0.8)
             ax.set_xlabel("share of the anomaly score")
-            nb = "" if ex.neighbor[u] < 0 else f", neighbour {ex.neighbor[u]}"
+            nb = "" if ex.neighbor[u] < 0 else f", neighbor {ex.neighbor[u]}"
             ax.set_title(f"query {u}: anomaly score {float(ex.anomaly_scores[u]):.4g}{nb}",
                          fontsize=10)
             fig.tight_layout()
@@ -218,7 +218,7 @@ def _cmd_update(args):
     if stats.get("refit"):
         print(f"  recomputed in full: {stats['refit']}")
     elif "neighborhoods_changed" in stats:
-        print(f"  {stats['neighborhoods_changed']} existing neighbourhoods changed; "
+        print(f"  {stats['neighborhoods_changed']} existing neighborhoods changed; "
               f"{stats['calibration_rescored']} calibration rows rescored")
     print(f"  offset_: {offset:.6g} -> {det.offset_:.6g}")
     print(f"  saved to {output} ({human_bytes(os.path.getsize(output))})")
@@ -247,7 +247,7 @@ def register(sub):
         description="Explain each query's anomaly score: the contribution of every input "
         "column (they sum to the score; a contribution can be negative) and the training "
         "row(s) the score came from. A .csv output lists, per query, the score, the "
-        "training neighbour the score came from (-1 when all k count) and the --top "
+        "training neighbor the score came from (-1 when all k count) and the --top "
         "features with their contributions and shares of the score; a .npz output holds "
         "every contribution.",
     )
@@ -255,7 +255,7 @@ def register(sub):
     ex.add_argument("queries", metavar="QUERIES", help=QUERIES_HELP)
     ex.add_argument("-o", "--output", metavar="EXPLANATIONS", required=True,
                     help="explanations file: .csv (top features per query) or .npz (all "
-                    "contributions, neighbours and the top features)")
+                    "contributions, neighbors and the top features)")
     ex.add_argument("--top", type=int, default=5, metavar="N",
                     help="features listed (and plotted) per query, largest contribution "
                     "first (default: 5)")
@@ -269,7 +269,7 @@ def register(sub):
     up = sub.add_parser(
         "update", help="add new normal samples to a saved model",
         description="Add NEW_NORMALS to MODEL without refitting from scratch (partial_fit): "
-        "the new samples get their neighbourhoods, the existing neighbourhoods they enter "
+        "the new samples get their neighborhoods, the existing neighborhoods they enter "
         "are updated, and the threshold is re-set on out-of-sample scores. The model's "
         "input transforms and global statistics stay those of its first fit. The model is "
         "rewritten atomically (or written to -o).",

@@ -469,7 +469,7 @@ def register(subparsers):
     fit = subparsers.add_parser(
         "fit-images", help="fit an image anomaly detector on a folder of normal images",
         description="Extract pretrained features of the normal (good) images in DIR and fit "
-        "a nearest-neighbour detector on them; save the model (backbone name + detector "
+        "a nearest-neighbor detector on them; save the model (backbone name + detector "
         "arrays; never weights or pickle). Needs the vision extra: "
         "pip install torch==2.13.0 \"nonn[vision]\".")
     fit.add_argument("images", metavar="DIR", nargs="+",
@@ -480,7 +480,7 @@ def register(subparsers):
                      help="feature: pooled features + k-NN/k-NNN; spade: also pixel heat maps "
                      "(stores every training image's feature pyramid) (default: feature)")
     fit.add_argument("--nn", choices=("knnn", "knn"), default="knnn",
-                     help="nearest-neighbour operator (default: knnn, the paper's)")
+                     help="nearest-neighbor operator (default: knnn, the paper's)")
     fit.add_argument("--backbone", default="efficientnet_lite0",
                      choices=("efficientnet_lite0", "resnet18", "resnet50", "wide_resnet50_2",
                               "dino_vits8"),

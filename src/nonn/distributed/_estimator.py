@@ -20,21 +20,21 @@ core's own function:
 4. the training k-NN graph by sharded search: every partition's rows are
    searched in every shard (their own shard excluding each point by index)
    and the per-shard lists are merged exactly (distance, then id);
-5. each partition gathers the rows its points' neighbourhoods read (its
+5. each partition gathers the rows its points' neighborhoods read (its
    *halo*, :class:`~nonn.distributed._tasks.Halo`) and computes their
    eigen-state where its data live;
 6. the held-out scores of the calibration rows
-   (:func:`nonn._base.calibration_rows`): each (row, neighbour) pair is
-   scored on the neighbour's partition, with the neighbour's neighbourhood
+   (:func:`nonn._base.calibration_rows`): each (row, neighbor) pair is
+   scored on the neighbor's partition, with the neighbor's neighborhood
    without the row (:func:`nonn._knnn.held_out_groups`), and the threshold
    is the core's (:meth:`nonn._base.BaseDetector._fit_threshold`).
 
 Scoring a query block runs ``KNNN``'s query transforms on a worker, searches
 every shard, merges the k nearest, and evaluates Eq. 2 of each (query,
-neighbour) pair on the worker that holds the neighbour's eigen-state: the
+neighbor) pair on the worker that holds the neighbor's eigen-state: the
 query row travels, not the eigen-state. In the dual form (L > K') that
-worker also holds the rows of the neighbour's neighbourhood (the halo kept
-after the fit). The per-neighbour sums are then aggregated per query.
+worker also holds the rows of the neighbor's neighborhood (the halo kept
+after the fit). The per-neighbor sums are then aggregated per query.
 
 All state stays on the cluster (persisted); the fitted arrays are exposed
 as dask arrays under ``KNNN``'s attribute names. :meth:`to_knnn` gathers a
@@ -126,14 +126,14 @@ class DistributedKNNN(KNNN):
     ``fit`` (a fitted ``KNNN`` with it can be spread by :meth:`from_knnn`).
 
     Memory on the workers, per training row (itemsize ``b``, D features in
-    S sets of L, neighbourhoods of K'): the grid row (D·b) and its share of
-    the index; K' int64 neighbourhood ids; the eigen-state, S·L·(L + 1)·b
+    S sets of L, neighborhoods of K'): the grid row (D·b) and its share of
+    the index; K' int64 neighborhood ids; the eigen-state, S·L·(L + 1)·b
     in the primal form (L <= K'), S·K'·(K' + 1)·b in the dual form (L > K',
     including ``set_size="all"``). The dual form also keeps each
-    partition's halo: the rows its points' neighbourhoods (and one more
+    partition's halo: the rows its points' neighborhoods (and one more
     nearest row each) read, at most min(K' + 1, N / rows per partition)
     grid rows per row of the partition, in practice far fewer (shared
-    neighbours), plus (K' + 1) int64 local ids per row. ``memory="lean"``
+    neighbors), plus (K' + 1) int64 local ids per row. ``memory="lean"``
     keeps the eigen-state on the cluster too (only the model file is
     lean).
 
@@ -351,7 +351,7 @@ class DistributedKNNN(KNNN):
         groups = [_at(where, i, _tasks.partition_neighborhoods, others[i], bounds[i], Kp)
                   for i in range(P)]
 
-        # 5. each partition's halo (its neighbourhoods' rows and one more
+        # 5. each partition's halo (its neighborhoods' rows and one more
         # nearest row each, for the held-out scores) and eigen-state
         wide = [_at(where, i, _tasks.halo_ids, others[i], bounds[i], min(m, Kp))
                 for i in range(P)]
@@ -512,8 +512,8 @@ class DistributedKNNN(KNNN):
 
     def _held_out(self, client, state, others, halos, rows, Kp):
         """``KNNN._held_out_scores`` of the calibration ``rows`` (None: all),
-        as one array in row order: each (row, neighbour) pair is scored on
-        the neighbour's partition, the row travelling to it."""
+        as one array in row order: each (row, neighbor) pair is scored on
+        the neighbor's partition, the row travelling to it."""
         bounds, where, k = state["bounds"], state["where"], state["k"]
         P = len(bounds) - 1
         out = []
@@ -554,9 +554,9 @@ class DistributedKNNN(KNNN):
                 for b in X.to_delayed().ravel()]
 
     def _score_blocks(self, state, Qg, ids, lengths):
-        """Delayed anomaly scores of the query blocks ``Qg`` whose neighbours
+        """Delayed anomaly scores of the query blocks ``Qg`` whose neighbors
         are ``ids`` (one (q, k) array per block): Eq. 2 of each pair on the
-        neighbour's partition, then aggregated per query."""
+        neighbor's partition, then aggregated per query."""
         import dask
 
         bounds = state["bounds"]

@@ -167,19 +167,19 @@ def merge_topk(k, *parts):
 
 def merged_ids(merged, k, need):
     """The first ``k`` ids of a merge; a short result (a lost or truncated
-    shard) is an error, never a silently smaller neighbourhood."""
+    shard) is an error, never a silently smaller neighborhood."""
     ids = merged[1]
-    # an empty query block has no neighbours to return (every shard answers
+    # an empty query block has no neighbors to return (every shard answers
     # (0, 0)); only a block with rows can be short
     if ids.shape[1] < need and ids.shape[0]:
         raise RuntimeError(
-            f"The sharded k-NN search returned {ids.shape[1]} neighbours per point where "
+            f"The sharded k-NN search returned {ids.shape[1]} neighbors per point where "
             f"{need} were needed; a partition's result is missing. Refit.")
     return np.ascontiguousarray(ids[:, :k])
 
 
 def partition_neighborhoods(others, lo, n_neighbors_of_neighbors):
-    """The partition's rows' neighbourhoods (``KNNN.neighborhoods_``'s rows
+    """The partition's rows' neighborhoods (``KNNN.neighborhoods_``'s rows
     ``[lo, lo + len(others))``)."""
     return neighborhoods(others, n_neighbors_of_neighbors, lo)
 
@@ -188,11 +188,11 @@ def partition_neighborhoods(others, lo, n_neighbors_of_neighbors):
 
 
 class Halo:
-    """The training rows a partition's neighbourhoods read, gathered from
+    """The training rows a partition's neighborhoods read, gathered from
     every partition: ``ids`` (sorted global ids), ``rows`` (their grid
     rows) and ``groups`` (one row per point of the partition, local indices
     into ``rows``: column 0 the point itself, then its nearest others, the
-    first K' columns its neighbourhood)."""
+    first K' columns its neighborhood)."""
 
     def __init__(self, ids, rows, groups):
         self.ids, self.rows, self.groups = ids, rows, groups
@@ -232,14 +232,14 @@ def gather_halo(ids, *pieces):
     halo = Halo(have, rows, np.zeros(ids.shape, dtype=np.int64))
     local = halo.local(ids)
     if (local < 0).any():
-        raise RuntimeError("A neighbourhood row is missing from the gathered partitions; "
+        raise RuntimeError("A neighborhood row is missing from the gathered partitions; "
                            "a partition's result was lost. Refit.")
     halo.groups = local
     return halo
 
 
 def block_eigen(halo, n_neighbors_of_neighbors, sizes, set_size, n_jobs, working_memory):
-    """Eigen-state (values, vectors) of a partition's neighbourhoods, as
+    """Eigen-state (values, vectors) of a partition's neighborhoods, as
     ``KNNN._fit_eigen`` computes it (primal or dual form by L and K')."""
     groups = np.ascontiguousarray(halo.groups[:, :n_neighbors_of_neighbors])
     rows = halo.rows
@@ -262,8 +262,8 @@ def block_eigen(halo, n_neighbors_of_neighbors, sizes, set_size, n_jobs, working
 
 
 def pair_requests(Qg, idx, lo, hi, held=None):
-    """The (query, neighbour) pairs whose neighbour lives in ``[lo, hi)``:
-    flat positions in ``idx`` (q, k), local neighbour ids, the query rows
+    """The (query, neighbor) pairs whose neighbor lives in ``[lo, hi)``:
+    flat positions in ``idx`` (q, k), local neighbor ids, the query rows
     they need (each once) with the map from pair to row, and, with
     ``held`` (the queries' own training ids), each pair's held-out row."""
     flat = idx.ravel()
@@ -281,10 +281,10 @@ def _pair_chunks(n, row_bytes, working_memory):
 
 def pair_scores(Xg, evals, evecs, halo, request, sizes, set_size, floor, n_jobs,
                 working_memory):
-    """Eq. 2 of each requested (query, neighbour) pair, evaluated where the
-    neighbour's eigen-state lives (the query row travels, not the
-    eigen-state): ``(positions, per-neighbour sums)``. The dual form reads
-    the neighbourhood's rows from the partition's ``halo``; the primal form
+    """Eq. 2 of each requested (query, neighbor) pair, evaluated where the
+    neighbor's eigen-state lives (the query row travels, not the
+    eigen-state): ``(positions, per-neighbor sums)``. The dual form reads
+    the neighborhood's rows from the partition's ``halo``; the primal form
     needs none (``halo`` None)."""
     pos, local, Q, inverse, _ = request
     out = np.empty(len(pos), dtype=Xg.dtype)
@@ -319,11 +319,11 @@ def calibration_requests(block, lo, hi):
 
 def held_out_pair_scores(halo, request, n_neighbors_of_neighbors, sizes, set_size, floor,
                          n_jobs, working_memory):
-    """``KNNN._held_out_scores``'s per-neighbour sums of the requested
-    (calibration row, neighbour) pairs whose neighbour lives in this
-    partition: the neighbour's neighbourhood without the calibration row
+    """``KNNN._held_out_scores``'s per-neighbor sums of the requested
+    (calibration row, neighbor) pairs whose neighbor lives in this
+    partition: the neighbor's neighborhood without the calibration row
     (:func:`nonn._knnn.held_out_groups`, from the partition's ``halo``,
-    which holds one more nearest row per point than a neighbourhood) and
+    which holds one more nearest row per point than a neighborhood) and
     its eigen-state, computed here. ``(positions, sums)``."""
     pos, local, Q, inverse, held = request
     out = np.empty(len(pos), dtype=Q.dtype)
@@ -350,7 +350,7 @@ def assemble(n, k, aggregate, *parts):
         np.add.at(seen, pos, 1)
     if not (seen == 1).all():
         raise RuntimeError(
-            f"{int((seen != 1).sum())} of {n * k} (query, neighbour) scores are missing or "
+            f"{int((seen != 1).sum())} of {n * k} (query, neighbor) scores are missing or "
             "duplicated; a partition's result was lost. Score again.")
     return aggregate_terms(values.reshape(n, k), aggregate)
 

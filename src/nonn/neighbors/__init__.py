@@ -1,4 +1,4 @@
-"""Nearest-neighbour search backends behind one protocol.
+"""Nearest-neighbor search backends behind one protocol.
 
 ``make_backend(name, metric=..., **params)`` builds a backend by name;
 ``"auto"`` picks an exact one from the data's shape, what is installed and

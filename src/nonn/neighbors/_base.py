@@ -1,4 +1,4 @@
-"""The one protocol every nearest-neighbour search backend follows.
+"""The one protocol every nearest-neighbor search backend follows.
 
 A backend is fitted on the training matrix and answers
 ``kneighbors(X=None, n_neighbors=1, return_distance=True)``:
@@ -13,14 +13,14 @@ A backend is fitted on the training matrix and answers
   between near-ties. Backends skip the exact-distance recompute then;
   callers that need ids only (a k-NN graph) should ask for them this way;
 * ``X=None`` means "the training set itself", each point excluded **by
-  index** (never by ``distance == 0``, so exact duplicates stay neighbours).
+  index** (never by ``distance == 0``, so exact duplicates stay neighbors).
 
 Every backend also answers ``refine_neighbors(X, ind, graph)``: the ids
-``ind`` of the queries ``X`` it found, improved with ``graph``, a neighbour
-graph of the training rows the caller keeps (a KNNN's neighbourhoods). An
+``ind`` of the queries ``X`` it found, improved with ``graph``, a neighbor
+graph of the training rows the caller keeps (a KNNN's neighborhoods). An
 exact backend, or one not asked to refine, returns ``ind`` as it is; FAISS's
 approximate indexes with ``refine`` take each query's exact nearest among
-the found rows and their graph neighbours.
+the found rows and their graph neighbors.
 
 Every backend's constructor takes ``metric``, ``working_memory`` (MiB for
 one block of work), ``verbose`` and ``n_jobs`` (threads of the library it
@@ -93,16 +93,16 @@ def check_n_neighbors(n_neighbors, n_train, self_query):
     if not 1 <= k <= max_k:
         raise ValueError(
             f"n_neighbors must be in [1, {max_k}] for this search; got {k}. "
-            "Ask for fewer neighbours or fit on more data."
+            "Ask for fewer neighbors or fit on more data."
         )
     return k
 
 
 def drop_self(dist, ind, row_ids, k):
-    """Remove each row's own id from ``k + 1`` sorted neighbours.
+    """Remove each row's own id from ``k + 1`` sorted neighbors.
 
     The own id is dropped **by index** wherever it appears, so exact
-    duplicates stay neighbours at distance 0. Where the own id is absent (an
+    duplicates stay neighbors at distance 0. Where the own id is absent (an
     approximate index missed it, or more than ``k`` duplicates tie at 0) the
     last, farthest column is dropped instead. ``dist=None`` drops from the
     ids only (and returns ``None`` for the distances).
@@ -137,7 +137,7 @@ def refine_sorted(X, q, cand):
 
 def reverse_lists(ind, cap):
     """CSR (ptr, ids) of the reverse k-NN graph: for row ``j`` the rows that
-    list ``j`` among their neighbours, nearest ranks first, at most ``cap``."""
+    list ``j`` among their neighbors, nearest ranks first, at most ``cap``."""
     n, k = ind.shape
     src = np.repeat(np.arange(n, dtype=np.int64), k)
     rank = np.tile(np.arange(k, dtype=np.int64), n)
@@ -155,9 +155,9 @@ def reverse_lists(ind, cap):
 
 
 def refine_by_graph(X, Q, ind, graph):
-    """One "neighbours of neighbours" round for queries ``Q`` (not training
+    """One "neighbors of neighbors" round for queries ``Q`` (not training
     rows): each query's exact ``k`` nearest rows of ``X`` among its found
-    ones ``ind`` (q, k) and their neighbours in ``graph`` (n, m), sorted by
+    ones ``ind`` (q, k) and their neighbors in ``graph`` (n, m), sorted by
     (distance, id). Returns the ids (q, k)."""
     from . import _kernels
 
@@ -165,22 +165,22 @@ def refine_by_graph(X, Q, ind, graph):
     sq = np.empty(ind.shape, dtype=np.float64)
     out = np.empty_like(ind)
     none = np.zeros(1, dtype=np.int64)
-    _kernels.refine_by_neighbours(X, Q, ind, np.ascontiguousarray(graph, dtype=np.int64), k,
+    _kernels.refine_by_neighbors(X, Q, ind, np.ascontiguousarray(graph, dtype=np.int64), k,
                                   none, none[:0], np.full(len(ind), -1, dtype=np.int64), sq,
                                   out)
     return out
 
 
 def refine_graph(X, ind, rounds=1, fanout=10, reverse=0, working_memory=None, verbose=False):
-    """Improve an approximate k-NN graph of the training set by "neighbours
-    of neighbours" rounds (the local join of NN-descent, Dong et al. 2011).
+    """Improve an approximate k-NN graph of the training set by "neighbors
+    of neighbors" rounds (the local join of NN-descent, Dong et al. 2011).
 
-    ``ind`` (n, k) holds each training row's approximate neighbours, its own
+    ``ind`` (n, k) holds each training row's approximate neighbors, its own
     id excluded. Each round gives every row the exact ``k`` nearest among
-    its current neighbours and the neighbours of its first ``fanout`` ones
-    (``k + fanout * k`` distance evaluations per row), so neighbours the
+    its current neighbors and the neighbors of its first ``fanout`` ones
+    (``k + fanout * k`` distance evaluations per row), so neighbors the
     index missed but that sit next to ones it found come in. ``reverse > 0``
-    adds up to that many reverse neighbours (rows that list this one) as
+    adds up to that many reverse neighbors (rows that list this one) as
     candidates, as NN-descent does. Returns the
     squared Euclidean distances (float64, sorted) and ids (int64) of the
     last round.
@@ -194,7 +194,7 @@ def refine_graph(X, ind, rounds=1, fanout=10, reverse=0, working_memory=None, ve
     n, k = ind.shape
     if rounds < 1 or fanout < 1 or n <= k:
         raise ValueError(f"refine_graph needs rounds >= 1, fanout >= 1 and more rows than "
-                         f"neighbours; got rounds={rounds}, fanout={fanout}, shape {ind.shape}.")
+                         f"neighbors; got rounds={rounds}, fanout={fanout}, shape {ind.shape}.")
     d = X.shape[1]
     # per row: the candidate ids, and the output rows
     step = chunk_rows((k + fanout * k) * 8 + k * 16 + d * 8, working_memory, min_rows=4096,
@@ -209,7 +209,7 @@ def refine_graph(X, ind, rounds=1, fanout=10, reverse=0, working_memory=None, ve
         for start in progress(range(0, n, step), verbose, f"refine graph {r + 1}/{rounds}",
                               total=-(-n // step)):
             stop = min(start + step, n)
-            _kernels.refine_by_neighbours(X, X[start:stop], ind[start:stop], ind, fanout,
+            _kernels.refine_by_neighbors(X, X[start:stop], ind[start:stop], ind, fanout,
                                           rev_ptr[start:stop + 1] if reverse else rev_ptr,
                                           rev_ids, np.arange(start, stop, dtype=np.int64),
                                           sq[start:stop], new[start:stop])

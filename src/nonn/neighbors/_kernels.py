@@ -1,6 +1,6 @@
 """Compiled kernels (numba) of the search backends: exact blocked k-NN
 (``X @ X.T`` blocks merged into top-k heaps), exact re-measurement of
-candidates, "neighbours of neighbours" refinement of approximate lists, and
+candidates, "neighbors of neighbors" refinement of approximate lists, and
 the expansion of groups of duplicate rows.
 
 Ties are broken by (value, id) everywhere: the lowest id wins.
@@ -94,20 +94,20 @@ def _heap_offer(hv, hi, k, v, j):
 
 @njit(cache=True, parallel=True, error_model="numpy",
       fastmath={"reassoc", "nsz", "arcp", "contract"})
-def refine_by_neighbours(X, Q, first, graph, fanout, rev_ptr, rev_ids, self_ids, sq_out,
+def refine_by_neighbors(X, Q, first, graph, fanout, rev_ptr, rev_ids, self_ids, sq_out,
                          ids_out):
-    """One round of "neighbours of neighbours" refinement of approximate
+    """One round of "neighbors of neighbors" refinement of approximate
     k-NN lists (the local join of NN-descent).
 
-    Query ``Q[i]``'s candidates are its current neighbours ``first[i]`` and
-    the graph neighbours ``graph[r]`` of the first ``fanout`` of them, plus
-    its reverse neighbours ``rev_ids[rev_ptr[i]:rev_ptr[i + 1]]`` (rows that
+    Query ``Q[i]``'s candidates are its current neighbors ``first[i]`` and
+    the graph neighbors ``graph[r]`` of the first ``fanout`` of them, plus
+    its reverse neighbors ``rev_ids[rev_ptr[i]:rev_ptr[i + 1]]`` (rows that
     list it; an empty ``rev_ptr`` of length 1 for none); each
     distinct candidate other than ``self_ids[i]`` (-1: none) is measured
     (squared Euclidean in the data's precision) and the ``k`` nearest are
     kept, re-measured in float64 and sorted by (distance, id). Writes ``sq_out`` / ``ids_out``
-    (nq, k). A true neighbour an index missed is usually a neighbour of a
-    neighbour it found, so one round lifts recall at the cost of
+    (nq, k). A true neighbor an index missed is usually a neighbor of a
+    neighbor it found, so one round lifts recall at the cost of
     ``fanout * K`` distance evaluations per row."""
     nq, m0 = first.shape
     kg = graph.shape[1]
@@ -321,7 +321,7 @@ def knn_query(Q, X, half_norm, rows, bs, buf, heap_v, heap_i):
 
 @njit(cache=True, parallel=True)
 def expand_groups(gids, ptr, members, self_ids, groups_of, out):
-    """Neighbour ids from neighbour *groups* of exact-duplicate rows.
+    """Neighbor ids from neighbor *groups* of exact-duplicate rows.
 
     Row ``i`` takes, in order: the other members of its own group
     ``groups_of[i]`` (when ``self_ids[i] >= 0``: a training row, excluded by

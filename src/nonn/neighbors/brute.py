@@ -9,7 +9,7 @@ top-k heaps of its queries, a SIMD check first so most candidates cost a
 single pass. The training set against itself computes only the blocks of
 the symmetric ``X @ X.T`` on and above the diagonal (half the GEMM work),
 each merged into the heaps of its rows and of its columns. A point is
-excluded from its own neighbours by index; ties go to the lowest id.
+excluded from its own neighbors by index; ties go to the lowest id.
 
 With ``return_distance=True`` the selected candidates' distances are then
 recomputed exactly from the differences (float64 accumulation), so the
@@ -25,7 +25,7 @@ ranking values, which then decides.
 
 Data far from unit scale (say float32 times 1e30, whose squared norms
 overflow, or times 1e-30, whose products underflow) are searched multiplied
-by a power of two (exact: the same neighbours; see :mod:`nonn._data_scale`),
+by a power of two (exact: the same neighbors; see :mod:`nonn._data_scale`),
 and distances are returned in the data's own units. nonn's detectors already
 pass data at a safe scale, which the squared norms show at no extra cost.
 """

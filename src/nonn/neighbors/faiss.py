@@ -6,7 +6,7 @@ approximate index, e.g. ``"HNSW32"``, ``"IVF1024,Flat"``, ``"IVF256,PQ32"``.
 
 FAISS computes in float32. The data are converted chunk by chunk (never a
 whole float32 copy of float64 data on top of FAISS's own store), and the
-distances of the returned neighbours are recomputed from the stored
+distances of the returned neighbors are recomputed from the stored
 training rows (accumulated in float64, returned in the input dtype), so they
 are true distances (no cancellation error of the ``|a|^2 - 2ab + |b|^2``
 expansion, no product-quantisation error) and sorted by those true values.
@@ -78,7 +78,7 @@ class FaissBackend:
         ``max(1, nlist // 16)``, capped at ``nlist``.
     efSearch : int, optional
         Candidate list size of an HNSW search. Default: ``max(64, 2 * k)``
-        for a search of ``k`` neighbours.
+        for a search of ``k`` neighbors.
     efConstruction : int, optional
         Candidate list size while building an HNSW graph (FAISS's default: 40).
     train_size : int, optional
@@ -87,28 +87,28 @@ class FaissBackend:
     random_state : int, default=0
         Seed of that sample.
     refine : int, default=0
-        Rounds of "neighbours of neighbours" refinement of the training
+        Rounds of "neighbors of neighbors" refinement of the training
         set's k-NN graph (``kneighbors(None, k)``) after an approximate
-        search: each row's exact ``k`` nearest among its found neighbours and
-        the neighbours of its first ``refine_fanout`` ones (the local join of
+        search: each row's exact ``k`` nearest among its found neighbors and
+        the neighbors of its first ``refine_fanout`` ones (the local join of
         NN-descent), plus up to ``refine_reverse`` rows that list it. Raises
         graph recall at about ``refine_fanout * k`` exact distances per row
         and round (at N = 200k, D = 512, HNSW32: recall@49 0.83 -> 0.92 after
         one round, 0.93 after two, each round about as long as the search);
         ignored by the exact ``"Flat"`` index. This backend does not refine
         queries of new points (it keeps no graph); ``KNNN`` does, once,
-        against its stored neighbourhoods when its backend has ``refine``.
+        against its stored neighborhoods when its backend has ``refine``.
     refine_fanout : int, default=20
-        Neighbours whose own neighbours are candidates in a refinement round.
+        Neighbors whose own neighbors are candidates in a refinement round.
     refine_reverse : int, optional
-        Reverse neighbours taken as candidates per row and round (nearest
+        Reverse neighbors taken as candidates per row and round (nearest
         ranks first); default: the graph's ``k``. 0 for none.
     dedupe : bool, default=True
         Approximate indexes only: index each distinct row once and expand
         each found row to all its exact duplicates (ascending id, as exact
         search orders ties). Graph indexes navigate badly through many
         identical points (docs/results.md, "Search backends"), and an
-        identical copy is an exact neighbour at distance 0. No effect
+        identical copy is an exact neighbor at distance 0. No effect
         without duplicates beyond one pass to find them.
     recompute_distances : bool, default=True
         Recompute the returned distances from the training rows (true,
@@ -306,11 +306,11 @@ class FaissBackend:
         return (dist, ind) if return_distance else ind
 
     def refine_neighbors(self, X, ind, graph):
-        """The neighbours ``ind`` (q, k) of the queries ``X`` an approximate
+        """The neighbors ``ind`` (q, k) of the queries ``X`` an approximate
         index found, refined once against ``graph`` (n_train, m), a
-        neighbour graph of the training rows (a KNNN's neighbourhoods):
+        neighbor graph of the training rows (a KNNN's neighborhoods):
         each query's exact k nearest (by this backend's metric) among its
-        found rows and their graph neighbours. As found with ``refine=0``
+        found rows and their graph neighbors. As found with ``refine=0``
         or the exact index. The graph comes with the model, so the result
         is the same after saving and loading it."""
         if not self.refine or self.exact:
@@ -323,7 +323,7 @@ class FaissBackend:
         return refine_by_graph(Xt, Q, ind, graph)
 
     def _search_ids(self, q, kk):
-        """FAISS's (scores, int64 ids) of ``kk`` neighbours of ``q``; rows an
+        """FAISS's (scores, int64 ids) of ``kk`` neighbors of ``q``; rows an
         approximate index could not fill are searched exactly (their scores
         NaN). Returns also whether any row was."""
         s, cand = self.index_.search(np.ascontiguousarray(q, dtype=np.float32), kk)
@@ -362,7 +362,7 @@ class FaissBackend:
         return ind, dist
 
     def _search_grouped(self, faiss, Q, k, self_query, return_distance, step):
-        """k-NN through the index of distinct rows: search neighbour groups,
+        """k-NN through the index of distinct rows: search neighbor groups,
         expand each to its members (the own group's other members first for
         a training row), then exact distances when asked."""
         from . import _kernels

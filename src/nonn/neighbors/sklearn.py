@@ -35,7 +35,7 @@ class SklearnBackend:
         k = check_n_neighbors(n_neighbors, n_train, X is None)
         if X is None:
             # Ask for one more and drop each point by index, not by distance,
-            # so exact duplicates stay neighbours of each other.
+            # so exact duplicates stay neighbors of each other.
             dist, ind = self._nn.kneighbors(self._X, k + 1)
             dist, ind = drop_self(dist, ind, np.arange(n_train), k)
         else:

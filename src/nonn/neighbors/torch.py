@@ -6,7 +6,7 @@ against all training rows, ``topk`` of the smallest, then (unless
 ``return_distance=False``) the selected candidates' distances recomputed
 exactly from the differences and sorted, all on the device. Training points
 are excluded from their own search by index (their own column is set to
-+inf), so exact duplicates stay neighbours.
++inf), so exact duplicates stay neighbors.
 
 ``torch`` is imported only here; install it with ``pip install torch``.
 """

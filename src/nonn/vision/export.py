@@ -9,7 +9,7 @@ model also ``pyramid`` (N, C, M, M), the multi-layer feature maps resized to
 
 What it does not include: reading and resizing images (nonn resizes with
 antialiased bilinear interpolation: do the same, or score through nonn),
-the unit-length scaling of ``normalize=True``, the nearest-neighbour
+the unit-length scaling of ``normalize=True``, the nearest-neighbor
 detector (k-NN / k-NNN and its threshold), the map matching, smoothing and
 calibration. Those stay in the ``.nonn`` model file; score exported
 features with ``system.anomaly_score_features(features)`` (Feature, and

@@ -47,7 +47,7 @@ def scale_map(amap, median, threshold):
 
 
 def _outline(mask):
-    """Pixels of ``mask`` with a 4-neighbour outside it."""
+    """Pixels of ``mask`` with a 4-neighbor outside it."""
     m = np.pad(mask, 1, mode="constant")
     inner = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
     return mask & ~inner

@@ -1,14 +1,14 @@
 """The paper's three image systems, each with a k-NN or a k-NNN operator.
 
 - :class:`FeatureDetector` — "Feature + k-NN": global pooled features of a
-  pretrained backbone, scored by a nearest-neighbour detector.
+  pretrained backbone, scored by a nearest-neighbor detector.
 - :class:`SPADE` — Cohen & Hoshen 2020: image score from the nearest normal
   images' pooled features; pixel maps from a multi-layer feature pyramid
   matched against the pyramids of the ``n_map_neighbors`` nearest normal
   images, upsampled and Gaussian-smoothed.
 - :class:`PANDA` — Reiss et al. 2021: fine-tune the backbone's last stages on
   the normal images with the compactness loss (squared distance to the
-  centre of the normal features), stopped early, then the nearest-neighbour
+  centre of the normal features), stopped early, then the nearest-neighbor
   score on the adapted features.
 
 ``nn='knnn'`` uses :class:`nonn.KNNN` (the paper's operator), ``nn='knn'``
@@ -54,7 +54,7 @@ _LEGACY_PARAMS = {3: {"image_score": "global", "map_score_q": 0.01, "coreset_rat
 
 def make_detector(nn, n_neighbors, n_neighbors_of_neighbors=None, contamination="auto",
                   verbose=False, **params):
-    """The nearest-neighbour operator: ``KNNN`` for ``'knnn'``, ``KNN`` for ``'knn'``.
+    """The nearest-neighbor operator: ``KNNN`` for ``'knnn'``, ``KNN`` for ``'knn'``.
 
     Parameters not given (``n_neighbors_of_neighbors=None``, anything not in
     ``params``) are the detector's own defaults, so the image systems score
@@ -108,7 +108,7 @@ class _ImageSystem(ScoreConventions, BaseEstimator):
         return features
 
     def fit_features(self, features):
-        """Fit the nearest-neighbour operator on precomputed pooled features
+        """Fit the nearest-neighbor operator on precomputed pooled features
         (N, dim) — what :meth:`fit` does after extraction."""
         if self.normalize not in (True, False):
             raise ValueError(f"The 'normalize' parameter must be True or False. Got "
@@ -291,7 +291,7 @@ def _system_state(system):
 # ------------------------------------------------------------------ Feature
 class FeatureDetector(_ImageSystem):
     """"Feature + k-NN" / "Feature + k-NNN": pooled backbone features scored
-    by a nearest-neighbour detector.
+    by a nearest-neighbor detector.
 
     Parameters
     ----------
@@ -354,7 +354,7 @@ class SPADE(_ImageSystem):
     """SPADE with a k-NN or k-NNN image-level operator, and a k-NN or k-NNN
     pixel-level operator.
 
-    Global score: the nearest-neighbour operator ``nn`` on pooled features
+    Global score: the nearest-neighbor operator ``nn`` on pooled features
     (SPADE's K = 50 nearest normal images by default); the image score
     combines it with the map's (``image_score``). Pixel map: every
     location of the query's feature pyramid is matched against the gallery
@@ -369,9 +369,8 @@ class SPADE(_ImageSystem):
       the gallery) and scores the query's locations with its nearest gallery
       location (kappa = 1, like SPADE's matching; ``map_detector_params`` can
       change it and the other parameters of that KNNN). One KNNN is fitted
-      per distinct gallery, i.e. per query image in practice: 0.3-0.5 s per
-      image on 2 (shared) CPU cores for a 28 x 28 map and 5 gallery images
-      (3920 locations of 176 channels), against 0.06-0.11 s for ``'knn'``.
+      per distinct gallery, i.e. per query image in practice: several times
+      the cost of ``'knn'`` (timings in docs/vision.md).
 
     The map is then upsampled to ``image_size``, smoothed with a Gaussian of
     ``sigma`` pixels and resized to the image's own size. ``map_nn``
@@ -399,7 +398,7 @@ class SPADE(_ImageSystem):
         changed with ``set_params`` on a fitted or loaded model.
     map_n_neighbors_of_neighbors : int, default=25
         K' of the pixel-level KNNN: gallery locations in each gallery
-        location's neighbourhood, itself included (capped at the gallery's
+        location's neighborhood, itself included (capped at the gallery's
         size; ignored by ``map_nn='knn'``).
     map_detector_params : dict or None
         More parameters of the pixel-level KNNN (e.g. ``{'set_size': 8}`` or
@@ -981,10 +980,8 @@ def panda_finetune(backbone, trunk, epochs=2, lr=1e-4, batch_size=64, weight_dec
     undone (``"collapsed": True`` in the history) and retried with a ten
     times smaller learning rate, at most ``max_backoffs`` times; then
     training stops with the tail from before. Label-free: it looks at the
-    held-out normal features only. Measured on CIFAR-10 at 96 px with
-    EfficientNet-Lite0 and lr 1e-4: one epoch took the effective rank from
-    21 to 4 and left 12 of 1280 feature dimensions with any variance; at
-    1e-5 it stays 16, at 1e-6 21. ``collapse_ratio=0`` switches the guard
+    held-out normal features only (the collapse it guards against is
+    documented in docs/vision.md). ``collapse_ratio=0`` switches the guard
     off.
     """
     torch = import_torch()
