@@ -31,6 +31,7 @@ import of anything above it.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import numpy as np
@@ -224,19 +225,27 @@ def check_array_table(arrays, where, dims=None):
                                  f"array {name!r}; the file is corrupted.")
 
 
-def _make(cls, params, where):
-    """``cls(**params)``, validated as ``fit`` validates them."""
-    if not all(isinstance(k, str) for k in params):
-        raise ModelFileError(f"{where}: the metadata key 'params' has non-string keys.")
+@contextlib.contextmanager
+def params_errors(where):
+    """Turn the TypeError / ValueError of building an estimator from a file's
+    parameters into a :class:`ModelFileError` that names the file."""
     try:
-        est = cls(**params)
-        est._check_params()
+        yield
     except TypeError as exc:
         raise ModelFileError(f"{where}: the metadata key 'params' holds parameters this "
                              f"nonn does not accept ({exc}).") from None
     except ValueError as exc:
         raise ModelFileError(f"{where}: the metadata key 'params' is invalid: {exc}") \
             from None
+
+
+def _make(cls, params, where):
+    """``cls(**params)``, validated as ``fit`` validates them."""
+    if not all(isinstance(k, str) for k in params):
+        raise ModelFileError(f"{where}: the metadata key 'params' has non-string keys.")
+    with params_errors(where):
+        est = cls(**params)
+        est._check_params()
     return est
 
 

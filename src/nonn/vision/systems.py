@@ -1265,7 +1265,9 @@ def _make_system(cls, params, where, version=VISION_FORMAT_VERSION):
             for k, v in legacy.items():
                 if k in cls().get_params():
                     params.setdefault(k, v)
-    try:
+    from nonn._model_file import params_errors
+
+    with params_errors(where):
         system = cls(**params)
         system._check_params()
         if isinstance(system, SPADE):
@@ -1275,12 +1277,6 @@ def _make_system(cls, params, where, version=VISION_FORMAT_VERSION):
                     or not np.isfinite(system.sigma) or system.sigma < 0):
                 raise ValueError(f"The 'sigma' parameter of SPADE must be a float >= 0. Got "
                                  f"{system.sigma!r} instead.")
-    except TypeError as exc:
-        raise ModelFileError(f"{where}: the metadata key 'params' holds parameters this nonn "
-                             f"does not accept ({exc}).") from None
-    except ValueError as exc:
-        raise ModelFileError(f"{where}: the metadata key 'params' is invalid: {exc}") \
-            from None
     return system
 
 
