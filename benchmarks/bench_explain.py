@@ -64,6 +64,8 @@ def detectors(set_size):
                                                              aggregate="sum", **base),
         f"k-NNN L={set_size} floor=1": KNNN(set_size=set_size, eig_floor=1.0, **base),
         "k-NNN all-in-one-set floor=1e-3": KNNN(set_size="all", eig_floor=1e-3, **base),
+        "KNNN() (the default)": KNNN(),
+        "KNNN(aggregate='sum')": KNNN(aggregate="sum"),
         "k-NN (|difference|)": KNN(n_neighbors=3),
     }
 
