@@ -4,6 +4,7 @@
 
     nice -n 10 python benchmarks/bench_partial_fit.py --n 100000 --d 512 --adds 1000 \\
         --out benchmarks/results/partial_fit
+    python benchmarks/bench_partial_fit.py --defaults --out benchmarks/results/partial_fit_default
     python benchmarks/bench_partial_fit.py --n 3000 --d 32 --adds 100 --loaded --check \\
         --out /tmp/pf                                                    # smoke
 """
@@ -35,6 +36,8 @@ def main(argv=None):
     ap.add_argument("--set-size", type=int, default=5)
     ap.add_argument("--eig-floor", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--defaults", action="store_true", help="KNNN's defaults (ignores "
+                    "--k/--kp/--set-size/--eig-floor), exact search")
     ap.add_argument("--loaded", action="store_true")
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--out", default="benchmarks/results/partial_fit")
@@ -43,6 +46,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     params = dict(n_neighbors=args.k, n_neighbors_of_neighbors=args.kp,
                   set_size=args.set_size, eig_floor=args.eig_floor, backend="brute")
+    if args.defaults:
+        params = dict(backend="brute")
     rows, env = [], environment()
     header = {"machine": f"{env['cpus']} CPUs, {env['platform']}", "python": env["python"],
               "numpy": env["numpy"], "params": params, "n": args.n, "d": args.d,
