@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -154,7 +155,10 @@ def _split(normals, seed, minmax):
 def run(args):
     """Every (suite, data set, seed, detector) not yet in the CSV; returns all rows."""
     path = Path(args.out) / "thresholds.csv" if args.out else None
-    rows = list(csv.DictReader(open(path))) if path and path.is_file() else []
+    rows = []
+    if path and path.is_file():
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
     done = {(r["suite"], r["dataset"], r["seed"], r["detector"]) for r in rows}
     for suite in args.suites:
         for name, normals, minmax in _normals(suite, args):
@@ -215,8 +219,7 @@ def main(argv=None):
     text = table(run(args))
     print(text)
     if args.out:
-        cmd = " ".join(["python benchmarks/bench_thresholds.py", *(argv or __import__(
-            "sys").argv[1:])])
+        cmd = " ".join(["python benchmarks/bench_thresholds.py", *(argv or sys.argv[1:])])
         (Path(args.out) / "thresholds.md").write_text(f"`{cmd}`\n\n{text}\n")
 
 
