@@ -104,7 +104,7 @@ def synthetic_case(case, seed, n=500, n_q=200):
                     break
             Q[u, f[u]] = v
     else:
-        delta = 1.0 if "+1sd" in case else 4.0
+        delta = float(case.split("+")[1][:-2])  # "... +4sd": 4 sd
         Q[np.arange(n_q), f] += rng.choice([-1, 1], size=n_q) * delta * sd[f]
     return X, Q, f, not case.startswith("independent")
 
@@ -146,7 +146,8 @@ def main(argv=None):
                             "chance": chance, **extra})
             print(results[-1], flush=True)
 
-    for case in ("pairs +4sd", "pairs +1sd", "pairs swap", "independent +4sd"):
+    for case in ("pairs +4sd", "pairs +1sd", "pairs swap", "independent +4sd",
+                 "independent +6sd", "independent +8sd"):
         add(f"synthetic: {case}", [hit_rates(*synthetic_case(case, s), set_size=4)
                                    for s in range(args.seeds)], 1 / 12)
     for ds in [d for d in args.datasets.split(",") if d]:

@@ -577,8 +577,8 @@ def test_model_archive_has_only_stored_members(models):
     with zipfile.ZipFile(models["knnn"]) as zf:
         assert {i.compress_type for i in zf.infolist()} == {zipfile.ZIP_STORED}
         assert sorted(zf.namelist()) == sorted(
-            [a.lstrip("_") + ".npy" for a in KNNN._state_arrays_for(KNNN().get_params())]
-            + [H.META])
+            [a.lstrip("_") + ".npy" for a in KNNN._state_arrays_for(KNNN().get_params())
+             + KNNN._optional_arrays] + [H.META])
 
 
 # ------------------------------------------------------- the kernels alone

@@ -165,16 +165,74 @@ def test_only_changed_calibration_rows_are_rescored(monkeypatch):
     assert 1 <= calls[0] < 100  # far fewer than the 301 calibration rows
 
 
-def test_a_model_read_from_a_file_updates_alike(tmp_path):
-    """A saved model keeps its neighborhoods but not the neighbors beyond
-    them; the update searches those it needs and gives the same model."""
+@pytest.mark.parametrize("params", [dict(n_neighbors=3, n_neighbors_of_neighbors=15, set_size=4),
+                                    dict(n_neighbors=12, n_neighbors_of_neighbors=6, set_size=5)])
+def test_a_model_read_from_a_file_updates_alike(params, tmp_path):
+    """A saved model keeps the search's neighbors beyond its neighborhoods:
+    loaded, it updates as the fitted model does (the same calibration rows
+    reused), and its state after several batches (saved and loaded between
+    them) is the frozen fit's."""
+    X, X_new, Q = data(7)
+    fitted = KNNN(**params).fit(X)
+    fitted.save(tmp_path / "m.nonn")
+    det = load(tmp_path / "m.nonn")
+    np.testing.assert_array_equal(det._graph_tail, fitted._graph_tail)
+    fitted.partial_fit(X_new[:1])
+    det.partial_fit(X_new[:1])
+    assert det._last_update["tail_known"]
+    assert det._last_update["calibration_rescored"] == \
+        fitted._last_update["calibration_rescored"]
+    det.save(tmp_path / "m1.nonn")
+    det = add_in_batches(load(tmp_path / "m1.nonn"), X_new[1:], [5, 34])
+    assert_same_state(det, frozen_fit(KNNN(**params).fit(X), np.vstack([X, X_new])), Q=Q)
+
+
+def test_a_model_file_without_the_graph_tail_updates_alike(tmp_path):
+    """A file without the neighbors beyond the neighborhoods (saved before
+    the file carried them, or a model gathered from a cluster) still loads;
+    its first update searches the lists it needs and gives the same model."""
     X, X_new, Q = data(7)
     params = dict(n_neighbors=3, n_neighbors_of_neighbors=15, set_size=4)
-    KNNN(**params).fit(X).save(tmp_path / "m.nonn")
+    fitted = KNNN(**params).fit(X)
+    del fitted._graph_tail
+    fitted.save(tmp_path / "m.nonn")
     det = load(tmp_path / "m.nonn")
     assert not hasattr(det, "_graph_tail")
-    add_in_batches(det, X_new, [1, 39])
+    det.partial_fit(X_new[:1])
+    assert not det._last_update["tail_known"]
+    add_in_batches(det, X_new[1:], [39])
     assert_same_state(det, frozen_fit(KNNN(**params).fit(X), np.vstack([X, X_new])), Q=Q)
+
+
+def test_a_hostile_graph_tail_is_refused(tmp_path):
+    """The stored tail is checked like every array: ids in range, no row its
+    own neighbor; other detectors have no such member."""
+    import zipfile
+
+    from nonn import ModelFileError
+
+    X, _, _ = data(7)
+    det = KNNN(n_neighbors=3, n_neighbors_of_neighbors=15, set_size=4).fit(X)
+    for bad, fragment in ((len(X), "outside"), (-1, "outside"), ("self", "own neighbors")):
+        tail = det._graph_tail.copy()
+        if bad == "self":
+            tail[7, 0] = 7
+        else:
+            tail[7, 0] = bad
+        crafted = KNNN(n_neighbors=3, n_neighbors_of_neighbors=15, set_size=4).fit(X)
+        crafted._graph_tail = tail
+        with pytest.raises(ValueError, match=fragment):
+            crafted.save(tmp_path / "bad.nonn")
+    # a member only KNNN may have, smuggled into a KNN file
+    KNN(n_neighbors=3).fit(X).save(tmp_path / "knn.nonn")
+    det.save(tmp_path / "m.nonn")
+    with zipfile.ZipFile(tmp_path / "m.nonn") as z:
+        tail_member = [n for n in z.namelist() if "graph_tail" in n]
+        data_tail = z.read(tail_member[0])
+    with zipfile.ZipFile(tmp_path / "knn.nonn", "a") as z:
+        z.writestr(tail_member[0], data_tail)
+    with pytest.raises(ModelFileError, match="graph_tail"):
+        load(tmp_path / "knn.nonn")
 
 
 def test_counts_capped_by_a_small_first_fit_grow():
@@ -426,6 +484,37 @@ def test_faiss_add_keeps_duplicate_groups(dedupe):
     own = approx.kneighbors(None, 4, return_distance=False)
     assert set(own[3][:3]) == {10, 20, 320}  # the copies of row 3, at distance 0
     assert set(own[320][:3]) == {3, 10, 20}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("scale", [1.0, 1e-30, 1e30])
+@pytest.mark.parametrize("shift", [0.0, 1000.0])
+def test_search_marks_every_row_a_query_enters(dtype, scale, shift):
+    """The exact search's marks (``kneighbors_entering``) include every
+    training row nearer to some query than its radius, against all pairwise
+    distances in float64, with radii exactly at pairwise distances, far
+    from the origin and at scales the search runs in a power-of-two working
+    scale; the ids are ``kneighbors``'."""
+    from nonn.neighbors.brute import BruteForceBackend
+
+    rng = np.random.default_rng(21)
+    Xo = ((rng.normal(size=(700, 40)) + shift) * scale).astype(dtype)
+    Xn = ((rng.normal(size=(90, 40)) + shift) * scale).astype(dtype)
+    if not np.isfinite(Xo).all() or not np.isfinite(Xn).all():
+        pytest.skip("outside the dtype's range")
+    D = ((Xo[:, None].astype(float) - Xn[None].astype(float)) ** 2).sum(-1)
+    r2 = np.sort(D, axis=1)[:, 3].copy()
+    r2[::7] = -np.inf  # left out
+    search = BruteForceBackend(working_memory=0.05).fit(Xo)
+    ids, marked = search.kneighbors_entering(Xn, 5, r2)
+    np.testing.assert_array_equal(ids, search.kneighbors(Xn, 5, return_distance=False))
+    want = (D < r2[:, None]).any(axis=1)
+    assert want.sum() > 50
+    assert not (want & ~marked).any()
+    assert not marked[::7].any()
+    assert marked.sum() <= want.sum() + 0.05 * len(Xo)  # a few more, to be checked exactly
+    with pytest.raises(ValueError, match="Euclidean"):
+        BruteForceBackend(metric="cosine").fit(Xo).kneighbors_entering(Xn, 5, r2)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

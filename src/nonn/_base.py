@@ -280,6 +280,10 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
         "whiten": "'auto'",
     }
 
+    #: fitted arrays saved when the model has them (a model without them
+    #: still works): see nonn._model_file
+    _optional_arrays = ()
+
     #: What a valid fitted attribute is, per saved attribute (checked on
     #: every load and save; see nonn._state). Subclasses extend it.
     _state_spec = {

@@ -7,7 +7,7 @@ ids (two-pass, float64, no N x K' x D gather) and diagonalised by cyclic
 Jacobi rotations run on many matrices at once, one per SIMD lane, so the
 rotations vectorise (``np.linalg.eigh`` spends most of its time in call
 overhead on 5 x 5 matrices). Jacobi runs to convergence; sets larger than
-:data:`JACOBI_MAX_SET` go to LAPACK. Scoring is fused the same way, so no
+:data:`JACOBI_MAX_SET` go to :func:`eigh_rows`. Scoring is fused the same way, so no
 (q, k, S, L, L) gather of eigenvectors is ever built.
 
 Dual. A neighborhood of K' points spans at most K' - 1 directions, so the
@@ -41,6 +41,209 @@ _MAX_SWEEPS = 30
 #: matrices diagonalised together; the innermost loops run over this axis so
 #: LLVM vectorises them (sqrt and division included) with SIMD.
 _BLOCK = 32
+
+
+
+#: matrices up to this size are diagonalised by :func:`_symeig`: on small
+#: matrices LAPACK spends most of its time in call overhead (25 x 25:
+#: 62 us here against 93-130 us for ``np.linalg.eigh``); above it LAPACK's
+#: blocked code is faster (100 x 100: 2.3 ms against 1.7 ms)
+SYMEIG_MAX = 48
+#: QL steps allowed per eigenvalue (converges in two or three)
+_MAX_QL_STEPS = 60
+
+
+@njit(cache=True, error_model="numpy")
+def _symeig(V, d, e):
+    """Eigen-decomposition of the symmetric matrix held in ``V`` (float64,
+    n x n), in place: ``d`` receives the eigenvalues, ascending, and row
+    ``j`` of ``V`` the unit eigenvector of ``d[j]``; ``e`` (n) is scratch.
+
+    Householder reduction to tridiagonal form, then the implicit QL
+    iteration with shifts (the EISPACK tred2/tql2 pair), on rows so every
+    inner loop is contiguous. Backward stable: eigenvalues within a few
+    ulps of the largest, eigenvectors orthonormal to float64 precision.
+    The matrix is first brought to unit scale by a power of two (exact), so
+    the plain ``sqrt(a^2 + b^2)`` of the rotations (a third faster than
+    ``hypot``) can neither overflow nor underflow.
+    """
+    n = V.shape[0]
+    big = 0.0
+    for i in range(n):
+        for j in range(n):
+            big = max(big, abs(V[i, j]))
+    if big == 0.0 or not np.isfinite(big):
+        for i in range(n):
+            d[i] = 0.0 if big == 0.0 else np.nan
+            for j in range(n):
+                V[i, j] = 1.0 if i == j else 0.0
+        return
+    unit = 2.0 ** -math.frexp(big)[1]
+    for i in range(n):
+        for j in range(n):
+            V[i, j] *= unit
+    # tred2: Householder reduction to tridiagonal form
+    for j in range(n):
+        d[j] = V[j, n - 1]
+    for i in range(n - 1, 0, -1):
+        scale = 0.0
+        h = 0.0
+        for k in range(i):
+            scale += abs(d[k])
+        if scale == 0.0:
+            e[i] = d[i - 1]
+            for j in range(i):
+                d[j] = V[j, i - 1]
+                V[j, i] = 0.0
+                V[i, j] = 0.0
+        else:
+            for k in range(i):
+                d[k] /= scale
+                h += d[k] * d[k]
+            f = d[i - 1]
+            g = math.sqrt(h)
+            if f > 0:
+                g = -g
+            e[i] = scale * g
+            h = h - f * g
+            d[i - 1] = f - g
+            for j in range(i):
+                e[j] = 0.0
+            for j in range(i):
+                f = d[j]
+                V[i, j] = f
+                g = e[j] + V[j, j] * f
+                for k in range(j + 1, i):
+                    g += V[j, k] * d[k]
+                    e[k] += V[j, k] * f
+                e[j] = g
+            f = 0.0
+            for j in range(i):
+                e[j] /= h
+                f += e[j] * d[j]
+            hh = f / (h + h)
+            for j in range(i):
+                e[j] -= hh * d[j]
+            for j in range(i):
+                f = d[j]
+                g = e[j]
+                for k in range(j, i):
+                    V[j, k] -= f * e[k] + g * d[k]
+                d[j] = V[j, i - 1]
+                V[j, i] = 0.0
+        d[i] = h
+    for i in range(n - 1):
+        V[i, n - 1] = V[i, i]
+        V[i, i] = 1.0
+        h = d[i + 1]
+        if h != 0.0:
+            for k in range(i + 1):
+                d[k] = V[i + 1, k] / h
+            for j in range(i + 1):
+                g = 0.0
+                for k in range(i + 1):
+                    g += V[i + 1, k] * V[j, k]
+                for k in range(i + 1):
+                    V[j, k] -= g * d[k]
+        for k in range(i + 1):
+            V[i + 1, k] = 0.0
+    for j in range(n):
+        d[j] = V[j, n - 1]
+        V[j, n - 1] = 0.0
+    V[n - 1, n - 1] = 1.0
+    e[0] = 0.0
+    # tql2: implicit QL on the tridiagonal matrix
+    for i in range(1, n):
+        e[i - 1] = e[i]
+    e[n - 1] = 0.0
+    f = 0.0
+    tst1 = 0.0
+    eps = 2.0 ** -52
+    for l in range(n):
+        tst1 = max(tst1, abs(d[l]) + abs(e[l]))
+        m = l
+        while m < n - 1:
+            if abs(e[m]) <= eps * tst1:
+                break
+            m += 1
+        if m > l:
+            for _ in range(_MAX_QL_STEPS):
+                g = d[l]
+                p = (d[l + 1] - g) / (2.0 * e[l])
+                r = math.sqrt(p * p + 1.0)
+                if p < 0:
+                    r = -r
+                d[l] = e[l] / (p + r)
+                d[l + 1] = e[l] * (p + r)
+                dl1 = d[l + 1]
+                h = g - d[l]
+                for i in range(l + 2, n):
+                    d[i] -= h
+                f += h
+                p = d[m]
+                c = 1.0
+                c2 = c
+                c3 = c
+                el1 = e[l + 1]
+                s = 0.0
+                s2 = 0.0
+                for i in range(m - 1, l - 1, -1):
+                    c3 = c2
+                    c2 = c
+                    s2 = s
+                    g = c * e[i]
+                    h = c * p
+                    r = math.sqrt(p * p + e[i] * e[i])
+                    e[i + 1] = s * r
+                    s = e[i] / r
+                    c = p / r
+                    p = c * d[i] - s * g
+                    d[i + 1] = h + s * (c * g + s * d[i])
+                    for k in range(n):
+                        h = V[i + 1, k]
+                        V[i + 1, k] = s * V[i, k] + c * h
+                        V[i, k] = c * V[i, k] - s * h
+                p = -s * s2 * c3 * el1 * e[l] / dl1
+                e[l] = s * p
+                d[l] = c * p
+                if not (abs(e[l]) > eps * tst1):
+                    break
+        d[l] = d[l] + f
+        e[l] = 0.0
+    for i in range(n - 1):
+        k = i
+        p = d[i]
+        for j in range(i + 1, n):
+            if d[j] < p:
+                k = j
+                p = d[j]
+        if k != i:
+            d[k] = d[i]
+            d[i] = p
+            for j in range(n):
+                t = V[i, j]
+                V[i, j] = V[k, j]
+                V[k, j] = t
+    for i in range(n):
+        d[i] /= unit
+
+
+@njit(cache=True, error_model="numpy")
+def eigh_rows(M):
+    """``(w, Vt)`` of the symmetric matrix ``M``, in float64: eigenvalues
+    ascending, eigenvector ``j`` in row ``j`` of ``Vt``."""
+    n = M.shape[0]
+    if n > SYMEIG_MAX:
+        w, U = np.linalg.eigh(M.astype(np.float64))
+        return w, np.ascontiguousarray(U.T)
+    Vt = np.empty((n, n))
+    for a in range(n):
+        for b in range(n):
+            Vt[a, b] = M[a, b]
+    w = np.empty(n)
+    e = np.empty(n)
+    _symeig(Vt, w, e)
+    return w, Vt
 
 
 @njit(cache=True, inline="always")
@@ -119,7 +322,7 @@ def _jacobi_lanes_body(A, V, r, B, tol):
 _FASTMATH = {"reassoc", "nsz", "arcp", "contract"}
 
 #: largest feature set decomposed by the SIMD-lane Jacobi solver; larger
-#: sets go to LAPACK (numba's ``np.linalg.eigh``)
+#: sets go to :func:`eigh_rows`
 JACOBI_MAX_SET = 8
 
 
@@ -199,18 +402,18 @@ def _full_sets_eigen(P, m, L, full, B, tol, A, V, order, sc, p, w_out, V_out):
                 A[a, a + lag, s] = v
                 A[a + lag, a, s] = v
     if L > JACOBI_MAX_SET:
-        # LAPACK's divide and conquer per set: Jacobi's sweeps cost O(L^3)
-        # each and lose to it well before L = 20
+        # one tridiagonal QL (or LAPACK) per set: Jacobi's sweeps cost
+        # O(L^3) each and lose to it well before L = 20
         M = np.empty((L, L), dtype=A.dtype)
         for s in range(full):
             for a in range(L):
                 for c in range(L):
                     M[a, c] = A[a, c, s]
-            e, U = np.linalg.eigh(M)
+            e, Ut = eigh_rows(M)
             for j in range(L):
                 A[j, j, s] = e[j]
                 for a in range(L):
-                    V[a, j, s] = U[a, j]
+                    V[a, j, s] = Ut[j, a]
         # eigh's eigenvalues are ascending already; the sort below keeps them
     elif L == 5:
         _jacobi_lanes5(A, V, B, tol)
@@ -318,11 +521,11 @@ def primal_eigen(Xg, groups, sizes, L, tol, w_out, V_out):
                     for a in range(r):
                         for b2 in range(r):
                             M1[a, b2] = A1[a, b2, 0]
-                    e1, U1 = np.linalg.eigh(M1)
+                    e1, U1t = eigh_rows(M1)
                     for a in range(r):
                         A1[a, a, 0] = e1[a]
                         for b2 in range(r):
-                            V1[a, b2, 0] = U1[a, b2]
+                            V1[a, b2, 0] = U1t[b2, a]
                 else:
                     _jacobi_lanes(A1, V1, r, 1, tol)
                 _sorted_eigvals_order(A1, r, 0, order)
@@ -402,23 +605,25 @@ def dual_eigen(Xg, groups, sizes, L, w_out, U_out):
             G = np.empty((Kp, r), dtype=Xg.dtype)
             for f in range(r):
                 mean[f] = 0.0
+            # one pass over the (scattered) rows: copied, then centred in place
             for m in range(Kp):
                 row = groups[p, m]
                 for f in range(r):
-                    mean[f] += Xg[row, off + f]
+                    v = Xg[row, off + f]
+                    G[m, f] = v
+                    mean[f] += v
             for f in range(r):
                 mean[f] /= Kp
             for m in range(Kp):
-                row = groups[p, m]
                 for f in range(r):
-                    G[m, f] = Xg[row, off + f] - mean[f]
+                    G[m, f] = G[m, f] - mean[f]
             M = np.dot(G, G.T)
             M /= Kp
-            w, U = np.linalg.eigh(M)
+            w, Ut = eigh_rows(M)
             for j in range(Kp):
                 w_out[p, s, j] = w[j] if w[j] > 0 else 0.0
                 for m in range(Kp):
-                    U_out[p, s, m, j] = U[m, j]
+                    U_out[p, s, m, j] = Ut[j, m]
 
 
 @njit(cache=True, parallel=True, error_model="numpy")

@@ -89,6 +89,13 @@ def _eigen_width(arr, sym):
     return None
 
 
+def _no_self(arr, sym):
+    """Spec check: no row is among its own neighbors."""
+    if (arr == np.arange(arr.shape[0])[:, None]).any():
+        return "lists a row among its own neighbors."
+    return None
+
+
 class KNNN(BaseDetector):
     """k nearest neighbors of neighbors anomaly detector.
 
@@ -298,6 +305,9 @@ class KNNN(BaseDetector):
         "_fit_X", "feature_order_", "set_sizes_", "neighborhoods_", "eigenvalues_",
         "eigenvectors_", "eig_floor_", "train_scores_",
     )
+    #: the search's neighbors beyond the neighborhoods (partial_fit reads
+    #: them; a model without them rescores every calibration row)
+    _optional_arrays = ("_graph_tail",)
     _state_scalars = (
         "n_neighbors_", "n_neighbors_of_neighbors_", "set_size_", "eig_floor_rel_", "offset_",
         "contamination_", "threshold_source_", "backend_", "auto_params_",
@@ -310,6 +320,7 @@ class KNNN(BaseDetector):
         # L x L per set (primal), or K' x K' (dual, L > K'): see nonn._eq2
         "eigenvalues_": Array("N", "S", "R", low=0, check=_eigen_width),
         "eigenvectors_": Array("N", "S", "R", "R"),
+        "_graph_tail": Array("N", "T", dtype="int64", ids="N", check=_no_self),
         "n_neighbors_of_neighbors_": Int(1, "N", binds="Kp"),
         "eig_floor_rel_": Real(0, None),
         "auto_params_": Optional(Dict({"n_neighbors": Int(1), "n_neighbors_of_neighbors": Int(1),
@@ -378,8 +389,8 @@ class KNNN(BaseDetector):
         others = self._search.kneighbors(None, search_width(n, self.n_neighbors_, Kp),
                                          return_distance=False)
         self.neighborhoods_ = neighborhoods(others, Kp)
-        # the neighbors beyond the neighborhoods (not saved): partial_fit's
-        # held-out scores need them
+        # the neighbors beyond the neighborhoods: partial_fit's held-out
+        # scores need them
         self._graph_tail = np.ascontiguousarray(others[:, Kp - 1:])
         if self.memory != "lean":
             self._fit_eigen()

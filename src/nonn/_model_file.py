@@ -88,16 +88,18 @@ def jsonable(value):
 _OPTIONAL_SCALARS = ("feature_names_in_", "n_samples_seen_")
 
 
-def _state_names(cls, params):
-    """The fitted arrays and scalars a model of ``cls`` with ``params`` stores."""
-    arrays = tuple(cls._state_arrays_for(params))
+def _state_names(cls, params, optional=()):
+    """The fitted arrays and scalars a model of ``cls`` with ``params`` stores
+    (with those of the class's ``_optional_arrays`` named in ``optional``)."""
+    arrays = tuple(cls._state_arrays_for(params)) + tuple(
+        a for a in cls._optional_arrays if a in optional)
     return arrays, tuple(cls._state_scalars) + _OPTIONAL_SCALARS
 
 
-def _spec(cls, params):
+def _spec(cls, params, optional=()):
     """The estimator's state spec, restricted to what a model with
     ``params`` stores (``memory="lean"`` stores no eigen-state)."""
-    arrays, scalars = _state_names(cls, params)
+    arrays, scalars = _state_names(cls, params, optional)
     missing = [n for n in arrays + scalars if n not in cls._state_spec]
     if missing:  # pragma: no cover - a test checks every estimator
         raise TypeError(f"{cls.__name__}._state_spec has no entry for {missing}.")
@@ -125,7 +127,8 @@ def detector_state(estimator):
         raise ValueError(f"This {cls.__name__} instance is not fitted yet. Call 'fit' "
                          "before saving it.")
     params = estimator.get_params()
-    names, scalars = _state_names(cls, params)
+    optional = [a for a in cls._optional_arrays if getattr(estimator, a, None) is not None]
+    names, scalars = _state_names(cls, params, optional)
     arrays = {name.lstrip("_"): np.ascontiguousarray(getattr(estimator, name))
               for name in names}
     meta = {
@@ -254,9 +257,10 @@ def _check(cls, meta, headers, read, where="the model"):
     member names to (shape, dtype), ``read(member)`` gives the data. Returns
     ``(estimator with the state set, member names used)``."""
     est = _make(cls, meta["params"], where)
-    spec = _spec(cls, meta["params"])
-    members = {name: name.lstrip("_") for name, s in spec.items() if name in
-               cls._state_arrays_for(meta["params"])}
+    optional = [a for a in cls._optional_arrays if a.lstrip("_") in headers]
+    spec = _spec(cls, meta["params"], optional)
+    arrays = _state_names(cls, meta["params"], optional)[0]
+    members = {name: name.lstrip("_") for name in spec if name in arrays}
     legacy = meta["format_version"] < 2
     if legacy:  # format 1 had no calibration arrays
         for name in _FORMAT_2_ARRAYS:

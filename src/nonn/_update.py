@@ -306,15 +306,27 @@ def knnn_partial_fit(det, X):
     search = _extend_search(det, work, Xg, new)
     try:
         work._search = search
-        ids = search.kneighbors(new, m + 1, return_distance=False)
+        # existing rows whose known list a new row enters: nearer than its last
+        r2 = _sq_to(Xg, n_old, lists[:, -1]) if width else None
+        if r2 is not None and getattr(search, "metric", None) == "euclidean" and \
+                hasattr(search, "kneighbors_entering"):
+            # the search's own products mark the rows a new row may enter;
+            # only those are checked exactly
+            ids, marked = search.kneighbors_entering(
+                new, m + 1, np.concatenate([r2, np.full(M, -np.inf)]))
+            cand = np.flatnonzero(marked[:n_old])
+        else:
+            ids = search.kneighbors(new, m + 1, return_distance=False)
+            cand = None
         new_lists = drop_self(None, ids, np.arange(n_old, n), m)[1]
         stages["search"], t = time.perf_counter() - t, time.perf_counter()
-        # existing rows whose known list a new row enters: nearer than its last
-        if width:
-            r2 = _sq_to(Xg, n_old, lists[:, -1])
+        if r2 is None:
+            p = b = np.zeros(0, dtype=np.int64)
+        elif cand is None:
             p, b, _ = closer_pairs(det._fit_X, r2, new, det.working_memory)
         else:
-            p = b = np.zeros(0, dtype=np.int64)
+            p, b, _ = closer_pairs(det._fit_X[cand], r2[cand], new, det.working_memory)
+            p = cand[p]
         aff = np.unique(p)
         lists_new = lists.copy()
         if len(aff):
@@ -381,8 +393,9 @@ def knnn_partial_fit(det, X):
 
 def _searched_others(work, search, nbhd, new_lists, n_old, R_ids, m, k):
     """The ``m``-nearest-others lists the held-out scores read, where the
-    model does not hold them (a model read from a file keeps only its
-    neighborhoods, not the one row beyond): searched for the rows needed
+    model does not hold them (a model gathered from a cluster, or read from
+    a file saved without them, keeps only its neighborhoods, not the one row
+    beyond): searched for the rows needed
     (the calibration rows and their k nearest others)."""
     from .neighbors._base import drop_self
 

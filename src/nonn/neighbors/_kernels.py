@@ -242,6 +242,21 @@ def _merge_cols(G, half_norm, row0, col0, heap_v, heap_i, thr):
                         thr[t] = heap_v[gj, 0]
 
 
+@njit(cache=True, error_model="numpy")
+def _flag_rows(G, q_thr, x_thr, row0, col0, flags):
+    """``flags[col0 + j] = 1`` where a row ``i`` of the block ``G`` (query
+    ``row0 + i``) has ``G[i, j] - x_thr[col0 + j] > q_thr[row0 + i]``.
+    Tasks only ever write 1, so concurrent ones cannot disagree."""
+    b, nc = G.shape
+    xt = x_thr[col0:col0 + nc]
+    for i in range(b):
+        qi = q_thr[row0 + i]
+        Gi = G[i]
+        for t in range(nc):
+            if np.float64(Gi[t]) - xt[t] > qi:
+                flags[col0 + t] = 1
+
+
 @njit(cache=True, parallel=True, error_model="numpy",
       fastmath={"reassoc", "nsz", "arcp", "contract", "nnan", "ninf"})
 def knn_self(X, half_norm, bs, buf, heap_v, heap_i):
@@ -295,13 +310,17 @@ def knn_self(X, half_norm, bs, buf, heap_v, heap_i):
 
 @njit(cache=True, parallel=True, error_model="numpy",
       fastmath={"reassoc", "nsz", "arcp", "contract", "nnan", "ninf"})
-def knn_query(Q, X, half_norm, rows, bs, buf, heap_v, heap_i):
+def knn_query(Q, X, half_norm, rows, bs, buf, heap_v, heap_i, q_thr, x_thr, flags):
     """k nearest rows of ``X`` for every row of ``Q`` into the max-heaps
     ``heap_v``/``heap_i`` (nq, k), filled with (+inf, N), then sorted
     ascending by (value, id). One task per ``rows`` queries, which owns
     their heaps and runs through ``X`` in blocks of ``bs`` rows, computing
     each product itself (single-thread BLAS) into its thread's buffer
-    ``buf`` (n_threads, rows * bs). Ranking values: ``|x|^2 / 2 - q.x``."""
+    ``buf`` (n_threads, rows * bs). Ranking values: ``|x|^2 / 2 - q.x``.
+
+    With a non-empty ``flags`` (N, uint8), the same products also mark the
+    rows ``j`` of ``X`` that some query ``i`` passes ``q.x_j - x_thr[j] >
+    q_thr[i]`` (float64 thresholds; see :func:`_flag_rows`)."""
     nq = Q.shape[0]
     n = X.shape[0]
     ntasks = (nq + rows - 1) // rows
@@ -315,6 +334,8 @@ def knn_query(Q, X, half_norm, rows, bs, buf, heap_v, heap_i):
             G = buf[tid, :h * w].reshape((h, w))
             np.dot(Q[lo:hi], X[c:c + w].T, G)
             _merge_rows(G, half_norm, lo, c, heap_v, heap_i, False)
+            if flags.shape[0]:
+                _flag_rows(G, q_thr, x_thr, lo, c, flags)
         for i in range(lo, hi):
             _sort_pairs(heap_v[i], heap_i[i], heap_v.shape[1])
 

@@ -89,6 +89,22 @@ class BruteForceBackend:
         return self._X.shape[0]
 
     def kneighbors(self, X=None, n_neighbors=1, return_distance=True):
+        return self._kneighbors(X, n_neighbors, return_distance)
+
+    def kneighbors_entering(self, X, n_neighbors, radius2):
+        """``(ind, entered)``: ``kneighbors(X, n_neighbors,
+        return_distance=False)``, and from the same products a boolean mask
+        of the training rows ``j`` that some query is nearer to than
+        ``sqrt(radius2[j])`` (Euclidean, in the data's units; ``-inf``
+        leaves a row out). Every such row is marked; rows within the
+        products' rounding of that radius may be marked too, so a caller
+        checks the marked rows exactly (``nonn._update.closer_pairs``)."""
+        if self.metric != "euclidean" or X is None:
+            raise ValueError("kneighbors_entering takes queries, measured in Euclidean "
+                             "distance.")
+        return self._kneighbors(X, n_neighbors, False, radius2)
+
+    def _kneighbors(self, X, n_neighbors, return_distance, radius2=None):
         Xt = self._X
         n_train = Xt.shape[0]
         self_query = X is None
@@ -103,11 +119,30 @@ class BruteForceBackend:
         nq = Q.shape[0]
         dist = np.empty((nq, k), dtype=Xt.dtype) if return_distance else None
         ind = np.empty((nq, k), dtype=np.int64)
+        marks = _NO_MARKS if radius2 is None else self._entering_thresholds(Q, radius2)
         # a small search runs on one thread: waking the pool costs more
         with numba_threads(library_threads(self.n_jobs), nq * n_train * Xt.shape[1]):
             for start, stop in self._query_blocks(nq, k, self_query):
-                self._search(Q, start, stop, k, self_query, numba_pool_size(), dist, ind)
+                self._search(Q, start, stop, k, self_query, numba_pool_size(), dist, ind,
+                             marks)
+        if radius2 is not None:
+            return ind, marks[2].astype(bool)
         return (dist, ind) if return_distance else ind
+
+    def _entering_thresholds(self, Q, radius2):
+        """The float64 thresholds ``(q_thr, x_thr, flags)`` of the rows
+        that a query (of the scaled queries ``Q``) enters: ``|q - x|^2 <
+        r2`` is ``q.x > |x|^2/2 + |q|^2/2 - r2/2``, and the products'
+        rounding is below ``(d + 4) eps |q| |x| <= (d + 4) eps (|q|^2 +
+        |x|^2) / 2``, so both halves are loosened by twice that."""
+        Xt = self._X
+        r2 = np.ldexp(np.asarray(radius2, dtype=np.float64), 2 * self._exponent)
+        if r2.shape != (Xt.shape[0],):
+            raise ValueError(f"radius2 has shape {r2.shape}; expected ({Xt.shape[0]},).")
+        tol = 2.0 * (Xt.shape[1] + 4) * float(np.finfo(Xt.dtype).eps)
+        half_q = 0.5 * np.einsum("ij,ij->i", Q, Q, dtype=np.float64)
+        x_thr = (1.0 - tol) * self._half_sqnorm.astype(np.float64) - 0.5 * r2
+        return (1.0 - tol) * half_q, x_thr, np.zeros(Xt.shape[0], dtype=np.uint8)
 
     def refine_neighbors(self, X, ind, graph):
         """``ind`` as it is: an exact search has nothing to refine (see
@@ -125,7 +160,7 @@ class BruteForceBackend:
         return progress([(a, min(a + step, nq)) for a in starts], self.verbose,
                         "k-NN search", total=len(starts))
 
-    def _search(self, Q, start, stop, k, self_query, threads, dist, ind):
+    def _search(self, Q, start, stop, k, self_query, threads, dist, ind, marks):
         from . import _kernels
 
         Xt = self._X
@@ -145,8 +180,9 @@ class BruteForceBackend:
                 rows = int(max(min(_QUERY_ROWS, -(-(stop - start) // threads)), 1))
                 bs = int(max(min(_QUERY_BLOCK, per_thread // rows), 1))
                 buf = np.empty((threads, rows * bs), dtype=Xt.dtype)
+                q_thr, x_thr, flags = marks
                 _kernels.knn_query(Q[start:stop], Xt, self._half_sqnorm, rows, bs, buf,
-                                   heap_v, heap_i)
+                                   heap_v, heap_i, q_thr[start:stop], x_thr, flags)
         if (heap_i >= n).any():
             # a heap never filled: ranking values that overflowed (the
             # kernels assume finite ones). Never hand out an invalid id.
@@ -172,6 +208,8 @@ class BruteForceBackend:
 #: small enough that the diagonal blocks (computed whole) waste little and a
 #: block stays in the cache for its two merges.
 _SELF_BLOCK = 1024
+#: the empty thresholds and flags of a search that marks no rows
+_NO_MARKS = (np.zeros(0), np.zeros(0), np.zeros(0, np.uint8))
 #: queries per task, and training rows per product, of a search for new points
 _QUERY_ROWS = 256
 _QUERY_BLOCK = 2048
