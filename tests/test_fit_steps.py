@@ -38,15 +38,22 @@ def test_ledoit_wolf_from_partition_sums_equals_sklearn(n, d):
     np.testing.assert_allclose(C, C_ref, rtol=1e-12, atol=1e-12 * np.abs(C_ref).max())
 
 
-def test_whitening_matrix_is_fit_whitening():
-    X = correlated(1, 80, 6, np.float32)
-    mean, W = fit_whitening(X, 0.7)
-    X64 = X.astype(np.float64)
-    C, _ = ledoit_wolf(X64 - X64.mean(0), assume_centered=True)
-    mean2, W2 = whitening_matrix(X64.mean(0), C, 0.7, X.dtype)
-    assert W2.dtype == np.float32
-    np.testing.assert_array_equal(mean, mean2)
-    np.testing.assert_array_equal(W, W2)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_fit_whitening_is_sklearns_ledoit_wolf(dtype):
+    """fit_whitening (block sums, no float64 copy of X) equals the whitening
+    matrix of scikit-learn's ledoit_wolf on the rows it keeps, and leaving
+    rows out equals deleting them."""
+    X = correlated(1, 9000, 6, dtype)  # more rows than one block
+    rows = np.random.default_rng(0).choice(len(X), 3000, replace=False)
+    for exclude, kept in ((None, X), (rows, np.delete(X, rows, axis=0))):
+        mean, W = fit_whitening(X, 0.7, exclude=exclude)
+        X64 = kept.astype(np.float64)
+        C, _ = ledoit_wolf(X64 - X64.mean(0), assume_centered=True)
+        mean2, W2 = whitening_matrix(X64.mean(0), C, 0.7, X.dtype)
+        assert W.dtype == W2.dtype == dtype
+        tol = 1e-10 if dtype == np.float64 else 1e-6
+        np.testing.assert_allclose(mean, mean2, rtol=tol)
+        np.testing.assert_allclose(W, W2, rtol=tol, atol=tol * np.abs(W2).max())
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

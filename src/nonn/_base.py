@@ -449,9 +449,8 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
             if fit:
                 if self.whiten_:
                     # estimated without the calibration rows (out of sample for them)
-                    plan = self._calibration_plan(X.shape[0])
-                    est = X if plan is None else np.delete(X, plan, axis=0)
-                    self.whiten_mean_, self.whiten_matrix_ = fit_whitening(est, self.whiten_)
+                    self.whiten_mean_, self.whiten_matrix_ = fit_whitening(
+                        X, self.whiten_, exclude=self._calibration_plan(X.shape[0]))
                 else:  # "auto" chose none: the identity (exact), stored alike
                     self.whiten_mean_ = np.zeros(X.shape[1], dtype=X.dtype)
                     self.whiten_matrix_ = np.eye(X.shape[1], dtype=X.dtype)

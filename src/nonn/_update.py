@@ -17,8 +17,10 @@ updated:
   from a search of all rows; an existing row's neighborhood changes only
   if a new row is nearer than its farthest member, which one pass of
   distances between the old and the new rows finds exactly (then merged by
-  exact distance); only the changed neighborhoods' eigen-states and the new
-  rows' are computed. A calibration row's held-out score depends on its k
+  exact distance): with the exact brute-force backend that pass is the new
+  rows' own search, whose products mark the candidate rows (a margin above
+  their rounding), each then checked on exact distances; only the changed
+  neighborhoods' eigen-states and the new rows' are computed. A calibration row's held-out score depends on its k
   nearest others and on their K' nearest others (one more than a
   neighborhood: the replacement when the row itself leaves it), so it is
   reused when none of these lists changed and recomputed otherwise; the
