@@ -38,7 +38,7 @@ import numpy as np
 
 from . import _archive
 from ._archive import ModelFileError
-from ._state import DATA_DTYPES, StateError, check_state
+from ._state import DATA_DTYPES, Array, StateError, check_state
 from ._threads import resolve_n_jobs
 
 FORMAT = "nonn-model"
@@ -259,8 +259,7 @@ def _check(cls, meta, headers, read, where="the model"):
     est = _make(cls, meta["params"], where)
     optional = [a for a in cls._optional_arrays if a.lstrip("_") in headers]
     spec = _spec(cls, meta["params"], optional)
-    arrays = _state_names(cls, meta["params"], optional)[0]
-    members = {name: name.lstrip("_") for name in spec if name in arrays}
+    members = {name: name.lstrip("_") for name, s in spec.items() if isinstance(s, Array)}
     legacy = meta["format_version"] < 2
     if legacy:  # format 1 had no calibration arrays
         for name in _FORMAT_2_ARRAYS:

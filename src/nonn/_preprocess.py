@@ -46,7 +46,7 @@ def fit_whitening(X, strength, exclude=None):
         keep[np.asarray(exclude, dtype=np.int64)] = False
     n = X.shape[0] if keep is None else int(keep.sum())
     total = np.zeros(X.shape[1])
-    for start, rows in _blocks(X, keep):
+    for rows in _blocks(X, keep):
         total += rows.sum(axis=0, dtype=np.float64)
     mean = total / max(n, 1)
     gram, norm4 = whitening_moments(X, mean, keep=keep)
@@ -55,11 +55,11 @@ def fit_whitening(X, strength, exclude=None):
 
 
 def _blocks(X, keep, block=4096):
-    """``(start, rows)`` over ``X`` in row blocks, the rows ``keep`` marks
-    (None: all)."""
+    """``X`` in row blocks, each without the rows ``keep`` leaves out
+    (None: all kept)."""
     for start in range(0, X.shape[0], block):
         rows = X[start:start + block]
-        yield start, rows if keep is None else rows[keep[start:start + block]]
+        yield rows if keep is None else rows[keep[start:start + block]]
 
 
 def whitening_matrix(mean, C, strength, dtype):
@@ -86,7 +86,7 @@ def whitening_moments(X, mean, keep=None, block=4096):
     mean = np.asarray(mean, dtype=np.float64)
     gram = np.zeros((X.shape[1], X.shape[1]))
     norm4 = 0.0
-    for _, rows in _blocks(X, keep, block):  # a float64 copy of one block
+    for rows in _blocks(X, keep, block):  # a float64 copy of one block
         Xc = np.asarray(rows, dtype=np.float64) - mean
         norms = np.einsum("ij,ij->i", Xc, Xc)
         gram += Xc.T @ Xc

@@ -20,7 +20,8 @@ updated:
   exact distance): with the exact brute-force backend that pass is the new
   rows' own search, whose products mark the candidate rows (a margin above
   their rounding), each then checked on exact distances; only the changed
-  neighborhoods' eigen-states and the new rows' are computed. A calibration row's held-out score depends on its k
+  neighborhoods' eigen-states and the new rows' are computed. A
+  calibration row's held-out score depends on its k
   nearest others and on their K' nearest others (one more than a
   neighborhood: the replacement when the row itself leaves it), so it is
   reused when none of these lists changed and recomputed otherwise; the
@@ -74,6 +75,8 @@ def closer_pairs(X_old, r2, X_new, working_memory=None):
     expansion; each candidate is then checked on its exact float64
     distance.
     """
+    from .neighbors._base import expansion_margin
+
     n, d = X_old.shape
     m = X_new.shape[0]
     empty = np.zeros(0, dtype=np.int64)
@@ -83,9 +86,7 @@ def closer_pairs(X_old, r2, X_new, working_memory=None):
     centre = X_old.mean(axis=0, dtype=np.float64)
     B = np.ascontiguousarray((X_new - centre).astype(dt))
     nb = np.einsum("ij,ij->i", B, B, dtype=np.float64)
-    # the expansion's rounding is at most ~ (d + 4) eps (|a|^2 + |b|^2): a
-    # margin of twice that (relative to the norms) keeps every true pair
-    tol = 2.0 * (d + 4) * float(np.finfo(dt).eps)
+    tol = expansion_margin(d, dt)
     col = (0.5 * (1.0 - tol) * nb).astype(dt)
     ps, bs, ds = [], [], []
     step = chunk_rows(m * (dt.itemsize + 1) + d * 16, working_memory)

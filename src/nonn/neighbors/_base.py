@@ -98,6 +98,14 @@ def check_n_neighbors(n_neighbors, n_train, self_query):
     return k
 
 
+def expansion_margin(d, dtype):
+    """Relative margin above the rounding of ``|a|^2 - 2 a.b + |b|^2`` (and
+    of ``a.b``) computed in ``dtype`` over ``d`` features: that rounding is
+    at most ~(d + 4) eps (|a|^2 + |b|^2) / 2, and the margin is twice it,
+    so a test loosened by it keeps every true pair."""
+    return 2.0 * (d + 4) * float(np.finfo(dtype).eps)
+
+
 def drop_self(dist, ind, row_ids, k):
     """Remove each row's own id from ``k + 1`` sorted neighbors.
 

@@ -37,7 +37,8 @@ import numpy as np
 from .. import _data_scale
 from .._chunks import chunk_rows, progress
 from .._threads import library_threads, numba_pool_size, numba_threads, single_thread_blas
-from ._base import check_metric, check_n_neighbors, squared_to_metric, unit_rows
+from ._base import check_metric, check_n_neighbors, expansion_margin, squared_to_metric, \
+    unit_rows
 
 
 class BruteForceBackend:
@@ -139,7 +140,7 @@ class BruteForceBackend:
         r2 = np.ldexp(np.asarray(radius2, dtype=np.float64), 2 * self._exponent)
         if r2.shape != (Xt.shape[0],):
             raise ValueError(f"radius2 has shape {r2.shape}; expected ({Xt.shape[0]},).")
-        tol = 2.0 * (Xt.shape[1] + 4) * float(np.finfo(Xt.dtype).eps)
+        tol = expansion_margin(Xt.shape[1], Xt.dtype)
         half_q = 0.5 * np.einsum("ij,ij->i", Q, Q, dtype=np.float64)
         x_thr = (1.0 - tol) * self._half_sqnorm.astype(np.float64) - 0.5 * r2
         return (1.0 - tol) * half_q, x_thr, np.zeros(Xt.shape[0], dtype=np.uint8)
