@@ -72,10 +72,13 @@ def naive_floor(X, sets, rel):
 
 
 def naive_knnn_scores(X, Q, k, Kp, L, order, rel_floor, loo=False, aggregate="sum",
-                      floors=None):
+                      floors=None, local=None):
     """Eq. 2 with explicit sums over i, s, j; ``aggregate="min"`` takes the
     smallest per-neighbor sum instead of summing over i. ``floors``
-    overrides the per-set floors computed from ``X``."""
+    overrides the per-set floors computed from ``X``. ``local``: each
+    neighbor's floor in a set is ``max(floors[s], local * trace(C) / |s|)``,
+    ``C`` its neighborhood's covariance in the set (a floor relative to
+    the neighborhood)."""
     Xr = X[:, order]
     Qr = Q[:, order]
     d = Xr.shape[1]
@@ -101,7 +104,10 @@ def naive_knnn_scores(X, Q, k, Kp, L, order, rel_floor, loo=False, aggregate="su
             total = 0.0
             for si, s in enumerate(sets):
                 e, V = eigen(i, si)
-                total += eq2_term(q[s] - Xr[i][s], e, V, floors[si])
+                fl = floors[si]
+                if local is not None:
+                    fl = max(fl, local * e.sum() / len(s))
+                total += eq2_term(q[s] - Xr[i][s], e, V, fl)
             per_neighbor.append(total)
         out.append(sum(per_neighbor) if aggregate == "sum" else min(per_neighbor))
     return np.array(out)

@@ -41,7 +41,8 @@ def test_default_parameters():
     assert p["n_neighbors_of_neighbors"] == 25
     assert p["set_size"] == "all"
     assert p["aggregate"] == "min"
-    assert (p["normalize"], p["whiten"], p["eig_floor"]) == ("auto", "auto", "auto")
+    assert (p["normalize"], p["whiten"], p["eig_floor"], p["eig_floor_ref"]) == (
+        "auto", "auto", "auto", "data")
 
 
 def test_paper_operator_is_one_call_away():
@@ -49,7 +50,7 @@ def test_paper_operator_is_one_call_away():
     p = det.get_params()
     assert {k: p[k] for k in KNNN.PAPER_PARAMS} == KNNN.PAPER_PARAMS
     assert (p["n_neighbors_of_neighbors"], p["set_size"], p["aggregate"]) == (25, 5, "sum")
-    assert (p["normalize"], p["whiten"]) == (None, 0.0)
+    assert (p["normalize"], p["whiten"], p["eig_floor_ref"]) == (None, 0.0, "data")
     # overridable, and the benchmark registry's "KNNN-paper" is the same operator
     assert KNNN.paper(n_neighbors=5).n_neighbors == 5
     assert DETECTORS["KNNN-paper"].make(0).get_params() == KNNN.paper().get_params()

@@ -630,6 +630,21 @@ def test_dual_form_all_features_equals_knnn(client, rows, aggregate):
     assert_same_model(det, ref, X, Q, rtol=1e-9)
 
 
+@pytest.mark.parametrize("set_size,rows", [(5, 90), ("all", 75)])
+def test_neighborhood_floor_equals_knnn(client, set_size, rows):
+    """eig_floor_ref="neighborhood": each neighbor's floor from its own
+    eigenvalues, on the partition that holds them (primal and dual)."""
+    X, Q = data(24)
+    det = DistributedKNNN(client=client, backend="brute", set_size=set_size,
+                          n_neighbors_of_neighbors=8, eig_floor=0.3, eig_floor_ref="neighborhood")
+    det.fit(da.from_array(X, chunks=(rows, -1)))
+    ref = reference(det, X)
+    assert ref.get_params()["eig_floor_ref"] == "neighborhood"
+    assert_same_model(det, ref, X, Q, rtol=1e-9)
+    data_ref = KNNN(**{**ref.get_params(), "eig_floor_ref": "data"}).fit(X)
+    assert not np.allclose(data_ref.anomaly_score(Q), ref.anomaly_score(Q), rtol=1e-3)
+
+
 @pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-9), (np.float32, 2e-4)])
 def test_dual_form_shorter_last_set_equals_knnn(client, dtype, rtol):
     """L = 9 > K' = 6 on D = 20 features: sets of 9, 9 and 2 (the last one

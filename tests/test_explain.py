@@ -52,9 +52,11 @@ def split_term(d, e, V, floor):
     return term, c
 
 
-def naive_knnn_explanation(X, Q, k, Kp, L, order, rel_floor, aggregate):
+def naive_knnn_explanation(X, Q, k, Kp, L, order, rel_floor, aggregate, local=None):
     """Per-query (contributions in input order, score, neighbor ids, the
-    neighbor attaining the minimum or -1)."""
+    neighbor attaining the minimum or -1). ``local``: each neighbor's floor
+    is at least ``local`` times its neighborhood's mean variance per
+    feature of the set."""
     Xr, Qr = X[:, order], Q[:, order]
     d = X.shape[1]
     sets = naive_sets(d, L)
@@ -70,7 +72,8 @@ def naive_knnn_explanation(X, Q, k, Kp, L, order, rel_floor, aggregate):
                 P = Xr[hood][:, s]
                 P = P - P.mean(axis=0)
                 e, V = np.linalg.eigh(P.T @ P / len(hood))
-                t, cs = split_term(q[s] - Xr[i][s], e, V, floors[si])
+                fl = floors[si] if local is None else max(floors[si], local * e.sum() / len(s))
+                t, cs = split_term(q[s] - Xr[i][s], e, V, fl)
                 total += t
                 c[s] += cs
             per.append((total, c))
@@ -127,6 +130,25 @@ def test_knnn_contributions_match_naive_oracle(seed, L, Kp, aggregate):
         dual_short = L_num > Kp and d % L_num and d % L_num < Kp
         np.testing.assert_allclose(ex.contributions.sum(axis=1), scores,
                                    rtol=1e-7 if dual_short else 1e-12)
+
+
+@pytest.mark.parametrize("L,Kp", [(5, 15), ("all", 8)])
+@pytest.mark.parametrize("aggregate", ["min", "sum"])
+def test_knnn_contributions_with_neighborhood_floors(L, Kp, aggregate):
+    """eig_floor_ref="neighborhood": each neighbor's own floor, primal and
+    dual, against the oracle; the rows sum to the score."""
+    X, Q = well_conditioned(6)
+    d = X.shape[1]
+    L_num = d if L == "all" else L
+    order = naive_greedy_order(X, L_num) if L_num < d else np.arange(d)
+    expected = naive_knnn_explanation(X, Q, 3, Kp, L_num, order, 1e-6, aggregate, local=0.3)
+    for memory in ("precomputed", "lean"):
+        det = KNNN(n_neighbors=3, n_neighbors_of_neighbors=Kp, set_size=L, eig_floor=0.3,
+                   eig_floor_ref="neighborhood", aggregate=aggregate, memory=memory).fit(X)
+        ex = det.explain(Q)
+        assert_matches_oracle(ex, expected, rtol=1e-6)
+        np.testing.assert_array_equal(ex.anomaly_scores, det.anomaly_score(Q))
+        np.testing.assert_allclose(ex.contributions.sum(axis=1), ex.anomaly_scores, rtol=1e-9)
 
 
 def test_neighbors_and_the_minimum():

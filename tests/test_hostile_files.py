@@ -597,7 +597,7 @@ E.primal_eigen(X, groups, sizes, L, 1e-24, w, V)
 q = 7
 Q = rng.normal(size=(q, D))
 idx = rng.integers(0, N, size=(q, 3)).astype(np.int64)
-out, floor = np.empty((q, 3)), np.full(S, 1e-3)
+out, floor, loc = np.empty((q, 3)), np.full(S, 1e-3), np.full(S, 0.1)
 sq, ids = np.empty((q, 3)), np.empty((q, 3), np.int64)
 none = np.zeros(1, np.int64)
 graph = groups[:, 1:].copy()
@@ -625,12 +625,13 @@ run("eigen width", lambda: E.primal_eigen(X, groups, sizes[:1], L, 1e-24, w, V))
 wd, Ud = np.empty((N, S, 6)), np.empty((N, S, 6, 6))
 run("dual ids", lambda: E.dual_eigen(X, bad_groups, sizes, L, wd, Ud))
 run("dual sizes", lambda: E.dual_eigen(X, groups, big_sizes, L, wd, Ud))
-run("eq2 ids", lambda: E.primal_score(Q, huge, X, V, w, sizes, floor, out))
-run("eq2 negative", lambda: E.primal_score(Q, neg, X, V, w, sizes, floor, out))
-run("eq2 sizes", lambda: E.primal_score(Q, idx, X, V, w, big_sizes, floor, out))
-run("eq2 eigen rows", lambda: E.primal_score(Q, idx, X, V[:1], w[:1], sizes, floor, out))
-run("eq2 floor", lambda: E.primal_score(Q, idx, X, V, w, sizes, floor[:1], out))
-run("eq2 query width", lambda: E.primal_score(Q[:, :3], idx, X, V, w, sizes, floor, out))
+run("eq2 ids", lambda: E.primal_score(Q, huge, X, V, w, sizes, floor, loc, out))
+run("eq2 negative", lambda: E.primal_score(Q, neg, X, V, w, sizes, floor, loc, out))
+run("eq2 sizes", lambda: E.primal_score(Q, idx, X, V, w, big_sizes, floor, loc, out))
+run("eq2 eigen rows", lambda: E.primal_score(Q, idx, X, V[:1], w[:1], sizes, floor, loc, out))
+run("eq2 floor", lambda: E.primal_score(Q, idx, X, V, w, sizes, floor[:1], loc, out))
+run("eq2 query width", lambda: E.primal_score(Q[:, :3], idx, X, V, w, sizes, floor, loc, out))
+run("eq2 local floor", lambda: E.primal_score(Q, idx, X, V, w, sizes, floor, loc[:1], out))
 run("exact ids", lambda: K.exact_sq_sorted(X, Q, huge, sq, ids))
 run("exact negative", lambda: K.exact_sq_sorted(X, Q, neg, sq, ids))
 run("refine graph", lambda: K.refine_by_neighbors(X, Q, idx, bad_graph, 3, none, none[:0],
@@ -661,7 +662,7 @@ def test_kernels_refuse_bad_ids_and_sizes_at_entry():
                          text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.splitlines()
-    assert lines[-1] == "done" and len(lines) == 22, res.stdout
+    assert lines[-1] == "done" and len(lines) == 23, res.stdout
     for line in lines[:-1]:
         assert line.endswith("IndexError") or line.endswith("ValueError"), line
 

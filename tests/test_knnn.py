@@ -87,12 +87,14 @@ def test_dual_form_equals_primal_form_where_both_apply():
     _eq2_kernels.dual_eigen(det._fit_X, groups, det.set_sizes_, 6, w, v)
     idx = np.arange(len(X))[:, None]
     Qg = det._to_grid(Q[:1].repeat(len(X), 0))
-    primal = _eq2.score_terms(Qg, idx, det._fit_X, det.eigenvectors_, det.eigenvalues_,
-                              det.set_sizes_, 6, det.eig_floor_)
-    dual = np.empty_like(primal)
-    _eq2_kernels.dual_score(Qg, idx, np.arange(len(X)), det._fit_X, groups, v, w,
-                            det.set_sizes_, 6, det.eig_floor_.astype(np.float64), dual)
-    np.testing.assert_allclose(dual, primal, rtol=1e-8)
+    for local in (np.zeros(1), np.full(1, 0.3)):  # the data's floor; each neighborhood's
+        primal = _eq2.score_terms(Qg, idx, det._fit_X, det.eigenvectors_, det.eigenvalues_,
+                                  det.set_sizes_, 6, det.eig_floor_, local=local)
+        dual = np.empty_like(primal)
+        _eq2_kernels.dual_score(Qg, idx, np.arange(len(X)), det._fit_X, groups, v, w,
+                                det.set_sizes_, 6, det.eig_floor_.astype(np.float64), local,
+                                dual)
+        np.testing.assert_allclose(dual, primal, rtol=1e-8)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 9, 24, 25, 48, 49, 60])

@@ -68,6 +68,9 @@ AUTO_WHITEN = 0.5
 #: tabular data (a larger floor keeps fewer local directions: tabular data
 #: are scored closer to plain Euclidean k-NN)
 AUTO_FLOOR = {"embedding": 0.1, "tabular": 1.0}
+#: with a neighborhood-relative floor, the data-relative floor below which
+#: no neighbor's floor goes (a neighborhood of copies has no variance)
+LOCAL_FLOOR_MIN = 1e-6
 
 
 def is_embedding(n_features):

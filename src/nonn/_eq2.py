@@ -23,7 +23,10 @@ the eigenbasis of that subspace aligned with the difference, where the sum
 is ``|P_F d|_2 / sqrt(floor)`` (``P_F`` the projection on the floored
 subspace): a valid eigenbasis, and the only choice that makes scores
 deterministic and invariant to translating or rescaling the data. Where no
-eigenvalue is floored this is Eq. 2 exactly.
+eigenvalue is floored this is Eq. 2 exactly. The floor is a multiple of
+either the data's mean variance per feature (one floor per set) or, per
+neighbor, of its own neighborhood's (:func:`neighbor_floors`): the latter
+follows the local scale where the data's clusters differ in spread.
 
 Two forms of the same eigen-state, chosen by the set size L against K':
 
@@ -115,8 +118,21 @@ def neighborhood_eigen(Xg, groups, sizes, set_size, n_jobs=1, out=None, form=Non
     return w, v
 
 
+def neighbor_floors(evals, sizes, floor, local=None):
+    """The eigenvalue floor of each eigen-state row and set, (..., S): the
+    set's absolute ``floor`` (S,), raised to ``local`` (S,) times the
+    neighborhood's mean variance per feature (``evals`` (..., S, r) summed
+    over the set's directions, divided by its size) where ``local`` > 0.
+    The kernels compute the same value inline."""
+    floor = np.asarray(floor, dtype=np.float64)
+    if local is None or not np.any(np.asarray(local) > 0):
+        return np.broadcast_to(floor, np.shape(evals)[:-1])
+    trace = np.asarray(evals, dtype=np.float64).sum(axis=-1) / np.asarray(sizes)
+    return np.maximum(floor, np.asarray(local, dtype=np.float64) * trace)
+
+
 def score_terms(Qg, idx, Xg, evecs, evals, sizes, set_size, floor, n_jobs=1, rows=None,
-                groups=None):
+                groups=None, local=None):
     """Eq. 2's per-neighbor sums ``AS_i``, (q, k), for grid queries ``Qg``.
 
     ``idx`` (q, k) indexes the eigen-state rows of ``evecs``/``evals``. The
@@ -124,18 +140,23 @@ def score_terms(Qg, idx, Xg, evecs, evals, sizes, set_size, floor, n_jobs=1, row
     (``rows=None``: row ``t`` itself, the eigen-state of every training
     point); the dual form also needs ``groups[t]``, the neighborhood that
     eigen-state was computed from. ``floor`` (S,) is each set's absolute
-    eigenvalue floor.
+    eigenvalue floor; ``local`` (S,), when given, raises it per neighbor to
+    that multiple of the neighborhood's mean variance per feature
+    (:func:`neighbor_floors`).
     """
     from . import _eq2_kernels
 
     idx = np.ascontiguousarray(idx, dtype=np.int64)
     floor = np.ascontiguousarray(floor, dtype=np.float64)
     sizes = np.ascontiguousarray(sizes, dtype=np.int64)
+    local = np.zeros(len(sizes)) if local is None else np.ascontiguousarray(
+        np.broadcast_to(np.asarray(local, dtype=np.float64), (len(sizes),)))
     terms = np.empty(idx.shape, dtype=Qg.dtype)
     if evecs.shape[-1] >= set_size:  # primal: L x L per set
         X_rows = Xg if rows is None else Xg[rows]
         with numba_threads(n_jobs, idx.size * Qg.shape[1] * evecs.shape[-1]):
-            _eq2_kernels.primal_score(Qg, idx, X_rows, evecs, evals, sizes, floor, terms)
+            _eq2_kernels.primal_score(Qg, idx, X_rows, evecs, evals, sizes, floor, local,
+                                      terms)
         return terms
     if groups is None:
         raise ValueError("the dual eigen-state needs the neighborhoods it was computed from")
@@ -144,7 +165,7 @@ def score_terms(Qg, idx, Xg, evecs, evals, sizes, set_size, floor, n_jobs=1, row
         _eq2_kernels.dual_score(np.ascontiguousarray(Qg, dtype=Xg.dtype), idx,
                                 np.ascontiguousarray(rows, dtype=np.int64), Xg,
                                 np.ascontiguousarray(groups, dtype=np.int64), evecs, evals,
-                                sizes, int(set_size), floor, terms)
+                                sizes, int(set_size), floor, local, terms)
     return terms
 
 

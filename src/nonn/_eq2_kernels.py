@@ -540,13 +540,30 @@ def primal_eigen(Xg, groups, sizes, L, tol, w_out, V_out):
                         V_out[p, full, a, j] = V1[a, order[j], 0] if (j < r and a < r) else 0.0
 
 
+@njit(cache=True)
+def neighbor_floor(evals, r, floor, local):
+    """The eigenvalue floor of one neighbor's eigen-state in one set:
+    ``floor`` (absolute), raised to ``local`` times the neighborhood's mean
+    variance per feature (its eigenvalues' sum over the set's ``r``
+    features) when ``local > 0`` (``eig_floor_ref="neighborhood"``)."""
+    if local <= 0.0:
+        return floor
+    tr = 0.0
+    for j in range(evals.shape[0]):
+        tr += evals[j]
+    fl = local * tr / r
+    return fl if fl > floor else floor
+
+
 @njit(cache=True, parallel=True, error_model="numpy")
-def primal_score(Qg, idx, Xg, evecs, evals, sizes, floor, out):
+def primal_score(Qg, idx, Xg, evecs, evals, sizes, floor, local, out):
     """Eq. 2's inner sums per (query, neighbor): ``out[u, i]`` is the sum over
     sets and eigen-directions of neighbor ``idx[u, i]`` for grid query ``u``,
     from that neighbor's stored eigen-state (rows ``idx[u, i]`` of ``Xg``,
     ``evecs`` and ``evals``). Floored directions are summed basis-free (see
-    :mod:`nonn._eq2`). Aggregating over ``i`` is the caller's."""
+    :mod:`nonn._eq2`); the floor of a neighbor and set is
+    ``max(floor[s], local[s] * trace / sizes[s])`` (:func:`neighbor_floor`).
+    Aggregating over ``i`` is the caller's."""
     q, k = idx.shape
     n_sets = sizes.shape[0]
     L = evecs.shape[2]
@@ -554,7 +571,8 @@ def primal_score(Qg, idx, Xg, evecs, evals, sizes, floor, out):
     check_sets(sizes, L, min(Qg.shape[1], Xg.shape[1]),
                 Qg.shape[0] >= q and out.shape[0] >= q and out.shape[1] >= k
                 and evecs.shape[1] >= n_sets and evecs.shape[3] >= L
-                and evals.shape[1] >= n_sets and evals.shape[2] >= L and floor.shape[0] >= n_sets)
+                and evals.shape[1] >= n_sets and evals.shape[2] >= L and floor.shape[0] >= n_sets
+                and local.shape[0] >= n_sets)
     for u in prange(q):
         d = np.empty(L)
         for i in range(k):
@@ -563,7 +581,7 @@ def primal_score(Qg, idx, Xg, evecs, evals, sizes, floor, out):
             for s in range(n_sets):
                 off = s * L
                 r = sizes[s]
-                fl = floor[s]
+                fl = neighbor_floor(evals[nb, s], r, floor[s], local[s])
                 for a in range(r):
                     d[a] = Qg[u, off + a] - Xg[nb, off + a]
                 sq = 0.0
@@ -627,14 +645,15 @@ def dual_eigen(Xg, groups, sizes, L, w_out, U_out):
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def dual_score(Qg, idx, rows, Xg, groups, U, w, sizes, L, floor, out):
+def dual_score(Qg, idx, rows, Xg, groups, U, w, sizes, L, floor, local, out):
     """Eq. 2's inner sums per (query, neighbor) from dual eigen-states.
 
     ``out[u, i]`` is the sum over sets and eigen-directions for grid query
     ``u`` and the neighbor whose eigen-state is row ``t = idx[u, i]`` of
     ``U``/``w``/``groups``; the neighbor's own training row is ``rows[t]``.
-    Eigenvalues at or below the set's floor, and the directions outside the
-    neighborhood's span, share the weight ``1 / sqrt(floor)`` and are
+    Eigenvalues at or below the floor (:func:`neighbor_floor`), and the
+    directions outside the neighborhood's span, share the weight
+    ``1 / sqrt(floor)`` and are
     summed as the L2 norm of the difference's projection on them (the
     basis-free rule of the primal form): ``|d|^2`` minus the squared
     projections on the kept directions.
@@ -646,6 +665,8 @@ def dual_score(Qg, idx, rows, Xg, groups, U, w, sizes, L, floor, out):
     check_rows(rows, Xg.shape[0])
     check_rows(groups, Xg.shape[0])
     check_dual_sets(sizes, L, Xg.shape[1])
+    if floor.shape[0] < n_sets or local.shape[0] < n_sets:
+        raise ValueError("a floor per feature set is needed")
     for u in prange(q):
         d = np.empty(L)
         t = np.empty(Kp)
@@ -656,7 +677,7 @@ def dual_score(Qg, idx, rows, Xg, groups, U, w, sizes, L, floor, out):
             for s in range(n_sets):
                 off = s * L
                 r = sizes[s]
-                fl = floor[s]
+                fl = neighbor_floor(w[e_row, s], r, floor[s], local[s])
                 dd = 0.0
                 for a in range(r):
                     v = np.float64(Qg[u, off + a]) - np.float64(Xg[nb, off + a])

@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._eq2 import PRIMAL, eigen_form
+from ._eq2 import PRIMAL, eigen_form, neighbor_floors
 from ._layout import diff_grid, pad
 
 #: dtype of every contribution (sums of many terms of both signs)
@@ -147,7 +147,7 @@ def primal_weights(diff, evecs, evals, sizes, floor):
 
     diff : (..., S, L) float64 differences on the padded set grid
     evecs : (..., S, L, L) eigenvectors (columns), evals : (..., S, L)
-    sizes : (S,) set sizes, floor : (S,) absolute floors
+    sizes : (S,) set sizes, floor : (S,) or (..., S) absolute floors
     returns (..., S, L) float64 (0 on padding)
     """
     L = evals.shape[-1]
@@ -155,7 +155,7 @@ def primal_weights(diff, evecs, evals, sizes, floor):
     V = evecs.astype(_DT, copy=False)
     e = evals.astype(_DT, copy=False)
     fl = np.asarray(floor, dtype=_DT)
-    floored = e <= fl[:, None]
+    floored = e <= fl[..., None]
     free = valid & ~floored
     low = valid & floored
     proj = np.einsum("...a,...aj->...j", diff, V)
@@ -175,10 +175,11 @@ def dual_weights(diff, Xg, groups, U, w, sizes, set_size, floor):
 
     diff : (m, D) float64 differences in grid order; groups : (m, K') the
     neighborhood each eigen-state was computed from; U : (m, S, K', K'),
-    w : (m, S, K') the dual eigen-state; returns (m, D) float64.
+    w : (m, S, K') the dual eigen-state; floor : (S,) or (m, S) absolute
+    floors; returns (m, D) float64.
     """
     m, Kp = groups.shape
-    fl = np.asarray(floor, dtype=_DT)
+    fl = np.broadcast_to(np.asarray(floor, dtype=_DT), (m, len(sizes)))
     out = np.zeros(diff.shape, dtype=_DT)
     for s, r in enumerate(np.asarray(sizes)):
         off = s * set_size
@@ -187,7 +188,7 @@ def dual_weights(diff, Xg, groups, U, w, sizes, set_size, floor):
         G = Xg[groups, cols].astype(_DT)  # (m, K', r)
         G -= G.mean(axis=1, keepdims=True)
         e = w[:, s].astype(_DT)  # (m, K')
-        kept = e > fl[s]
+        kept = e > fl[:, s, None]
         root = np.sqrt(np.where(kept, Kp * e, 1.0))
         # projections d . v_j with v_j = G^T u_j / sqrt(K' e_j)
         Gd = np.einsum("mka,ma->mk", G, d)
@@ -199,7 +200,7 @@ def dual_weights(diff, Xg, groups, U, w, sizes, set_size, floor):
         pf = d - np.einsum("mka,mkj,mj->ma", G, U[:, s].astype(_DT),
                            np.where(kept, proj / root, 0.0))
         ok = rest > 0
-        scale = np.where(ok, 1.0 / (np.sqrt(np.where(ok, rest, 1.0)) * np.sqrt(fl[s])), 0.0)
+        scale = np.where(ok, 1.0 / (np.sqrt(np.where(ok, rest, 1.0)) * np.sqrt(fl[:, s])), 0.0)
         out[:, cols] = a + pf * scale[:, None]
     return out
 
@@ -298,14 +299,14 @@ def explain_knnn(det, X):
         terms_all[sl] = terms
         diff = Qg[pairs_q].astype(_DT) - det._fit_X[pairs_x].astype(_DT)
         sizes, L = det.set_sizes_, det.set_size_
+        floors = neighbor_floors(w[pairs_e], sizes, det.eig_floor_, det._floor_local())
         if form == PRIMAL:
             grid = pad(diff, len(sizes) * L).reshape(-1, len(sizes), L)
-            a = primal_weights(grid, v[pairs_e], w[pairs_e], sizes, det.eig_floor_)
+            a = primal_weights(grid, v[pairs_e], w[pairs_e], sizes, floors)
             a = a.reshape(len(pairs_q), -1)[:, :D]
         else:
             groups = det.neighborhoods_[pairs_x]
-            a = dual_weights(diff, det._fit_X, groups, v[pairs_e], w[pairs_e], sizes, L,
-                             det.eig_floor_)
+            a = dual_weights(diff, det._fit_X, groups, v[pairs_e], w[pairs_e], sizes, L, floors)
         c = input_contributions(det, _ungrid(det, diff), _ungrid(det, a))
         contrib[sl] = c if det.aggregate == "min" else c.reshape(len(idx), k, D).sum(axis=1)
     return _finish(det, contrib, scores, neighbors, neighbor, terms_all)

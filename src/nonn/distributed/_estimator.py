@@ -59,7 +59,7 @@ from .._base import (calibration_rows, conformal_pvalues, resolve_floor, resolve
                      resolve_transforms)
 from .._eq2 import DUAL, eigen_form, eigen_width
 from .._io import current_umask
-from .._knnn import KNNN, resolve_counts, search_width
+from .._knnn import KNNN, floor_base, floor_local, resolve_counts, search_width
 from .._layout import grid_from_statistics, needs_order, permute, variance_from_sums
 from .._preprocess import l2_rows, ledoit_wolf_from_moments, whiten, whitening_matrix
 from .._preprocess import whitening_moments
@@ -321,6 +321,7 @@ class DistributedKNNN(KNNN):
         # 2. counts and layout, by the core's rules from the partition sums
         k, Kp, L = resolve_counts(n, d, self._choose(client, blocks, chunks, d))
         rel = resolve_floor(self.eig_floor, d)
+        ref = self.eig_floor_ref
         total, count = client.compute(_tree([_at(where, j, _tasks.column_sums, b)
                                              for j, b in enumerate(blocks)], _tasks.add),
                                       sync=True)
@@ -329,7 +330,8 @@ class DistributedKNNN(KNNN):
             _tree([_at(where, j, _tasks.grid_moments, b, mean, needs_order(d, L, self.reorder))
                    for j, b in enumerate(blocks)], _tasks.add), sync=True)
         order, sizes, floor = grid_from_statistics(
-            gram, variance_from_sums(sq, count, mean, dtype), L, self.reorder, rel, dtype)
+            gram, variance_from_sums(sq, count, mean, dtype), L, self.reorder,
+            floor_base(rel, ref), dtype)
 
         # 3. the grid and one index per partition
         Xg = [_at(where, j, permute, b, order) for j, b in enumerate(blocks)]
@@ -371,7 +373,8 @@ class DistributedKNNN(KNNN):
         rows = calibration_rows(n, getattr(self, "_calibrate_all", False),
                                 whitened=bool(transforms.get("whiten_", 0)))
         state = dict(Xg=Xg, evals=evals, evecs=evecs, bounds=bounds, sizes=sizes,
-                     set_size=L, floor=floor, k=k, where=where,
+                     set_size=L, floor=(floor, floor_local(rel, ref, len(sizes))), k=k,
+                     where=where,
                      halos=halos if eigen_form(L, Kp) == DUAL else [None] * P)
         held = self._held_out(client, state, others, halos, rows, Kp)
         del others
@@ -781,7 +784,8 @@ class DistributedKNNN(KNNN):
         det.partition_bounds_ = bounds
         det._index = index
         det._shards = dict(Xg=Xg, evals=evals, evecs=evecs, halos=halos, bounds=bounds,
-                           sizes=model.set_sizes_, set_size=L, floor=model.eig_floor_,
+                           sizes=model.set_sizes_, set_size=L,
+                           floor=(model.eig_floor_, model._floor_local()),
                            k=model.n_neighbors_, where=where)
         S, r, dt = len(model.set_sizes_), eigen_width(L, Kp), model.dtype_
         det._fit_X = _stack(Xg, chunks, (model._fit_X.shape[1],), dt)

@@ -285,8 +285,11 @@ def pair_scores(Xg, evals, evecs, halo, request, sizes, set_size, floor, n_jobs,
     neighbor's eigen-state lives (the query row travels, not the
     eigen-state): ``(positions, per-neighbor sums)``. The dual form reads
     the neighborhood's rows from the partition's ``halo``; the primal form
-    needs none (``halo`` None)."""
+    needs none (``halo`` None). ``floor``: the absolute floors and the
+    neighborhood-relative coefficients (or None) of
+    :func:`nonn._eq2.score_terms`."""
     pos, local, Q, inverse, _ = request
+    floor, floor_rel = floor
     out = np.empty(len(pos), dtype=Xg.dtype)
     if not len(pos):
         return pos, out
@@ -300,7 +303,8 @@ def pair_scores(Xg, evals, evecs, halo, request, sizes, set_size, floor, n_jobs,
     row_bytes = Xg.dtype.itemsize * (n_sets * r * (r + 4) + 2 * Xg.shape[1])
     for sl in _pair_chunks(len(pos), row_bytes, working_memory):
         out[sl] = score_terms(Q[inverse[sl]], local[sl, None], X_rows, evecs, evals, sizes,
-                              set_size, floor, threads, rows=rows, groups=groups)[:, 0]
+                              set_size, floor, threads, rows=rows, groups=groups,
+                              local=floor_rel)[:, 0]
     return pos, out
 
 
@@ -324,8 +328,10 @@ def held_out_pair_scores(halo, request, n_neighbors_of_neighbors, sizes, set_siz
     partition: the neighbor's neighborhood without the calibration row
     (:func:`nonn._knnn.held_out_groups`, from the partition's ``halo``,
     which holds one more nearest row per point than a neighborhood) and
-    its eigen-state, computed here. ``(positions, sums)``."""
+    its eigen-state, computed here (``floor`` as in :func:`pair_scores`).
+    ``(positions, sums)``."""
     pos, local, Q, inverse, held = request
+    floor, floor_rel = floor
     out = np.empty(len(pos), dtype=Q.dtype)
     if not len(pos):
         return pos, out
@@ -336,7 +342,7 @@ def held_out_pair_scores(halo, request, n_neighbors_of_neighbors, sizes, set_siz
     row_bytes = eigen_row_bytes(Q.dtype.itemsize, len(sizes), set_size, groups.shape[1])
     for sl in _pair_chunks(len(pos), row_bytes, working_memory):
         out[sl] = pair_terms(Q[inverse[sl]], halo.rows, groups[sl], sizes, set_size, floor,
-                             threads)
+                             threads, local=floor_rel)
     return pos, out
 
 
