@@ -284,9 +284,16 @@ def _cmd_eval_images(args):
                                  f"pixels but its image {paths[i]!r} is {shape[1]} x "
                                  f"{shape[0]}.")
             gts.append(gt)
-        sub = [maps[i] for i in keep]
-        pixel = {"pixel_auroc": metrics.pixel_auroc(sub, gts),
-                 "aupro30": metrics.aupro(sub, gts, max_fpr=0.3), "images": len(keep)}
+
+        def pixel_metrics(subset):
+            idx = [j for j, i in enumerate(keep)
+                   if subset == "all" or defects[i] in ("good", subset)]
+            sub, sub_gts = [maps[keep[j]] for j in idx], [gts[j] for j in idx]
+            return {"pixel_auroc": metrics.pixel_auroc(sub, sub_gts),
+                    "aupro30": metrics.aupro(sub, sub_gts, max_fpr=0.3), "images": len(idx)}
+
+        # overall, and per defect type against the good images (as the image metrics)
+        pixel = {name: pixel_metrics(name) for name, *_ in rows}
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -302,13 +309,17 @@ def _cmd_eval_images(args):
     def write_metrics(fh):
         text = io.TextIOWrapper(fh, encoding="utf-8", newline="")
         w = csv.writer(text)
-        w.writerow(["subset", "n_defective", "n_good", "image_auroc", "image_ap"])
+        w.writerow(["subset", "n_defective", "n_good", "image_auroc", "image_ap",
+                    "pixel_auroc", "aupro_30"])
         for name, m, n_bad, n_good in rows:
-            w.writerow([name, int(n_bad), int(n_good), f"{m['auroc']:.6g}", f"{m['ap']:.6g}"])
+            px = ["", ""] if pixel is None else [f"{pixel[name]['pixel_auroc']:.6g}",
+                                                 f"{pixel[name]['aupro30']:.6g}"]
+            w.writerow([name, int(n_bad), int(n_good), f"{m['auroc']:.6g}", f"{m['ap']:.6g}"]
+                       + px)
         if pixel is not None:
             w.writerow([])
-            w.writerow(["pixel_auroc", f"{pixel['pixel_auroc']:.6g}"])
-            w.writerow(["aupro_30", f"{pixel['aupro30']:.6g}"])
+            w.writerow(["pixel_auroc", f"{pixel['all']['pixel_auroc']:.6g}"])
+            w.writerow(["aupro_30", f"{pixel['all']['aupro30']:.6g}"])
         text.flush()
         text.detach()
 
@@ -323,10 +334,13 @@ def _cmd_eval_images(args):
           f"threshold: {int(flagged[labels == 1].sum())}/{n_bad} defective and "
           f"{int(flagged[labels == 0].sum())}/{n_good} good images flagged")
     for name, m, nb, ng in rows[1:]:
-        print(f"    {name:<20} AUROC {m['auroc']:.4f}  AP {m['ap']:.4f}  ({nb} vs {ng} good)")
+        px = "" if pixel is None else (f"  pixel AUROC {pixel[name]['pixel_auroc']:.4f}  "
+                                       f"AUPRO {pixel[name]['aupro30']:.4f}")
+        print(f"    {name:<20} AUROC {m['auroc']:.4f}  AP {m['ap']:.4f}{px}  ({nb} vs {ng} "
+              "good)")
     if pixel is not None:
-        print(f"  pixel AUROC {pixel['pixel_auroc']:.4f}  AUPRO (FPR <= 30%) "
-              f"{pixel['aupro30']:.4f}  ({n_masks} masks)")
+        print(f"  pixel AUROC {pixel['all']['pixel_auroc']:.4f}  AUPRO (FPR <= 30%) "
+              f"{pixel['all']['aupro30']:.4f}  ({n_masks} masks)")
     elif is_spade:
         print("  no ground-truth masks found: no pixel metrics (give --masks DIR)")
     else:
@@ -558,10 +572,10 @@ def register(subparsers):
         "eval-images", help="measure an image model on a labelled MVTec-layout folder",
         description="Score a labelled test folder (good/ and one folder per defect type, "
         "MVTec AD's layout; ground-truth masks in ground_truth/<defect>/<stem>_mask.png) and "
-        "report image AUROC/AP (overall and per defect type) and, for SPADE models with "
-        "masks, pixel AUROC and AUPRO (up to 30%% FPR). Writes scores.csv, metrics.csv and "
-        "worst_misses.png (the highest-scoring good and lowest-scoring defective images) to "
-        "OUTDIR.")
+        "report image AUROC/AP and, for SPADE models with masks, pixel AUROC and AUPRO (up "
+        "to 30%% FPR), overall and per defect type (against the good images). Writes "
+        "scores.csv, metrics.csv and worst_misses.png (the highest-scoring good and "
+        "lowest-scoring defective images) to OUTDIR.")
     ev.add_argument("model", metavar="MODEL", help="model file written by `nonn fit-images`")
     ev.add_argument("test_dir", metavar="TEST_DIR",
                     help="folder with good/ and defect-type folders (or a category folder "
