@@ -33,8 +33,6 @@ Usage::
     python benchmarks/study_default.py confirm --out benchmarks/results/default_study
 """
 
-from __future__ import annotations
-
 import argparse
 from pathlib import Path
 
