@@ -2,8 +2,6 @@
 recall, the machine's description and result files. Not part of the
 library; the scripts import only from here and from ``nonn``."""
 
-from __future__ import annotations
-
 import json
 import math
 import os

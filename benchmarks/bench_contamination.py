@@ -6,8 +6,6 @@ protocol: benchmarks/README.md). Writes ``results.csv`` and ``summary.md``.
     python benchmarks/bench_contamination.py --datasets 6_cardio --seeds 1 --out /tmp/c  # smoke
 """
 
-from __future__ import annotations
-
 import argparse
 import csv
 import sys

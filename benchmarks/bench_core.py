@@ -8,8 +8,6 @@ benchmarks/README.md). It reports, it does not fail.
     python benchmarks/bench_core.py --quick --out /tmp/core   # smoke (N=2000, D=64, Q=200)
 """
 
-from __future__ import annotations
-
 import argparse
 import json
 import sys

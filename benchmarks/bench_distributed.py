@@ -13,8 +13,6 @@ Usage::
     python benchmarks/bench_distributed.py --quick --single 1 --out /tmp/dist   # smoke
 """
 
-from __future__ import annotations
-
 import argparse
 import json
 import os

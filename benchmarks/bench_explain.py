@@ -6,8 +6,6 @@ benchmarks/README.md).
     python benchmarks/bench_explain.py --seeds 1 --datasets 6_cardio --out /tmp/ex   # smoke
 """
 
-from __future__ import annotations
-
 import argparse
 import os
 import sys

@@ -13,8 +13,6 @@ Usage::
         --no-timing --no-panda --out /tmp/img                                  # smoke
 """
 
-from __future__ import annotations
-
 import argparse
 import csv
 import os
@@ -37,14 +35,10 @@ PANDA_EPOCHS, PANDA_LR, PANDA_MAX_TRAIN = 2, 1e-4, 500
 SYSTEMS = {"Feature": 3, "SPADE": 50, "PANDA": 2}
 #: the paper's AUROC, (dataset, table) -> system -> (k-NN, k-NNN)
 PAPER = {
-    ("cifar10", 2): {"Feature": (0.841, 0.871), "SPADE": (0.893, 0.922),
-                     "PANDA": (0.939, 0.943)},
-    ("fashion", 2): {"Feature": (0.935, 0.936), "SPADE": (0.911, 0.919),
-                     "PANDA": (0.954, 0.958)},
-    ("cifar10", 3): {"Feature": (0.662, 0.719), "SPADE": (0.694, 0.667),
-                     "PANDA": (0.599, 0.610)},
-    ("fashion", 3): {"Feature": (0.760, 0.780), "SPADE": (0.729, 0.739),
-                     "PANDA": (0.683, 0.698)},
+    ("cifar10", 2): {"Feature": (0.841, 0.871), "SPADE": (0.893, 0.922), "PANDA": (0.939, 0.943)},
+    ("fashion", 2): {"Feature": (0.935, 0.936), "SPADE": (0.911, 0.919), "PANDA": (0.954, 0.958)},
+    ("cifar10", 3): {"Feature": (0.662, 0.719), "SPADE": (0.694, 0.667), "PANDA": (0.599, 0.610)},
+    ("fashion", 3): {"Feature": (0.760, 0.780), "SPADE": (0.729, 0.739), "PANDA": (0.683, 0.698)},
 }
 NAMES = {"cifar10": "CIFAR-10", "fashion": "Fashion-MNIST", "mnist": "MNIST"}
 TABLE = {2: "Table 2 — one class normal, the rest anomalous",

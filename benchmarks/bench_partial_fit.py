@@ -9,8 +9,6 @@
         --out /tmp/pf                                                    # smoke
 """
 
-from __future__ import annotations
-
 import argparse
 import copy
 import json

@@ -14,8 +14,6 @@ Usage::
     python benchmarks/bench_scale.py --sizes 2000,5000 -D 64 -Q 500 --out /tmp/scale  # smoke
 """
 
-from __future__ import annotations
-
 import argparse
 import json
 import sys

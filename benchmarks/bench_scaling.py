@@ -8,8 +8,6 @@ MVTec ResNet-18 embeddings, ``--suite mvtec``); protocol: benchmarks/README.md.
     python benchmarks/bench_scaling.py --datasets 4_breastw --seeds 0 --out /tmp/s   # smoke
 """
 
-from __future__ import annotations
-
 import argparse
 import platform
 import sys

@@ -27,8 +27,6 @@ With ``--out`` every finished (data set, seed, detector) is appended to
 ``thresholds.csv`` at once and a rerun skips it.
 """
 
-from __future__ import annotations
-
 import argparse
 import csv
 import sys

@@ -5,8 +5,6 @@ benchmarks/README.md). Run through ``benchmarks/gpu_check.sh``. Exit status:
 0 = correct, 1 = a check failed; interrupted, it still writes what it measured.
 """
 
-from __future__ import annotations
-
 import argparse
 import os
 import sys

@@ -44,8 +44,6 @@ Usage::
     python benchmarks/study_default.py r3 --part dev      # then decide; r3 --part confirm
 """
 
-from __future__ import annotations
-
 import argparse
 from pathlib import Path
 

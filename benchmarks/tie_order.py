@@ -5,8 +5,6 @@
     python benchmarks/tie_order.py [--shuffles 5] [--backend brute]
 """
 
-from __future__ import annotations
-
 import argparse
 import warnings
 

@@ -391,6 +391,11 @@ def test_eval_images_on_a_generated_mvtec_folder(tmp_path):
     # (the maps of two processes differ in float32 rounding; AUPRO integrates
     # per-region overlaps over thresholds, so it moves by ~1e-5)
     assert float(got["aupro_30"][1]) == pytest.approx(metrics.aupro(maps, gts), abs=1e-4)
+    # per defect type: its maps and the good images' (columns pixel_auroc, aupro_30)
+    red = [i for i, d in enumerate(defects) if d in ("good", "red")]
+    sub, sub_gts = [maps[i] for i in red], [gts[i] for i in red]
+    assert float(got["red"][5]) == pytest.approx(metrics.pixel_auroc(sub, sub_gts), abs=1e-5)
+    assert float(got["red"][6]) == pytest.approx(metrics.aupro(sub, sub_gts), abs=1e-4)
     with Image.open(out / "worst_misses.png") as im:
         assert im.size[0] > 200 and im.size[1] > 100
     # a category folder works too; a missing good/ is one clear error line

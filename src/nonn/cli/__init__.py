@@ -13,7 +13,7 @@
     nonn demo [--out DIR] [--seeds N] [--sizes 100,200,...] [--quick]
               (synthetic Table 5, then one-class 8x8 digits)
     nonn bench [--suite NAME] [--out DIR]   (needs NONN_DATA)
-    nonn fit-images / score-images / eval-images / export   (the vision extra)
+    nonn fit-images / score-images / eval-images / make-defects / export   (the vision extra)
 
 TRAIN and QUERIES are a matrix file or a folder of .npy/.parquet shards;
 ``--cluster`` runs fit and score on Dask (``nonn.distributed``). Column

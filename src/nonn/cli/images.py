@@ -5,6 +5,9 @@
     nonn score-images MODEL DIR_OR_FILES... -o SCORES.csv [--heatmaps OUTDIR]
                       [--map-nn knn|knnn] [--map-neighbors-of-neighbors KP]
     nonn eval-images MODEL TEST_DIR [--masks DIR] [-o OUTDIR]
+    nonn make-defects DIR_OR_FILES... -o OUTDIR [--donors DIR] [--kinds K,...]
+                      [--random-state N]
+    nonn make-defects --preset cifar_horse|fashion_tshirt|textures -o OUTDIR
     nonn export MODEL -o MODEL.onnx
 
 and the image-model half of ``nonn calibrate`` and ``nonn info``. This
@@ -26,10 +29,11 @@ import numpy as np
 from .. import _io
 from .._base import conformal_pvalues, fdr_labels
 from ..persistence import ModelFileError, read_meta
-from ._common import (add_shared_options, array_bytes, flagged_how, human_bytes, image_verbose,
-                      note, parse_contamination, parse_positive_int, phrased_in_flags,
-                      print_arrays, print_calibrate, print_threshold, print_values,
-                      threshold_summary, warn_few)
+from ..vision.defects import KINDS, NEEDS_DONORS, PRESETS
+from ._common import (add_progress_option, add_shared_options, array_bytes, flagged_how,
+                      human_bytes, image_verbose, note, parse_contamination,
+                      parse_positive_int, phrased_in_flags, print_arrays, print_calibrate,
+                      print_threshold, print_values, threshold_summary, warn_few)
 
 def _given_paths(sources):
     """The image files named on the command line (not those found in folders)."""
@@ -284,9 +288,16 @@ def _cmd_eval_images(args):
                                  f"pixels but its image {paths[i]!r} is {shape[1]} x "
                                  f"{shape[0]}.")
             gts.append(gt)
-        sub = [maps[i] for i in keep]
-        pixel = {"pixel_auroc": metrics.pixel_auroc(sub, gts),
-                 "aupro30": metrics.aupro(sub, gts, max_fpr=0.3), "images": len(keep)}
+
+        def pixel_metrics(subset):
+            idx = [j for j, i in enumerate(keep)
+                   if subset == "all" or defects[i] in ("good", subset)]
+            sub, sub_gts = [maps[keep[j]] for j in idx], [gts[j] for j in idx]
+            return {"pixel_auroc": metrics.pixel_auroc(sub, sub_gts),
+                    "aupro30": metrics.aupro(sub, sub_gts, max_fpr=0.3), "images": len(idx)}
+
+        # overall, and per defect type against the good images (as the image metrics)
+        pixel = {name: pixel_metrics(name) for name, *_ in rows}
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -302,13 +313,17 @@ def _cmd_eval_images(args):
     def write_metrics(fh):
         text = io.TextIOWrapper(fh, encoding="utf-8", newline="")
         w = csv.writer(text)
-        w.writerow(["subset", "n_defective", "n_good", "image_auroc", "image_ap"])
+        w.writerow(["subset", "n_defective", "n_good", "image_auroc", "image_ap",
+                    "pixel_auroc", "aupro_30"])
         for name, m, n_bad, n_good in rows:
-            w.writerow([name, int(n_bad), int(n_good), f"{m['auroc']:.6g}", f"{m['ap']:.6g}"])
+            px = ["", ""] if pixel is None else [f"{pixel[name]['pixel_auroc']:.6g}",
+                                                 f"{pixel[name]['aupro30']:.6g}"]
+            w.writerow([name, int(n_bad), int(n_good), f"{m['auroc']:.6g}", f"{m['ap']:.6g}"]
+                       + px)
         if pixel is not None:
             w.writerow([])
-            w.writerow(["pixel_auroc", f"{pixel['pixel_auroc']:.6g}"])
-            w.writerow(["aupro_30", f"{pixel['aupro30']:.6g}"])
+            w.writerow(["pixel_auroc", f"{pixel['all']['pixel_auroc']:.6g}"])
+            w.writerow(["aupro_30", f"{pixel['all']['aupro30']:.6g}"])
         text.flush()
         text.detach()
 
@@ -323,15 +338,87 @@ def _cmd_eval_images(args):
           f"threshold: {int(flagged[labels == 1].sum())}/{n_bad} defective and "
           f"{int(flagged[labels == 0].sum())}/{n_good} good images flagged")
     for name, m, nb, ng in rows[1:]:
-        print(f"    {name:<20} AUROC {m['auroc']:.4f}  AP {m['ap']:.4f}  ({nb} vs {ng} good)")
+        px = "" if pixel is None else (f"  pixel AUROC {pixel[name]['pixel_auroc']:.4f}  "
+                                       f"AUPRO {pixel[name]['aupro30']:.4f}")
+        print(f"    {name:<20} AUROC {m['auroc']:.4f}  AP {m['ap']:.4f}{px}  ({nb} vs {ng} "
+              "good)")
     if pixel is not None:
-        print(f"  pixel AUROC {pixel['pixel_auroc']:.4f}  AUPRO (FPR <= 30%) "
-              f"{pixel['aupro30']:.4f}  ({n_masks} masks)")
+        print(f"  pixel AUROC {pixel['all']['pixel_auroc']:.4f}  AUPRO (FPR <= 30%) "
+              f"{pixel['all']['aupro30']:.4f}  ({n_masks} masks)")
     elif is_spade:
         print("  no ground-truth masks found: no pixel metrics (give --masks DIR)")
     else:
         print("  pixel metrics need a SPADE model (fit-images --system spade)")
     print(f"  wrote {out / 'scores.csv'}, {out / 'metrics.csv'}, {out / 'worst_misses.png'}")
+    return 0
+
+
+# ------------------------------------------------------------- make-defects
+def _parse_kinds(text):
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    if not kinds or any(k not in KINDS for k in kinds):
+        raise argparse.ArgumentTypeError(
+            f"expected defect kinds among {','.join(KINDS)} separated by commas, got {text!r}")
+    return list(dict.fromkeys(kinds))
+
+
+def _parse_seed(text):
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}")
+    return v
+
+
+def _cmd_make_defects(args):
+    from ..vision import _images, defects
+
+    if (args.preset is None) == (not args.images):
+        raise ValueError("Give the normal test images (folders or files) or --preset NAME"
+                         + (", not both." if args.images else "."))
+    if os.path.lexists(args.output):
+        raise FileExistsError(f"--output {args.output!r} already exists; give a new folder.")
+    _images._pil()  # Pillow writes the files: say how to install it before any work
+    if args.preset is not None:
+        if args.donors is not None:
+            raise ValueError("--donors applies to your own images; a --preset brings its own.")
+        kinds = args.kinds or list(KINDS)
+        train, images, donors = defects.preset(args.preset, args.n_train, args.n_test,
+                                               kinds=kinds, random_state=args.random_state)
+    else:
+        if args.n_train != 200 or args.n_test != 50:
+            note("note: --n-train and --n-test apply to --preset; ignored.")
+        train, images, donors = None, [], None
+        for src in args.images:
+            images += _images.as_image_list(src)
+        if args.donors is not None:
+            donors = _images.as_image_list(args.donors)
+        pasted = [k for k in args.kinds or () if k in NEEDS_DONORS]
+        if donors is None and pasted:
+            raise ValueError(f"--kinds {','.join(pasted)}: pasted from donor images; give "
+                             "--donors DIR (images of another class or texture) or leave "
+                             "them out.")
+        kinds = args.kinds or [k for k in KINDS if donors is not None or k not in NEEDS_DONORS]
+        if args.kinds is None and donors is None:
+            note("note: without --donors only scratch and blotch (patch and texture paste "
+                 "from donor images)")
+    start = time.perf_counter()
+    defects.write_defect_set(args.output, images, kinds, donors, args.random_state,
+                             train_images=train, verbose=image_verbose(args))
+    seconds = time.perf_counter() - start
+    out = args.output.rstrip("/")
+    n = len(images)
+    print(f"wrote {n} normal test images, clean and with one defect each of "
+          f"{', '.join(kinds)} ({n * (1 + len(kinds))} images, {n * len(kinds)} masks), to "
+          f"{out}/ in {seconds:.2f} s"
+          f"{'' if train is None else f'; {len(train)} training images to {out}/train/good/'}")
+    print(f"  {out}/test/good/, {out}/test/<kind>/, {out}/ground_truth/<kind>/<name>_mask.png "
+          f"(random state {args.random_state})")
+    if train is not None:
+        print(f"  fit a model:     nonn fit-images {out}/train/good -o model.nonn --system spade")
+    print(f"  measure a model: nonn eval-images MODEL {out}/test -o eval")
     return 0
 
 
@@ -558,10 +645,10 @@ def register(subparsers):
         "eval-images", help="measure an image model on a labelled MVTec-layout folder",
         description="Score a labelled test folder (good/ and one folder per defect type, "
         "MVTec AD's layout; ground-truth masks in ground_truth/<defect>/<stem>_mask.png) and "
-        "report image AUROC/AP (overall and per defect type) and, for SPADE models with "
-        "masks, pixel AUROC and AUPRO (up to 30%% FPR). Writes scores.csv, metrics.csv and "
-        "worst_misses.png (the highest-scoring good and lowest-scoring defective images) to "
-        "OUTDIR.")
+        "report image AUROC/AP and, for SPADE models with masks, pixel AUROC and AUPRO (up "
+        "to 30%% FPR), overall and per defect type (against the good images). Writes "
+        "scores.csv, metrics.csv and worst_misses.png (the highest-scoring good and "
+        "lowest-scoring defective images) to OUTDIR.")
     ev.add_argument("model", metavar="MODEL", help="model file written by `nonn fit-images`")
     ev.add_argument("test_dir", metavar="TEST_DIR",
                     help="folder with good/ and defect-type folders (or a category folder "
@@ -574,6 +661,41 @@ def register(subparsers):
                     help="images per row of worst_misses.png (default: 4)")
     add_shared_options(ev, device="")
     ev.set_defaults(handler=phrased_in_flags(_cmd_eval_images))
+
+    mk = subparsers.add_parser(
+        "make-defects", help="write a labelled test set of synthetic defects (MVTec layout)",
+        description="Write the normal test images clean (OUTDIR/test/good/) and once per "
+        "defect kind with one synthetic defect each (OUTDIR/test/<kind>/, same names), with "
+        "ground-truth masks (OUTDIR/ground_truth/<kind>/<name>_mask.png): the layout "
+        "`nonn eval-images MODEL OUTDIR/test` measures. Kinds: patch (a square of 1/4 the "
+        "side pasted from a donor image), scratch (a thin antialiased line), blotch (a "
+        "soft-edged elliptic colour stain), texture (an elliptic region taken from a donor "
+        "image). OUTDIR appears only when complete. Needs Pillow (the vision extra).")
+    mk.add_argument("images", metavar="DIR_OR_FILES", nargs="*",
+                    help="folder(s) (searched recursively) or files of normal test images "
+                    "(not the training images of the model to measure)")
+    mk.add_argument("-o", "--output", metavar="OUTDIR", required=True,
+                    help="new folder to write (must not exist)")
+    mk.add_argument("--donors", metavar="DIR",
+                    help="images that patch and texture paste from: another class or "
+                    "texture, any size (needed for patch and texture)")
+    mk.add_argument("--kinds", type=_parse_kinds, metavar="K,...",
+                    help=f"defect kinds among {','.join(KINDS)} (default: all with --donors "
+                    "or --preset, else scratch,blotch)")
+    mk.add_argument("--random-state", type=_parse_seed, default=0, metavar="N",
+                    help="seed: the same N writes the same defects (default: 0)")
+    mk.add_argument("--preset", choices=PRESETS,
+                    help="a built-in set instead of your images, with training images in "
+                    "OUTDIR/train/good/: CIFAR-10 horses or Fashion-MNIST T-shirts (read "
+                    "from NONN_DATA), or 128 px crops of scikit-image's brick, grass and "
+                    "gravel photographs (pip install scikit-image; also for the texture "
+                    "kind of the other two)")
+    mk.add_argument("--n-train", type=parse_positive_int, default=200, metavar="N",
+                    help="--preset: training images (default: 200)")
+    mk.add_argument("--n-test", type=parse_positive_int, default=50, metavar="N",
+                    help="--preset: normal test images (default: 50)")
+    add_progress_option(mk)
+    mk.set_defaults(handler=phrased_in_flags(_cmd_make_defects))
 
     ex = subparsers.add_parser(
         "export", help="write an image model's feature extractor as ONNX",

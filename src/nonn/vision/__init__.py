@@ -10,7 +10,9 @@ them is used.
   three systems, ``nn='knnn'`` or ``'knn'``;
 - :func:`load` — read a model written by ``system.save`` / ``nonn fit-images``;
 - :mod:`nonn.vision.datasets` — MVTec AD, image folders, CIFAR-10,
-  Fashion-MNIST, MNIST; :mod:`nonn.vision.backbones` — the networks.
+  Fashion-MNIST, MNIST; :mod:`nonn.vision.backbones` — the networks;
+- :mod:`nonn.vision.defects` — synthetic defects with masks, written as an
+  MVTec-layout test set (``nonn make-defects``).
 """
 
 import importlib
@@ -24,6 +26,7 @@ _LAZY = {
     "make_detector": "systems",
     "datasets": None,
     "backbones": None,
+    "defects": None,
 }
 
 __all__ = ["ImageFeatureExtractor", "FeatureDetector", "SPADE", "PANDA", "load", "datasets"]
