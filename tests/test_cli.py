@@ -121,16 +121,19 @@ def test_every_detector_through_main(tmp_path, data, detector, cls, capsys):
     write(tmp_path / "Q.npy", Q)
     model, out = tmp_path / "m.nonn", tmp_path / "s.npz"
     assert main(["fit", str(tmp_path / "X.npy"), "-o", str(model), "--detector", detector,
-                 "--contamination", "0.05", "--set-size", "3", "--eig-floor", "0.01"]) == 0
+                 "--contamination", "0.05", "--set-size", "3", "--eig-floor", "0.01",
+                 "--eig-floor-ref", "neighborhood"]) == 0
     fitted = nonn.load(model)
     assert type(fitted) is cls
     assert fitted.contamination_ == 0.05
     # options the detector lacks are not passed, and a note says so
     err = capsys.readouterr().err
     params = fitted.get_params()
-    for flag, name in (("--set-size", "set_size"), ("--eig-floor", "eig_floor")):
+    for flag, name in (("--set-size", "set_size"), ("--eig-floor", "eig_floor"),
+                       ("--eig-floor-ref", "eig_floor_ref")):
         if name in params:
-            assert params[name] == {"set_size": 3, "eig_floor": 0.01}[name]
+            assert params[name] == {"set_size": 3, "eig_floor": 0.01,
+                                    "eig_floor_ref": "neighborhood"}[name]
         else:
             assert f"{flag} does not apply to --detector {detector}" in err
     # the saved model is quiet when a library user loads it

@@ -74,6 +74,8 @@ PARAMS = [
     dict(n_neighbors=3, n_neighbors_of_neighbors=10, set_size=4, scale="standard",
          normalize="l2", whiten=0.6),
     dict(n_neighbors=12, n_neighbors_of_neighbors=6, set_size=5),  # k > K'
+    dict(n_neighbors=3, n_neighbors_of_neighbors=10, set_size="all", eig_floor=0.2,
+         eig_floor_ref="neighborhood"),
 ]
 
 

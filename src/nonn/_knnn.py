@@ -170,9 +170,9 @@ class KNNN(BaseDetector):
         features, never below 1e-6 of the data's), so that the floor
         follows the local scale. Use it when the normal data are several
         populations of different spread (several products or categories
-        in one model): on the MVTec unions it gained 0.05-0.09 AUROC; on
-        one-class CIFAR-10 ResNet-18 embeddings it lost 0.036, on tabular
-        data 0.02-0.03 (docs/defaults-study.md, round three).
+        in one model): on the MVTec unions it gained about 0.05 AUROC; on
+        one-class CIFAR-10 ResNet-18 embeddings it lost 0.03-0.04, on
+        tabular data 0.02-0.03 (docs/defaults-study.md, round three).
     aggregate : {"min", "sum"}, default="min"
         How the k per-neighbor sums combine: "sum" is the paper's Eq. 2,
         "min" the smallest of them.
