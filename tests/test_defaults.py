@@ -42,7 +42,7 @@ def test_default_parameters():
     assert p["set_size"] == "all"
     assert p["aggregate"] == "min"
     assert (p["normalize"], p["whiten"], p["eig_floor"], p["eig_floor_ref"]) == (
-        "auto", "auto", "auto", "data")
+        "auto", "auto", "auto", "auto")
 
 
 def test_paper_operator_is_one_call_away():
@@ -74,6 +74,7 @@ def test_default_on_embeddings_matches_oracle():
     Q = np.vstack([_embeddings(10, 64, 1), np.random.default_rng(2).normal(size=(5, 64))])
     det = KNNN(backend="brute").fit(X)
     assert det.normalize_ == "l2" and det.whiten_ == 0.5 and det.eig_floor_rel_ == 0.1
+    assert det.eig_floor_ref_ == "data"  # one population: the data's floor
     # half the rows calibrate, seeded; the whitening is learned from the rest
     held = det.calibration_rows_
     assert len(held) == 75 and len(np.unique(held)) == 75
@@ -91,6 +92,7 @@ def test_default_on_tabular_matches_oracle(d, dtype):
     Q = np.vstack([rng.normal(size=(8, d)), 4 + rng.normal(size=(3, d))]).astype(dtype)
     det = KNNN(backend="brute").fit(X)
     assert det.normalize_ is None and det.whiten_ == 0.0 and det.eig_floor_rel_ == 1.0
+    assert det.eig_floor_ref_ == "data"
     want = naive_knnn_scores(X.astype(np.float64), Q.astype(np.float64), 3, 25, d,
                              list(range(d)), 1.0, aggregate="min")
     rtol = 1e-6 if dtype == np.float64 else 1e-4

@@ -645,6 +645,25 @@ def test_neighborhood_floor_equals_knnn(client, set_size, rows):
     assert not np.allclose(data_ref.anomaly_score(Q), ref.anomaly_score(Q), rtol=1e-3)
 
 
+@pytest.mark.parametrize("spreads", [(0.05, 1.0), (1.0,)])
+def test_auto_floor_equals_knnn(client, spreads):
+    """eig_floor_ref="auto" decided from the partitions' eigenvalue sums as
+    the local fit decides it from the neighborhoods' rows."""
+    rng = np.random.default_rng(25)
+    d = 70
+    centres = rng.normal(size=(len(spreads), d))
+    X = np.vstack([10 * c / np.linalg.norm(c) + s * rng.normal(size=(130, d))
+                   @ rng.normal(size=(d, d)) / np.sqrt(d) for c, s in zip(centres, spreads)])
+    Q = X[::9] + 0.05 * rng.normal(size=X[::9].shape)
+    det = DistributedKNNN(client=client, backend="brute", n_neighbors_of_neighbors=12)
+    det.fit(da.from_array(X, chunks=(100, -1)))
+    ref = reference(det, X)
+    assert det.eig_floor_ref_ == ref.eig_floor_ref_ == (
+        "neighborhood" if len(spreads) > 1 else "data")
+    np.testing.assert_allclose(det.eig_floor_spread_, ref.eig_floor_spread_, rtol=1e-6)
+    assert_same_model(det, ref, X, Q, rtol=1e-9)
+
+
 @pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-9), (np.float32, 2e-4)])
 def test_dual_form_shorter_last_set_equals_knnn(client, dtype, rtol):
     """L = 9 > K' = 6 on D = 20 features: sets of 9, 9 and 2 (the last one

@@ -71,6 +71,12 @@ AUTO_FLOOR = {"embedding": 0.1, "tabular": 1.0}
 #: with a neighborhood-relative floor, the data-relative floor below which
 #: no neighbor's floor goes (a neighborhood of copies has no variance)
 LOCAL_FLOOR_MIN = 1e-6
+#: ``eig_floor_ref="auto"`` takes the neighborhood-relative floor on
+#: embeddings whose neighborhoods' variances spread more than this (standard
+#: deviation of their logarithm over the training points): normal data made
+#: of populations of different spread. Measured: 1.3-1.5 on the MVTec unions,
+#: at most 0.28 on single categories or classes (docs/defaults-study.md)
+AUTO_FLOOR_SPREAD = 0.6
 
 
 def is_embedding(n_features):
@@ -83,6 +89,36 @@ def resolve_floor(eig_floor, n_features):
     if eig_floor == "auto":
         return AUTO_FLOOR["embedding" if is_embedding(n_features) else "tabular"]
     return float(eig_floor)
+
+
+def trace_moments(traces):
+    """``(count, positive count, sum and sum of squares of the positive
+    ones' logarithms)`` of neighborhoods' total variances: what
+    :func:`floor_spread` needs, summable over row partitions."""
+    t = np.asarray(traces, dtype=np.float64)
+    lg = np.log(t[t > 0])
+    return len(t), len(lg), float(lg.sum()), float((lg * lg).sum())
+
+
+def floor_spread(moments):
+    """The spread of the neighborhoods' total variances from their
+    :func:`trace_moments`: the standard deviation of the positive ones'
+    logarithm (0 when fewer than half are positive: copies everywhere)."""
+    n, n_pos, s1, s2 = moments
+    if n_pos < 2 or 2 * n_pos < n:
+        return 0.0
+    mean = s1 / n_pos
+    return float(np.sqrt(max(s2 / n_pos - mean * mean, 0.0)))
+
+
+def resolve_floor_ref(eig_floor_ref, n_features, spread):
+    """``"data"`` or ``"neighborhood"``: what a fit on ``n_features``
+    columns whose neighborhoods spread ``spread`` (:func:`floor_spread`)
+    makes the eigenvalue floor relative to."""
+    if eig_floor_ref != "auto":
+        return eig_floor_ref
+    wide = is_embedding(n_features) and spread > AUTO_FLOOR_SPREAD
+    return "neighborhood" if wide else "data"
 
 
 def resolve_transforms(normalize, whiten, n_features):

@@ -8,10 +8,11 @@ import warnings
 import numpy as np
 
 from ._base import (LOCAL_FLOOR_MIN, BaseDetector, CappedParameterWarning, calibration_rows, cap,
-                    resolve_floor, resolve_set_size, warn_contaminated)
+                    floor_spread, resolve_floor, resolve_floor_ref, resolve_set_size,
+                    trace_moments, warn_contaminated)
 from ._eq2 import aggregate_terms, eigen_row_bytes, eigen_width, neighborhood_eigen, score_terms
-from ._layout import GRID_STATE_SPEC, fit_grid, permute
-from ._state import Array, Dict, Int, Optional, Real
+from ._layout import GRID_STATE_SPEC, absolute_floors, fit_grid, permute
+from ._state import Array, Dict, Int, Optional, Real, Str
 from ._validation import Interval, IsNone, Options
 
 
@@ -74,6 +75,18 @@ def floor_base(eig_floor_rel, eig_floor_ref):
     (:data:`~nonn._base.LOCAL_FLOOR_MIN`), each neighbor's floor being
     raised to ``eig_floor_rel`` times its neighborhood's variance."""
     return LOCAL_FLOOR_MIN if eig_floor_ref == "neighborhood" else eig_floor_rel
+
+
+def neighborhood_traces(Xg, groups, block_bytes=2**27):
+    """Each neighborhood's total variance (the trace of its covariance,
+    divisor K'), from its rows ``groups`` of ``Xg``, in float64 blocks."""
+    c, Kp = groups.shape
+    out = np.empty(c)
+    step = max(1, block_bytes // (8 * Kp * Xg.shape[1]))
+    for start in range(0, c, step):
+        R = Xg[groups[start:start + step]].astype(np.float64)
+        out[start:start + step] = R.var(axis=1).sum(axis=1)
+    return out
 
 
 def floor_local(eig_floor_rel, eig_floor_ref, n_sets):
@@ -162,17 +175,23 @@ class KNNN(BaseDetector):
         Keeps singular neighborhoods finite and makes the score invariant to
         a uniform rescaling of the data. ``0`` means the smallest safe floor
         (10 machine epsilons), the closest to the paper's unfloored maths.
-    eig_floor_ref : {"data", "neighborhood"}, default="data"
+    eig_floor_ref : {"auto", "data", "neighborhood"}, default="auto"
         What ``eig_floor`` is relative to: ``"data"``, the training data's
         mean variance per feature of the set (one floor for every
         neighbor); ``"neighborhood"``, each neighbor's own neighborhood
         (``eig_floor`` times the mean of its eigenvalues over the set's
         features, never below 1e-6 of the data's), so that the floor
-        follows the local scale. Use it when the normal data are several
+        follows the local scale: right when the normal data are several
         populations of different spread (several products or categories
-        in one model): on the MVTec unions it gained about 0.05 AUROC; on
-        one-class CIFAR-10 ResNet-18 embeddings it lost 0.03-0.04, on
-        tabular data 0.02-0.03 (docs/defaults-study.md, round three).
+        in one model; MVTec unions +0.05 AUROC), wrong for novelty within
+        one population (one-class CIFAR-10 ResNet-18 embeddings -0.03,
+        tabular data -0.02 to -0.03). ``"auto"`` (label-free): the
+        neighborhood's on embeddings (64 features or more) whose
+        neighborhoods' total variances spread by more than a factor
+        e^0.6 (standard deviation of their logarithm; 1.3-1.5 on the
+        MVTec unions, at most 0.28 on single categories or classes), the
+        data's otherwise (``eig_floor_ref_`` says which;
+        docs/defaults-study.md, round three).
     aggregate : {"min", "sum"}, default="min"
         How the k per-neighbor sums combine: "sum" is the paper's Eq. 2,
         "min" the smallest of them.
@@ -253,6 +272,10 @@ class KNNN(BaseDetector):
     eigenvectors_ : ndarray (n_samples, n_sets, set_size_, set_size_)
         ``eigenvectors_[p, s, :, j]`` is eigenvector j of point p, set s.
         Absent with ``memory="lean"``.
+    eig_floor_ref_ : str
+        ``"data"`` or ``"neighborhood"`` (``"auto"`` resolved).
+    eig_floor_spread_ : float or None
+        The spread ``"auto"`` decided on (None when it was not "auto").
     eig_floor_ : ndarray (n_sets,)
         Absolute eigenvalue floor per set (with a neighborhood-relative
         floor, the least floor any neighbor gets).
@@ -322,7 +345,7 @@ class KNNN(BaseDetector):
         "set_size": [Interval("int", 1, None), Options("auto", "all")],
         "reorder": [Options("greedy", "none")],
         "eig_floor": [Interval("real", 0, None), Options("auto")],
-        "eig_floor_ref": [Options("data", "neighborhood")],
+        "eig_floor_ref": [Options("auto", "data", "neighborhood")],
         "aggregate": [Options("min", "sum")],
         "memory": [Options("precomputed", "lean")],
         "random_state": [IsNone(), Interval("int", 0, None)],
@@ -339,7 +362,7 @@ class KNNN(BaseDetector):
     _state_scalars = (
         "n_neighbors_", "n_neighbors_of_neighbors_", "set_size_", "eig_floor_rel_", "offset_",
         "contamination_", "threshold_source_", "backend_", "auto_params_",
-        "data_scale_exponent_", "normalize_", "whiten_",
+        "data_scale_exponent_", "normalize_", "whiten_", "eig_floor_ref_", "eig_floor_spread_",
     )
     _state_spec = {
         **BaseDetector._state_spec,
@@ -351,6 +374,9 @@ class KNNN(BaseDetector):
         "_graph_tail": Array("N", "T", dtype="int64", ids="N", check=_no_self),
         "n_neighbors_of_neighbors_": Int(1, "N", binds="Kp"),
         "eig_floor_rel_": Real(0, None),
+        # a file written before the neighborhood floor: the data's
+        "eig_floor_ref_": Str(options=("data", "neighborhood"), default="data"),
+        "eig_floor_spread_": Optional(Real(0, None), default=None),
         "auto_params_": Optional(Dict({"n_neighbors": Int(1), "n_neighbors_of_neighbors": Int(1),
                                        "set_size": Int(1)})),
     }
@@ -362,7 +388,7 @@ class KNNN(BaseDetector):
         set_size="all",
         reorder="greedy",
         eig_floor="auto",
-        eig_floor_ref="data",
+        eig_floor_ref="auto",
         aggregate="min",
         memory="precomputed",
         normalize="auto",
@@ -410,7 +436,7 @@ class KNNN(BaseDetector):
         counts = self._resolve_auto(X)
         self.n_neighbors_, self.n_neighbors_of_neighbors_, L = resolve_counts(n, d, counts)
         self.eig_floor_rel_ = resolve_floor(self.eig_floor, d)
-        Xg = fit_grid(self, X, L, floor_base(self.eig_floor_rel_, self.eig_floor_ref))
+        Xg = fit_grid(self, X, L, self.eig_floor_rel_)
         self._fit_X = Xg
         self._search = self._make_backend(Xg)
         Kp = self.n_neighbors_of_neighbors_
@@ -419,6 +445,8 @@ class KNNN(BaseDetector):
         others = self._search.kneighbors(None, search_width(n, self.n_neighbors_, Kp),
                                          return_distance=False)
         self.neighborhoods_ = neighborhoods(others, Kp)
+        self._set_floor_ref(trace_moments(neighborhood_traces(Xg, self.neighborhoods_))
+                            if self.eig_floor_ref == "auto" else None)
         # the neighbors beyond the neighborhoods: partial_fit's held-out
         # scores need them
         self._graph_tail = np.ascontiguousarray(others[:, Kp - 1:])
@@ -474,8 +502,17 @@ class KNNN(BaseDetector):
                            self.set_size_, self.eig_floor_, self.n_jobs_, rows=rows,
                            groups=groups, local=self._floor_local())
 
+    def _set_floor_ref(self, moments):
+        """Resolve ``eig_floor_ref`` (``"auto"`` from the :func:`trace_moments`
+        of the neighborhoods' total variances) and set ``eig_floor_``."""
+        self.eig_floor_spread_ = None if moments is None else floor_spread(moments)
+        self.eig_floor_ref_ = resolve_floor_ref(self.eig_floor_ref, self.n_features_in_,
+                                                self.eig_floor_spread_)
+        self.eig_floor_ = absolute_floors(floor_base(self.eig_floor_rel_, self.eig_floor_ref_),
+                                          self._floor_scale, self._fit_X.dtype)
+
     def _floor_local(self):
-        return floor_local(self.eig_floor_rel_, self.eig_floor_ref, len(self.set_sizes_))
+        return floor_local(self.eig_floor_rel_, self.eig_floor_ref_, len(self.set_sizes_))
 
     def _fit_eigen(self):
         Xg = self._fit_X
@@ -696,11 +733,13 @@ class KNNN(BaseDetector):
         nf = F.shape[0]
         kmax = min(max(grid["n_neighbors"]), nf)
         kpmax = min(max(grid["n_neighbors_of_neighbors"]), nf)
-        ref = self.eig_floor_ref
+        # the counts are chosen with the data's floor unless asked otherwise
+        ref = "data" if self.eig_floor_ref == "auto" else self.eig_floor_ref
         probe = KNNN(metric=self.metric, backend=self.backend,
                      backend_params=self.backend_params, working_memory=self.working_memory,
                      n_jobs=self.n_jobs, eig_floor_ref=ref)
         probe.n_jobs_ = self.n_jobs_
+        probe.eig_floor_ref_ = ref
         # distances do not depend on the column order: one graph for all L
         search = probe._make_backend(F)
         nbhd = np.concatenate([np.arange(nf, dtype=np.int64)[:, None],

@@ -141,9 +141,17 @@ def grid_from_statistics(gram, var, set_size, reorder, eig_floor, dtype):
     else:
         order = np.arange(d, dtype=np.int64)
     sizes = set_sizes(d, set_size)
-    rel = max(float(eig_floor), 10 * np.finfo(dtype).eps)
-    floors = (rel * floor_scale_from_variance(var[order], sizes, set_size)).astype(dtype)
+    floors = absolute_floors(eig_floor, floor_scale_from_variance(var[order], sizes, set_size),
+                             dtype)
     return order, sizes, floors
+
+
+def absolute_floors(eig_floor, scale, dtype):
+    """Each set's absolute floor: the relative ``eig_floor`` (10 machine
+    epsilons of ``dtype`` at least) times the set's reference variance
+    ``scale`` (:func:`floor_scale_from_variance`)."""
+    rel = max(float(eig_floor), 10 * np.finfo(dtype).eps)
+    return (rel * np.asarray(scale, dtype=np.float64)).astype(dtype)
 
 
 def set_sizes(n_features, set_size):
@@ -173,6 +181,9 @@ def fit_grid(det, X, set_size, eig_floor):
     gram, var = grid_statistics(X, det.set_size_, det.reorder)
     det.feature_order_, det.set_sizes_, det.eig_floor_ = grid_from_statistics(
         gram, var, det.set_size_, det.reorder, eig_floor, X.dtype)
+    # the sets' reference variances, for a floor decided later in the fit
+    det._floor_scale = floor_scale_from_variance(np.asarray(var, dtype=np.float64)[
+        det.feature_order_], det.set_sizes_, det.set_size_)
     return permute(X, det.feature_order_)
 
 

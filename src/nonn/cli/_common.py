@@ -145,10 +145,11 @@ FIT_OPTIONS = (
           "(knnn only) = 0.1 with 64 features or more, 1.0 below (knnn, global, local; "
           "global and local default to 0.001; default: auto)")),
     ("--eig-floor-ref", "eig_floor_ref",
-     dict(choices=("data", "neighborhood"), help="what --eig-floor is relative to (knnn "
-          "only): the data's mean feature variance, or each neighbor's neighborhood's "
-          "(for normal data made of several populations of different spread; "
-          "default: data)")),
+     dict(choices=("auto", "data", "neighborhood"), help="what --eig-floor is relative to "
+          "(knnn only): the data's mean feature variance, or each neighbor's neighborhood's "
+          "(for normal data made of several populations of different spread); auto = "
+          "neighborhood for 64+ features whose neighborhoods' variances spread widely, "
+          "else data (default: auto)")),
     ("--scale", "scale",
      dict(choices=("none", "standard", "minmax", "robust"),
           help="per-column scaling learned from TRAIN and applied to every query, for "

@@ -55,12 +55,13 @@ import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
 from .. import _data_scale
-from .._base import (calibration_rows, conformal_pvalues, resolve_floor, resolve_n_jobs,
-                     resolve_transforms)
+from .._base import (calibration_rows, conformal_pvalues, floor_spread, resolve_floor,
+                     resolve_floor_ref, resolve_n_jobs, resolve_transforms)
 from .._eq2 import DUAL, eigen_form, eigen_width
 from .._io import current_umask
 from .._knnn import KNNN, floor_base, floor_local, resolve_counts, search_width
-from .._layout import grid_from_statistics, needs_order, permute, variance_from_sums
+from .._layout import (absolute_floors, floor_scale_from_variance, grid_from_statistics,
+                       needs_order, permute, variance_from_sums)
 from .._preprocess import l2_rows, ledoit_wolf_from_moments, whiten, whitening_matrix
 from .._preprocess import whitening_moments
 from .._scaling import (
@@ -321,7 +322,6 @@ class DistributedKNNN(KNNN):
         # 2. counts and layout, by the core's rules from the partition sums
         k, Kp, L = resolve_counts(n, d, self._choose(client, blocks, chunks, d))
         rel = resolve_floor(self.eig_floor, d)
-        ref = self.eig_floor_ref
         total, count = client.compute(_tree([_at(where, j, _tasks.column_sums, b)
                                              for j, b in enumerate(blocks)], _tasks.add),
                                       sync=True)
@@ -329,9 +329,9 @@ class DistributedKNNN(KNNN):
         gram, sq = client.compute(
             _tree([_at(where, j, _tasks.grid_moments, b, mean, needs_order(d, L, self.reorder))
                    for j, b in enumerate(blocks)], _tasks.add), sync=True)
-        order, sizes, floor = grid_from_statistics(
-            gram, variance_from_sums(sq, count, mean, dtype), L, self.reorder,
-            floor_base(rel, ref), dtype)
+        var = variance_from_sums(sq, count, mean, dtype)
+        order, sizes, _ = grid_from_statistics(gram, var, L, self.reorder, rel, dtype)
+        scale = floor_scale_from_variance(np.asarray(var, dtype=np.float64)[order], sizes, L)
 
         # 3. the grid and one index per partition
         Xg = [_at(where, j, permute, b, order) for j, b in enumerate(blocks)]
@@ -369,6 +369,16 @@ class DistributedKNNN(KNNN):
             if fut.status != "finished":
                 fut.result()
 
+        # the floor: "auto" from the neighborhoods' total variances (their
+        # eigenvalues' sums), reduced over the partitions
+        spread = None
+        if self.eig_floor_ref == "auto":
+            spread = floor_spread(client.compute(
+                _tree([_at(where, j, _tasks.trace_moments_of, e) for j, e in enumerate(evals)],
+                      _tasks.add), sync=True))
+        ref = resolve_floor_ref(self.eig_floor_ref, d, spread)
+        floor = absolute_floors(floor_base(rel, ref), scale, dtype)
+
         # 6. held-out scores of the calibration rows
         rows = calibration_rows(n, getattr(self, "_calibrate_all", False),
                                 whitened=bool(transforms.get("whiten_", 0)))
@@ -394,6 +404,8 @@ class DistributedKNNN(KNNN):
         self.feature_order_ = order
         self.set_sizes_ = sizes
         self.eig_floor_ = floor
+        self.eig_floor_ref_ = ref
+        self.eig_floor_spread_ = spread
         self.backend_ = backend
         self.n_partitions_ = P
         self.partition_bounds_ = bounds

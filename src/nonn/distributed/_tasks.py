@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._base import trace_moments
 from .._chunks import chunk_rows
 from .._eq2 import aggregate_terms, eigen_row_bytes, eigen_width, neighborhood_eigen, score_terms
 from .._knnn import held_out_groups, neighborhoods, pair_terms
@@ -68,6 +69,12 @@ def drop_rows(X, local_ids):
 def column_sums(X):
     """(float64 column sums, row count) of a block."""
     return X.sum(axis=0, dtype=np.float64), X.shape[0]
+
+
+def trace_moments_of(evals):
+    """:func:`nonn._base.trace_moments` of a partition's neighborhoods, from
+    their eigenvalues (per point, summed over sets and directions)."""
+    return trace_moments(np.asarray(evals, dtype=np.float64).sum(axis=(1, 2)))
 
 
 def column_extremes(X):
