@@ -77,11 +77,14 @@ AMENDED = "auto-w50"
 
 
 def _register():
-    # the library's default (round two's amended "auto"), and round three's
-    # candidate: the floor relative to each neighborhood on embeddings
-    register_detector(Detector("study-default", lambda seed: __import__("nonn").KNNN(),
-                               family="custom"), replace=True)
+    # round two's default (the amended "auto", the data's floor), round
+    # three's first candidate (the neighborhood's floor on embeddings) and
+    # its label-free version, the library's default (eig_floor_ref="auto")
+    register_detector(Detector("study-default", lambda seed: __import__("nonn").KNNN(
+        eig_floor_ref="data"), family="custom"), replace=True)
     register_detector(Detector("study-r3", _r3, family="custom"), replace=True)
+    register_detector(Detector("study-r3b", lambda seed: __import__("nonn").KNNN(),
+                               family="custom"), replace=True)
     for name, params in CANDIDATES.items():
         base = dict(n_neighbors=3, n_neighbors_of_neighbors=25, aggregate="min")
         make = (lambda seed, p={**base, **params}: __import__("nonn").KNNN(**p))
@@ -196,7 +199,7 @@ def decide(out, part="dev"):
     lines = ["| candidate | " + " | ".join(means) + " | worst margin |",
              "|---|" + "---:|" * (len(means) + 1)]
     score = {}
-    names = [n for n in list(CANDIDATES) + [AMENDED, "default", "r3"]
+    names = [n for n in list(CANDIDATES) + [AMENDED, "default", "r3", "r3b"]
              if all(f"study-{n}" in m for m in means.values())]
     for name in names:
         col = f"study-{name}"
@@ -234,7 +237,7 @@ def main(argv=None):
     if args.stage in ("dev", "confirm"):
         run(args.stage, args.out, suites)
     elif args.stage == "r3":
-        run(args.part, args.out, suites, dets=["study-r3"])
+        run(args.part, args.out, suites, dets=["study-r3", "study-r3b"])
     else:
         decide(args.out, "dev" if args.stage == "decide" else "confirm")
 

@@ -80,9 +80,14 @@ def test_auto_picks_the_neighborhood_floor_for_populations_of_different_spread()
     assert det.eig_floor_ref == "auto"
     assert det.eig_floor_spread_ > AUTO_FLOOR_SPREAD and det.eig_floor_ref_ == "neighborhood"
     Q = X[::7] + 0.05 * rng.normal(size=X[::7].shape)
+    s = det.anomaly_score(Q)
     np.testing.assert_array_equal(
-        det.anomaly_score(Q),
-        KNNN(contamination=0.1, eig_floor_ref="neighborhood").fit(X).anomaly_score(Q))
+        s, KNNN(contamination=0.1, eig_floor_ref="neighborhood").fit(X).anomaly_score(Q))
+    # lean memory reads the spread from the rows, not the eigenvalues: the same pick
+    lean = KNNN(contamination=0.1, memory="lean").fit(X)
+    assert lean.eig_floor_ref_ == "neighborhood"
+    np.testing.assert_allclose(lean.eig_floor_spread_, det.eig_floor_spread_, rtol=1e-9)
+    np.testing.assert_array_equal(lean.anomaly_score(Q), s)
 
 
 def test_auto_keeps_the_data_floor_for_one_population_and_for_tables():

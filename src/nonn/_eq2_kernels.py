@@ -540,6 +540,33 @@ def primal_eigen(Xg, groups, sizes, L, tol, w_out, V_out):
                         V_out[p, full, a, j] = V1[a, order[j], 0] if (j < r and a < r) else 0.0
 
 
+@njit(cache=True, parallel=True, error_model="numpy")
+def neighborhood_traces(Xg, groups, out):
+    """``out[p]``: the total variance (trace of the covariance, divisor K')
+    of the rows ``groups[p]`` of ``Xg``, two passes in float64 (the mean,
+    then the squared deviations)."""
+    c, Kp = groups.shape
+    D = Xg.shape[1]
+    check_rows(groups, Xg.shape[0])
+    if out.shape[0] < c:
+        raise ValueError("out has fewer rows than groups")
+    for p in prange(c):
+        mean = np.zeros(D)
+        for m in range(Kp):
+            row = groups[p, m]
+            for f in range(D):
+                mean[f] += Xg[row, f]
+        for f in range(D):
+            mean[f] /= Kp
+        total = 0.0
+        for m in range(Kp):
+            row = groups[p, m]
+            for f in range(D):
+                v = np.float64(Xg[row, f]) - mean[f]
+                total += v * v
+        out[p] = total / Kp
+
+
 @njit(cache=True)
 def neighbor_floor(evals, r, floor, local):
     """The eigenvalue floor of one neighbor's eigen-state in one set:

@@ -77,15 +77,16 @@ def floor_base(eig_floor_rel, eig_floor_ref):
     return LOCAL_FLOOR_MIN if eig_floor_ref == "neighborhood" else eig_floor_rel
 
 
-def neighborhood_traces(Xg, groups, block_bytes=2**27):
+def neighborhood_traces(Xg, groups, n_jobs=1):
     """Each neighborhood's total variance (the trace of its covariance,
-    divisor K'), from its rows ``groups`` of ``Xg``, in float64 blocks."""
-    c, Kp = groups.shape
-    out = np.empty(c)
-    step = max(1, block_bytes // (8 * Kp * Xg.shape[1]))
-    for start in range(0, c, step):
-        R = Xg[groups[start:start + step]].astype(np.float64)
-        out[start:start + step] = R.var(axis=1).sum(axis=1)
+    divisor K'), from its rows ``groups`` of ``Xg``."""
+    from . import _eq2_kernels
+    from ._threads import numba_threads
+
+    groups = np.ascontiguousarray(groups, dtype=np.int64)
+    out = np.empty(groups.shape[0])
+    with numba_threads(n_jobs, groups.size * Xg.shape[1]):
+        _eq2_kernels.neighborhood_traces(Xg, groups, out)
     return out
 
 
@@ -146,7 +147,9 @@ class KNNN(BaseDetector):
     grow with the set), and ``normalize``/``whiten``/``eig_floor`` chosen
     from the number of features (``"auto"``: embeddings, 64 features or
     more, get unit-length rows, whitening 0.5 and floor 0.1; tabular data
-    none, none and floor 1.0). The paper-exact operator is one call away:
+    none, none and floor 1.0), the floor relative to each neighborhood where
+    the training data are populations of different spread
+    (``eig_floor_ref="auto"``). The paper-exact operator is one call away:
     :meth:`KNNN.paper` (K' = 25, L = 5, the paper's sum, no floor beyond
     the numerically safe one, the rows as given).
 
@@ -445,13 +448,18 @@ class KNNN(BaseDetector):
         others = self._search.kneighbors(None, search_width(n, self.n_neighbors_, Kp),
                                          return_distance=False)
         self.neighborhoods_ = neighborhoods(others, Kp)
-        self._set_floor_ref(trace_moments(neighborhood_traces(Xg, self.neighborhoods_))
-                            if self.eig_floor_ref == "auto" else None)
         # the neighbors beyond the neighborhoods: partial_fit's held-out
         # scores need them
         self._graph_tail = np.ascontiguousarray(others[:, Kp - 1:])
         if self.memory != "lean":
             self._fit_eigen()
+        if self.eig_floor_ref == "auto":  # the neighborhoods' total variances
+            traces = (self.eigenvalues_.sum(axis=(1, 2), dtype=np.float64)
+                      if self.memory != "lean" else
+                      neighborhood_traces(Xg, self.neighborhoods_, self.n_jobs_))
+            self._set_floor_ref(trace_moments(traces))
+        else:
+            self._set_floor_ref(None)
         rows = self._calibration_plan(n)
         self.calibration_rows_ = rows
         return self._held_out_scores(rows, others)
