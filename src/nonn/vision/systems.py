@@ -846,10 +846,13 @@ class SPADE(_ImageSystem):
             raise ValueError(f"map_nn='knnn' needs at least 2 gallery locations; this gallery "
                              f"has {n_gallery} (n_map_neighbors x map_size**2). Raise "
                              "map_size or n_map_neighbors, or use map_nn='knn'.")
-        # capped here rather than by KNNN, which would warn once per query image
+        # capped here rather than by KNNN, which would warn once per query image;
+        # the floor relative to the data, as the pixel maps were measured (a
+        # gallery's locations mix object and background: "auto" would decide
+        # per gallery, unmeasured)
         params = dict(n_neighbors=1,
                       n_neighbors_of_neighbors=min(self.map_n_neighbors_of_neighbors, n_gallery),
-                      verbose=False)
+                      eig_floor_ref="data", verbose=False)
         params.update(self.map_detector_params or {})
         return KNNN(**params)
 
