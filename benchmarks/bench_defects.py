@@ -29,6 +29,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results/images/defects_v2")
     ap.add_argument("--sets", default="cifar_horse,fashion_tshirt,textures")
+    ap.add_argument("--variants", default="knn,knnn,knn:0.1,knnn:0.1", help="MAP_NN[:CORESET]")
     ap.add_argument("--quick", action="store_true", help="smoke run: 12 / 3 images, 64 px")
     args = ap.parse_args(argv)
     n_train, n_test = (12, 3) if args.quick else (200, 50)
@@ -37,13 +38,13 @@ def main(argv=None):
     for name in args.sets.split(","):
         data, model, ev = (Path(tmp.name) / x for x in (name, "m.nonn", "ev"))
         run("make-defects", "--preset", name, "-o", data, "--n-train", n_train, "--n-test", n_test)
-        for ratio, map_nn in [(r, m) for r in (None, 0.1) for m in ("knn", "knnn")]:
+        for map_nn, _, ratio in (v.partition(":") for v in args.variants.split(",")):
             run("fit-images", data / "train" / "good", "-o", model, "--system", "spade",
                 "--map-nn", map_nn, *small, *(["--coreset-ratio", ratio] if ratio else []))
             run("eval-images", model, data / "test", "-o", ev, "--no-progress")
             mib = model.stat().st_size / 2**20 / n_train
             with open(ev / "metrics.csv", newline="") as fh:  # all, then each kind
-                rows += [[name, map_nn, ratio, r[0], r[3], *r[5:7], f"{mib:.4f}"]
+                rows += [[name, map_nn, ratio or None, r[0], r[3], *r[5:7], f"{mib:.4f}"]
                          for r in [r for r in csv.reader(fh) if len(r) > 3][1:]]
     minutes = (time.perf_counter() - start) / 60
     text = (f"# Synthetic defects: SPADE, k-NN vs k-NNN maps, coreset\n\n`python benchmarks/"
