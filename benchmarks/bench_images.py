@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The paper's Tables 2 and 3 on images (k-NN vs k-NNN), offline backbone:
 Feature, SPADE and PANDA at reduced size, or (``--full224``) Feature and
-SPADE on cached 224-px features. Protocols: benchmarks/README.md.
+SPADE on 224-px features of every image (extracted once, cached). Protocols: benchmarks/README.md.
 
 Usage::
 
