@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """The paper's Tables 2 and 3 on images (k-NN vs k-NNN), offline backbone:
 Feature, SPADE and PANDA at reduced size, or (``--full224``) Feature and
-SPADE on 224-px features of every image (extracted once, cached). Protocols: benchmarks/README.md.
+SPADE on 224-px features of every image (extracted once, cached).
+Protocols: benchmarks/README.md.
 
 Usage::
 
@@ -279,9 +280,8 @@ def resolved(det):
 
 def load_features(cache, ds):
     """Pooled 224-px features of every training and test image: cached
-    (``{ds}_{train,test}.npz``; an earlier cache's train1000 + trainrest parts
-    are joined), else extracted by the exported extractor in onnxruntime
-    (about 5x torch's speed on 2 CPU cores) and cached."""
+    (``{ds}_{train,test}.npz``, or an earlier cache's train1000 + trainrest),
+    else extracted by the exported extractor in onnxruntime, and cached."""
     out = []
     for part in ("train", "test"):
         path = Path(cache) / f"{ds}_{part}.npz"
@@ -289,11 +289,12 @@ def load_features(cache, ds):
         if not path.is_file() and part == "train" and all(p.is_file() for p in parts):
             z = [np.load(p) for p in parts]
             idx = np.concatenate([q["idx"] for q in z])
+            if not np.array_equal(np.sort(idx), np.arange(len(idx))):
+                raise ValueError(f"{ds}: the cached training parts overlap or miss images")
             X, y = (np.concatenate([q[k] for q in z])[np.argsort(idx)] for k in "Xy")
         elif not path.is_file():
             from nonn.vision.export import export_onnx, onnx_features
             from nonn.vision.systems import FeatureDetector
-
             X0, y = (vds.load_cifar10 if ds == "cifar10" else vds.load_fashion_mnist)(part)
             Path(cache).mkdir(parents=True, exist_ok=True)
             export_onnx(FeatureDetector(verbose=False).fit(X0[:20]), path.with_suffix(".onnx"))
