@@ -299,8 +299,7 @@ def load_features(cache, ds):
             Path(cache).mkdir(parents=True, exist_ok=True)
             export_onnx(FeatureDetector(verbose=False).fit(X0[:20]), path.with_suffix(".onnx"))
             t = time.perf_counter()
-            X = np.concatenate([onnx_features(path.with_suffix(".onnx"), X0[s:s + 500], 224)[0]
-                                for s in range(0, len(X0), 500)])
+            X = onnx_features(path.with_suffix(".onnx"), X0, 224)[0]
             log(f"{ds} {part}: {len(X)} images in {time.perf_counter() - t:.0f} s (onnxruntime)")
         if not path.is_file():
             np.savez(str(path) + ".tmp.npz", X=X, y=y)

@@ -427,6 +427,11 @@ def test_onnx_export_features_and_scores_match_torch(system_cls, tmp_path, norma
     queries = np.concatenate([make_images(3, seed=81), make_images(2, seed=81, patch=True)])
     system = load(model)
     outs = onnx_features(onnx_path, queries, SIZE)
+    # batches of 2 in one session: the same outputs as one batch
+    for a, b in zip(onnx_features(onnx_path, queries, SIZE, batch_size=2), outs, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="image"):
+        onnx_features(onnx_path, queries[:0], SIZE)
     want = system.extractor_.transform(queries) if hasattr(system, "extractor_") else \
         ImageFeatureExtractor(image_size=SIZE, device="cpu", verbose=False).transform(queries)
     np.testing.assert_allclose(outs[0], want, atol=1e-4, rtol=0)

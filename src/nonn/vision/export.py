@@ -86,9 +86,10 @@ def export_onnx(system, path, opset=17):
     return outputs
 
 
-def onnx_features(path, images, image_size):
+def onnx_features(path, images, image_size, batch_size=64):
     """Run an exported file with onnxruntime on images (anything nonn reads),
-    resized as nonn resizes them; returns the outputs as numpy arrays."""
+    resized as nonn resizes them, ``batch_size`` at a time in one session;
+    returns the outputs as numpy arrays."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -97,6 +98,10 @@ def onnx_features(path, images, image_size):
     from . import _images
 
     items = _images.as_image_list(images)
-    batch = _images.batch_tensor(list(items), image_size).numpy().astype(np.float32)
+    if len(items) == 0:
+        raise ValueError("onnx_features needs at least one image; got none.")
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return sess.run(None, {"images": batch})
+    outs = [sess.run(None, {"images": _images.batch_tensor(
+                list(items[s:s + batch_size]), image_size).numpy().astype(np.float32)})
+            for s in range(0, len(items), batch_size)]
+    return [np.concatenate(parts) for parts in zip(*outs)]
