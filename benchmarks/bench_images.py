@@ -1,17 +1,18 @@
 #!/usr/bin/env python
-"""The paper's Tables 2 and 3 on images (k-NN vs k-NNN), offline backbone:
-Feature, SPADE and PANDA at reduced size, or (``--full224``) Feature and
-SPADE on 224-px features of every image (extracted once, cached).
+"""The paper's Tables 2 and 3 on images (k-NN vs k-NNN): Feature, SPADE's image
+level and PANDA at the extractor's 224 px on every CIFAR-10 and Fashion-MNIST
+image, features extracted once (onnxruntime) and cached. The reduced-size run
+it replaced (96 / 64 px, sampled): ``git show 01133df:benchmarks/bench_images.py``.
 Protocols: benchmarks/README.md.
 
 Usage::
 
-    python benchmarks/bench_images.py --tables 2,3 --cache /tmp/fresh_cache \
-        --out benchmarks/results/images/full_uncached
+    python benchmarks/bench_images.py --datasets cifar10,fashion \
+        --out benchmarks/results/images/full224_all
+    python benchmarks/bench_images.py --systems PANDA --datasets cifar10 --tables 2
     nice -n 19 python benchmarks/bench_images.py --timing-only --out benchmarks/results/images
-    python benchmarks/bench_images.py --full224 --datasets cifar10,fashion
-    python benchmarks/bench_images.py --quick --datasets mnist --tables 2 --classes 0,1 \
-        --no-timing --no-panda --out /tmp/img                                  # smoke
+    python benchmarks/bench_images.py --quick --datasets fashion --tables 2 --classes 0 \
+        --out /tmp/img                                                  # smoke
 """
 
 import argparse
@@ -30,9 +31,7 @@ from _common import best_of, log, markdown_table  # noqa: E402
 
 from nonn.vision import datasets as vds  # noqa: E402
 
-SIZE = {"cifar10": 96, "fashion": 64, "mnist": 64}
-N_TRAIN, N_TEST, N_TRAIN_T3 = 500, 100, 250
-PANDA_EPOCHS, PANDA_LR, PANDA_MAX_TRAIN = 2, 1e-4, 500
+PANDA_EPOCHS, PANDA_LR = 2, 1e-4
 SYSTEMS = {"Feature": 3, "SPADE": 50, "PANDA": 2}
 #: the paper's AUROC, (dataset, table) -> system -> (k-NN, k-NNN)
 PAPER = {
@@ -41,10 +40,9 @@ PAPER = {
     ("cifar10", 3): {"Feature": (0.662, 0.719), "SPADE": (0.694, 0.667), "PANDA": (0.599, 0.610)},
     ("fashion", 3): {"Feature": (0.760, 0.780), "SPADE": (0.729, 0.739), "PANDA": (0.683, 0.698)},
 }
-NAMES = {"cifar10": "CIFAR-10", "fashion": "Fashion-MNIST", "mnist": "MNIST"}
+NAMES = {"cifar10": "CIFAR-10", "fashion": "Fashion-MNIST"}
 TABLE = {2: "Table 2 — one class normal, the rest anomalous",
          3: "Table 3 — all classes but one normal"}
-
 
 def split(table, ytr, yte, c):
     """Training rows and test labels (1 = anomalous) of class ``c``'s run."""
@@ -59,65 +57,11 @@ def write_csv(path, rows, mode="w"):
         w.writerows(rows)
 
 
-def load_images(name, n_train, n_test):
-    if name != "mnist":
-        load = vds.load_cifar10 if name == "cifar10" else vds.load_fashion_mnist
-        return (*load("train", n_per_class=n_train, random_state=0),
-                *load("test", n_per_class=n_test, random_state=0))
-    X, y = vds.load_mnist()  # one split: disjoint train and test parts
-    rng = np.random.default_rng(0)
-    perm = [rng.permutation(np.flatnonzero(y == c)) for c in range(10)]
-    tr = np.sort(np.concatenate([p[n_test:n_test + n_train] for p in perm]))
-    te = np.sort(np.concatenate([p[:n_test] for p in perm]))
-    return X[tr], y[tr], X[te], y[te]
-
-
-def trunk_features(name, X, part, args, timings):
-    """The frozen trunk's output of images ``X`` (cached, float16)."""
-    from nonn.vision.features import ImageFeatureExtractor, import_torch
-
-    torch, size = import_torch(), SIZE[name]
-    path = Path(args.cache) / f"{name}_{part}_s{size}_tr{args.n_train}_te{args.n_test}_trunk.npy"
-    if path.is_file():
-        return torch.from_numpy(np.load(path).astype(np.float32))
-    ext = ImageFeatureExtractor(image_size=size, batch_size=64, device="cpu",
-                                verbose=sys.stderr.isatty()).fit()
-    dt, Z = best_of(lambda: torch.cat([ext.transform_trunk(X[s:s + 1000])
-                                       for s in range(0, len(X), 1000)]))
-    timings.append((f"{name} {part}: trunk extraction at {size} px", len(X), dt))
-    log(f"  extracted {part} trunk {tuple(Z.shape)} in {dt:.1f} s ({len(X) / dt:.0f} img/s)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path, Z.numpy().astype(np.float16))
-    return Z
-
-
-def pretrained_tail(Z):
-    """Pooled features of the pretrained tail on cached trunk outputs."""
-    import torch
-
-    from nonn.vision.backbones import load_backbone
-
-    bb = load_backbone("efficientnet_lite0")
-    with torch.inference_mode():
-        return np.concatenate([bb.pool(bb.run_stages(Z[s:s + 512], bb.tail_start)[0]).numpy()
-                               for s in range(0, Z.shape[0], 512)])
-
-
-def auroc_pair(k, Ftr, Fte, labels, args, timing=None):
-    """``{"knn": AUROC, "knnn": AUROC}`` of the image systems' operators with ``k``."""
-    from nonn.vision.systems import make_detector
-
-    if args.normalize:  # unit-length features, what normalize=True does
-        Ftr, Fte = (F / np.maximum(np.linalg.norm(F, axis=1, keepdims=True), 1e-30)
-                    for F in (Ftr, Fte))
-    out = {}
-    for nn in ("knn", "knnn"):
-        t_fit, det = best_of(lambda: make_detector(nn, k).fit(Ftr))
-        t_score, s = best_of(lambda: det.anomaly_score(Fte))
-        out[nn] = roc_auc_score(labels, s)
-        if timing is not None:
-            timing.append((nn, k, len(Ftr), len(Fte), t_fit, t_score))
-    return out
+def images(ds, part, quick=False):
+    """Every image of ``ds``'s split ``part`` and the labels (quick: 50 / 20 per class)."""
+    load = vds.load_cifar10 if ds == "cifar10" else vds.load_fashion_mnist
+    return load(part, **({"n_per_class": 50 if part == "train" else 20, "random_state": 0}
+                         if quick else {}))
 
 
 def panda_features(Ztr_fit, Ztr, Zte, seed):
@@ -133,120 +77,32 @@ def panda_features(Ztr_fit, Ztr, Zte, seed):
     return sys_.features_from_trunk(Ztr), sys_.features_from_trunk(Zte), sys_.history_
 
 
-def run_dataset(name, args, rows, timings, fit_timing):
-    Xtr, ytr, Xte, yte = load_images(name, args.n_train, args.n_test)
-    log(f"{NAMES[name]}: train {Xtr.shape}, test {Xte.shape}")
-    Ztr = trunk_features(name, Xtr, "train", args, timings)
-    Zte = trunk_features(name, Xte, "test", args, timings)
-    Ftr, Fte = pretrained_tail(Ztr), pretrained_tail(Zte)
-    rng = np.random.default_rng(0)
-    for table in args.tables:
-        for c in args.classes:
-            t0 = time.perf_counter()
-            tr, lab = split(table, ytr, yte, c)
-            if table == 3:  # N_TRAIN_T3 per normal class
-                tr = np.sort(np.concatenate([rng.permutation(tr[ytr[tr] == k])[:args.n_train_t3]
-                                             for k in np.unique(ytr[tr])]))
-            res = {"Feature": auroc_pair(3, Ftr[tr], Fte, lab, args,
-                                         fit_timing if table == 2 else None),
-                   "SPADE": auroc_pair(50, Ftr[tr], Fte, lab, args)}
-            note = ""
-            if not args.no_panda:
-                fit_idx = rng.permutation(tr)[:PANDA_MAX_TRAIN]
-                Ptr, Pte, hist = panda_features(Ztr[fit_idx], Ztr[tr], Zte, seed=c)
-                res["PANDA"] = auroc_pair(2, Ptr, Pte, lab, args)
-                undone = sum(bool(h.get("collapsed")) for h in hist)
-                kept = [h for h in hist[1:] if not h.get("collapsed")]
-                if undone:
-                    note = (f"  [PANDA: {undone} collapsed epoch(s) undone, "
-                            + (f"lr {kept[-1]['lr']:g}]" if kept else "pretrained tail kept]"))
-            rows += [{"dataset": name, "table": table, "class": c, "system": s,
-                      "knn": r["knn"], "knnn": r["knnn"], "n_train": len(tr),
-                      "n_test": len(lab)} for s, r in res.items()]
-            log(f"  table {table} class {c}: " + "  ".join(
-                f"{s} {r['knn']:.3f}->{r['knnn']:.3f}" for s, r in res.items())
-                + f"  ({time.perf_counter() - t0:.1f} s)" + note)
-
-
-def summarise(rows, timings, fit_timing, args, total_s):
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_csv(out / "results.csv", rows)
-    summary = []
-    for name, table in sorted({(r["dataset"], r["table"]) for r in rows}, key=lambda t: t[::-1]):
-        for system in SYSTEMS:
-            sel = [r for r in rows if (r["dataset"], r["table"], r["system"]) ==
-                   (name, table, system)]
-            if sel:
-                knn, knnn = (float(np.mean([r[o] for r in sel])) for o in ("knn", "knnn"))
-                p = PAPER.get((name, table), {}).get(system, (None, None))
-                wins = f"{sum(r['knnn'] >= r['knn'] for r in sel)}/{len(sel)}"
-                summary.append({"table": table, "dataset": name, "system": system, "knn": knn,
-                                "knnn": knnn, "delta": knnn - knn, "knnn_wins": wins,
-                                "paper_knn": p[0], "paper_knnn": p[1]})
-    write_csv(out / "summary.csv", summary)
-    f = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
-    lines = ["# Image benchmark: the paper's Tables 2 and 3, k-NN vs k-NNN", "",
-             f"Produced by `python benchmarks/bench_images.py {' '.join(sys.argv[1:])}` in "
-             f"{total_s / 60:.1f} min. Backbone EfficientNet-Lite0 for all three systems (not "
-             "the paper's), at " + ", ".join(f"{NAMES[k]} {v} px" for k, v in SIZE.items())
-             + f"; {args.n_train} training images per class ({args.n_train_t3} per normal class "
-             f"in Table 3), {args.n_test} test images per class, one seed; features "
-             + ("unit length" if args.normalize else "raw") + ". Compare k-NN with k-NNN "
-             "within a row (protocol: benchmarks/README.md).", ""]
-    for table in sorted({s["table"] for s in summary}):
-        lines += [f"## {TABLE[table]} (mean AUROC over classes)", "", markdown_table(
-            ["dataset", "system", "ours k-NN", "ours k-NNN", "Δ", "k-NNN ≥ k-NN",
-             "paper k-NN", "paper k-NNN"],
-            [[NAMES[s["dataset"]], s["system"], f"{s['knn']:.3f}", f"{s['knnn']:.3f}",
-              f"{s['delta']:+.3f}", s["knnn_wins"], f(s["paper_knn"]), f(s["paper_knnn"])]
-             for s in summary if s["table"] == table]), ""]
-    steps = list(timings) + [
-        (f"{nn.upper()} {what} (k=3, Table 2{' fits' * (i == 0)})", sum(t[2 + i] for t in sel),
-         sum(t[4 + i] for t in sel)) for nn in ("knn", "knnn")
-        for sel in [[t for t in fit_timing if t[0] == nn]] if sel
-        for i, what in enumerate(("fit", "score"))]
-    lines += ["## Time per image (this CPU)", "", markdown_table(
-        ["step", "images", "seconds", "s / image"],
-        [[w, n, f"{dt:.1f}", f"{dt / n:.4f}"] for w, n, dt in steps]), ""]
-    (out / "summary.md").write_text("\n".join(lines))
-    write_csv(out / "timings.csv", [{"step": w, "n_images": n, "seconds": f"{dt:.3f}",
-                                     "seconds_per_image": f"{dt / n:.5f}"}
-                                    for w, n, dt in steps] or [{"step": ""}])
-    return "\n".join(lines)
-
-
-def time_extraction(X=None, size=224, batch_size=32, warm=8):
-    """``(label, images, seconds)`` of pooled-feature extraction at ``size`` px
-    (default: 64 CIFAR-10 test images at 224 px)."""
-    from nonn.vision.features import ImageFeatureExtractor
-
-    X = vds.load_cifar10("test", n_per_class=7)[0][:64] if X is None else X
-    ext = ImageFeatureExtractor(image_size=size, batch_size=batch_size, device="cpu",
-                                verbose=False).fit()
-    ext.transform(X[:warm])
-    return (f"feature extraction at {size} px" + (" (default)" if size == 224 else ""),
-            len(X), best_of(lambda: ext.transform(X))[0])
-
-
 def timing_only(args):
-    """Seconds per image: extraction at 224 px and at the benchmark sizes, and
-    k-NN / k-NNN fit and score on real features (run on a quiet machine)."""
-    from nonn.vision.features import ImageFeatureExtractor
-    from nonn.vision.systems import make_detector
+    """Seconds per image on a quiet machine: extraction at 224 px in torch and
+    in onnxruntime (the exported extractor), k-NN / k-NNN fit and score."""
+    from nonn.vision.export import export_onnx, onnx_features
+    from nonn.vision.features import ImageFeatureExtractor, import_torch
+    from nonn.vision.systems import FeatureDetector, make_detector
 
-    X = vds.load_cifar10("train", n_per_class=100, random_state=1)[0]
-    rows = [time_extraction()] + [time_extraction(X, s, 64, 16) for s in sorted(set(SIZE.values()))]
-    ext = ImageFeatureExtractor(image_size=96, batch_size=64, device="cpu", verbose=False).fit()
-    F = ext.transform(vds.load_cifar10("train", n_per_class=200, random_state=2)[0])
-    FQ = ext.transform(vds.load_cifar10("test", n_per_class=100, random_state=2)[0])
+    import_torch().set_num_threads(2)
+    X = vds.load_cifar10("train", n_per_class=26, random_state=1)[0][:256]
+    ext = ImageFeatureExtractor(batch_size=64, device="cpu", verbose=False).fit()
+    onnx = Path(args.cache) / "timing.onnx"
+    onnx.parent.mkdir(parents=True, exist_ok=True)
+    export_onnx(FeatureDetector(verbose=False).fit(X[:20]), onnx)
+    ext.transform(X[:8]), onnx_features(onnx, X[:8], 224)  # warm-up
+    rows = [("feature extraction, 224 px, torch", len(X), best_of(lambda: ext.transform(X))[0]),
+            ("feature extraction, 224 px, onnxruntime", len(X),
+             best_of(lambda: onnx_features(onnx, X, 224))[0])]
+    F, FQ = (onnx_features(onnx, vds.load_cifar10(p, n_per_class=n, random_state=2)[0], 224)[0]
+             for p, n in (("train", 100), ("test", 50)))
     for nn in ("knn", "knnn"):
         make_detector(nn, 3).fit(F[:100])  # compile
         t_fit, det = best_of(lambda: make_detector(nn, 3).fit(F))
         rows += [(f"{nn.upper()} fit, k=3 ({len(F)} x {F.shape[1]} features)", len(F), t_fit),
                  (f"{nn.upper()} score, k=3", len(FQ), best_of(lambda: det.anomaly_score(FQ))[0])]
     md = "\n".join([
-        "# Seconds per image (this CPU, torch threads = 2)", "",
+        "# Seconds per image (this CPU, 2 threads)", "",
         f"`nice -n 19 python benchmarks/bench_images.py --timing-only --out {args.out}`", "",
         markdown_table(["step", "images", "seconds", "s / image"],
                        [[w, n, f"{dt:.2f}", f"{dt / n:.5f}"] for w, n, dt in rows]), "",
@@ -278,7 +134,7 @@ def resolved(det):
     return ";".join(f"{k}={v}" for k, v in p.items())
 
 
-def load_features(cache, ds):
+def load_features(cache, ds, quick=False):
     """Pooled 224-px features of every training and test image: cached
     (``{ds}_{train,test}.npz``, or an earlier cache's train1000 + trainrest),
     else extracted by the exported extractor in onnxruntime, and cached."""
@@ -295,7 +151,7 @@ def load_features(cache, ds):
         elif not path.is_file():
             from nonn.vision.export import export_onnx, onnx_features
             from nonn.vision.systems import FeatureDetector
-            X0, y = (vds.load_cifar10 if ds == "cifar10" else vds.load_fashion_mnist)(part)
+            X0, y = images(ds, part, quick)
             Path(cache).mkdir(parents=True, exist_ok=True)
             export_onnx(FeatureDetector(verbose=False).fit(X0[:20]), path.with_suffix(".onnx"))
             t = time.perf_counter()
@@ -306,18 +162,67 @@ def load_features(cache, ds):
             os.replace(str(path) + ".tmp.npz", path)
         z = np.load(path)
         out += [z["X"].astype(np.float32), z["y"].astype(np.int64)]
-    return (*out, "all training images")
+    return (*out, "50 training images per class" if quick else "all training images")
+
+
+def load_trunks(cache, ds, quick=False):
+    """The frozen trunk's 224-px output (before PANDA's tail) of every training
+    and test image, float16, cached; else run by an ONNX export of the trunk."""
+    from nonn.vision.backbones import load_backbone
+    from nonn.vision.export import onnx_features
+    from nonn.vision.features import import_torch
+
+    torch, out = import_torch(), []
+    for part in ("train", "test"):
+        path = Path(cache) / f"{ds}_{part}_trunk.npy"
+        if not path.is_file():
+            bb, onnx = load_backbone("efficientnet_lite0").eval(), path.with_suffix(".onnx")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            trunk = type("Trunk", (torch.nn.Module,), {"forward": lambda self, x: bb.run_stages(
+                bb.preprocess(x), 0, bb.tail_start)[0]})()
+            torch.onnx.export(trunk, (torch.zeros(2, 3, 224, 224),), str(onnx), dynamo=False,
+                              input_names=["images"], dynamic_axes={"images": {0: "n"}})
+            X0 = images(ds, part, quick)[0]
+            t, Z = time.perf_counter(), None
+            for s in range(0, len(X0), 5000):
+                z = onnx_features(onnx, X0[s:s + 5000], 224)[0]
+                if Z is None:
+                    Z = np.lib.format.open_memmap(f"{path}.tmp.npy", "w+", np.float16,
+                                                  (len(X0), *z.shape[1:]))
+                Z[s:s + len(z)] = z
+                log(f"{ds} {part} trunk: {s + len(z)}/{len(X0)} ({time.perf_counter() - t:.0f} s)")
+            Z.flush()
+            del Z
+            os.replace(f"{path}.tmp.npy", path)
+        out.append(np.load(path, mmap_mode="r"))
+    return out
+
+
+def class_features(system, data, trunks, tr, c):
+    """Training and test features of class ``c``'s run, and notes (PANDA: fine-tuned
+    on every training image of the run, its held-out split seeded by ``c``)."""
+    Xtr, _, Xte, _, _ = data
+    if system != "PANDA":
+        return Xtr[tr], Xte, ""
+    import torch
+
+    t, (Ztr, Zte) = time.perf_counter(), (torch.from_numpy(np.asarray(Z[i], np.float32))
+                                          for Z, i in zip(trunks, (tr, slice(None))))
+    Ftr, Fte, hist = panda_features(Ztr, Ztr, Zte, seed=c)
+    kept = [h["epoch"] for h in hist[1:] if not h.get("collapsed")]
+    return Ftr, Fte, (f";finetune_s={time.perf_counter() - t:.0f};epochs_kept={len(kept)}"
+                      f";collapsed={len(hist) - 1 - len(kept)}")
 
 
 def summarise_full(rows, out, total_s, operators):
-    lines = ["# The paper's Tables 2 and 3 at 224 px (EfficientNet-Lite0 pooled features)", "",
-             f"`python benchmarks/bench_images.py {' '.join(sys.argv[1:])}`; compute in this "
-             f"run {total_s / 60:.1f} min (feature extraction not included). Mean AUROC over "
-             "the classes done (n/10 says how many).", ""]
+    lines = ["# The paper's Tables 2 and 3 at 224 px (EfficientNet-Lite0)", "",
+             f"`python benchmarks/bench_images.py {' '.join(sys.argv[1:])}`; this run "
+             f"{total_s / 60:.1f} min (with any extraction it made). Mean AUROC over the "
+             "classes done (n/10 says how many).", ""]
     for table in (2, 3):
         body = []
         for ds in NAMES:
-            for system in ("Feature", "SPADE"):
+            for system in SYSTEMS:
                 sel = [r for r in rows if (int(r["table"]), r["dataset"], r["system"]) ==
                        (table, ds, system)]
                 if sel:
@@ -343,31 +248,33 @@ def full224(args):
     rows = list(csv.DictReader(open(path, newline=""))) if path.is_file() else []
     done = {(r["dataset"], r["table"], r["class"], r["system"], r["operator"]) for r in rows}
     t_start, data = time.perf_counter(), {}
-    # Feature (cheap) for every dataset and table first, then SPADE
+    # the systems in the order given (Feature is cheap, PANDA fine-tunes per class)
     for system in args.systems.split(","):
         for ds in args.datasets.split(","):
             if ds not in data:
                 try:
-                    data[ds] = load_features(args.cache, ds)
+                    data[ds] = load_features(args.cache, ds, args.quick)
                 except FileNotFoundError as exc:
                     log(f"{ds}: no cached features ({exc}); skipped")
                     data[ds] = None
             if data[ds] is None:
                 continue
-            Xtr, ytr, Xte, yte, scale = data[ds]
+            trunks = load_trunks(args.cache, ds, args.quick) if system == "PANDA" else None
             for table in args.tables:
                 for c in args.classes:
-                    tr, lab = split(table, ytr, yte, c)
+                    tr, lab = split(table, data[ds][1], data[ds][3], c)
+                    F = None
                     for op in operators:
                         if (ds, str(table), str(c), system, op) in done:
                             continue
-                        t_fit, det = best_of(lambda: operator(op, SYSTEMS[system]).fit(Xtr[tr]))
-                        t_score, s = best_of(lambda: det.anomaly_score(Xte))
+                        F = F or class_features(system, data[ds], trunks, tr, c)
+                        t_fit, det = best_of(lambda: operator(op, SYSTEMS[system]).fit(F[0]))
+                        t_score, s = best_of(lambda: det.anomaly_score(F[1]))
                         row = {"dataset": ds, "table": table, "class": c, "system": system,
                                "operator": op, "auroc": f"{roc_auc_score(lab, s):.5f}",
-                               "n_train": len(tr), "n_test": len(lab), "scale": scale,
+                               "n_train": len(tr), "n_test": len(lab), "scale": data[ds][4],
                                "fit_s": f"{t_fit:.2f}", "score_s": f"{t_score:.2f}",
-                               "params": resolved(det)}
+                               "params": resolved(det) + F[2]}
                         write_csv(path, [row], mode="a")
                         rows.append({k: str(v) for k, v in row.items()})
                         log(f"  T{table} {ds} class {c} {system} {op}: {row['auroc']}")
@@ -378,46 +285,24 @@ def full224(args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--full224", action="store_true", help="cached 224-px features")
-    ap.add_argument("--out", help="default benchmarks/results/images[/full224]")
-    ap.add_argument("--cache", help="trunk cache ($NONN_BENCH_CACHE, ~/.cache/nonn-bench-images)"
-                    "; --full224: features ($NONN_FEATURE_CACHE, /work/cache/effnet224)")
-    ap.add_argument("--datasets", help="default cifar10,fashion,mnist (--full224: no mnist)")
+    ap.add_argument("--out", default="benchmarks/results/images/full224_all")
+    ap.add_argument("--cache", help="features and trunks ($NONN_FEATURE_CACHE, "
+                    "~/.cache/nonn-bench-images/224)")
+    ap.add_argument("--datasets", default="cifar10,fashion")
     ap.add_argument("--tables", default="2,3")
     ap.add_argument("--classes", default="0,1,2,3,4,5,6,7,8,9")
-    ap.add_argument("--operators", default="knn,knn_l2,knnn,knnn_paper", help="--full224")
-    ap.add_argument("--systems", default="Feature,SPADE", help="--full224")
-    ap.add_argument("--no-panda", action="store_true")
-    ap.add_argument("--normalize", action="store_true", help="unit-length pooled features")
-    ap.add_argument("--no-timing", action="store_true", help="no 224-px extraction timing")
+    ap.add_argument("--operators", default="knn,knn_l2,knnn,knnn_paper")
+    ap.add_argument("--systems", default="Feature,SPADE,PANDA")
+    ap.add_argument("--full224", action="store_true", help="no effect (the only protocol now)")
     ap.add_argument("--timing-only", action="store_true", help="seconds per image only")
-    ap.add_argument("--quick", action="store_true", help="smoke run: tiny subsample")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 50 / 20 images per class")
     args = ap.parse_args(argv)
     args.tables = [int(t) for t in args.tables.split(",")]
     args.classes = [int(c) for c in args.classes.split(",")]
     warnings.simplefilter("ignore")
-    full = args.full224
-    args.out = args.out or "benchmarks/results/images" + "/full224" * full
-    args.cache = args.cache or (os.environ.get("NONN_FEATURE_CACHE", "/work/cache/effnet224")
-                                if full else os.environ.get("NONN_BENCH_CACHE", os.path.expanduser(
-                                    "~/.cache/nonn-bench-images")))
-    args.datasets = args.datasets or "cifar10,fashion" + ",mnist" * (not full)
-    if full:
-        return full224(args)
-    from nonn.vision.features import import_torch
-
-    args.n_train, args.n_test, args.n_train_t3 = (60, 20, 30) if args.quick else (
-        N_TRAIN, N_TEST, N_TRAIN_T3)
-    import_torch().set_num_threads(2)
-    if args.timing_only:
-        return timing_only(args)
-    t0, rows, timings, fit_timing = time.perf_counter(), [], [], []
-    if not args.no_timing:
-        timings.append(time_extraction())
-    for name in args.datasets.split(","):
-        run_dataset(name.strip(), args, rows, timings, fit_timing)
-        md = summarise(rows, timings, fit_timing, args, time.perf_counter() - t0)  # kept if cut
-    print(md)
+    args.cache = Path(args.cache or os.environ.get("NONN_FEATURE_CACHE", os.path.expanduser(
+        "~/.cache/nonn-bench-images/224"))) / ("quick" * args.quick)
+    return timing_only(args) if args.timing_only else full224(args)
 
 
 if __name__ == "__main__":

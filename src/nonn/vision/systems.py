@@ -1080,7 +1080,7 @@ class PANDA(_ImageSystem):
     normal images, then a k-NN / k-NNN score on the adapted pooled features.
 
     Only the backbone's tail (``backbone.tail_start`` onward: EfficientNet's
-    last block and head, ResNet's layer4, ViT's last block) is trained, so
+    last two blocks and head, ResNet's layer4, ViT's last block) is trained, so
     the frozen trunk is run once per image and cached.
 
     Parameters
