@@ -490,8 +490,10 @@ def test_panda_tunes_only_the_tail_and_scores_consistently(normal_images):
     feats = system.features_from_trunk(system.extractor_.transform_trunk(queries))
     np.testing.assert_allclose(system.extractor_.transform(queries), feats, rtol=1e-4,
                                atol=1e-4)
+    # ... at unit length (normalize=True, PANDA's default too)
+    unit = feats / np.linalg.norm(feats, axis=1, keepdims=True)
     np.testing.assert_allclose(system.anomaly_score(queries),
-                               system.detector_.anomaly_score(feats), rtol=1e-4)
+                               system.detector_.anomaly_score(unit), rtol=1e-4)
     with pytest.raises(NotImplementedError):
         system.save("x.nonn")
 

@@ -314,7 +314,8 @@ class FeatureDetector(_ImageSystem):
         paper uses raw features; unit length removes the feature-norm effect
         that dominates raw Euclidean k-NN on these features: measured on
         CIFAR-10 at 224 px it raises both k-NN and k-NNN, see
-        docs/vision.md). PANDA's default is False (not measured there).
+        docs/vision.md); PANDA's too (its fine-tuned features at full scale:
+        k-NN 0.802 -> 0.857, KNNN unchanged).
     layers : {'last', 'multi'}, default='last'
         The extractor's features (see :class:`ImageFeatureExtractor`).
 
@@ -1112,7 +1113,7 @@ class PANDA(_ImageSystem):
                  lr=1e-4, validation_fraction=0.1, collapse_ratio=0.5, random_state=0,
                  backbone="efficientnet_lite0", weights=None, image_size=224, batch_size=32,
                  device="auto", verbose="auto", contamination="auto", detector_params=None,
-                 normalize=False):
+                 normalize=True):
         self.nn = nn
         self.n_neighbors = n_neighbors
         self.n_neighbors_of_neighbors = n_neighbors_of_neighbors
