@@ -44,6 +44,7 @@ NAMES = {"cifar10": "CIFAR-10", "fashion": "Fashion-MNIST"}
 TABLE = {2: "Table 2 — one class normal, the rest anomalous",
          3: "Table 3 — all classes but one normal"}
 
+
 def split(table, ytr, yte, c):
     """Training rows and test labels (1 = anomalous) of class ``c``'s run."""
     return (vds.one_class_split if table == 2 else vds.leave_one_class_out_split)(ytr, yte, c)
