@@ -65,7 +65,7 @@ def images(ds, part, quick=False):
                          if quick else {}))
 
 
-def panda_features(Ztr_fit, Ztr, Zte, seed):
+def panda_features(Ztr, Zte, seed):
     """PANDA's fine-tuned tail (with its collapse guard) on cached trunk outputs."""
     from nonn.vision.features import ImageFeatureExtractor
     from nonn.vision.systems import PANDA, panda_finetune
@@ -73,7 +73,7 @@ def panda_features(Ztr_fit, Ztr, Zte, seed):
     sys_ = PANDA(epochs=PANDA_EPOCHS, lr=PANDA_LR, random_state=seed, device="cpu",
                  verbose=False, batch_size=64)
     sys_.extractor_ = ImageFeatureExtractor(device="cpu", verbose=False).fit()
-    sys_.history_ = panda_finetune(sys_.extractor_.backbone_, Ztr_fit, epochs=PANDA_EPOCHS,
+    sys_.history_ = panda_finetune(sys_.extractor_.backbone_, Ztr, epochs=PANDA_EPOCHS,
                                    lr=PANDA_LR, batch_size=64, random_state=seed)
     return sys_.features_from_trunk(Ztr), sys_.features_from_trunk(Zte), sys_.history_
 
@@ -209,10 +209,10 @@ def class_features(system, data, trunks, tr, c):
 
     t, (Ztr, Zte) = time.perf_counter(), (torch.from_numpy(np.asarray(Z[i], np.float32))
                                           for Z, i in zip(trunks, (tr, slice(None))))
-    Ftr, Fte, hist = panda_features(Ztr, Ztr, Zte, seed=c)
-    kept = [h["epoch"] for h in hist[1:] if not h.get("collapsed")]
-    return Ftr, Fte, (f";finetune_s={time.perf_counter() - t:.0f};epochs_kept={len(kept)}"
-                      f";collapsed={len(hist) - 1 - len(kept)}")
+    Ftr, Fte, hist = panda_features(Ztr, Zte, seed=c)
+    undone = sum(bool(h.get("collapsed")) for h in hist)
+    return Ftr, Fte, (f";finetune_s={time.perf_counter() - t:.0f}"
+                      f";epochs_kept={len(hist) - 1 - undone};collapsed={undone}")
 
 
 def summarise_full(rows, out, total_s, operators):
