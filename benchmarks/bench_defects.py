@@ -5,10 +5,14 @@ see nonn.vision.defects), ``fit-images --system spade`` (224 px) and ``eval-imag
 
     nice -n 10 python benchmarks/bench_defects.py --out benchmarks/results/images/defects_v2
     python benchmarks/bench_defects.py --quick --out /tmp/defects        # smoke
+
+``--fit-args="--image-score map --map-score-q 0.05"`` passes more options to
+every ``fit-images`` (the image score measured for pasted patches).
 """
 
 import argparse
 import csv
+import shlex
 import sys
 import tempfile
 import time
@@ -30,6 +34,7 @@ def main(argv=None):
     ap.add_argument("--out", default="benchmarks/results/images/defects_v2")
     ap.add_argument("--sets", default="cifar_horse,fashion_tshirt,textures")
     ap.add_argument("--variants", default="knn,knnn,knn:0.1,knnn:0.1", help="MAP_NN[:CORESET]")
+    ap.add_argument("--fit-args", default="", help="more fit-images options, one string")
     ap.add_argument("--quick", action="store_true", help="smoke run: 12 / 3 images, 64 px")
     args = ap.parse_args(argv)
     n_train, n_test = (12, 3) if args.quick else (200, 50)
@@ -40,7 +45,8 @@ def main(argv=None):
         run("make-defects", "--preset", name, "-o", data, "--n-train", n_train, "--n-test", n_test)
         for map_nn, _, ratio in (v.partition(":") for v in args.variants.split(",")):
             run("fit-images", data / "train" / "good", "-o", model, "--system", "spade",
-                "--map-nn", map_nn, *small, *(["--coreset-ratio", ratio] if ratio else []))
+                "--map-nn", map_nn, *small, *(["--coreset-ratio", ratio] if ratio else []),
+                *args.fit_args.split())
             run("eval-images", model, data / "test", "-o", ev, "--no-progress")
             mib = model.stat().st_size / 2**20 / n_train
             with open(ev / "metrics.csv", newline="") as fh:  # all, then each kind
@@ -48,8 +54,8 @@ def main(argv=None):
                          for r in [r for r in csv.reader(fh) if len(r) > 3][1:]]
     minutes = (time.perf_counter() - start) / 60
     text = (f"# Synthetic defects: SPADE, k-NN vs k-NNN maps, coreset\n\n`python benchmarks/"
-            f"bench_defects.py {' '.join(sys.argv[1:])}` in {minutes:.1f} min. Subsets: each kind "
-            "with the good images; all: every kind.\n\n" + markdown_table(
+            f"bench_defects.py {shlex.join(sys.argv[1:])}` in {minutes:.1f} min. Subsets: each "
+            "kind with the good images; all: every kind.\n\n" + markdown_table(
                 ["set", "map_nn", "coreset", "subset", "image AUROC", "pixel AUROC",
                  "AUPRO (FPR <= 30 %)", "MiB / training image"], rows))
     write_results(args.out, "summary", {"rows": rows, "environment": environment()}, text)

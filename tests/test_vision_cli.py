@@ -335,3 +335,28 @@ def test_fit_images_stores_the_pixel_matching(folders, tmp_path, capsys):
     assert main(["fit-images", str(folders / "good"), "-o", str(tmp_path / "f.nonn"),
                  "--image-size", "48", "--map-nn", "knnn", "--device", "cpu"]) == 0
     assert "apply to --system spade; ignored" in capsys.readouterr().err
+
+
+def test_fit_images_map_score_q_sets_the_share_of_the_map_averaged(folders, tmp_path, capsys):
+    model = tmp_path / "s.nonn"
+    assert main(["fit-images", str(folders / "good"), "-o", str(model), "--system", "spade",
+                 "--nn", "knn", "--image-size", "48", "--map-size", "4", "--image-score", "map",
+                 "--map-score-q", "0.25", "--device", "cpu"]) == 0
+    system = load(model)
+    assert system.image_score == "map" and system.map_score_q == 0.25
+    files = sorted(str(p) for p in (folders / "new").iterdir())
+    feats, pyramids = system._extractor().fit().transform_pyramid(files, system.map_size)
+    scores, maps = system.score_pyramids(feats, pyramids)  # maps at image_size
+    for s, m in zip(scores, maps):
+        top = np.sort(m.ravel())[::-1][:int(np.ceil(0.25 * m.size))]  # the hottest quarter
+        assert s == pytest.approx(top.mean(), rel=1e-6)
+    # q = 0: the map's maximum
+    scores0, _ = system.set_params(map_score_q=0.0).score_pyramids(feats, pyramids)
+    np.testing.assert_allclose(scores0, [m.max() for m in maps], rtol=1e-6)
+    assert (scores0 > scores).all()
+    # out of range: refused before any image is read, in the flag's words
+    capsys.readouterr()
+    assert main(["fit-images", str(folders / "good"), "-o", str(tmp_path / "t.nonn"),
+                 "--system", "spade", "--map-score-q", "1.5", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--map-score-q" in err and "[0, 1)" in err and not (tmp_path / "t.nonn").exists()

@@ -163,7 +163,8 @@ FIT_OPTIONS = (
 FLAGS = {name: flag for flag, name, _ in FIT_OPTIONS}
 FLAGS.update({"device": "--device", "weights": "--weights", "nn": "--nn",
               "normalize": "--normalize", "image_size": "--image-size",
-              "batch_size": "--batch-size", "map_nn": "--map-nn"})
+              "batch_size": "--batch-size", "map_nn": "--map-nn",
+              "map_score_q": "--map-score-q", "coreset_ratio": "--coreset-ratio"})
 
 
 def parse_positive_int(text):

@@ -72,6 +72,7 @@ def _cmd_fit_images(args):
     if args.normalize is not None:
         params["normalize"] = args.normalize
     spade_only = {"image_score": args.image_score, "coreset_ratio": args.coreset_ratio,
+                  "map_score_q": args.map_score_q,
                   "map_n_neighbors_of_neighbors": args.map_neighbors_of_neighbors}
     if args.system == "spade":
         params["n_map_neighbors"] = args.map_neighbors
@@ -79,8 +80,8 @@ def _cmd_fit_images(args):
         params["map_nn"] = args.map_nn
         params.update({k: v for k, v in spade_only.items() if v is not None})
     elif args.map_nn != "knn" or any(v is not None for v in spade_only.values()):
-        note("note: --map-nn, --map-neighbors-of-neighbors, --image-score and --coreset-ratio "
-             "apply to --system spade; ignored.")
+        note("note: --map-nn, --map-neighbors-of-neighbors, --image-score, --map-score-q and "
+             "--coreset-ratio apply to --system spade; ignored.")
     if args.layers is not None:
         if args.system != "feature":
             raise ValueError("--layers applies to --system feature.")
@@ -594,8 +595,12 @@ def register(subparsers):
                      "pooled and concatenated with it (multi)")
     fit.add_argument("--image-score", choices=("global", "map", "combined"),
                      help="spade: the image score: the pooled-feature score (global), the "
-                     "top 1%% mean of the heat map (map), or both standardised and summed "
-                     "(combined, the default)")
+                     "mean of the heat map's top --map-score-q share (map), or both "
+                     "standardised and summed (combined, the default)")
+    fit.add_argument("--map-score-q", type=float, metavar="Q",
+                     help="spade: share of the heat map's pixels averaged for its score, in "
+                     "[0, 1); 0 = the maximum (default: 0.01; 0.05 with --image-score map "
+                     "ranked pasted patches best, see docs/vision.md)")
     fit.add_argument("--coreset-ratio", type=float, metavar="R",
                      help="spade: keep a greedy k-center coreset of this share (0 < R <= 1) of "
                      "all training locations as one memory bank (PatchCore), instead of every "
