@@ -46,7 +46,7 @@ def main(argv=None):
         for map_nn, _, ratio in (v.partition(":") for v in args.variants.split(",")):
             run("fit-images", data / "train" / "good", "-o", model, "--system", "spade",
                 "--map-nn", map_nn, *small, *(["--coreset-ratio", ratio] if ratio else []),
-                *args.fit_args.split())
+                *shlex.split(args.fit_args))
             run("eval-images", model, data / "test", "-o", ev, "--no-progress")
             mib = model.stat().st_size / 2**20 / n_train
             with open(ev / "metrics.csv", newline="") as fh:  # all, then each kind

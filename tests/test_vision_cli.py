@@ -354,7 +354,7 @@ def test_fit_images_map_score_q_sets_the_share_of_the_map_averaged(folders, tmp_
     scores0, _ = system.set_params(map_score_q=0.0).score_pyramids(feats, pyramids)
     np.testing.assert_allclose(scores0, [m.max() for m in maps], rtol=1e-6)
     assert (scores0 > scores).all()
-    # out of range: refused before any image is read, in the flag's words
+    # out of range: refused in the flag's words, no model file written
     capsys.readouterr()
     assert main(["fit-images", str(folders / "good"), "-o", str(tmp_path / "t.nonn"),
                  "--system", "spade", "--map-score-q", "1.5", "--device", "cpu"]) == 2
