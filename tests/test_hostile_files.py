@@ -684,6 +684,11 @@ def image_models(tmp_path_factory):
             "feature_system": feature, "spade_system": spade, "feats": feats}
 
 
+#: parameters image systems gained after format 1 (a format-1 file has none)
+LATER_PARAMS = ("image_score", "map_score_q", "coreset_ratio", "n_map_calibration",
+                "map_normalize")
+
+
 def _legacy_image_file(system, path):
     """``system`` written in image format 1 (the detector's whole model file
     embedded as a byte array), as nonn wrote it before format 2."""
@@ -695,7 +700,8 @@ def _legacy_image_file(system, path):
     arrays = {name.rstrip("_"): getattr(system, name) for name in system._extra_arrays}
     meta = {"format": "nonn-vision-model", "format_version": 1,
             "nonn_version": nonn.__version__, "system": type(system).__name__,
-            "params": _model_file.jsonable(system.get_params()),
+            "params": {k: v for k, v in _model_file.jsonable(system.get_params()).items()
+                       if k not in LATER_PARAMS},
             "arrays": {k: {"shape": list(v.shape), "dtype": v.dtype.str}
                        for k, v in arrays.items()}}
     with open(path, "wb") as fh:

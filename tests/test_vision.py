@@ -325,22 +325,33 @@ def test_spade_maps_have_image_shape_and_find_the_defect(normal_images):
     assert maps[1][defect].mean() > 1.3 * maps[0][defect].mean()
 
 
-def test_spade_pixel_distances_equal_naive_nearest_location():
+@pytest.mark.parametrize("scale", [None, 0.5, 4.0])
+def test_spade_pixel_distances_equal_naive_nearest_location(scale):
+    # scale None: SPADE's raw matching; else map_normalize='soft' with that
+    # map_scale_ s: every location v matched as v / sqrt(|v|^2 + s^2)
     rng = np.random.default_rng(0)
-    system = SPADE(n_map_neighbors=2, map_size=3, normalize=False)
+    system = SPADE(n_map_neighbors=2, map_size=3, normalize=False,
+                   map_normalize=None if scale is None else "soft")
+    if scale is not None:
+        system.map_scale_ = np.array([scale], dtype=np.float32)
     system.train_features_ = rng.normal(size=(4, 5)).astype(np.float32)
-    system.train_maps_ = rng.normal(size=(4, 6, 3, 3)).astype(np.float16)
+    system.train_maps_ = (rng.normal(size=(4, 6, 3, 3)) * [[[1]], [[3]], [[1]], [[0.2]],
+                                                          [[1]], [[1]]]).astype(np.float16)
     feats = rng.normal(size=(2, 5)).astype(np.float32)
     qmaps = rng.normal(size=(2, 6, 3, 3)).astype(np.float16)
     got = system._pixel_maps(feats, qmaps, torch)
+
+    def unit(v):
+        return v if scale is None else v / np.sqrt(v @ v + scale ** 2)
+
     for i in range(2):
         d_img = ((system.train_features_ - feats[i]) ** 2).sum(1)
         gallery = np.argsort(d_img)[:2]
         g = system.train_maps_[gallery].astype(np.float64)
         for r in range(3):
             for c in range(3):
-                q = qmaps[i, :, r, c].astype(np.float64)
-                best = min(np.linalg.norm(g[j, :, rr, cc] - q)
+                q = unit(qmaps[i, :, r, c].astype(np.float64))
+                best = min(np.linalg.norm(unit(g[j, :, rr, cc]) - q)
                            for j in range(2) for rr in range(3) for cc in range(3))
                 assert got[i, r, c] == pytest.approx(best, rel=1e-4)
 
@@ -364,7 +375,7 @@ def _old_pixel_maps(system, feats, maps):
 
 def _random_spade(seed, n_train=6, channels=12, m=4, **params):
     rng = np.random.default_rng(seed)
-    system = SPADE(map_size=m, **{"normalize": False, **params})
+    system = SPADE(map_size=m, **{"normalize": False, "map_normalize": None, **params})
     system.train_features_ = rng.normal(size=(n_train, 5)).astype(np.float32)
     system.train_maps_ = rng.normal(size=(n_train, channels, m, m)).astype(np.float16)
     feats = rng.normal(size=(3, 5)).astype(np.float32)

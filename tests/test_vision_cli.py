@@ -171,7 +171,7 @@ def test_info_describes_a_spade_image_model(spade_model, capsys):
              for line in out.splitlines() if ":" in line and not line.startswith(" ")}
     assert lines["model"] == (f"{spade_model} ({human_bytes(spade_model.stat().st_size)} "
                               "on disk)")
-    assert lines["format"].startswith("nonn-vision-model version 3")
+    assert lines["format"].startswith("nonn-vision-model version 4")
     assert lines["system"] == "SPADE (nn = knnn: KNNN detector)"
     assert lines["backbone"].startswith("efficientnet_lite0 ")
     assert lines["image_size"] == "64 x 64"
@@ -360,3 +360,24 @@ def test_fit_images_map_score_q_sets_the_share_of_the_map_averaged(folders, tmp_
                  "--system", "spade", "--map-score-q", "1.5", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "--map-score-q" in err and "[0, 1)" in err and not (tmp_path / "t.nonn").exists()
+
+
+def test_fit_images_map_normalize_none_matches_raw_locations(folders, tmp_path):
+    soft, raw = tmp_path / "soft.nonn", tmp_path / "raw.nonn"
+    common = ["--system", "spade", "--nn", "knn", "--image-size", "48", "--map-size", "4",
+              "--device", "cpu"]
+    assert main(["fit-images", str(folders / "good"), "-o", str(soft), *common]) == 0
+    assert main(["fit-images", str(folders / "good"), "-o", str(raw), *common,
+                 "--map-normalize", "none"]) == 0
+    soft, raw = load(soft), load(raw)
+    assert soft.map_normalize == "soft" and soft.map_scale_[0] > 0
+    assert raw.map_normalize is None and not hasattr(raw, "map_scale_")
+    # raw: a location's map value is its distance to the nearest gallery location
+    files = sorted(str(p) for p in (folders / "new").iterdir())
+    feats, pyramids = raw._extractor().fit().transform_pyramid(files[:1], raw.map_size)
+    got = raw._raw_maps(raw._prep(feats), pyramids)
+    d = ((raw.train_features_ - raw._prep(feats)[0]) ** 2).sum(1)
+    gallery = raw.train_maps_[np.argsort(d)[:raw.n_map_neighbors]].astype(np.float64)
+    gallery = gallery.transpose(0, 2, 3, 1).reshape(-1, gallery.shape[1])
+    q = pyramids[0, :, 1, 2].astype(np.float64)
+    assert got[0, 1, 2] == pytest.approx(np.sqrt(((gallery - q) ** 2).sum(1)).min(), rel=1e-4)

@@ -125,6 +125,10 @@ def test_calibration_maps_are_held_out(spade, normal_images):
         alone = SPADE(nn="knn", n_neighbors=3, n_map_neighbors=3, map_size=8, image_size=SIZE,
                       image_score="global", device="cpu", verbose=False)
         alone.fit_features(feats[others], maps[others])
+        # the soft normalisation's scale s is the model's (a median over every
+        # training location): matched in the same space, only the gallery differs
+        assert alone.map_scale_[0] == pytest.approx(spade.map_scale_[0], rel=0.05)
+        alone.map_scale_ = spade.map_scale_
         _, m = alone.score_pyramids(feats[i:i + 1], maps[i:i + 1])
         assert spade.map_calibration_[j, 1] == pytest.approx(_top_mean(m[0], 0.01), rel=1e-4)
         assert spade.map_calibration_[j, 2] == pytest.approx(m[0].max(), rel=1e-4)
@@ -178,7 +182,8 @@ def test_image_score_modes_and_a_changed_map_parameter_recalibrates(spade, norma
         spade.anomaly_score_features(np.zeros((1, 1280), np.float32))
 
 
-def test_save_load_keeps_the_calibration_and_old_files_score_globally(spade, tmp_path):
+def test_save_load_keeps_the_calibration_and_old_files_score_globally(spade, normal_images,
+                                                                     tmp_path):
     path = tmp_path / "s.nonn"
     spade.save(path)
     back = load(path)
@@ -196,14 +201,48 @@ def test_save_load_keeps_the_calibration_and_old_files_score_globally(spade, tmp
         arrays = {n: ar.read(n) for n in ar.names() - {_archive.META}
                   if not n.startswith("map_")}
     meta["format_version"] = 2
-    for k in ("image_score", "map_score_q", "coreset_ratio", "n_map_calibration"):
+    for k in ("image_score", "map_score_q", "coreset_ratio", "n_map_calibration",
+              "map_normalize"):
         meta["params"].pop(k)
-    for k in ("map_calibration", "map_levels"):
+    for k in ("map_calibration", "map_levels", "map_scale"):
         meta["arrays"].pop(k)
     _archive.write(old, arrays, meta)
     legacy = load(old)
     assert legacy.image_score == "global" and legacy.offset_ == legacy.detector_.offset_
-    assert legacy.pixel_threshold_ == pytest.approx(spade.pixel_threshold_, rel=1e-5)
+    # ... and matches raw locations, as files before map_normalize did
+    assert legacy.map_normalize is None and not hasattr(legacy, "map_scale_")
+    raw = SPADE(**{**spade.get_params(), "map_normalize": None}).fit(normal_images)
+    assert legacy.pixel_threshold_ == pytest.approx(raw.pixel_threshold_, rel=1e-5)
+    assert raw.pixel_threshold_ != pytest.approx(spade.pixel_threshold_, rel=1e-3)
+
+
+def test_map_normalize_scale_is_the_median_location_norm_and_fixed_at_fit(spade, normal_images,
+                                                                         tmp_path):
+    from nonn import _archive
+    from nonn.persistence import ModelFileError
+
+    assert spade.map_normalize == "soft"
+    _, maps = spade.extractor_.transform_pyramid(normal_images, spade.map_size)
+    norms = np.linalg.norm(maps.astype(np.float64).transpose(0, 2, 3, 1)
+                           .reshape(-1, maps.shape[1]), axis=1)
+    assert spade.map_scale_[0] == pytest.approx(np.median(norms), rel=1e-3)
+    with pytest.raises(ValueError, match="'map_normalize' parameter of SPADE must be 'soft' "
+                                         "or None. Got 'l2'"):
+        SPADE(map_normalize="l2", image_size=SIZE, map_size=8, device="cpu",
+              verbose=False).fit(normal_images)
+    path = tmp_path / "s.nonn"
+    spade.save(path)
+    other = load(path).set_params(map_normalize=None)
+    with pytest.raises(ValueError, match="fixed at fit"):
+        other.anomaly_score(make_images(1, seed=71))
+    # a crafted scale (zero, negative, NaN) is refused at load
+    with _archive.Archive.open(path, "image model", "test") as ar:
+        meta, arrays = ar.meta(), {n: ar.read(n) for n in ar.names() - {_archive.META}}
+    for bad in (0.0, -1.0, np.nan):
+        arrays["map_scale"] = np.array([bad], dtype=np.float32)
+        _archive.write(tmp_path / "bad.nonn", arrays, meta)
+        with pytest.raises(ModelFileError, match="map_scale"):
+            load(tmp_path / "bad.nonn")
 
 
 # --------------------------------------------------------------- pictures
@@ -280,9 +319,17 @@ def test_coreset_bank_maps_equal_naive_nearest_bank_location(normal_images, tmp_
     assert not hasattr(system, "train_maps_")
     feats, maps = system.extractor_.transform_pyramid(make_images(2, seed=61, patch=True), 6)
     raw = system._raw_maps(system._prep(feats), maps)
-    bank = system.memory_bank_.astype(np.float64)
+    s = float(system.map_scale_[0])  # map_normalize='soft': v / sqrt(|v|^2 + s^2)
+    assert s == pytest.approx(np.median(np.linalg.norm(
+        system.extractor_.transform_pyramid(normal_images, 6)[1].transpose(0, 2, 3, 1)
+        .reshape(-1, 176).astype(np.float64), axis=1)), rel=1e-3)
+
+    def unit(v):
+        return v / np.sqrt((v ** 2).sum(-1, keepdims=True) + s ** 2)
+
+    bank = unit(system.memory_bank_.astype(np.float64))
     for i, (r, c) in [(0, (0, 0)), (1, (3, 4))]:
-        q = maps[i, :, r, c].astype(np.float64)
+        q = unit(maps[i, :, r, c].astype(np.float64))
         assert raw[i, r, c] == pytest.approx(np.sqrt(((bank - q) ** 2).sum(1)).min(), rel=1e-4)
     # held out: a training image's own locations are left out of the bank
     i = int(system.detector_.calibration_rows_[0])
@@ -291,7 +338,7 @@ def test_coreset_bank_maps_equal_naive_nearest_bank_location(normal_images, tmp_
     f_i, m_i = system.extractor_.transform_pyramid(normal_images[i:i + 1], 6)
     held = system._raw_maps(system._prep(f_i), m_i, exclude=np.array([i]))
     other = bank[~own]
-    q = m_i[0, :, 2, 2].astype(np.float64)
+    q = unit(m_i[0, :, 2, 2].astype(np.float64))
     assert held[0, 2, 2] == pytest.approx(np.sqrt(((other - q) ** 2).sum(1)).min(), rel=1e-4)
     # smaller file; loads and scores the same
     full = SPADE(nn="knn", n_neighbors=3, map_size=6, image_size=SIZE, image_score="map",

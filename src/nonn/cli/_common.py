@@ -164,7 +164,8 @@ FLAGS = {name: flag for flag, name, _ in FIT_OPTIONS}
 FLAGS.update({"device": "--device", "weights": "--weights", "nn": "--nn",
               "normalize": "--normalize", "image_size": "--image-size",
               "batch_size": "--batch-size", "map_nn": "--map-nn",
-              "map_score_q": "--map-score-q", "coreset_ratio": "--coreset-ratio"})
+              "map_score_q": "--map-score-q", "coreset_ratio": "--coreset-ratio",
+              "map_normalize": "--map-normalize"})
 
 
 def parse_positive_int(text):

@@ -74,14 +74,16 @@ def _cmd_fit_images(args):
     spade_only = {"image_score": args.image_score, "coreset_ratio": args.coreset_ratio,
                   "map_score_q": args.map_score_q,
                   "map_n_neighbors_of_neighbors": args.map_neighbors_of_neighbors}
+    spade_only["map_normalize"] = args.map_normalize  # "none" is None below
     if args.system == "spade":
         params["n_map_neighbors"] = args.map_neighbors
         params["map_size"] = args.map_size
         params["map_nn"] = args.map_nn
-        params.update({k: v for k, v in spade_only.items() if v is not None})
+        params.update({k: None if v == "none" else v for k, v in spade_only.items()
+                       if v is not None})
     elif args.map_nn != "knn" or any(v is not None for v in spade_only.values()):
-        note("note: --map-nn, --map-neighbors-of-neighbors, --image-score, --map-score-q and "
-             "--coreset-ratio apply to --system spade; ignored.")
+        note("note: --map-nn, --map-neighbors-of-neighbors, --image-score, --map-score-q, "
+             "--map-normalize and --coreset-ratio apply to --system spade; ignored.")
     if args.layers is not None:
         if args.system != "feature":
             raise ValueError("--layers applies to --system feature.")
@@ -605,6 +607,11 @@ def register(subparsers):
                      help="spade: keep a greedy k-center coreset of this share (0 < R <= 1) of "
                      "all training locations as one memory bank (PatchCore), instead of every "
                      "training pyramid (default: keep every pyramid)")
+    fit.add_argument("--map-normalize", choices=("soft", "none"),
+                     help="spade: divide every pyramid location's feature v by sqrt(|v|^2 + "
+                     "s^2), s the median training location norm, before matching (soft, the "
+                     "default: evens out local contrast), or match raw features (none, "
+                     "SPADE's)")
     fit.add_argument("--map-neighbors", type=parse_positive_int, default=5, metavar="N",
                      help="spade: normal images matched per query for the heat map (default: 5)")
     fit.add_argument("--map-size", type=parse_positive_int, default=28, metavar="M",

@@ -43,13 +43,16 @@ from . import _images
 from .features import ImageFeatureExtractor, import_torch, show_progress
 
 VISION_FORMAT = "nonn-vision-model"
-VISION_FORMAT_VERSION = 3
+VISION_FORMAT_VERSION = 4
 #: what a SPADE's image score is made of (see SPADE)
 IMAGE_SCORES = ("global", "map", "combined")
 #: parameters added with a format version, and the value a file of an
 #: earlier version scored with (its maps and image scores stay as they were)
 _LEGACY_PARAMS = {3: {"image_score": "global", "map_score_q": 0.01, "coreset_ratio": None,
-                      "n_map_calibration": 100}}
+                      "n_map_calibration": 100},
+                  4: {"map_normalize": None}}
+#: what SPADE's pyramid locations may be normalised by before matching
+MAP_NORMALIZE = (None, "soft")
 
 
 def make_detector(nn, n_neighbors, n_neighbors_of_neighbors=None, contamination="auto",
@@ -426,6 +429,15 @@ class SPADE(_ImageSystem):
         bank instead of the pyramids (about ``ratio`` of their size). With a
         coreset the held-out calibration is computed at fit only (it needs
         the pyramids), so ``map_nn`` and the map parameters are fixed then.
+    map_normalize : {'soft', None}, default='soft'
+        What every pyramid location's feature vector ``v`` (query, gallery,
+        memory bank) is divided by before matching: ``'soft'``
+        ``sqrt(|v|^2 + s^2)``, ``s`` the median norm of the training
+        locations (:attr:`map_scale_`), a soft L2 normalisation that evens out
+        local contrast (a texture's lighting, a bright or dim object) while a
+        near-empty location (a black background) keeps its small norm;
+        None: nothing (SPADE's raw features). Fixed at fit (the coreset is
+        chosen in its space). Measured in docs/vision.md.
     n_map_calibration : int, default=100
         Training images (a seeded subset of the detector's calibration rows)
         whose held-out maps set :attr:`map_median_`, :attr:`pixel_threshold_`
@@ -438,8 +450,11 @@ class SPADE(_ImageSystem):
     train_maps_ : ndarray (n_train, channels, map_size, map_size) float16
         Without a coreset.
     memory_bank_ : ndarray (n_bank, channels) float16
-        With a coreset: the kept locations; ``memory_bank_source_`` (int32)
-        the training image of each.
+        With a coreset: the kept locations (raw, as extracted);
+        ``memory_bank_source_`` (int32) the training image of each.
+    map_scale_ : ndarray (1,) float32
+        With ``map_normalize='soft'``: ``s``, the median norm of the
+        training pyramids' locations (of a seeded sample of at most 100,000).
     map_calibration_ : ndarray (n_calibration, 3) float32
         Per held-out training image (scored as by a model without it: its
         own pyramid out of its gallery, its own locations out of the bank):
@@ -476,19 +491,21 @@ class SPADE(_ImageSystem):
                    "memory_bank_": Array("B", "C", dtype="float16"),
                    "memory_bank_source_": Array("B", dtype="int32", ids="N"),
                    "map_calibration_": Array("Q", 3, dtype="float32"),
-                   "map_levels_": Array(2, dtype="float32")}
+                   "map_levels_": Array(2, dtype="float32"),
+                   "map_scale_": Array(1, dtype="float32", positive=True)}
 
     def __init__(self, nn="knnn", n_neighbors=None, n_neighbors_of_neighbors=None,
                  n_map_neighbors=5, map_size=28, sigma=4.0, map_nn="knn",
                  map_n_neighbors_of_neighbors=25, map_detector_params=None,
                  image_score="combined", map_score_q=0.01, coreset_ratio=None,
-                 n_map_calibration=100,
+                 map_normalize="soft", n_map_calibration=100,
                  backbone="efficientnet_lite0", weights=None, image_size=224, batch_size=32,
                  device="auto", verbose="auto", contamination="auto", detector_params=None,
                  normalize=True):
         self.image_score = image_score
         self.map_score_q = map_score_q
         self.coreset_ratio = coreset_ratio
+        self.map_normalize = map_normalize
         self.n_map_calibration = n_map_calibration
         self.nn = nn
         self.n_neighbors = n_neighbors
@@ -535,14 +552,18 @@ class SPADE(_ImageSystem):
                               or not 0 < r <= 1):
             raise ValueError(f"The 'coreset_ratio' parameter of SPADE must be None or a float "
                              f"in (0, 1]. Got {r!r} instead.")
+        if not any(self.map_normalize is v or self.map_normalize == v for v in MAP_NORMALIZE):
+            raise ValueError(f"The 'map_normalize' parameter of SPADE must be 'soft' or None. "
+                             f"Got {self.map_normalize!r} instead.")
 
     # ------------------------------------------------------------ state
     def _required_arrays(self):
         """The arrays a fitted SPADE with these parameters holds (the
         calibration ones are optional: files written before them lack them)."""
+        scale = ("map_scale_",) if self.map_normalize == "soft" else ()
         if self.coreset_ratio is None:
-            return ("train_features_", "train_maps_")
-        return ("train_features_", "memory_bank_", "memory_bank_source_")
+            return ("train_features_", "train_maps_") + scale
+        return ("train_features_", "memory_bank_", "memory_bank_source_") + scale
 
     def _saved_arrays(self):
         return self._required_arrays() + tuple(
@@ -565,18 +586,20 @@ class SPADE(_ImageSystem):
             raise ValueError("SPADE.fit_features needs the training pyramids (maps=...).")
         maps, self._fit_maps = self._fit_maps, None
         for name in ("train_maps_", "memory_bank_", "memory_bank_source_",
-                     "map_calibration_", "map_levels_"):
+                     "map_calibration_", "map_levels_", "map_scale_"):
             if hasattr(self, name):
                 delattr(self, name)
-        self._map_cache = {}
+        self._map_cache, self._bank_cache = {}, {}
         super().fit_features(features)
         if maps.shape[0] != self.n_train_:
             raise ValueError(f"{maps.shape[0]} pyramids for {self.n_train_} training images.")
+        locations = maps.transpose(0, 2, 3, 1).reshape(-1, maps.shape[1])
+        if self.map_normalize == "soft":
+            self.map_scale_ = np.array([_median_norm(locations)], dtype=np.float32)
         if self.coreset_ratio is None:
             self.train_maps_ = maps
         else:
-            locations = maps.transpose(0, 2, 3, 1).reshape(-1, maps.shape[1])
-            keep = greedy_coreset(locations, self.coreset_ratio, random_state=0)
+            keep = greedy_coreset(self._normed(locations), self.coreset_ratio, random_state=0)
             self.memory_bank_ = np.ascontiguousarray(locations[keep])
             self.memory_bank_source_ = (keep // (self.map_size ** 2)).astype(np.int32)
         self._calibrate(maps)
@@ -768,6 +791,7 @@ class SPADE(_ImageSystem):
         ``exclude[i]``: a training image query i must not be matched with
         (itself, for held-out calibration maps)."""
         self._check_map_params()
+        self._check_fitted_normalize()
         if self.coreset_ratio is not None:
             return self._bank_maps(maps, exclude)
         train = np.asarray(self.train_features_, dtype=np.float32)
@@ -784,12 +808,29 @@ class SPADE(_ImageSystem):
         torch = import_torch()
         out = np.empty((len(feats), self.map_size, self.map_size), dtype=np.float32)
         for i in range(len(feats)):
-            q = torch.from_numpy(maps[i].astype(np.float32)).flatten(1).T  # (m*m, C)
-            g = torch.from_numpy(self.train_maps_[nbrs[i]].astype(np.float32))
-            g = g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])  # (kk*m*m, C)
+            q = self._normed(maps[i].reshape(maps.shape[1], -1).T)  # (m*m, C)
+            g = self.train_maps_[nbrs[i]]
+            g = self._normed(g.transpose(0, 2, 3, 1).reshape(-1, g.shape[1]))  # (kk*m*m, C)
+            q, g = torch.from_numpy(q), torch.from_numpy(g)
             d = torch.cdist(q, g).min(dim=1).values
             out[i] = d.reshape(self.map_size, self.map_size).numpy()
         return out
+
+    def _check_fitted_normalize(self):
+        if (self.map_normalize == "soft") != hasattr(self, "map_scale_"):
+            raise ValueError(f"map_normalize={self.map_normalize!r}, but this SPADE was fitted "
+                             f"with map_normalize="
+                             f"{'soft' if hasattr(self, 'map_scale_') else None!r}: it is "
+                             "fixed at fit. Refit to change it.")
+
+    def _normed(self, locations):
+        """Locations (n, C) as float32, each divided by ``sqrt(|v|^2 + s^2)``
+        (``map_normalize='soft'``, ``s`` = :attr:`map_scale_`), else as they are."""
+        v = np.asarray(locations, dtype=np.float32)
+        if getattr(self, "map_scale_", None) is None:
+            return v
+        s2 = np.float32(self.map_scale_[0]) ** 2
+        return np.ascontiguousarray(v / np.sqrt(np.einsum("ij,ij->i", v, v) + s2)[:, None])
 
     # kept for callers of the earlier private name
     def _pixel_maps(self, feats, maps, torch=None):
@@ -805,23 +846,23 @@ class SPADE(_ImageSystem):
         if maps.shape[1:] != (channels, m, m):
             raise ValueError(f"Query pyramids of shape {maps.shape[1:]} do not match the "
                              f"memory bank's {channels} channels at {m} x {m}.")
-        bank = self.memory_bank_
+        bank = self._normed(self.memory_bank_)
         out = np.empty((len(maps), m, m), dtype=np.float32)
         full = None
         for i in range(len(maps)):
             keep = None if exclude is None else self.memory_bank_source_ != exclude[i]
-            q = maps[i].astype(np.float32).reshape(channels, -1).T
+            q = self._normed(maps[i].reshape(channels, -1).T)
             if self.map_nn == "knnn":
                 if keep is None:
                     if full is None:
                         full = self._bank_detector()
                     det = full
                 else:
-                    g = bank[keep].astype(np.float32)
+                    g = bank[keep]
                     det = self._map_detector(g.shape[0]).fit(g)
                 out[i] = det.anomaly_score(q).reshape(m, m)
                 continue
-            g = torch.from_numpy((bank if keep is None else bank[keep]).astype(np.float32))
+            g = torch.from_numpy(bank if keep is None else bank[keep])
             qt = torch.from_numpy(q)
             best = torch.full((q.shape[0],), float("inf"))
             for s in range(0, g.shape[0], 16384):
@@ -833,7 +874,7 @@ class SPADE(_ImageSystem):
         cache = self.__dict__.setdefault("_bank_cache", {})
         key = (self.map_n_neighbors_of_neighbors, repr(self.map_detector_params))
         if key not in cache:
-            g = self.memory_bank_.astype(np.float32)
+            g = self._normed(self.memory_bank_)
             cache.clear()
             cache[key] = self._map_detector(g.shape[0]).fit(g)
         return cache[key]
@@ -874,10 +915,10 @@ class SPADE(_ImageSystem):
         for key, rows in progress(groups.items(), show_progress(self.verbose),
                                   "k-NNN pixel maps", total=len(groups)):
             # (kk*m*m, C) gallery, rows in image, row, column order
-            g = self.train_maps_[list(key)].astype(np.float32)
-            g = g.transpose(0, 2, 3, 1).reshape(-1, channels)
+            g = self.train_maps_[list(key)]
+            g = self._normed(g.transpose(0, 2, 3, 1).reshape(-1, channels))
             det = self._map_detector(g.shape[0]).fit(g)
-            q = maps[rows].astype(np.float32).transpose(0, 2, 3, 1).reshape(-1, channels)
+            q = self._normed(maps[rows].transpose(0, 2, 3, 1).reshape(-1, channels))
             out[rows] = det.anomaly_score(q).reshape(len(rows), m, m)
         return out
 
@@ -895,6 +936,16 @@ class SPADE(_ImageSystem):
             m = gaussian_filter(m, sigma=self.sigma) if self.sigma else m
             out.append(_resize_map(m.astype(np.float32), hw, torch))
         return out
+
+
+def _median_norm(locations, n_max=100_000):
+    """Median Euclidean norm of the rows of ``locations`` (a seeded sample of
+    at most ``n_max``), floored so that it is a positive float32."""
+    rows = np.arange(len(locations))
+    if len(rows) > n_max:
+        rows = np.sort(np.random.default_rng(0).choice(len(rows), n_max, replace=False))
+    norms = np.linalg.norm(np.asarray(locations[rows], dtype=np.float32), axis=1)
+    return max(float(np.median(norms)), float(np.finfo(np.float32).tiny))
 
 
 def _resize_map(m, hw, torch):
