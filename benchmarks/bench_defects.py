@@ -3,7 +3,7 @@ model MiB per training image, k-NN vs k-NNN pixel matching, with and without a 1
 coreset, by ``nonn make-defects --preset`` (200 training, 50 test images per set;
 see nonn.vision.defects), ``fit-images --system spade`` (224 px) and ``eval-images``::
 
-    nice -n 10 python benchmarks/bench_defects.py --out benchmarks/results/images/defects_v2
+    nice -n 10 python benchmarks/bench_defects.py --out benchmarks/results/images/defects_v3
     python benchmarks/bench_defects.py --quick --out /tmp/defects        # smoke
 
 ``--fit-args="--image-score map --map-score-q 0.05"`` passes more options to
@@ -31,7 +31,7 @@ def run(*args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="benchmarks/results/images/defects_v2")
+    ap.add_argument("--out", default="benchmarks/results/images/defects_v3")
     ap.add_argument("--sets", default="cifar_horse,fashion_tshirt,textures")
     ap.add_argument("--variants", default="knn,knnn,knn:0.1,knnn:0.1", help="MAP_NN[:CORESET]")
     ap.add_argument("--fit-args", default="", help="more fit-images options, one string")
