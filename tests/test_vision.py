@@ -403,6 +403,23 @@ def _gallery(system, feats_i):
                      for c in range(m)], dtype=np.float32)
 
 
+def test_spade_soft_normalisation_changes_knn_maps_but_not_knnn_maps():
+    # the pixel KNNN scales every location to unit length (KNNN's
+    # normalize='auto' is 'l2' from 64 channels on, as every backbone's
+    # pyramid has), and v / sqrt(|v|^2 + s^2) has the direction of v
+    for map_nn in ("knn", "knnn"):
+        system, feats, qmaps = _random_spade(2, channels=72, n_map_neighbors=2, map_nn=map_nn,
+                                             map_n_neighbors_of_neighbors=8)
+        raw = system._pixel_maps(feats, qmaps, torch)
+        system.set_params(map_normalize="soft")
+        system.map_scale_ = np.array([2.0], dtype=np.float32)
+        soft = system._pixel_maps(feats, qmaps, torch)
+        if map_nn == "knnn":
+            np.testing.assert_allclose(soft, raw, rtol=1e-4, atol=1e-5)
+        else:
+            assert not np.allclose(soft, raw, rtol=1e-2)
+
+
 @pytest.mark.parametrize("seed", [0, 3])
 def test_spade_knnn_pixel_values_equal_a_direct_knnn_fit_on_the_gallery(seed):
     system, feats, qmaps = _random_spade(seed, n_map_neighbors=2, map_nn="knnn",

@@ -437,7 +437,10 @@ class SPADE(_ImageSystem):
         local contrast (a texture's lighting, a bright or dim object) while a
         near-empty location (a black background) keeps its small norm;
         None: nothing (SPADE's raw features). Fixed at fit (the coreset is
-        chosen in its space). Measured in docs/vision.md.
+        chosen in its space). ``map_nn='knnn'`` is unaffected but for that
+        choice: its KNNN scales every location to unit length anyway
+        (``normalize='auto'``: ``'l2'`` from 64 channels, as every backbone's
+        pyramid has). Measured in docs/vision.md.
     n_map_calibration : int, default=100
         Training images (a seeded subset of the detector's calibration rows)
         whose held-out maps set :attr:`map_median_`, :attr:`pixel_threshold_`
