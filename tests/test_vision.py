@@ -403,6 +403,26 @@ def _gallery(system, feats_i):
                      for c in range(m)], dtype=np.float32)
 
 
+def test_spade_map_scale_is_the_median_location_norm_sampled_past_a_cap():
+    from nonn.vision.systems import _median_norm
+
+    rng = np.random.default_rng(5)
+    maps = (rng.normal(size=(20, 8, 10, 10)) * rng.uniform(0.5, 3, size=(20, 1, 10, 10)))
+    maps = maps.astype(np.float16)
+    norms = [np.linalg.norm(maps[i, :, r, c].astype(np.float64))
+             for i in range(20) for r in range(10) for c in range(10)]
+    assert _median_norm(maps) == pytest.approx(np.median(norms), rel=1e-5)
+    # past the cap, a seeded sample: the same value each time, near the median
+    assert _median_norm(maps, n_max=500) == _median_norm(maps, n_max=500)
+    assert _median_norm(maps, n_max=500) == pytest.approx(np.median(norms), rel=0.1)
+    assert _median_norm(np.zeros((2, 3, 4, 4), np.float16)) > 0
+    # a zero location and a scale whose square underflows: 0, not NaN
+    system = SPADE(map_normalize="soft")
+    system.map_scale_ = np.array([1e-30], dtype=np.float32)
+    out = system._normed(np.array([[0.0, 0.0], [3.0, 4.0]]))
+    np.testing.assert_allclose(out, [[0, 0], [0.6, 0.8]], rtol=1e-6)
+
+
 def test_spade_soft_normalisation_changes_knn_maps_but_not_knnn_maps():
     # the pixel KNNN scales every location to unit length (KNNN's
     # normalize='auto' is 'l2' from 64 channels on, as every backbone's

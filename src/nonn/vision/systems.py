@@ -596,12 +596,12 @@ class SPADE(_ImageSystem):
         super().fit_features(features)
         if maps.shape[0] != self.n_train_:
             raise ValueError(f"{maps.shape[0]} pyramids for {self.n_train_} training images.")
-        locations = maps.transpose(0, 2, 3, 1).reshape(-1, maps.shape[1])
         if self.map_normalize == "soft":
-            self.map_scale_ = np.array([_median_norm(locations)], dtype=np.float32)
+            self.map_scale_ = np.array([_median_norm(maps)], dtype=np.float32)
         if self.coreset_ratio is None:
             self.train_maps_ = maps
         else:
+            locations = maps.transpose(0, 2, 3, 1).reshape(-1, maps.shape[1])
             keep = greedy_coreset(self._normed(locations), self.coreset_ratio, random_state=0)
             self.memory_bank_ = np.ascontiguousarray(locations[keep])
             self.memory_bank_source_ = (keep // (self.map_size ** 2)).astype(np.int32)
@@ -833,7 +833,8 @@ class SPADE(_ImageSystem):
         if getattr(self, "map_scale_", None) is None:
             return v
         s2 = np.float32(self.map_scale_[0]) ** 2
-        return np.ascontiguousarray(v / np.sqrt(np.einsum("ij,ij->i", v, v) + s2)[:, None])
+        den = np.maximum(np.sqrt(np.einsum("ij,ij->i", v, v) + s2), np.finfo(np.float32).tiny)
+        return np.ascontiguousarray(v / den[:, None])
 
     # kept for callers of the earlier private name
     def _pixel_maps(self, feats, maps, torch=None):
@@ -941,13 +942,17 @@ class SPADE(_ImageSystem):
         return out
 
 
-def _median_norm(locations, n_max=100_000):
-    """Median Euclidean norm of the rows of ``locations`` (a seeded sample of
-    at most ``n_max``), floored so that it is a positive float32."""
-    rows = np.arange(len(locations))
-    if len(rows) > n_max:
-        rows = np.sort(np.random.default_rng(0).choice(len(rows), n_max, replace=False))
-    norms = np.linalg.norm(np.asarray(locations[rows], dtype=np.float32), axis=1)
+def _median_norm(maps, n_max=100_000):
+    """Median Euclidean norm of the locations of pyramids ``maps`` (N, C, M, M)
+    (of a seeded sample of at most ``n_max``, gathered without copying the
+    rest), floored so that it is a positive float32."""
+    n, _, m, _ = maps.shape
+    flat = np.arange(n * m * m)
+    if len(flat) > n_max:
+        flat = np.sort(np.random.default_rng(0).choice(len(flat), n_max, replace=False))
+    img, rc = np.divmod(flat, m * m)
+    locations = np.asarray(maps[img, :, rc // m, rc % m], dtype=np.float32)  # (n, C)
+    norms = np.linalg.norm(locations, axis=1)
     return max(float(np.median(norms)), float(np.finfo(np.float32).tiny))
 
 
