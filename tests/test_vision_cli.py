@@ -330,7 +330,7 @@ def test_fit_images_stores_the_pixel_matching(folders, tmp_path, capsys):
     capsys.readouterr()
     rc, out, err = _info(capsys, model)
     assert rc == 0 and "system:       SPADE (nn = knn: KNN detector)" in out
-    assert "map_nn = knnn, n_map_neighbors = 5" in out
+    assert "map_nn = knnn, n_map_neighbors = 20" in out
     # the map options mean nothing to a feature model: noted, not stored
     assert main(["fit-images", str(folders / "good"), "-o", str(tmp_path / "f.nonn"),
                  "--image-size", "48", "--map-nn", "knnn", "--device", "cpu"]) == 0

@@ -612,8 +612,8 @@ def register(subparsers):
                      "s^2), s the median training location norm, before matching (soft, the "
                      "default: evens out local contrast), or match raw features (none, "
                      "SPADE's)")
-    fit.add_argument("--map-neighbors", type=parse_positive_int, default=5, metavar="N",
-                     help="spade: normal images matched per query for the heat map (default: 5)")
+    fit.add_argument("--map-neighbors", type=parse_positive_int, default=20, metavar="N",
+                     help="spade: normal images matched per query for the heat map (default: 20)")
     fit.add_argument("--map-size", type=parse_positive_int, default=28, metavar="M",
                      help="spade: side of the stored feature pyramids (default: 28)")
     fit.add_argument("--map-nn", choices=("knn", "knnn"), default="knn",

@@ -390,8 +390,12 @@ class SPADE(_ImageSystem):
     ----------
     n_neighbors : int or None, default=None
         K of the image-level score; None means 50 (SPADE's choice).
-    n_map_neighbors : int, default=5
-        Normal images whose pyramids form the gallery of a query's pixels.
+    n_map_neighbors : int, default=20
+        Normal images whose pyramids form the gallery of a query's pixels
+        (capped at the training images). 20, not the 5 of common SPADE
+        implementations: on the synthetic-defect sets it raised image AUROC,
+        pixel AUROC and AUPRO on every set, for about 1.3x the scoring time
+        (docs/vision.md); files store their own value.
     map_size : int, default=28
         Side of the stored pyramid (28 = stride 8 at 224 pixels); smaller
         saves memory (the model file stores every training pyramid).
@@ -498,7 +502,7 @@ class SPADE(_ImageSystem):
                    "map_scale_": Array(1, dtype="float32", positive=True)}
 
     def __init__(self, nn="knnn", n_neighbors=None, n_neighbors_of_neighbors=None,
-                 n_map_neighbors=5, map_size=28, sigma=4.0, map_nn="knn",
+                 n_map_neighbors=20, map_size=28, sigma=4.0, map_nn="knn",
                  map_n_neighbors_of_neighbors=25, map_detector_params=None,
                  image_score="combined", map_score_q=0.01, coreset_ratio=None,
                  map_normalize="soft", n_map_calibration=100,
