@@ -320,11 +320,18 @@ def test_score_images_map_nn_knnn_writes_the_knnn_maps(spade_model, folders, tmp
     assert "apply to --heatmaps; ignored" in capsys.readouterr().err
 
 
+def _fit_small_spade(folders, model, *options):
+    """``fit-images`` of a small k-NN SPADE (48 px, 4 x 4 pyramids) on the
+    good images, with more ``options``; its exit code."""
+    return main(["fit-images", str(folders / "good"), "-o", str(model), "--system", "spade",
+                 "--nn", "knn", "--image-size", "48", "--map-size", "4", "--device", "cpu",
+                 *options])
+
+
 def test_fit_images_stores_the_pixel_matching(folders, tmp_path, capsys):
     model = tmp_path / "s.nonn"
-    assert main(["fit-images", str(folders / "good"), "-o", str(model), "--system", "spade",
-                 "--nn", "knn", "--image-size", "48", "--map-size", "4", "--map-nn", "knnn",
-                 "--map-neighbors-of-neighbors", "7", "--device", "cpu"]) == 0
+    assert _fit_small_spade(folders, model, "--map-nn", "knnn",
+                            "--map-neighbors-of-neighbors", "7") == 0
     system = load(model)
     assert system.map_nn == "knnn" and system.map_n_neighbors_of_neighbors == 7
     capsys.readouterr()
@@ -339,9 +346,7 @@ def test_fit_images_stores_the_pixel_matching(folders, tmp_path, capsys):
 
 def test_fit_images_map_score_q_sets_the_share_of_the_map_averaged(folders, tmp_path, capsys):
     model = tmp_path / "s.nonn"
-    assert main(["fit-images", str(folders / "good"), "-o", str(model), "--system", "spade",
-                 "--nn", "knn", "--image-size", "48", "--map-size", "4", "--image-score", "map",
-                 "--map-score-q", "0.25", "--device", "cpu"]) == 0
+    assert _fit_small_spade(folders, model, "--image-score", "map", "--map-score-q", "0.25") == 0
     system = load(model)
     assert system.image_score == "map" and system.map_score_q == 0.25
     files = sorted(str(p) for p in (folders / "new").iterdir())
@@ -364,11 +369,8 @@ def test_fit_images_map_score_q_sets_the_share_of_the_map_averaged(folders, tmp_
 
 def test_fit_images_map_normalize_none_matches_raw_locations(folders, tmp_path):
     soft, raw = tmp_path / "soft.nonn", tmp_path / "raw.nonn"
-    common = ["--system", "spade", "--nn", "knn", "--image-size", "48", "--map-size", "4",
-              "--device", "cpu"]
-    assert main(["fit-images", str(folders / "good"), "-o", str(soft), *common]) == 0
-    assert main(["fit-images", str(folders / "good"), "-o", str(raw), *common,
-                 "--map-normalize", "none"]) == 0
+    assert _fit_small_spade(folders, soft) == 0
+    assert _fit_small_spade(folders, raw, "--map-normalize", "none") == 0
     soft, raw = load(soft), load(raw)
     assert soft.map_normalize == "soft" and soft.map_scale_[0] > 0
     assert raw.map_normalize is None and not hasattr(raw, "map_scale_")

@@ -72,13 +72,13 @@ def _cmd_fit_images(args):
     if args.normalize is not None:
         params["normalize"] = args.normalize
     spade_only = {"image_score": args.image_score, "coreset_ratio": args.coreset_ratio,
-                  "map_score_q": args.map_score_q,
+                  "map_score_q": args.map_score_q, "map_normalize": args.map_normalize,
                   "map_n_neighbors_of_neighbors": args.map_neighbors_of_neighbors}
-    spade_only["map_normalize"] = args.map_normalize  # "none" is None below
     if args.system == "spade":
         params["n_map_neighbors"] = args.map_neighbors
         params["map_size"] = args.map_size
         params["map_nn"] = args.map_nn
+        # given options only; --map-normalize none means map_normalize=None
         params.update({k: None if v == "none" else v for k, v in spade_only.items()
                        if v is not None})
     elif args.map_nn != "knn" or any(v is not None for v in spade_only.values()):
