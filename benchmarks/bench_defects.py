@@ -7,7 +7,8 @@ see nonn.vision.defects), ``fit-images --system spade`` (224 px) and ``eval-imag
     python benchmarks/bench_defects.py --quick --out /tmp/defects        # smoke
 
 ``--fit-args="--image-score map --map-score-q 0.05"`` passes more options to
-every ``fit-images`` (the image score measured for pasted patches).
+every ``fit-images`` (the image score measured for pasted patches);
+``--n-train 5000`` trains on more images (CIFAR-10 has 5,000 per class).
 """
 
 import argparse
@@ -35,9 +36,10 @@ def main(argv=None):
     ap.add_argument("--sets", default="cifar_horse,fashion_tshirt,textures")
     ap.add_argument("--variants", default="knn,knnn,knn:0.1,knnn:0.1", help="MAP_NN[:CORESET]")
     ap.add_argument("--fit-args", default="", help="more fit-images options, one string")
+    ap.add_argument("--n-train", type=int, default=200, help="training images per set")
     ap.add_argument("--quick", action="store_true", help="smoke run: 12 / 3 images, 64 px")
     args = ap.parse_args(argv)
-    n_train, n_test = (12, 3) if args.quick else (200, 50)
+    n_train, n_test = (12, 3) if args.quick else (args.n_train, 50)
     small = ["--image-size", 64, "--map-size", 8] if args.quick else []
     rows, start, tmp = [], time.perf_counter(), tempfile.TemporaryDirectory()
     for name in args.sets.split(","):
