@@ -92,3 +92,28 @@ def test_faiss_flat_ties_go_to_the_lowest_ids():
             ids = search.kneighbors(query, 12, return_distance=False)
             np.testing.assert_array_equal(ids, oracle_ids(X, X if self_query else Q, 12,
                                                           self_query))
+
+
+def test_copies_a_last_bit_apart_become_the_lowest_ids():
+    """What a BLAS that rounds one product differently at two tile positions
+    hands the heaps: copies of a row a last bit apart, and not its lowest
+    ids. The lists must come out as the (value, id) rule on exact values."""
+    from nonn.neighbors import _kernels
+    from nonn.neighbors._base import _duplicate_groups
+
+    X = np.array([[0.0], [1.0], [1.0], [2.0], [1.0], [1.0]], dtype=np.float32)
+    g = _duplicate_groups(X)
+    one = np.float32(1.0)
+    up = np.nextafter(one, np.float32(2))
+    # query 0 (a new point): copies 4 and 5 of row 1 kept, 5 a last bit below 4
+    heap_v = np.array([[up, one, 2.0]], dtype=np.float32)
+    heap_i = np.array([[4, 5, 3]], dtype=np.int64)
+    _kernels.canonical_duplicates(heap_v, heap_i, g["inv"], g["ptr"], g["members"], 0, False)
+    np.testing.assert_array_equal(heap_i, [[1, 2, 3]])
+    np.testing.assert_array_equal(heap_v, [[one, one, 2.0]])
+    # self query of row 2 (start 2): its own id is never handed out
+    heap_v = np.array([[0.0, np.nextafter(np.float32(0), one)]], dtype=np.float32)
+    heap_i = np.array([[5, 4]], dtype=np.int64)
+    _kernels.canonical_duplicates(heap_v, heap_i, g["inv"], g["ptr"], g["members"], 2, True)
+    np.testing.assert_array_equal(heap_i, [[1, 4]])
+    assert heap_v[0, 0] == heap_v[0, 1] == 0

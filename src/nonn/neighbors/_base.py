@@ -232,3 +232,21 @@ def refine_graph(X, ind, rounds=1, fanout=10, reverse=0, working_memory=None, ve
             new[short] = np.take_along_axis(ind[short], order, 1)
         ind = new
     return sq, ind
+
+
+def _duplicate_groups(X):
+    """Groups of exact duplicate rows of ``X``, or None when all rows differ.
+
+    ``first``: each group's lowest row id (the row the index holds);
+    ``inv``: each row's group; ``ptr`` / ``members``: the rows of group ``g``
+    are ``members[ptr[g]:ptr[g + 1]]``, ascending."""
+    X = np.ascontiguousarray(X)
+    rows = X.view(np.dtype((np.void, X.dtype.itemsize * X.shape[1]))).ravel()
+    _, first, inv, counts = np.unique(rows, return_index=True, return_inverse=True,
+                                      return_counts=True)
+    if len(first) == X.shape[0]:
+        return None
+    ptr = np.zeros(len(first) + 1, dtype=np.int64)
+    np.cumsum(counts, out=ptr[1:])
+    return {"first": first.astype(np.int64), "inv": inv.ravel().astype(np.int64), "ptr": ptr,
+            "members": np.argsort(inv.ravel(), kind="stable").astype(np.int64)}

@@ -384,3 +384,46 @@ def expand_groups(gids, ptr, members, self_ids, groups_of, out):
                 c += 1
         for a in range(c, k):
             out[i, a] = -1
+
+
+@njit(cache=True, parallel=True)
+def canonical_duplicates(heap_v, heap_i, inv, ptr, members, row0, self_query):
+    """Sorted top-k lists (rows of ``heap_v`` / ``heap_i``, queries ``row0 +
+    i``) made to follow the tie rule among exact duplicate rows, whatever
+    products the BLAS gave them: the copies of one row (group ``inv[j]``, its
+    rows ``members[ptr[g]:ptr[g + 1]]`` ascending) that a list holds become
+    that group's lowest ids (``self_query``: the query's own id excluded),
+    all with the smallest of their values, and the list is sorted again by
+    (value, id). A GEMM may round the same product differently at different
+    positions of its tiles, so copies can come out a last bit apart."""
+    nq, k = heap_i.shape
+    for i in prange(nq):
+        hv = heap_v[i]
+        hi = heap_i[i]
+        me = row0 + i if self_query else -1
+        done = np.zeros(k, dtype=np.bool_)
+        changed = False
+        for a in range(k):
+            if done[a]:
+                continue
+            g = inv[hi[a]]
+            if ptr[g + 1] - ptr[g] == 1:
+                continue
+            v = hv[a]
+            for b in range(a, k):
+                if not done[b] and inv[hi[b]] == g:
+                    done[b] = True
+                    v = min(v, hv[b])
+            # the lowest ids of the group, in list order
+            t = ptr[g]
+            for b in range(a, k):
+                if inv[hi[b]] == g:
+                    while members[t] == me:
+                        t += 1
+                    if hi[b] != members[t] or hv[b] != v:
+                        changed = True
+                    hi[b] = members[t]
+                    hv[b] = v
+                    t += 1
+        if changed:
+            _sort_pairs(hv, hi, k)

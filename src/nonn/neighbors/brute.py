@@ -17,10 +17,13 @@ returned values do not carry the cancellation error of the expansion, and
 the candidates are sorted by them.
 
 Ties: candidates are ranked by (ranking value, id), so among equal ranking
-values the lowest id wins, in every block and thread layout. Exact duplicate
-rows get equal ranking values (the same products), and so do rows at equal
-distance whenever the arithmetic is exact (binary or small-integer
-features); other equidistant rows may differ in the last bit of their
+values the lowest id wins, in every block and thread layout. Rows at equal
+distance get equal ranking values whenever the arithmetic is exact (binary
+or small-integer features). Exact duplicate rows need not: a BLAS may round
+the same product differently at different positions of its GEMM tiles (seen
+with OpenBLAS on AMD EPYC), so the copies of a row are found at fit and
+each list's copies are then replaced by the lowest ids of their group, at
+one value. Other equidistant rows may differ in the last bit of their
 ranking values, which then decides.
 
 Data far from unit scale (say float32 times 1e30, whose squared norms
@@ -37,8 +40,8 @@ import numpy as np
 from .. import _data_scale
 from .._chunks import chunk_rows, progress
 from .._threads import library_threads, numba_pool_size, numba_threads, single_thread_blas
-from ._base import check_metric, check_n_neighbors, expansion_margin, squared_to_metric, \
-    unit_rows
+from ._base import _duplicate_groups, check_metric, check_n_neighbors, expansion_margin, \
+    squared_to_metric, unit_rows
 
 
 class BruteForceBackend:
@@ -77,12 +80,14 @@ class BruteForceBackend:
             rms = np.sqrt(2 * float(self._half_sqnorm.sum(dtype=np.float64)) / max(X.size, 1))
             if 2.0 ** (1 - _data_scale.SAFE_EXPONENT) <= rms <= 2.0 ** (
                     _data_scale.SAFE_EXPONENT - 1):
+                self._groups = _duplicate_groups(self._X)
                 return self
         # the working scale first: cosine's row norms square the entries too
         self._exponent = _data_scale.fit_exponent(X)
         X = _data_scale.scale(X, self._exponent, "The training data")
         self._X = np.ascontiguousarray(unit_rows(X) if self.metric == "cosine" else X)
         self._half_sqnorm = 0.5 * np.einsum("ij,ij->i", self._X, self._X)
+        self._groups = _duplicate_groups(self._X)
         return self
 
     @property
@@ -191,6 +196,10 @@ class BruteForceBackend:
                 f"The k-NN search overflowed {Xt.dtype}: some query values are too large "
                 "relative to the training data to be compared with it. Pass float64 data, or "
                 "check that the queries are in the training data's units.")
+        g = getattr(self, "_groups", None)
+        if g is not None:
+            _kernels.canonical_duplicates(heap_v, heap_i, g["inv"], g["ptr"], g["members"],
+                                          start, self_query)
         if dist is None:
             ind[start:stop] = heap_i
             return
