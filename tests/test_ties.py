@@ -117,3 +117,12 @@ def test_copies_a_last_bit_apart_become_the_lowest_ids():
     _kernels.canonical_duplicates(heap_v, heap_i, g["inv"], g["ptr"], g["members"], 2, True)
     np.testing.assert_array_equal(heap_i, [[1, 4]])
     assert heap_v[0, 0] == heap_v[0, 1] == 0
+
+
+def test_a_negative_zero_is_a_copy():
+    from nonn.neighbors._base import _duplicate_groups
+
+    X = np.array([[0.0, 1.0], [-0.0, 1.0], [1.0, 0.0]])
+    g = _duplicate_groups(X)
+    assert g["inv"][0] == g["inv"][1] != g["inv"][2]
+    assert np.signbit(X[1, 0])  # the caller's data untouched

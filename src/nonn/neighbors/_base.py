@@ -239,8 +239,12 @@ def _duplicate_groups(X):
 
     ``first``: each group's lowest row id (the row the index holds);
     ``inv``: each row's group; ``ptr`` / ``members``: the rows of group ``g``
-    are ``members[ptr[g]:ptr[g + 1]]``, ascending."""
+    are ``members[ptr[g]:ptr[g + 1]]``, ascending. Rows are compared by
+    their bytes, a negative zero first made positive (equal values)."""
     X = np.ascontiguousarray(X)
+    zero = X == 0
+    if zero.any() and np.signbit(X[zero]).any():
+        X = X + 0.0  # -0.0 + 0.0 is +0.0
     rows = X.view(np.dtype((np.void, X.dtype.itemsize * X.shape[1]))).ravel()
     _, first, inv, counts = np.unique(rows, return_index=True, return_inverse=True,
                                       return_counts=True)
