@@ -242,9 +242,11 @@ def _duplicate_groups(X):
     are ``members[ptr[g]:ptr[g + 1]]``, ascending. Rows are compared by
     their bytes, a negative zero first made positive (equal values)."""
     X = np.ascontiguousarray(X)
-    zero = X == 0
-    if zero.any() and np.signbit(X[zero]).any():
-        X = X + 0.0  # -0.0 + 0.0 is +0.0
+    for start in range(0, X.shape[0], 65536):  # bounded temporaries
+        block = X[start:start + 65536]
+        if (np.signbit(block) & (block == 0)).any():
+            X = X + 0.0  # -0.0 + 0.0 is +0.0
+            break
     rows = X.view(np.dtype((np.void, X.dtype.itemsize * X.shape[1]))).ravel()
     _, first, inv, counts = np.unique(rows, return_index=True, return_inverse=True,
                                       return_counts=True)
