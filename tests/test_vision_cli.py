@@ -367,6 +367,33 @@ def test_fit_images_map_score_q_sets_the_share_of_the_map_averaged(folders, tmp_
     assert "--map-score-q" in err and "[0, 1)" in err and not (tmp_path / "t.nonn").exists()
 
 
+def test_fit_images_test_time_flip_scores_with_the_mirror_images(folders, tmp_path, capsys):
+    model = tmp_path / "flip.nonn"
+    assert _fit_small_spade(folders, model, "--image-score", "map", "--test-time-flip") == 0
+    system = load(model)
+    assert system.test_time_flip is True and system.image_score == "map"
+    files = [str(f) for f in sorted((folders / "new").iterdir())]
+    heat = tmp_path / "heat"
+    assert main(["score-images", str(model), *files, "-o", str(tmp_path / "s.csv"),
+                 "--heatmaps", str(heat)]) == 0
+    scores, maps = system.score_with_maps(files)
+    plain = system.get_params()
+    plain["test_time_flip"] = False
+    _, plain_maps = SPADE(**plain).fit(str(folders / "good")).score_with_maps(files)
+    with open(tmp_path / "s.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    np.testing.assert_allclose([float(r["anomaly_score"]) for r in rows], scores, rtol=1e-5)
+    for f, m, p in zip(files, maps, plain_maps):
+        got = np.load(heat / f"{Path(f).stem}_map.npy")
+        np.testing.assert_allclose(got, m, rtol=1e-5, atol=1e-6)
+        assert not np.allclose(got, p, rtol=1e-3)
+    # its calibration is computed at fit: another pixel matching is refused, clearly
+    capsys.readouterr()
+    assert main(["score-images", str(model), files[0], "-o", str(tmp_path / "t.csv"),
+                 "--heatmaps", str(tmp_path / "h2"), "--map-nn", "knnn"]) == 2
+    assert "computed at fit only" in capsys.readouterr().err
+
+
 def test_fit_images_map_normalize_none_matches_raw_locations(folders, tmp_path):
     soft, raw = tmp_path / "soft.nonn", tmp_path / "raw.nonn"
     assert _fit_small_spade(folders, soft) == 0

@@ -355,6 +355,67 @@ def test_coreset_bank_maps_equal_naive_nearest_bank_location(normal_images, tmp_
         SPADE(coreset_ratio=0.0, image_size=SIZE, device="cpu").fit(normal_images)
 
 
+def test_test_time_flip_map_is_the_mean_with_the_mirror_images_map(normal_images, tmp_path):
+    """Oracle: the map of a SPADE without the flip, of the image and of its
+    mirror image (flipped back), averaged. A gallery of every training image
+    makes the two maps' galleries the same."""
+    kw = dict(nn="knn", n_neighbors=3, n_map_neighbors=20, map_size=8, image_size=SIZE,
+              image_score="map", device="cpu", verbose=False)
+    plain = SPADE(**kw).fit(normal_images)
+    flip = SPADE(**kw, test_time_flip=True).fit(normal_images)
+    q = np.concatenate([make_images(2, seed=81), make_images(1, seed=81, patch=True)])
+    mirror = np.ascontiguousarray(q[:, :, ::-1])
+    s, maps = flip.score_with_maps(q)
+    _, m0 = plain.score_with_maps(q)
+    _, m1 = plain.score_with_maps(mirror)
+    for i in range(3):
+        want = (m0[i] + m1[i][:, ::-1]) / 2
+        np.testing.assert_allclose(maps[i], want, rtol=1e-3, atol=1e-4)
+        assert np.abs(maps[i] - m0[i]).max() > 100 * np.abs(maps[i] - want).max()
+    # the score: the map's top 1 % at image_size, from the pyramids as well
+    f_q, p_q, mirror_q = flip.extractor_.transform_pyramid(q, 8, mirror=True)
+    s2, at = flip.score_pyramids(f_q, p_q, mirror_maps=mirror_q)
+    np.testing.assert_allclose(s2, s, rtol=1e-6)
+    np.testing.assert_allclose(s, [_top_mean(m, 0.01) for m in at], rtol=1e-5)
+    # an image and its mirror image get the same score and mirrored maps
+    s_m, maps_m = flip.score_with_maps(mirror)
+    np.testing.assert_allclose(s_m, s, rtol=1e-3)
+    np.testing.assert_allclose(maps_m[2], maps[2][:, ::-1], rtol=1e-3, atol=1e-4)
+
+    # held-out calibration with the flip: a SPADE fitted on the others
+    feats, maps_tr, mirror_tr = flip.extractor_.transform_pyramid(normal_images, 8, mirror=True)
+    np.testing.assert_array_equal(
+        mirror_tr, flip.extractor_.transform_pyramid(normal_images[:, :, ::-1].copy(), 8)[1])
+    rows = np.asarray(flip.detector_.calibration_rows_)
+    i = rows[3]
+    others = np.setdiff1d(np.arange(len(normal_images)), [i])
+    alone = SPADE(**kw, test_time_flip=True).fit_features(feats[others], maps_tr[others],
+                                                          mirror_maps=mirror_tr[others])
+    alone.map_scale_ = flip.map_scale_
+    _, m = alone.score_pyramids(feats[i:i + 1], maps_tr[i:i + 1], mirror_maps=mirror_tr[i:i + 1])
+    assert flip.map_calibration_[3, 1] == pytest.approx(_top_mean(m[0], 0.01), rel=1e-4)
+    assert flip.map_calibration_[3, 2] == pytest.approx(m[0].max(), rel=1e-4)
+    assert flip.map_calibration_[3, 1] != pytest.approx(plain.map_calibration_[3, 1], rel=1e-3)
+
+    with pytest.raises(ValueError, match="mirror-image pyramids"):
+        SPADE(**kw, test_time_flip=True).fit_features(feats, maps_tr)
+    with pytest.raises(ValueError, match="pass the mirror images' pyramids"):
+        flip.score_pyramids(feats[:1], maps_tr[:1])
+    with pytest.raises(ValueError, match="for test_time_flip=True"):
+        plain.score_pyramids(feats[:1], maps_tr[:1], mirror_maps=mirror_tr[:1])
+    with pytest.raises(ValueError, match="'test_time_flip' parameter of SPADE must be True"):
+        SPADE(**{**kw, "test_time_flip": "yes"}).fit(normal_images)
+    # saved and loaded: the same scores; its calibration cannot be recomputed
+    flip.save(tmp_path / "flip.nonn")
+    back = load(tmp_path / "flip.nonn")
+    assert back.test_time_flip is True
+    np.testing.assert_allclose(back.anomaly_score(q), s, rtol=1e-5)
+    with pytest.raises(ValueError, match="computed at fit only"):
+        back.set_params(sigma=2.0).anomaly_score(q)
+    with pytest.raises(ValueError, match="computed at fit only"):
+        load(tmp_path / "flip.nonn").set_params(map_score_q=0.05).score_with_maps(q)
+
+
 # -------------------------------------------------------- mid-level features
 def test_multi_layer_features_are_unit_blocks_of_the_backbone():
     images = make_images(3, seed=71)

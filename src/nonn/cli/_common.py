@@ -165,7 +165,7 @@ FLAGS.update({"device": "--device", "weights": "--weights", "nn": "--nn",
               "normalize": "--normalize", "image_size": "--image-size",
               "batch_size": "--batch-size", "map_nn": "--map-nn",
               "map_score_q": "--map-score-q", "coreset_ratio": "--coreset-ratio",
-              "map_normalize": "--map-normalize"})
+              "map_normalize": "--map-normalize", "test_time_flip": "--test-time-flip"})
 
 
 def parse_positive_int(text):

@@ -73,7 +73,8 @@ def _cmd_fit_images(args):
         params["normalize"] = args.normalize
     spade_only = {"image_score": args.image_score, "coreset_ratio": args.coreset_ratio,
                   "map_score_q": args.map_score_q, "map_normalize": args.map_normalize,
-                  "map_n_neighbors_of_neighbors": args.map_neighbors_of_neighbors}
+                  "map_n_neighbors_of_neighbors": args.map_neighbors_of_neighbors,
+                  "test_time_flip": True if args.test_time_flip else None}
     if args.system == "spade":
         params["n_map_neighbors"] = args.map_neighbors
         params["map_size"] = args.map_size
@@ -83,7 +84,8 @@ def _cmd_fit_images(args):
                        if v is not None})
     elif args.map_nn != "knn" or any(v is not None for v in spade_only.values()):
         note("note: --map-nn, --map-neighbors-of-neighbors, --image-score, --map-score-q, "
-             "--map-normalize and --coreset-ratio apply to --system spade; ignored.")
+             "--map-normalize, --coreset-ratio and --test-time-flip apply to --system spade; "
+             "ignored.")
     if args.layers is not None:
         if args.system != "feature":
             raise ValueError("--layers applies to --system feature.")
@@ -612,6 +614,10 @@ def register(subparsers):
                      "s^2), s the median training location norm, before matching (soft, the "
                      "default: evens out local contrast), or match raw features (none, "
                      "SPADE's)")
+    fit.add_argument("--test-time-flip", action="store_true",
+                     help="spade: map every image and its mirror image and average the two "
+                     "maps (twice the map time; off where a mirror image is itself a defect; "
+                     "see docs/vision.md)")
     fit.add_argument("--map-neighbors", type=parse_positive_int, default=20, metavar="N",
                      help="spade: normal images matched per query for the heat map (default: 20)")
     fit.add_argument("--map-size", type=parse_positive_int, default=28, metavar="M",

@@ -166,23 +166,31 @@ class ImageFeatureExtractor(TransformerMixin, BaseEstimator):
         parts = self._map(X, fn, "image features")
         return np.concatenate(parts, 0)
 
-    def transform_pyramid(self, X, map_size):
+    def transform_pyramid(self, X, map_size, mirror=False):
         """SPADE's inputs: pooled features (N, D) and the multi-layer feature
         pyramid (N, C, map_size, map_size) float16 — each pyramid layer
-        resized (bilinear) to ``map_size`` and stacked along channels."""
+        resized (bilinear) to ``map_size`` and stacked along channels.
+
+        ``mirror=True`` also returns, third, the pyramids of the images'
+        horizontal mirror images (as extracted from them, not flipped back),
+        from the same pass over ``X``."""
         torch = import_torch()
         import torch.nn.functional as F
 
-        def fn(x):
+        def pyramid(x):
             maps, pooled = self.backbone_.pyramid(x)
             maps = [F.interpolate(m.float(), size=(map_size, map_size), mode="bilinear",
                                   align_corners=False) for m in maps]
             return (pooled.float().cpu().numpy(),
                     torch.cat(maps, 1).to(torch.float16).cpu().numpy())
 
+        def fn(x):
+            # the resize and the preprocessing are mirror-symmetric, so the
+            # flipped batch is the batch of the mirror images
+            return pyramid(x) + ((pyramid(x.flip(-1))[1],) if mirror else ())
+
         parts = self._map(X, fn, "feature pyramids")
-        return (np.concatenate([p[0] for p in parts], 0),
-                np.concatenate([p[1] for p in parts], 0))
+        return tuple(np.concatenate([p[j] for p in parts], 0) for j in range(len(parts[0])))
 
     def transform_trunk(self, X):
         """Output of the frozen stages before ``backbone_.tail_start`` (what

@@ -450,6 +450,18 @@ class SPADE(_ImageSystem):
         Training images (a seeded subset of the detector's calibration rows)
         whose held-out maps set :attr:`map_median_`, :attr:`pixel_threshold_`
         and the scale of the map score.
+    test_time_flip : bool, default=False
+        Map every image twice, as it is and as its horizontal mirror image
+        (the latter's map flipped back), and use the mean of the two maps —
+        for the image score, the pixels and the held-out calibration alike.
+        Twice the map's extraction and matching time; the gallery is chosen
+        by the image's own pooled feature. On CIFAR-10 horses with a pasted
+        patch it raised the map score's image AUROC from 0.918 to 0.932
+        (docs/vision.md). Leave it off where a mirror image is itself a
+        defect (a part mounted the wrong way round, a flipped nut): the mean
+        would halve that evidence. Fixed at fit (the held-out calibration
+        needs the training images' mirror images, which the model does not
+        store): changing a map parameter of such a model afterwards raises.
 
     Other parameters as :class:`FeatureDetector`.
 
@@ -506,7 +518,7 @@ class SPADE(_ImageSystem):
                  n_map_neighbors=20, map_size=28, sigma=4.0, map_nn="knn",
                  map_n_neighbors_of_neighbors=25, map_detector_params=None,
                  image_score="combined", map_score_q=0.01, coreset_ratio=None,
-                 map_normalize="soft", n_map_calibration=100,
+                 map_normalize="soft", n_map_calibration=100, test_time_flip=False,
                  backbone="efficientnet_lite0", weights=None, image_size=224, batch_size=32,
                  device="auto", verbose="auto", contamination="auto", detector_params=None,
                  normalize=True):
@@ -515,6 +527,7 @@ class SPADE(_ImageSystem):
         self.coreset_ratio = coreset_ratio
         self.map_normalize = map_normalize
         self.n_map_calibration = n_map_calibration
+        self.test_time_flip = test_time_flip
         self.nn = nn
         self.n_neighbors = n_neighbors
         self.n_neighbors_of_neighbors = n_neighbors_of_neighbors
@@ -563,6 +576,9 @@ class SPADE(_ImageSystem):
         if not any(self.map_normalize is v or self.map_normalize == v for v in MAP_NORMALIZE):
             raise ValueError(f"The 'map_normalize' parameter of SPADE must be 'soft' or None. "
                              f"Got {self.map_normalize!r} instead.")
+        if self.test_time_flip not in (True, False):
+            raise ValueError(f"The 'test_time_flip' parameter of SPADE must be True or False. "
+                             f"Got {self.test_time_flip!r} instead.")
 
     # ------------------------------------------------------------ state
     def _required_arrays(self):
@@ -578,21 +594,49 @@ class SPADE(_ImageSystem):
             a for a in self._optional_arrays if getattr(self, a, None) is not None)
 
     # -------------------------------------------------------------- fit
+    def fit(self, X, y=None):
+        """Fit on normal images ``X`` (a folder, paths, or a uint8 image array)."""
+        try:
+            return super().fit(X, y)
+        finally:
+            self._fit_images = None
+
     def _train_features(self, X):
         self._check_map_params()
-        feats, maps = self.extractor_.transform_pyramid(X, self.map_size)
+        images = _images.as_image_list(X)
+        feats, maps = self.extractor_.transform_pyramid(images, self.map_size)
         self._fit_maps = maps
+        # test_time_flip: the calibration rows' mirror images are extracted
+        # once those rows are known (a hundred images, not every one)
+        self._fit_images = images if self.test_time_flip else None
         return feats
 
-    def fit_features(self, features, maps=None):
+    def fit_features(self, features, maps=None, mirror_maps=None):
         """Fit from precomputed pooled features and pyramids (N, C, M, M) —
-        what :meth:`fit` does after extraction."""
+        what :meth:`fit` does after extraction. With ``test_time_flip``,
+        ``mirror_maps``: the pyramids of the training images' mirror images
+        (``transform_pyramid(X, map_size, mirror=True)[2]``), for the
+        held-out calibration."""
         self._check_map_params()
         if maps is not None:
             self._fit_maps = np.asarray(maps, dtype=np.float16)
         if getattr(self, "_fit_maps", None) is None:
             raise ValueError("SPADE.fit_features needs the training pyramids (maps=...).")
         maps, self._fit_maps = self._fit_maps, None
+        if mirror_maps is not None:
+            if not self.test_time_flip:
+                raise ValueError("mirror_maps is for test_time_flip=True; this SPADE has "
+                                 "test_time_flip=False.")
+            mirror_maps = np.asarray(mirror_maps)
+            if mirror_maps.shape != maps.shape:
+                raise ValueError(f"mirror_maps of shape {mirror_maps.shape} for training "
+                                 f"pyramids of shape {maps.shape}.")
+        elif self.test_time_flip and getattr(self, "_fit_images", None) is None:
+            raise ValueError("A SPADE with test_time_flip=True needs the training images' "
+                             "mirror-image pyramids for its held-out calibration: pass "
+                             "mirror_maps=transform_pyramid(X, map_size, mirror=True)[2], or "
+                             "fit(images).")
+        self._fit_mirror_maps = mirror_maps
         for name in ("train_maps_", "memory_bank_", "memory_bank_source_",
                      "map_calibration_", "map_levels_", "map_scale_"):
             if hasattr(self, name):
@@ -610,14 +654,17 @@ class SPADE(_ImageSystem):
             keep = greedy_coreset(self._normed(locations), self.coreset_ratio, random_state=0)
             self.memory_bank_ = np.ascontiguousarray(locations[keep])
             self.memory_bank_source_ = (keep // (self.map_size ** 2)).astype(np.int32)
-        self._calibrate(maps)
+        try:
+            self._calibrate(maps)
+        finally:
+            self._fit_mirror_maps = None
         return self
 
     # ------------------------------------------------------- calibration
     def _calibration_key(self):
         return (self.map_nn, self.map_n_neighbors_of_neighbors, repr(self.map_detector_params),
                 self.n_map_neighbors, float(self.sigma), float(self.map_score_q),
-                int(self.image_size))
+                int(self.image_size), bool(self.test_time_flip))
 
     def _calibration_rows(self):
         """Training images whose held-out maps set the map's scale and
@@ -648,6 +695,8 @@ class SPADE(_ImageSystem):
             maps = self.train_maps_
         feats = self.train_features_[rows]
         raw = self._raw_maps(feats, np.asarray(maps[rows]), exclude=rows)
+        if self.test_time_flip:
+            raw = self._mean_with_mirror(raw, self._calibration_mirror_maps(rows), feats, rows)
         s = self.image_size
         finished = self._finish_maps(raw, [(s, s)] * len(rows), torch)
         score = np.array([_top_mean(m, self.map_score_q) for m in finished])
@@ -660,6 +709,27 @@ class SPADE(_ImageSystem):
                                     dtype=np.float32)
         self._map_cache[self._calibration_key()] = (self.map_calibration_, self.map_levels_)
         self._set_offset()
+
+    def _calibration_mirror_maps(self, rows):
+        """Pyramids of the mirror images of training images ``rows`` (fit only)."""
+        given = getattr(self, "_fit_mirror_maps", None)
+        if given is not None:
+            return np.asarray(given[rows])
+        images = getattr(self, "_fit_images", None)
+        if images is None:
+            raise ValueError("This SPADE has test_time_flip=True: its held-out calibration "
+                             "needs the training images' mirror images, so it is computed at "
+                             "fit only and the map parameters are fixed then. Refit with "
+                             f"map_nn={self.map_nn!r} (and the other map parameters), or set "
+                             "test_time_flip back to the value it was fitted with.")
+        subset = images[rows] if isinstance(images, np.ndarray) else [images[i] for i in rows]
+        return self.extractor_.transform_pyramid(subset, self.map_size, mirror=True)[2]
+
+    def _mean_with_mirror(self, raw, mirror_maps, feats, exclude=None):
+        """Mean of raw maps and the mirror images' raw maps flipped back (the
+        same galleries: chosen by the images' own pooled features)."""
+        back = self._raw_maps(feats, np.asarray(mirror_maps), exclude=exclude)[:, :, ::-1]
+        return (raw + back) / 2
 
     def _calibration(self):
         """``(map_calibration_, map_levels_)`` for the current map
@@ -742,21 +812,41 @@ class SPADE(_ImageSystem):
         if not hasattr(self, "extractor_"):
             self.extractor_ = self._extractor().fit()
         images = _images.as_image_list(X)
-        feats, maps = self.extractor_.transform_pyramid(images, self.map_size)
+        feats, maps, *mirror = self.extractor_.transform_pyramid(
+            images, self.map_size, mirror=bool(self.test_time_flip))
         sizes = [_images.original_size(images[i]) for i in range(len(images))]
-        return self.score_pyramids(feats, maps, sizes)
+        return self.score_pyramids(feats, maps, sizes, mirror[0] if mirror else None)
 
-    def score_pyramids(self, features, maps, sizes=None):
+    def score_pyramids(self, features, maps, sizes=None, mirror_maps=None):
         """Image scores and maps of precomputed pooled features (N, D) and
         pyramids (N, C, M, M) (what :meth:`score_with_maps` does after
         extraction); maps at ``sizes`` (a list of (H, W); default
-        ``image_size``)."""
+        ``image_size``). With ``test_time_flip``, ``mirror_maps``: the
+        pyramids of the images' mirror images
+        (``transform_pyramid(X, map_size, mirror=True)[2]``)."""
         check_is_fitted(self, "detector_")
         torch = import_torch()
+        self._check_map_params()
+        if self.test_time_flip and mirror_maps is None:
+            raise ValueError("This SPADE has test_time_flip=True: pass the mirror images' "
+                             "pyramids (mirror_maps=transform_pyramid(X, map_size, "
+                             "mirror=True)[2]), or use score_with_maps(images).")
+        if mirror_maps is not None and not self.test_time_flip:
+            raise ValueError("mirror_maps is for test_time_flip=True; this SPADE has "
+                             "test_time_flip=False.")
         feats = self._prep(features)
         maps = np.asarray(maps)
         glob = self.detector_.anomaly_score(feats)
+        if self.test_time_flip:
+            # the calibration first: a changed map parameter must raise before
+            # the (long) matching
+            self._calibration()
         raw = self._raw_maps(feats, maps)
+        if self.test_time_flip:
+            if np.shape(mirror_maps) != maps.shape:
+                raise ValueError(f"mirror_maps of shape {np.shape(mirror_maps)} for pyramids "
+                                 f"of shape {maps.shape}.")
+            raw = self._mean_with_mirror(raw, mirror_maps, feats)
         s = self.image_size
         at_size = self._finish_maps(raw, [(s, s)] * len(raw), torch)
         if self.image_score == "global":
