@@ -1,6 +1,7 @@
 """``nonn fit-images`` / ``nonn score-images`` with the real offline backbone."""
 
 import csv
+import importlib.util
 import json
 import re
 import struct
@@ -392,6 +393,10 @@ def test_fit_images_test_time_flip_scores_with_the_mirror_images(folders, tmp_pa
     assert main(["score-images", str(model), files[0], "-o", str(tmp_path / "t.csv"),
                  "--heatmaps", str(tmp_path / "h2"), "--map-nn", "knnn"]) == 2
     assert "computed at fit only" in capsys.readouterr().err
+    # its ONNX export says that the mirrored batch is needed too
+    if importlib.util.find_spec("onnx") and importlib.util.find_spec("onnxruntime"):
+        assert main(["export", str(model), "-o", str(tmp_path / "flip.onnx")]) == 0
+        assert "mirror_maps=" in capsys.readouterr().out
 
 
 def test_fit_images_map_normalize_none_matches_raw_locations(folders, tmp_path):

@@ -453,6 +453,10 @@ def _cmd_export(args):
     print(f"  outputs: {', '.join(outputs)} (the backbone's normalisation is inside)")
     print("  not included: image reading and resizing, normalize, the k-NN/k-NNN detector and "
           "its threshold, map matching and calibration (they stay in the .nonn model)")
+    if getattr(system, "test_time_flip", False):
+        print("  mirror:  this model averages every map with its mirror image's: run the "
+              "flipped batch too (images[..., ::-1]) and pass its pyramid to "
+              "score_pyramids(..., mirror_maps=...)")
     return 0
 
 

@@ -14,7 +14,8 @@ detector (k-NN / k-NNN and its threshold), the map matching, smoothing and
 calibration. Those stay in the ``.nonn`` model file; score exported
 features with ``system.anomaly_score_features(features)`` (Feature, and
 SPADE with ``image_score='global'``) or ``system.score_pyramids(features,
-pyramid)`` (SPADE).
+pyramid)`` (SPADE; with ``test_time_flip``, run the horizontally flipped
+batch ``images[..., ::-1]`` too and pass its pyramid as ``mirror_maps=``).
 """
 
 from __future__ import annotations
