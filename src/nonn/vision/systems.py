@@ -457,9 +457,10 @@ class SPADE(_ImageSystem):
         Twice the map's extraction and matching time; the gallery is chosen
         by the image's own pooled feature. On CIFAR-10 horses with a pasted
         patch it raised the map score's image AUROC from 0.918 to 0.929, and
-        pixel AUROC and AUPRO on every synthetic-defect set (docs/vision.md). Leave it off where a mirror image is itself a
-        defect (a part mounted the wrong way round, a flipped nut): the mean
-        would halve that evidence. Fixed at fit (the held-out calibration
+        pixel AUROC and AUPRO on every synthetic-defect set (docs/vision.md).
+        Leave it off where a mirror image is itself a defect (a part mounted
+        the wrong way round, a flipped nut): the mean would halve that
+        evidence. Fixed at fit (the held-out calibration
         needs the training images' mirror images, which the model does not
         store): changing a map parameter of such a model afterwards raises.
 
@@ -694,9 +695,8 @@ class SPADE(_ImageSystem):
                                  "to use them.")
             maps = self.train_maps_
         feats = self.train_features_[rows]
-        raw = self._raw_maps(feats, np.asarray(maps[rows]), exclude=rows)
-        if self.test_time_flip:
-            raw = self._mean_with_mirror(raw, self._calibration_mirror_maps(rows), feats, rows)
+        mirror = self._calibration_mirror_maps(rows) if self.test_time_flip else None
+        raw = self._raw_maps(feats, np.asarray(maps[rows]), exclude=rows, mirror_maps=mirror)
         s = self.image_size
         finished = self._finish_maps(raw, [(s, s)] * len(rows), torch)
         score = np.array([_top_mean(m, self.map_score_q) for m in finished])
@@ -724,12 +724,6 @@ class SPADE(_ImageSystem):
                              "test_time_flip back to the value it was fitted with.")
         subset = images[rows] if isinstance(images, np.ndarray) else [images[i] for i in rows]
         return self.extractor_.transform_pyramid(subset, self.map_size, mirror=True)[2]
-
-    def _mean_with_mirror(self, raw, mirror_maps, feats, exclude=None):
-        """Mean of raw maps and the mirror images' raw maps flipped back (the
-        same galleries: chosen by the images' own pooled features)."""
-        back = self._raw_maps(feats, np.asarray(mirror_maps), exclude=exclude)[:, :, ::-1]
-        return (raw + back) / 2
 
     def _calibration(self):
         """``(map_calibration_, map_levels_)`` for the current map
@@ -844,9 +838,7 @@ class SPADE(_ImageSystem):
             # the (long) matching
             self._calibration()
         glob = self.detector_.anomaly_score(feats)
-        raw = self._raw_maps(feats, maps)
-        if self.test_time_flip:
-            raw = self._mean_with_mirror(raw, mirror_maps, feats)
+        raw = self._raw_maps(feats, maps, mirror_maps=mirror_maps if self.test_time_flip else None)
         s = self.image_size
         at_size = self._finish_maps(raw, [(s, s)] * len(raw), torch)
         if self.image_score == "global":
@@ -884,14 +876,23 @@ class SPADE(_ImageSystem):
         return [np.asarray(m) > t for m in maps]
 
     # ------------------------------------------------------------- maps
-    def _raw_maps(self, feats, maps, exclude=None):
+    def _raw_maps(self, feats, maps, exclude=None, mirror_maps=None):
         """Raw (N, map_size, map_size) maps of query pyramids ``maps``;
         ``exclude[i]``: a training image query i must not be matched with
-        (itself, for held-out calibration maps)."""
+        (itself, for held-out calibration maps). ``mirror_maps``
+        (``test_time_flip``): the mirror images' pyramids; the result is then
+        the mean of each map and its mirror image's map flipped back, both
+        matched against the same gallery (chosen by the image's own pooled
+        feature, computed once)."""
         self._check_map_params()
         self._check_fitted_normalize()
+        if mirror_maps is not None:
+            mirror_maps = np.asarray(mirror_maps)
         if self.coreset_ratio is not None:
-            return self._bank_maps(maps, exclude)
+            out = self._bank_maps(maps, exclude)
+            if mirror_maps is None:
+                return out
+            return (out + self._bank_maps(mirror_maps, exclude)[:, :, ::-1]) / 2
         train = np.asarray(self.train_features_, dtype=np.float32)
         kk = min(self.n_map_neighbors, train.shape[0] - (exclude is not None))
         if kk < 1:
@@ -901,11 +902,19 @@ class SPADE(_ImageSystem):
         if exclude is not None:
             d2[np.arange(len(feats)), exclude] = np.inf
         nbrs = np.argsort(d2, axis=1, kind="stable")[:, :kk]
+        out = self._gallery_maps(maps, nbrs)
+        if mirror_maps is None:
+            return out
+        return (out + self._gallery_maps(mirror_maps, nbrs)[:, :, ::-1]) / 2
+
+    def _gallery_maps(self, maps, nbrs):
+        """Raw maps of query pyramids ``maps``, query i matched against the
+        pyramids of training images ``nbrs[i]``."""
         if self.map_nn == "knnn":
             return self._pixel_maps_knnn(maps, nbrs)
         torch = import_torch()
-        out = np.empty((len(feats), self.map_size, self.map_size), dtype=np.float32)
-        for i in range(len(feats)):
+        out = np.empty((len(maps), self.map_size, self.map_size), dtype=np.float32)
+        for i in range(len(maps)):
             q = self._normed(maps[i].reshape(maps.shape[1], -1).T)  # (m*m, C)
             g = self.train_maps_[nbrs[i]]
             g = self._normed(g.transpose(0, 2, 3, 1).reshape(-1, g.shape[1]))  # (kk*m*m, C)
