@@ -355,6 +355,29 @@ def test_coreset_bank_maps_equal_naive_nearest_bank_location(normal_images, tmp_
         SPADE(coreset_ratio=0.0, image_size=SIZE, device="cpu").fit(normal_images)
 
 
+@pytest.mark.parametrize("extra", [{"map_nn": "knnn"}, {"coreset_ratio": 0.5}],
+                         ids=["knnn-maps", "coreset"])
+def test_test_time_flip_mean_holds_for_knnn_maps_and_the_coreset(normal_images, extra):
+    """The flip's map and the mean of a flip-less SPADE's two maps agree
+    when both queries are matched in one batch (one k-NNN fit per gallery,
+    one pass over the bank). Oracle: the flip-less SPADE given the image's
+    own pooled feature with each pyramid, so that both maps use the image's
+    gallery in the same order (a k-NNN fit depends on its rows' order where
+    the synthetic images' locations tie)."""
+    kw = dict(nn="knn", n_neighbors=3, n_map_neighbors=5, map_size=8, image_size=SIZE,
+              image_score="map", device="cpu", verbose=False, **extra)
+    plain = SPADE(**kw).fit(normal_images)
+    flip = SPADE(**kw, test_time_flip=True).fit(normal_images)
+    q = np.concatenate([make_images(1, seed=82), make_images(1, seed=82, patch=True)])
+    f_q, p_q, mirror_q = flip.extractor_.transform_pyramid(q, 8, mirror=True)
+    _, maps = flip.score_pyramids(f_q, p_q, mirror_maps=mirror_q)
+    _, m0 = plain.score_pyramids(f_q, p_q)
+    _, m1 = plain.score_pyramids(f_q, mirror_q)
+    for i in range(2):
+        np.testing.assert_allclose(maps[i], (m0[i] + m1[i][:, ::-1]) / 2, rtol=1e-3, atol=1e-4)
+        assert not np.allclose(maps[i], m0[i], rtol=1e-3, atol=1e-4)
+
+
 def test_test_time_flip_map_is_the_mean_with_the_mirror_images_map(normal_images, tmp_path):
     """Oracle: the map of a SPADE without the flip, of the image and of its
     mirror image (flipped back), averaged. A gallery of every training image

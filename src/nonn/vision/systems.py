@@ -883,29 +883,31 @@ class SPADE(_ImageSystem):
         (``test_time_flip``): the mirror images' pyramids; the result is then
         the mean of each map and its mirror image's map flipped back, both
         matched against the same gallery (chosen by the image's own pooled
-        feature, computed once)."""
+        feature, computed once; a k-NNN gallery fitted once)."""
         self._check_map_params()
         self._check_fitted_normalize()
+        n = len(maps)
         if mirror_maps is not None:
-            mirror_maps = np.asarray(mirror_maps)
+            # one batch of both, so each gallery (or bank) serves both queries
+            maps = np.concatenate([np.asarray(maps), np.asarray(mirror_maps)])
+        copies = 1 if mirror_maps is None else 2
         if self.coreset_ratio is not None:
-            out = self._bank_maps(maps, exclude)
-            if mirror_maps is None:
-                return out
-            return (out + self._bank_maps(mirror_maps, exclude)[:, :, ::-1]) / 2
-        train = np.asarray(self.train_features_, dtype=np.float32)
-        kk = min(self.n_map_neighbors, train.shape[0] - (exclude is not None))
-        if kk < 1:
-            raise ValueError("Held-out maps need at least 2 training images.")
-        # the gallery images: nearest by pooled-feature distance
-        d2 = ((feats ** 2).sum(1)[:, None] - 2 * feats @ train.T + (train ** 2).sum(1)[None])
-        if exclude is not None:
-            d2[np.arange(len(feats)), exclude] = np.inf
-        nbrs = np.argsort(d2, axis=1, kind="stable")[:, :kk]
-        out = self._gallery_maps(maps, nbrs)
+            out = self._bank_maps(maps, None if exclude is None else np.tile(exclude, copies))
+        else:
+            train = np.asarray(self.train_features_, dtype=np.float32)
+            kk = min(self.n_map_neighbors, train.shape[0] - (exclude is not None))
+            if kk < 1:
+                raise ValueError("Held-out maps need at least 2 training images.")
+            # the gallery images: nearest by pooled-feature distance
+            d2 = ((feats ** 2).sum(1)[:, None] - 2 * feats @ train.T
+                  + (train ** 2).sum(1)[None])
+            if exclude is not None:
+                d2[np.arange(len(feats)), exclude] = np.inf
+            nbrs = np.argsort(d2, axis=1, kind="stable")[:, :kk]
+            out = self._gallery_maps(maps, np.tile(nbrs, (copies, 1)))
         if mirror_maps is None:
             return out
-        return (out + self._gallery_maps(mirror_maps, nbrs)[:, :, ::-1]) / 2
+        return (out[:n] + out[n:, :, ::-1]) / 2
 
     def _gallery_maps(self, maps, nbrs):
         """Raw maps of query pyramids ``maps``, query i matched against the
