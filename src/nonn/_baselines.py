@@ -83,7 +83,9 @@ class KNN(_NeighborQueries, BaseDetector):
         maximum, or the k-th distance (equal to max for sorted distances;
         kept as its own name because PyOD users know it).
     metric : {"euclidean", "cosine"}, default="euclidean"
-    backend, backend_params, contamination, working_memory, n_jobs, verbose, normalize, whiten, scale
+    backend, backend_params, contamination, working_memory, n_jobs
+        As in :class:`nonn.KNNN`.
+    verbose, normalize, whiten, scale
         As in :class:`nonn.KNNN`.
 
     Attributes
@@ -365,7 +367,8 @@ class LocalEigenKNN(_NeighborQueries, BaseDetector):
 
     def __init__(self, n_neighbors=3, set_size=5, reorder="greedy", eig_floor=1e-3,
                  metric="euclidean", backend="auto", backend_params=None, contamination="auto",
-                 working_memory=None, n_jobs=None, verbose=False, normalize=None, whiten=0.0, scale=None):
+                 working_memory=None, n_jobs=None, verbose=False, normalize=None, whiten=0.0,
+                 scale=None):
         self.n_neighbors = n_neighbors
         self.set_size = set_size
         self.reorder = reorder

@@ -145,7 +145,8 @@ def _why(value, accepted):
 _FIXES = (
     ("NaN", "Remove or impute the rows with NaN or inf before calling nonn."),
     ("infinity", "Remove or impute the rows with NaN or inf before calling nonn."),
-    ("features, but", "Pass data embedded exactly like the training data (same columns, same order)."),
+    ("features, but",
+     "Pass data embedded exactly like the training data (same columns, same order)."),
     ("minimum of", "Pass at least 2 training rows and 1 feature."),
     ("Expected 2D array", "Pass a 2-D array of shape (n_samples, n_features); "
      "reshape a single sample with X.reshape(1, -1)."),

@@ -132,7 +132,8 @@ def run_digits(out_dir="nonn-demo", rate=RATE, digits=range(10), verbose=True):
         print(md)
         print(f"Wrote {csv_path}, {md_path}" + (f", {png_path}" if png_path else "")
               + f" in {seconds:.1f} s.")
-    return {"rows": rows, "rate": float(rate), "mean_auroc": mean_auroc, "false_alarm": false_alarm, "wins": wins,
+    return {"rows": rows, "rate": float(rate), "mean_auroc": mean_auroc,
+            "false_alarm": false_alarm, "wins": wins,
             "markdown": md, "seconds": seconds,
             "files": {"csv": str(csv_path), "md": str(md_path),
                       "png": None if png_path is None else str(png_path)}}

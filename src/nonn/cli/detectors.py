@@ -407,7 +407,8 @@ def _demo_summary(table5, digits):
 def _cmd_bench(args):
     from ..evaluation import run_benchmark
 
-    suites = ["mvtec", "classical", "cifar10", "mvtec_union"] if args.suite == "all" else [args.suite]
+    suites = ([args.suite] if args.suite != "all"
+              else ["mvtec", "classical", "cifar10", "mvtec_union"])
     for suite in suites:
         out = os.path.join(args.out, suite)
         run_benchmark(suite, out, detectors=args.detectors, seeds=tuple(range(args.seeds)),
