@@ -75,7 +75,7 @@ def test_default_on_embeddings_matches_oracle():
     det = KNNN(backend="brute").fit(X)
     assert det.normalize_ == "l2" and det.whiten_ == 0.5 and det.eig_floor_rel_ == 0.1
     assert det.eig_floor_ref_ == "data"  # one population: the data's floor
-    # half the rows calibrate, seeded; the whitening is learned from the rest
+    # half the rows calibrate (picked by their values); the whitening is learned from the rest
     held = det.calibration_rows_
     assert len(held) == 75 and len(np.unique(held)) == 75
     np.testing.assert_array_equal(KNNN(backend="brute").fit(X).calibration_rows_, held)

@@ -103,6 +103,44 @@ def test_whitening_is_estimated_without_the_calibration_rows():
     KNNN(contamination=0.1).fit_predict(X)
 
 
+@pytest.mark.parametrize("n", [300, 4500])  # half the rows; 2,000 of them
+def test_whitened_fit_is_the_same_for_its_rows_in_any_order(n):
+    """The calibration rows (and with them the whitening, every score and
+    the threshold) are picked by the rows' values: shuffled training rows
+    give the same model. (Picked by position, the whitening came from
+    other rows and scores moved by up to 8 % of their range.)"""
+    rng = np.random.default_rng(3)
+    X = (rng.normal(size=(n, 64)) @ rng.normal(size=(64, 64))).astype(np.float32)
+    X[5] = X[9]  # tied rows: either copy may be picked, the model is the same
+    Q = rng.normal(size=(30, 64)).astype(np.float32)
+    p = rng.permutation(n)
+    a, b = KNNN(backend="brute").fit(X), KNNN(backend="brute").fit(X[p])
+    assert a.whiten_ == 0.5 and len(a.calibration_rows_) == min(2000, n // 2)
+    np.testing.assert_array_equal(np.sort(X[a.calibration_rows_], axis=0),
+                                  np.sort(X[p][b.calibration_rows_], axis=0))
+    np.testing.assert_array_equal(a.whiten_matrix_, b.whiten_matrix_)
+    np.testing.assert_allclose(a.score_samples(Q), b.score_samples(Q), rtol=1e-5)
+    np.testing.assert_allclose(np.sort(a.calibration_scores_), np.sort(b.calibration_scores_),
+                               rtol=1e-5)
+    assert a.offset_ == pytest.approx(b.offset_, rel=1e-5)
+
+
+def test_row_keys_follow_the_values_not_the_positions():
+    from nonn._base import calibration_rows, row_keys
+
+    X = np.random.default_rng(0).normal(size=(500, 7))
+    keys = row_keys(X)
+    assert keys.dtype == np.uint64 and len(np.unique(keys)) == 500
+    p = np.random.default_rng(1).permutation(500)
+    np.testing.assert_array_equal(row_keys(X[p]), keys[p])
+    np.testing.assert_array_equal(row_keys(X[:, ::-1]) == keys, np.zeros(500, bool))
+    assert row_keys(X.astype(np.float32)).dtype == np.uint64
+    # the m smallest keys, about a uniform half of the rows
+    rows = calibration_rows(500, keys=keys)
+    np.testing.assert_array_equal(rows, np.sort(np.argsort(keys)[:250]))
+    assert 100 < np.sum(rows < 250) < 150
+
+
 @pytest.mark.parametrize("rate", [0.05, 0.1])
 def test_whitened_threshold_holds_on_new_normal_data(rate):
     """With more features than rows can pin down, the threshold still

@@ -31,23 +31,72 @@ CALIBRATION_ARRAYS = ("calibration_rows_", "calibration_scores_")
 CALIBRATION_ROWS = 2000
 
 
-def calibration_rows(n, all_rows=False, whitened=False):
+def row_keys(X, block=4096):
+    """A 64-bit key of each row of ``X`` from its values alone (its bytes;
+    uint64 (n,)): a row has the same key wherever it stands in ``X``.
+
+    Picking rows by their keys (:func:`calibration_rows`) gives a pseudo-
+    random subset that a re-ordering of the rows does not change: the
+    columns' words are combined with fixed odd multipliers (wrapping
+    arithmetic) and the sums mixed by SplitMix64's finaliser.
+    """
+    X = np.ascontiguousarray(X)
+    n = X.shape[0]
+    words = X.reshape(n, -1).view(np.uint32 if X.itemsize == 4 else np.uint64)
+    mult = np.random.default_rng(0).integers(1, 2 ** 63, words.shape[1], dtype=np.uint64)
+    mult = mult * np.uint64(2) + np.uint64(1)
+    keys = np.empty(n, dtype=np.uint64)
+    for start in range(0, n, block):
+        keys[start:start + block] = words[start:start + block].astype(np.uint64) @ mult
+    for shift, factor in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB), (31, None)):
+        keys ^= keys >> np.uint64(shift)
+        if factor is not None:
+            keys *= np.uint64(factor)
+    return keys
+
+
+def smallest_keys(keys, m, first_id=0):
+    """Ids (from ``first_id``) of the ``m`` smallest ``keys``, ties to the
+    lower id: ``(keys, ids)`` of them, in that order. Merging the picks of
+    row blocks with :func:`merge_smallest_keys` gives the pick of all rows."""
+    keys = np.asarray(keys, dtype=np.uint64)
+    order = np.argsort(keys, kind="stable")[:m]
+    return keys[order], order.astype(np.int64) + first_id
+
+
+def merge_smallest_keys(picks, m):
+    """The sorted ids of the ``m`` smallest keys over blocks' ``picks``
+    (each a :func:`smallest_keys` result), ties to the lower id."""
+    keys = np.concatenate([k for k, _ in picks])
+    ids = np.concatenate([i for _, i in picks])
+    return np.sort(ids[np.lexsort((ids, keys))[:m]])
+
+
+def whitened_calibration_size(n):
+    """How many calibration rows a whitened fit of ``n`` rows holds out."""
+    return min(CALIBRATION_ROWS, n // 2)
+
+
+def calibration_rows(n, all_rows=False, keys=None):
     """The training rows a fit scores out of sample for its threshold:
     ``None`` (all) up to :data:`CALIBRATION_ROWS`, else that many, drawn
     with a fixed seed (the same data give the same threshold).
 
-    With whitening (``whitened``) at most half the rows: the whitening is
-    then estimated from the other rows, so that it is out of sample for the
+    With whitening (pass the rows' :func:`row_keys` as ``keys``) at most
+    half the rows, those with the smallest keys: the whitening is then
+    estimated from the other rows, so that it is out of sample for the
     calibration rows too (a covariance estimated with a row in it makes that
     row look more normal than new data, and the threshold would flag far
-    more new normals than asked: docs/guide.md). ``all_rows``
+    more new normals than asked: docs/guide.md). Chosen by the rows' values,
+    not their positions, the split, and with it the whitening and every
+    score, is the same for the training rows in any order. ``all_rows``
     (``fit_predict``) scores every row, the whitening then from all of them.
     """
     if all_rows:
         return None
-    if whitened:
-        return np.sort(np.random.default_rng(0).choice(n, min(CALIBRATION_ROWS, n // 2),
-                                                       replace=False))
+    if keys is not None:
+        return merge_smallest_keys([smallest_keys(keys, whitened_calibration_size(n))],
+                                   whitened_calibration_size(n))
     if n <= CALIBRATION_ROWS:
         return None
     return np.sort(np.random.default_rng(0).choice(n, CALIBRATION_ROWS, replace=False))
@@ -404,10 +453,21 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
         X = check_array_input(self, X, reset=True)
         self.n_jobs_ = resolve_n_jobs(self.n_jobs)
         self.dtype_ = X.dtype
-        X = self._fit_preprocess(X)
-        self.calibration_rows_ = None
-        self._fit_threshold(self._fit(X), X.shape[0])
+        # the rows' keys, taken before any fitted transform changes a bit of
+        # them: they pick the calibration rows (see _calibration_plan)
+        self._fit_row_keys = self._keys_for_calibration(X)
+        try:
+            X = self._fit_preprocess(X)
+            self.calibration_rows_ = None
+            self._fit_threshold(self._fit(X), X.shape[0])
+        finally:
+            self.__dict__.pop("_fit_row_keys", None)
         return self
+
+    def _keys_for_calibration(self, X):
+        """:func:`row_keys` of the validated training rows ``X`` when
+        :meth:`_calibration_plan` picks rows by them, else None."""
+        return None
 
     def _calibration_plan(self, n):
         """The training rows whose held-out scores will set the threshold

@@ -55,8 +55,9 @@ import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
 from .. import _data_scale
-from .._base import (calibration_rows, conformal_pvalues, floor_spread, resolve_floor,
-                     resolve_floor_ref, resolve_n_jobs, resolve_transforms)
+from .._base import (calibration_rows, conformal_pvalues, floor_spread, merge_smallest_keys,
+                     resolve_floor, resolve_floor_ref, resolve_n_jobs, resolve_transforms,
+                     whitened_calibration_size)
 from .._eq2 import DUAL, eigen_form, eigen_width
 from .._io import current_umask
 from .._knnn import KNNN, floor_base, floor_local, resolve_counts, search_width
@@ -313,7 +314,8 @@ class DistributedKNNN(KNNN):
         where = [workers[j % len(workers)] for j in range(P)]
         raw = client.persist([_at(where, j, _tasks.clean_block, b, dtype)
                               for j, b in enumerate(X.to_delayed().ravel())])
-        blocks, transforms = self._fit_transforms(client, raw, where, n, d, dtype, bounds)
+        blocks, transforms, held_rows = self._fit_transforms(client, raw, where, n, d, dtype,
+                                                             bounds)
         del raw
         # from now on each partition's work goes where its rows are (a soft
         # preference: a lost worker's partitions are recomputed elsewhere)
@@ -380,8 +382,8 @@ class DistributedKNNN(KNNN):
         floor = absolute_floors(floor_base(rel, ref), scale, dtype)
 
         # 6. held-out scores of the calibration rows
-        rows = calibration_rows(n, getattr(self, "_calibrate_all", False),
-                                whitened=bool(transforms.get("whiten_", 0)))
+        rows = (held_rows if transforms.get("whiten_", 0) else
+                calibration_rows(n, getattr(self, "_calibrate_all", False)))
         state = dict(Xg=Xg, evals=evals, evecs=evecs, bounds=bounds, sizes=sizes,
                      set_size=L, floor=(floor, floor_local(rel, ref, len(sizes))), k=k,
                      where=where,
@@ -422,8 +424,16 @@ class DistributedKNNN(KNNN):
     def _fit_transforms(self, client, blocks, where, n, d, dtype, bounds):
         """``KNNN``'s input transforms (see ``BaseDetector._fit_preprocess``)
         fitted from partition statistics: ``(transformed blocks, fitted
-        attributes)``. Each stage that changes the data persists its blocks."""
+        attributes, calibration rows of a whitened fit)``. Each stage that
+        changes the data persists its blocks."""
         fitted = {}
+        normalize_, whiten_ = resolve_transforms(self.normalize, self.whiten, d)
+        held = None  # as KNNN: the rows of smallest keys, from the raw rows' values
+        if self.whiten != 0 and whiten_ and not getattr(self, "_calibrate_all", False):
+            m = whitened_calibration_size(n)
+            held = merge_smallest_keys(client.compute(
+                [_at(where, j, _tasks.smallest_row_keys, b, m, int(bounds[j]))
+                 for j, b in enumerate(blocks)], sync=True), m)
         if self.scale is not None:  # column scaling: scikit-learn's scalers, merged
             mx, mn = client.compute(_tree([_at(where, j, _tasks.column_extremes, b)
                                            for j, b in enumerate(blocks)],
@@ -441,18 +451,15 @@ class DistributedKNNN(KNNN):
         if exponent:
             blocks = client.persist([_at(where, j, _data_scale.scale, b, exponent,
                                          "The training data") for j, b in enumerate(blocks)])
-        normalize_, whiten_ = resolve_transforms(self.normalize, self.whiten, d)
         fitted.update(data_scale_exponent_=exponent, normalize_=normalize_, whiten_=whiten_)
         if normalize_ == "l2":
             blocks = client.persist([_at(where, j, l2_rows, b) for j, b in enumerate(blocks)])
         if self.whiten != 0:
             if whiten_:
                 # as KNNN: estimated without the calibration rows
-                rows = calibration_rows(n, getattr(self, "_calibrate_all", False),
-                                        whitened=True)
-                est = blocks if rows is None else [
+                est = blocks if held is None else [
                     _at(where, j, _tasks.drop_rows, b,
-                        rows[(rows >= bounds[j]) & (rows < bounds[j + 1])] - bounds[j])
+                        held[(held >= bounds[j]) & (held < bounds[j + 1])] - bounds[j])
                     for j, b in enumerate(blocks)]
                 total, count = client.compute(_tree([_at(where, j, _tasks.column_sums, b)
                                                      for j, b in enumerate(est)],
@@ -469,7 +476,7 @@ class DistributedKNNN(KNNN):
             else:  # "auto" chose none: the identity (exact), stored alike
                 mu, W = np.zeros(d, dtype=dtype), np.eye(d, dtype=dtype)
             fitted.update(whiten_mean_=mu, whiten_matrix_=W)
-        return blocks, fitted
+        return blocks, fitted, held
 
     @staticmethod
     def _fit_exponent(client, raw, where, count):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._base import trace_moments
+from .._base import row_keys, smallest_keys, trace_moments
 from .._chunks import chunk_rows
 from .._eq2 import aggregate_terms, eigen_row_bytes, eigen_width, neighborhood_eigen, score_terms
 from .._knnn import held_out_groups, neighborhoods, pair_terms
@@ -64,6 +64,13 @@ def clean_block(X, dtype):
 def drop_rows(X, local_ids):
     """A block without the rows ``local_ids`` (ids within the block)."""
     return np.delete(X, np.asarray(local_ids, dtype=np.int64), axis=0)
+
+
+def smallest_row_keys(X, m, first_id):
+    """The block's ``m`` rows of smallest :func:`nonn._base.row_keys` (ids
+    from ``first_id``): its candidates for the calibration rows of a
+    whitened fit."""
+    return smallest_keys(row_keys(X), m, first_id)
 
 
 def column_sums(X):
