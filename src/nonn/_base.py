@@ -31,35 +31,65 @@ CALIBRATION_ARRAYS = ("calibration_rows_", "calibration_scores_")
 CALIBRATION_ROWS = 2000
 
 
-def row_keys(X, block=4096):
-    """A 64-bit key of each row of ``X`` from its values alone (its bytes;
-    uint64 (n,)): a row has the same key wherever it stands in ``X``.
+#: :func:`row_keys`: periods of the key within one standard deviation of the
+#: rows' projections
+KEY_PERIODS = 64
 
-    Picking rows by their keys (:func:`calibration_rows`) gives a pseudo-
-    random subset that a re-ordering of the rows does not change: the
-    columns' words are combined with fixed odd multipliers (wrapping
-    arithmetic) and the sums mixed by SplitMix64's finaliser.
+
+def key_direction(n_features):
+    """The fixed unit direction :func:`row_keys` projects rows on."""
+    w = np.random.default_rng(0).standard_normal(n_features)
+    return w / np.linalg.norm(w)
+
+
+def projections(X, block=4096):
+    """``X``'s rows projected on :func:`key_direction` (float64 (n,))."""
+    w = key_direction(X.shape[1])
+    u = np.empty(X.shape[0])
+    for start in range(0, X.shape[0], block):
+        u[start:start + block] = np.asarray(X[start:start + block], dtype=np.float64) @ w
+    return u
+
+
+def projection_moments(X):
+    """``(sum, sum of squares, count)`` of ``X``'s :func:`projections`: a
+    cluster adds them over partitions for :func:`row_keys`."""
+    return _moments(projections(X))
+
+
+def _moments(u):
+    return np.array([u.sum(), u @ u, u.size])
+
+
+def row_keys(X, moments=None):
+    """Each row's key in [0, 1) from its values alone: a row has the same
+    key wherever it stands in ``X``.
+
+    The key is the fractional part of the row's standardised projection on
+    a fixed direction times :data:`KEY_PERIODS` (``moments``: the
+    :func:`projection_moments` of all rows, default ``X``'s). Picking the
+    rows of smallest keys (:func:`calibration_rows`) gives a subset that is
+    spread over the data like a random one, that a re-ordering of the rows
+    does not change, and that rounding-sized changes of the values (float32
+    against float64, another extractor's features) change by a few rows at
+    most: a key moves by about 64 times the change of a standardised
+    projection, so only rows within that distance of a period's edge move.
     """
-    X = np.ascontiguousarray(X)
-    n = X.shape[0]
-    words = X.reshape(n, -1).view(np.uint32 if X.itemsize == 4 else np.uint64)
-    mult = np.random.default_rng(0).integers(1, 2 ** 63, words.shape[1], dtype=np.uint64)
-    mult = mult * np.uint64(2) + np.uint64(1)
-    keys = np.empty(n, dtype=np.uint64)
-    for start in range(0, n, block):
-        keys[start:start + block] = words[start:start + block].astype(np.uint64) @ mult
-    for shift, factor in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB), (31, None)):
-        keys ^= keys >> np.uint64(shift)
-        if factor is not None:
-            keys *= np.uint64(factor)
-    return keys
+    u = projections(X)
+    total, squares, count = _moments(u) if moments is None else moments
+    mean = total / max(count, 1)
+    std = np.sqrt(max(squares / max(count, 1) - mean * mean, 0.0))
+    if not std > 0:  # one projection for all: positions decide the ties
+        return np.zeros(u.size)
+    z = (u - mean) / std * KEY_PERIODS
+    return z - np.floor(z)
 
 
 def smallest_keys(keys, m, first_id=0):
     """Ids (from ``first_id``) of the ``m`` smallest ``keys``, ties to the
     lower id: ``(keys, ids)`` of them, in that order. Merging the picks of
     row blocks with :func:`merge_smallest_keys` gives the pick of all rows."""
-    keys = np.asarray(keys, dtype=np.uint64)
+    keys = np.asarray(keys)
     order = np.argsort(keys, kind="stable")[:m]
     return keys[order], order.astype(np.int64) + first_id
 
@@ -82,8 +112,8 @@ def calibration_rows(n, all_rows=False, keys=None):
     ``None`` (all) up to :data:`CALIBRATION_ROWS`, else that many, drawn
     with a fixed seed (the same data give the same threshold).
 
-    With whitening (pass the rows' :func:`row_keys` as ``keys``) at most
-    half the rows, those with the smallest keys: the whitening is then
+    With whitening (pass the :func:`row_keys` of the rows it sees as
+    ``keys``) at most half the rows, those with the smallest keys: the whitening is then
     estimated from the other rows, so that it is out of sample for the
     calibration rows too (a covariance estimated with a row in it makes that
     row look more normal than new data, and the threshold would flag far
@@ -453,21 +483,18 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
         X = check_array_input(self, X, reset=True)
         self.n_jobs_ = resolve_n_jobs(self.n_jobs)
         self.dtype_ = X.dtype
-        # the rows' keys, taken before any fitted transform changes a bit of
-        # them: they pick the calibration rows (see _calibration_plan)
-        self._fit_row_keys = self._keys_for_calibration(X)
         try:
             X = self._fit_preprocess(X)
             self.calibration_rows_ = None
             self._fit_threshold(self._fit(X), X.shape[0])
-        finally:
-            self.__dict__.pop("_fit_row_keys", None)
+        finally:  # the rows a whitening left out, kept for the fit only
+            self.__dict__.pop("_whitening_held", None)
         return self
 
-    def _keys_for_calibration(self, X):
-        """:func:`row_keys` of the validated training rows ``X`` when
-        :meth:`_calibration_plan` picks rows by them, else None."""
-        return None
+    def _whitening_exclusion(self, X):
+        """The training rows the whitening is estimated without (None: it
+        sees them all), from the rows ``X`` it is estimated on."""
+        return self._calibration_plan(X.shape[0])
 
     def _calibration_plan(self, n):
         """The training rows whose held-out scores will set the threshold
@@ -549,7 +576,7 @@ class BaseDetector(ScoreConventions, OutlierMixin, BaseEstimator):
                 if self.whiten_:
                     # estimated without the calibration rows (out of sample for them)
                     self.whiten_mean_, self.whiten_matrix_ = fit_whitening(
-                        X, self.whiten_, exclude=self._calibration_plan(X.shape[0]))
+                        X, self.whiten_, exclude=self._whitening_exclusion(X))
                 else:  # "auto" chose none: the identity (exact), stored alike
                     self.whiten_mean_ = np.zeros(X.shape[1], dtype=X.dtype)
                     self.whiten_matrix_ = np.eye(X.shape[1], dtype=X.dtype)

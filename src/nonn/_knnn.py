@@ -9,7 +9,7 @@ import numpy as np
 
 from ._base import (LOCAL_FLOOR_MIN, BaseDetector, CappedParameterWarning, calibration_rows, cap,
                     floor_spread, resolve_floor, resolve_floor_ref, resolve_set_size,
-                    resolve_transforms, row_keys, trace_moments, warn_contaminated)
+                    row_keys, trace_moments, warn_contaminated)
 from ._eq2 import aggregate_terms, eigen_row_bytes, eigen_width, neighborhood_eigen, score_terms
 from ._layout import GRID_STATE_SPEC, absolute_floors, fit_grid, permute
 from ._state import Array, Dict, Int, Optional, Real, Str
@@ -465,13 +465,17 @@ class KNNN(BaseDetector):
         return self._held_out_scores(rows, others)
 
     def _calibration_plan(self, n):
-        whitened = bool(getattr(self, "whiten_", 0))
-        return calibration_rows(n, getattr(self, "_calibrate_all", False),
-                                keys=self._fit_row_keys if whitened else None)
+        if getattr(self, "whiten_", 0):  # those the whitening left out
+            return self.__dict__.pop("_whitening_held")
+        return calibration_rows(n, getattr(self, "_calibrate_all", False))
 
-    def _keys_for_calibration(self, X):
-        whitens = resolve_transforms(self.normalize, self.whiten, X.shape[1])[1]
-        return row_keys(X) if whitens and not getattr(self, "_calibrate_all", False) else None
+    def _whitening_exclusion(self, X):
+        # picked by the values the whitening sees (after unit rows): the same
+        # rows in any order, and rows only rescaled, give the same split
+        rows = None if getattr(self, "_calibrate_all", False) else \
+            calibration_rows(X.shape[0], keys=row_keys(X))
+        self._whitening_held = rows
+        return rows
 
     def _resolve_auto(self, X):
         """The counts (``n_neighbors``, ``n_neighbors_of_neighbors``,

@@ -56,8 +56,8 @@ from sklearn.utils.validation import check_is_fitted
 
 from .. import _data_scale
 from .._base import (calibration_rows, conformal_pvalues, floor_spread, merge_smallest_keys,
-                     resolve_floor, resolve_floor_ref, resolve_n_jobs, resolve_transforms,
-                     whitened_calibration_size)
+                     projection_moments, resolve_floor, resolve_floor_ref, resolve_n_jobs,
+                     resolve_transforms, whitened_calibration_size)
 from .._eq2 import DUAL, eigen_form, eigen_width
 from .._io import current_umask
 from .._knnn import KNNN, floor_base, floor_local, resolve_counts, search_width
@@ -427,13 +427,7 @@ class DistributedKNNN(KNNN):
         attributes, calibration rows of a whitened fit)``. Each stage that
         changes the data persists its blocks."""
         fitted = {}
-        normalize_, whiten_ = resolve_transforms(self.normalize, self.whiten, d)
-        held = None  # as KNNN: the rows of smallest keys, from the raw rows' values
-        if self.whiten != 0 and whiten_ and not getattr(self, "_calibrate_all", False):
-            m = whitened_calibration_size(n)
-            held = merge_smallest_keys(client.compute(
-                [_at(where, j, _tasks.smallest_row_keys, b, m, int(bounds[j]))
-                 for j, b in enumerate(blocks)], sync=True), m)
+        held = None
         if self.scale is not None:  # column scaling: scikit-learn's scalers, merged
             mx, mn = client.compute(_tree([_at(where, j, _tasks.column_extremes, b)
                                            for j, b in enumerate(blocks)],
@@ -451,12 +445,22 @@ class DistributedKNNN(KNNN):
         if exponent:
             blocks = client.persist([_at(where, j, _data_scale.scale, b, exponent,
                                          "The training data") for j, b in enumerate(blocks)])
+        normalize_, whiten_ = resolve_transforms(self.normalize, self.whiten, d)
         fitted.update(data_scale_exponent_=exponent, normalize_=normalize_, whiten_=whiten_)
         if normalize_ == "l2":
             blocks = client.persist([_at(where, j, l2_rows, b) for j, b in enumerate(blocks)])
         if self.whiten != 0:
             if whiten_:
-                # as KNNN: estimated without the calibration rows
+                # as KNNN: estimated without the calibration rows, the rows of
+                # smallest keys (from the values the whitening sees)
+                if not getattr(self, "_calibrate_all", False):
+                    m = whitened_calibration_size(n)
+                    moments = client.compute(_tree([_at(where, j, projection_moments, b)
+                                                    for j, b in enumerate(blocks)],
+                                                   _tasks.add), sync=True)
+                    held = merge_smallest_keys(client.compute(
+                        [_at(where, j, _tasks.smallest_row_keys, b, m, int(bounds[j]), moments)
+                         for j, b in enumerate(blocks)], sync=True), m)
                 est = blocks if held is None else [
                     _at(where, j, _tasks.drop_rows, b,
                         held[(held >= bounds[j]) & (held < bounds[j + 1])] - bounds[j])

@@ -66,12 +66,11 @@ def drop_rows(X, local_ids):
     return np.delete(X, np.asarray(local_ids, dtype=np.int64), axis=0)
 
 
-def smallest_row_keys(X, m, first_id):
+def smallest_row_keys(X, m, first_id, moments):
     """The block's ``m`` rows of smallest :func:`nonn._base.row_keys` (ids
-    from ``first_id``): its candidates for the calibration rows of a
-    whitened fit."""
-    return smallest_keys(row_keys(X), m, first_id)
-
+    from ``first_id``; ``moments``: all partitions' projection moments):
+    its candidates for the calibration rows of a whitened fit."""
+    return smallest_keys(row_keys(X, moments), m, first_id)
 
 def column_sums(X):
     """(float64 column sums, row count) of a block."""
