@@ -69,11 +69,11 @@ def row_keys(X, moments=None):
     a fixed direction times :data:`KEY_PERIODS` (``moments``: the
     :func:`projection_moments` of all rows, default ``X``'s). Picking the
     rows of smallest keys (:func:`calibration_rows`) gives a subset that is
-    spread over the data like a random one, that a re-ordering of the rows
-    does not change, and that rounding-sized changes of the values (float32
-    against float64, another extractor's features) change by a few rows at
-    most: a key moves by about 64 times the change of a standardised
-    projection, so only rows within that distance of a period's edge move.
+    spread over the data like a random one and that a re-ordering of the
+    rows does not change. A rounding-sized change of the values (float32
+    against float64) moves a key by about 64 times the change of the
+    standardised projection, so only the few rows that close to a period's
+    edge change sides (a hash of the bytes would redraw them all).
     """
     u = projections(X)
     total, squares, count = _moments(u) if moments is None else moments
@@ -113,14 +113,15 @@ def calibration_rows(n, all_rows=False, keys=None):
     with a fixed seed (the same data give the same threshold).
 
     With whitening (pass the :func:`row_keys` of the rows it sees as
-    ``keys``) at most half the rows, those with the smallest keys: the whitening is then
-    estimated from the other rows, so that it is out of sample for the
-    calibration rows too (a covariance estimated with a row in it makes that
-    row look more normal than new data, and the threshold would flag far
-    more new normals than asked: docs/guide.md). Chosen by the rows' values,
-    not their positions, the split, and with it the whitening and every
-    score, is the same for the training rows in any order. ``all_rows``
-    (``fit_predict``) scores every row, the whitening then from all of them.
+    ``keys``) at most half the rows, those with the smallest keys: the
+    whitening is then estimated from the other rows, so that it is out of
+    sample for the calibration rows too (a covariance estimated with a row
+    in it makes that row look more normal than new data, and the threshold
+    would flag far more new normals than asked: docs/guide.md). As the keys
+    follow the rows' values, not their positions, the split, and with it
+    the whitening and every score, is the same for the training rows in any
+    order. ``all_rows`` (``fit_predict``) scores every row, the whitening
+    then from all of them.
     """
     if all_rows:
         return None
