@@ -368,6 +368,30 @@ def test_fit_images_map_score_q_sets_the_share_of_the_map_averaged(folders, tmp_
     assert "--map-score-q" in err and "[0, 1)" in err and not (tmp_path / "t.nonn").exists()
 
 
+def test_fit_images_map_score_border_leaves_out_the_edges(folders, tmp_path, capsys):
+    model = tmp_path / "b.nonn"
+    assert _fit_small_spade(folders, model, "--image-score", "map", "--map-score-q", "0",
+                            "--map-score-border", "10") == 0
+    system = load(model)
+    assert system.map_score_border == 10
+    capsys.readouterr()
+    assert main(["info", str(model)]) == 0
+    assert "image score:  map (map_score_q = 0.0, map_score_border = 10 px; its" in (
+        capsys.readouterr().out)
+    files = sorted(str(p) for p in (folders / "new").iterdir())
+    feats, pyramids = system._extractor().fit().transform_pyramid(files, system.map_size)
+    scores, maps = system.score_pyramids(feats, pyramids)  # maps at image_size, 48 x 48
+    np.testing.assert_allclose(scores, [m[10:38, 10:38].max() for m in maps], rtol=1e-6)
+    # refused in the flag's words: negative (argparse), or half the image or more
+    capsys.readouterr()
+    assert _fit_small_spade(folders, tmp_path / "n.nonn", "--map-score-border", "-1") == 2
+    assert "--map-score-border" in capsys.readouterr().err
+    assert _fit_small_spade(folders, tmp_path / "t.nonn", "--map-score-border", "24") == 2
+    err = capsys.readouterr().err
+    assert "--map-score-border" in err and "[0, 48/2)" in err
+    assert not (tmp_path / "t.nonn").exists() and not (tmp_path / "n.nonn").exists()
+
+
 def test_fit_images_test_time_flip_scores_with_the_mirror_images(folders, tmp_path, capsys):
     model = tmp_path / "flip.nonn"
     assert _fit_small_spade(folders, model, "--image-score", "map", "--test-time-flip") == 0

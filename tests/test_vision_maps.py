@@ -113,6 +113,59 @@ def test_top_mean():
     assert _top_mean(m, 0.001) == 99  # at least one pixel
 
 
+def test_top_mean_border_leaves_out_the_edges():
+    m = np.zeros((10, 10))
+    m[0, :] = 50.0  # a hot top row
+    m[5, 5] = 7.0
+    assert _top_mean(m, 0) == 50
+    assert _top_mean(m, 0, border=1) == 7  # the 8 x 8 interior
+    assert _top_mean(m, 0.05, border=2) == pytest.approx(np.mean([7, 0]))  # 2 of 36 pixels
+    assert _top_mean(m, 0.05, border=0) == _top_mean(m, 0.05)
+
+
+def test_map_score_border_scores_the_interior_and_keeps_the_maps(spade, normal_images,
+                                                                  tmp_path):
+    """Oracle: the top share of each map cropped by hand; the maps and the
+    pixel threshold are those without a border; the held-out calibration
+    scores its maps the same way; the value survives a file."""
+    q = np.concatenate([make_images(2, seed=91), make_images(2, seed=91, patch=True)])
+    kw = {**spade.get_params(), "image_score": "map", "map_score_q": 0.05}
+    plain = SPADE(**kw).fit(normal_images)
+    framed = SPADE(**{**kw, "map_score_border": 6}).fit(normal_images)
+    s0, m0 = plain.score_with_maps(q)
+    s1, m1 = framed.score_with_maps(q)
+    for a, b in zip(m0, m1):
+        np.testing.assert_array_equal(a, b)
+    assert framed.pixel_threshold_ == plain.pixel_threshold_
+    # the score is taken at image_size (64 x 64): 52 x 52 pixels inside the border
+    f_q, p_q = framed.extractor_.transform_pyramid(q, framed.map_size)
+    s2, at = framed.score_pyramids(f_q, p_q)
+    np.testing.assert_allclose(s2, s1, rtol=1e-6)
+    want = [np.sort(m[6:-6, 6:-6].ravel())[-int(np.ceil(0.05 * 52 * 52)):].mean() for m in at]
+    np.testing.assert_allclose(s1, want, rtol=1e-5)
+    assert not np.allclose(s1, s0, rtol=1e-4)
+    feats, maps = framed.extractor_.transform_pyramid(normal_images, framed.map_size)
+    rows = np.asarray(framed.detector_.calibration_rows_)[:framed.n_map_calibration]
+    alone = SPADE(**{**kw, "image_score": "global"})
+    others = np.setdiff1d(np.arange(len(normal_images)), [rows[0]])
+    alone.fit_features(feats[others], maps[others])
+    alone.map_scale_ = framed.map_scale_
+    _, m = alone.score_pyramids(feats[rows[0]:rows[0] + 1], maps[rows[0]:rows[0] + 1])
+    assert framed.map_calibration_[0, 1] == pytest.approx(_top_mean(m[0][6:-6, 6:-6], 0.05),
+                                                          rel=1e-4)
+    framed.save(tmp_path / "b.nonn")
+    back = load(tmp_path / "b.nonn")
+    assert back.map_score_border == 6
+    np.testing.assert_allclose(back.anomaly_score(q), s1, rtol=1e-5)
+    # set_params on a fitted model recalibrates, as for the other map parameters
+    np.testing.assert_allclose(back.set_params(map_score_border=0).anomaly_score(q), s0,
+                               rtol=1e-5)
+    for bad in (-1, 32, 2.0, True, "4"):
+        with pytest.raises(ValueError, match="'map_score_border' parameter of SPADE must be "
+                                             "an int in the range"):
+            SPADE(**{**kw, "map_score_border": bad}).fit(normal_images)
+
+
 def test_calibration_maps_are_held_out(spade, normal_images):
     """Each calibration row's map score equals the map of that image by a
     SPADE fitted on the other training images."""
@@ -202,13 +255,14 @@ def test_save_load_keeps_the_calibration_and_old_files_score_globally(spade, nor
                   if not n.startswith("map_")}
     meta["format_version"] = 2
     for k in ("image_score", "map_score_q", "coreset_ratio", "n_map_calibration",
-              "map_normalize"):
+              "map_normalize", "map_score_border"):
         meta["params"].pop(k)
     for k in ("map_calibration", "map_levels", "map_scale"):
         meta["arrays"].pop(k)
     _archive.write(old, arrays, meta)
     legacy = load(old)
     assert legacy.image_score == "global" and legacy.offset_ == legacy.detector_.offset_
+    assert legacy.map_score_border == 0  # files before it: the whole map
     # ... and matches raw locations, as files before map_normalize did
     assert legacy.map_normalize is None and not hasattr(legacy, "map_scale_")
     raw = SPADE(**{**spade.get_params(), "map_normalize": None}).fit(normal_images)

@@ -165,7 +165,8 @@ FLAGS.update({"device": "--device", "weights": "--weights", "nn": "--nn",
               "normalize": "--normalize", "image_size": "--image-size",
               "batch_size": "--batch-size", "map_nn": "--map-nn",
               "map_score_q": "--map-score-q", "coreset_ratio": "--coreset-ratio",
-              "map_normalize": "--map-normalize", "test_time_flip": "--test-time-flip"})
+              "map_normalize": "--map-normalize", "test_time_flip": "--test-time-flip",
+              "map_score_border": "--map-score-border"})
 
 
 def parse_positive_int(text):
@@ -175,6 +176,16 @@ def parse_positive_int(text):
         v = 0
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+    return v
+
+
+def parse_nonnegative_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}")
     return v
 
 

@@ -32,8 +32,9 @@ from ..persistence import ModelFileError, read_meta
 from ..vision.defects import KINDS, NEEDS_DONORS, PRESETS
 from ._common import (add_progress_option, add_shared_options, array_bytes, flagged_how,
                       human_bytes, image_verbose, note, parse_contamination,
-                      parse_positive_int, phrased_in_flags, print_arrays, print_calibrate,
-                      print_threshold, print_values, threshold_summary, warn_few)
+                      parse_nonnegative_int, parse_positive_int, phrased_in_flags,
+                      print_arrays, print_calibrate, print_threshold, print_values,
+                      threshold_summary, warn_few)
 
 def _given_paths(sources):
     """The image files named on the command line (not those found in folders)."""
@@ -74,7 +75,8 @@ def _cmd_fit_images(args):
     spade_only = {"image_score": args.image_score, "coreset_ratio": args.coreset_ratio,
                   "map_score_q": args.map_score_q, "map_normalize": args.map_normalize,
                   "map_n_neighbors_of_neighbors": args.map_neighbors_of_neighbors,
-                  "test_time_flip": True if args.test_time_flip else None}
+                  "test_time_flip": True if args.test_time_flip else None,
+                  "map_score_border": args.map_score_border}
     if args.system == "spade":
         params["n_map_neighbors"] = args.map_neighbors
         params["map_size"] = args.map_size
@@ -84,8 +86,8 @@ def _cmd_fit_images(args):
                        if v is not None})
     elif args.map_nn != "knn" or any(v is not None for v in spade_only.values()):
         note("note: --map-nn, --map-neighbors-of-neighbors, --image-score, --map-score-q, "
-             "--map-normalize, --coreset-ratio and --test-time-flip apply to --system spade; "
-             "ignored.")
+             "--map-score-border, --map-normalize, --coreset-ratio and --test-time-flip apply "
+             "to --system spade; ignored.")
     if args.layers is not None:
         if args.system != "feature":
             raise ValueError("--layers applies to --system feature.")
@@ -520,10 +522,13 @@ def info_image(args):
                     f"{params.get('contamination')!r})")
     if meta.get("system") == "SPADE":
         score = params.get("image_score", "global")
+        border = params.get("map_score_border") or 0
         print(f"image score:  {score}" + (
             " (the detector's score of the pooled feature; offset_ above)" if score == "global"
-            else f" (map_score_q = {params.get('map_score_q')}; its threshold comes from the "
-            "held-out map calibration, not the detector's offset_)"))
+            else f" (map_score_q = {params.get('map_score_q')}"
+            + (f", map_score_border = {border} px" if border else "")
+            + "; its threshold comes from the held-out map calibration, not the detector's "
+            "offset_)"))
     maps = arrays.get("train_maps")
     bank = arrays.get("memory_bank")
     if bank is not None:
@@ -609,6 +614,9 @@ def register(subparsers):
                      help="spade: share of the heat map's pixels averaged for its score, in "
                      "[0, 1); 0 = the maximum (default: 0.01; 0.05 with --image-score map "
                      "ranked pasted patches best, see docs/vision.md)")
+    fit.add_argument("--map-score-border", type=parse_nonnegative_int, metavar="PX",
+                     help="spade: pixels (at --image-size) along each edge that the heat map's "
+                     "score leaves out; the maps keep them (default: 0)")
     fit.add_argument("--coreset-ratio", type=float, metavar="R",
                      help="spade: keep a greedy k-center coreset of this share (0 < R <= 1) of "
                      "all training locations as one memory bank (PatchCore), instead of every "
