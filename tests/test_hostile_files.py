@@ -99,8 +99,9 @@ def probe_dual_ids_huge(m, d):
 
 
 def probe_dual_eigen_width(m, d):
-    return H.rewrite(m["dual"], d, {"eigenvalues_": _arr(m["dual"], "eigenvalues_")[:, :, :4],
-                                    "eigenvectors_": _arr(m["dual"], "eigenvectors_")[:, :, :4, :4]})
+    return H.rewrite(m["dual"], d, {
+        "eigenvalues_": _arr(m["dual"], "eigenvalues_")[:, :, :4],
+        "eigenvectors_": _arr(m["dual"], "eigenvectors_")[:, :, :4, :4]})
 
 
 def probe_eigen_one_row(m, d):

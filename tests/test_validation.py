@@ -23,7 +23,8 @@ def test_non_finite_rejected_in_fit_and_score(cls, value):
 @pytest.mark.parametrize("cls", ESTIMATORS)
 def test_wrong_number_of_features(cls):
     det = cls().fit(X)
-    with pytest.raises(ValueError, match="X has 5 features, but .* is expecting 6 features.*same columns"):
+    with pytest.raises(ValueError,
+                       match="X has 5 features, but .* is expecting 6 features.*same columns"):
         det.predict(X[:, :5])
 
 
@@ -51,16 +52,27 @@ def test_non_numeric_input(cls):
 @pytest.mark.parametrize(
     "cls,param,value,pattern",
     [
-        (KNNN, "n_neighbors", 0, r"The 'n_neighbors' parameter of KNNN must be an int in the range \[1, inf\) or a str among \{'auto'\}. Got 0 instead. For example: KNNN\(n_neighbors=3\)"),
-        (KNNN, "aggregate", "mean", r"'aggregate' parameter of KNNN must be a str among \{'min', 'sum'\}. Got 'mean' instead. For example: KNNN\(aggregate='min'\)"),
-        (KNNN, "memory", "disk", r"'memory' parameter of KNNN must be a str among \{'precomputed', 'lean'\}"),
-        (KNNN, "set_size", "big", r"'set_size' parameter of KNNN must be an int in the range \[1, inf\) or a str among \{'auto', 'all'\}"),
-        (KNNN, "n_neighbors_of_neighbors", 2.5, "'n_neighbors_of_neighbors' parameter of KNNN must be an int"),
+        (KNNN, "n_neighbors", 0,
+         r"The 'n_neighbors' parameter of KNNN must be an int in the range \[1, inf\) or a str "
+         r"among \{'auto'\}. Got 0 instead. For example: KNNN\(n_neighbors=3\)"),
+        (KNNN, "aggregate", "mean",
+         r"'aggregate' parameter of KNNN must be a str among \{'min', 'sum'\}. Got 'mean' "
+         r"instead. For example: KNNN\(aggregate='min'\)"),
+        (KNNN, "memory", "disk",
+         r"'memory' parameter of KNNN must be a str among \{'precomputed', 'lean'\}"),
+        (KNNN, "set_size", "big",
+         r"'set_size' parameter of KNNN must be an int in the range \[1, inf\) or a str among "
+         r"\{'auto', 'all'\}"),
+        (KNNN, "n_neighbors_of_neighbors", 2.5,
+         "'n_neighbors_of_neighbors' parameter of KNNN must be an int"),
         (KNNN, "set_size", -1, "'set_size' parameter"),
-        (KNNN, "reorder", "random", r"'reorder' parameter of KNNN must be a str among \{'greedy', 'none'\}. Got 'random'"),
+        (KNNN, "reorder", "random",
+         r"'reorder' parameter of KNNN must be a str among \{'greedy', 'none'\}. Got 'random'"),
         (KNNN, "backend", "gpu-magic", "'backend' parameter"),
         (KNNN, "metric", "manhattan", "'metric' parameter"),
-        (KNNN, "contamination", 0.7, r"'contamination' parameter of KNNN must be a str among \{'auto'\} or a float in the range \(0, 0.5\]"),
+        (KNNN, "contamination", 0.7,
+         r"'contamination' parameter of KNNN must be a str among \{'auto'\} or a float in the "
+         r"range \(0, 0.5\]"),
         (KNNN, "eig_floor", -1.0, "'eig_floor' parameter"),
         (KNN, "aggregate", "median", "'aggregate' parameter of KNN"),
         (KNN, "n_neighbors", True, "'n_neighbors' parameter of KNN"),
