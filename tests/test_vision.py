@@ -279,6 +279,14 @@ def test_normalize_scores_unit_length_features(extractor, normal_images):
                                rtol=1e-4)
 
 
+def test_normalize_must_be_a_bool(normal_images):
+    # 1 == True, but a model file or a caller giving 1 gets the same refusal as "yes"
+    for bad in (1, "yes"):
+        with pytest.raises(ValueError, match="The 'normalize' parameter must be True or False"):
+            FeatureDetector(normalize=bad, image_size=SIZE, device="cpu",
+                            verbose=False).fit(normal_images)
+
+
 def test_system_save_load_round_trip(tmp_path, normal_images):
     queries = make_images(3, seed=9, defect=True)
     system = SPADE(n_neighbors=3, n_neighbors_of_neighbors=10, image_size=SIZE, map_size=8,

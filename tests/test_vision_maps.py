@@ -482,8 +482,9 @@ def test_test_time_flip_map_is_the_mean_with_the_mirror_images_map(normal_images
         plain.score_pyramids(feats[:1], maps_tr[:1], mirror_maps=mirror_tr[:1])
     with pytest.raises(ValueError, match="mirror_maps of shape"):
         flip.score_pyramids(feats[:1], maps_tr[:1], mirror_maps=mirror_tr[:2])
-    with pytest.raises(ValueError, match="'test_time_flip' parameter of SPADE must be True"):
-        SPADE(**{**kw, "test_time_flip": "yes"}).fit(normal_images)
+    for bad in ("yes", 1):  # 1 == True, but not a bool (a crafted file's value)
+        with pytest.raises(ValueError, match="'test_time_flip' parameter of SPADE must be True"):
+            SPADE(**{**kw, "test_time_flip": bad}).fit(normal_images)
     # saved and loaded: the same scores; its calibration cannot be recomputed
     flip.save(tmp_path / "flip.nonn")
     back = load(tmp_path / "flip.nonn")

@@ -113,7 +113,7 @@ class _ImageSystem(ScoreConventions, BaseEstimator):
     def fit_features(self, features):
         """Fit the nearest-neighbor operator on precomputed pooled features
         (N, dim) — what :meth:`fit` does after extraction."""
-        if self.normalize not in (True, False):
+        if not isinstance(self.normalize, (bool, np.bool_)):
             raise ValueError(f"The 'normalize' parameter must be True or False. Got "
                              f"{self.normalize!r} instead.")
         features = self._prep(features)
@@ -256,7 +256,7 @@ class _ImageSystem(ScoreConventions, BaseEstimator):
         need("batch_size", is_int, "an int >= 1")
         need("device", lambda v: isinstance(v, str), "'auto', 'cpu' or 'cuda'")
         need("verbose", lambda v: v in (True, False, "auto"), "True, False or 'auto'")
-        need("normalize", lambda v: v in (True, False), "True or False")
+        need("normalize", lambda v: isinstance(v, (bool, np.bool_)), "True or False")
         if hasattr(self, "layers"):
             need("layers", lambda v: v in ("last", "multi"), "'last' or 'multi'")
         need("detector_params", lambda v: v is None or isinstance(v, dict), "None or a dict")
@@ -595,7 +595,7 @@ class SPADE(_ImageSystem):
         if not any(self.map_normalize is v or self.map_normalize == v for v in MAP_NORMALIZE):
             raise ValueError(f"The 'map_normalize' parameter of SPADE must be 'soft' or None. "
                              f"Got {self.map_normalize!r} instead.")
-        if self.test_time_flip not in (True, False):
+        if not isinstance(self.test_time_flip, (bool, np.bool_)):
             raise ValueError(f"The 'test_time_flip' parameter of SPADE must be True or False. "
                              f"Got {self.test_time_flip!r} instead.")
 
