@@ -369,16 +369,6 @@ def _parse_kinds(text):
     return list(dict.fromkeys(kinds))
 
 
-def _parse_seed(text):
-    try:
-        v = int(text)
-    except ValueError:
-        v = -1
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}")
-    return v
-
-
 def _cmd_make_defects(args):
     from ..vision import _images, defects
 
@@ -712,7 +702,7 @@ def register(subparsers):
     mk.add_argument("--kinds", type=_parse_kinds, metavar="K,...",
                     help=f"defect kinds among {','.join(KINDS)} (default: all with --donors "
                     "or --preset, else scratch,blotch)")
-    mk.add_argument("--random-state", type=_parse_seed, default=0, metavar="N",
+    mk.add_argument("--random-state", type=parse_nonnegative_int, default=0, metavar="N",
                     help="seed: the same N writes the same defects (default: 0)")
     mk.add_argument("--preset", choices=PRESETS,
                     help="a built-in set instead of your images, with training images in "
