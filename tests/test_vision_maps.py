@@ -164,6 +164,17 @@ def test_map_score_border_scores_the_interior_and_keeps_the_maps(spade, normal_i
         with pytest.raises(ValueError, match="'map_score_border' parameter of SPADE must be "
                                              "an int in the range"):
             SPADE(**{**kw, "map_score_border": bad}).fit(normal_images)
+    # ... and from a crafted file: refused on load, in the parameter's words
+    from nonn import _archive
+    from nonn.persistence import ModelFileError
+
+    with _archive.Archive.open(tmp_path / "b.nonn", "image model", "test") as ar:
+        meta = ar.meta()
+        arrays = {n: ar.read(n) for n in ar.names() - {_archive.META}}
+    meta["params"]["map_score_border"] = 200
+    _archive.write(tmp_path / "crafted.nonn", arrays, meta)
+    with pytest.raises(ModelFileError, match="'map_score_border' parameter of SPADE"):
+        load(tmp_path / "crafted.nonn")
 
 
 def test_calibration_maps_are_held_out(spade, normal_images):
