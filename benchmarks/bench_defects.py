@@ -8,7 +8,9 @@ see nonn.vision.defects), ``fit-images --system spade`` (224 px) and ``eval-imag
 
 ``--fit-args="--image-score map --map-score-q 0.05"`` passes more options to
 every ``fit-images`` (the image score measured for pasted patches);
-``--n-train 5000`` trains on more images (CIFAR-10 has 5,000 per class).
+``--n-train 5000`` trains on more images (CIFAR-10 has 5,000 per class);
+``--n-test 300 --kinds patch`` measures one kind on more test images (50 per
+kind give an image AUROC near 0.95 a standard error of about 0.02).
 """
 
 import argparse
@@ -37,14 +39,18 @@ def main(argv=None):
     ap.add_argument("--variants", default="knn,knnn,knn:0.1,knnn:0.1", help="MAP_NN[:CORESET]")
     ap.add_argument("--fit-args", default="", help="more fit-images options, one string")
     ap.add_argument("--n-train", type=int, default=200, help="training images per set")
+    ap.add_argument("--n-test", type=int, default=50,
+                    help="test images per set, each clean and once per kind")
+    ap.add_argument("--kinds", default=None, help="defect kinds, K,... (default: all)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 12 / 3 images, 64 px")
     args = ap.parse_args(argv)
-    n_train, n_test = (12, 3) if args.quick else (args.n_train, 50)
+    n_train, n_test = (12, 3) if args.quick else (args.n_train, args.n_test)
     small = ["--image-size", 64, "--map-size", 8] if args.quick else []
     rows, start, tmp = [], time.perf_counter(), tempfile.TemporaryDirectory()
     for name in args.sets.split(","):
         data, model, ev = (Path(tmp.name) / x for x in (name, "m.nonn", "ev"))
-        run("make-defects", "--preset", name, "-o", data, "--n-train", n_train, "--n-test", n_test)
+        run("make-defects", "--preset", name, "-o", data, "--n-train", n_train, "--n-test", n_test,
+            *(["--kinds", args.kinds] if args.kinds else []))
         for map_nn, _, ratio in (v.partition(":") for v in args.variants.split(",")):
             run("fit-images", data / "train" / "good", "-o", model, "--system", "spade",
                 "--map-nn", map_nn, *small, *(["--coreset-ratio", ratio] if ratio else []),
