@@ -336,9 +336,10 @@ def test_spade_maps_have_image_shape_and_find_the_defect(normal_images):
 @pytest.mark.parametrize("scale", [None, 0.5, 4.0])
 def test_spade_pixel_distances_equal_naive_nearest_location(scale):
     # scale None: SPADE's raw matching; else map_normalize='soft' with that
-    # map_scale_ s: every location v matched as v / sqrt(|v|^2 + s^2)
+    # map_scale_ s: every location v matched as v / sqrt(|v|^2 + s^2); the
+    # gallery by the pooled feature (SPADE's; the grid's: test_vision_maps.py)
     rng = np.random.default_rng(0)
-    system = SPADE(n_map_neighbors=2, map_size=3, normalize=False,
+    system = SPADE(n_map_neighbors=2, map_size=3, normalize=False, gallery_grid=None,
                    map_normalize=None if scale is None else "soft")
     if scale is not None:
         system.map_scale_ = np.array([scale], dtype=np.float32)
@@ -382,8 +383,11 @@ def _old_pixel_maps(system, feats, maps):
 
 
 def _random_spade(seed, n_train=6, channels=12, m=4, **params):
+    # galleries by the pooled feature, as _old_pixel_maps and _gallery pick
+    # them (the grid's gallery: test_vision_maps.py)
     rng = np.random.default_rng(seed)
-    system = SPADE(map_size=m, **{"normalize": False, "map_normalize": None, **params})
+    system = SPADE(map_size=m, **{"normalize": False, "map_normalize": None,
+                                  "gallery_grid": None, **params})
     system.train_features_ = rng.normal(size=(n_train, 5)).astype(np.float32)
     system.train_maps_ = rng.normal(size=(n_train, channels, m, m)).astype(np.float16)
     feats = rng.normal(size=(3, 5)).astype(np.float32)

@@ -172,7 +172,7 @@ def test_info_describes_a_spade_image_model(spade_model, capsys):
              for line in out.splitlines() if ":" in line and not line.startswith(" ")}
     assert lines["model"] == (f"{spade_model} ({human_bytes(spade_model.stat().st_size)} "
                               "on disk)")
-    assert lines["format"].startswith("nonn-vision-model version 4")
+    assert lines["format"].startswith("nonn-vision-model version 5")
     assert lines["system"] == "SPADE (nn = knnn: KNNN detector)"
     assert lines["backbone"].startswith("efficientnet_lite0 ")
     assert lines["image_size"] == "64 x 64"
@@ -182,7 +182,8 @@ def test_info_describes_a_spade_image_model(spade_model, capsys):
     assert lines["image score"].startswith("combined (map_score_q = 0.01; its threshold")
     assert lines["pixel maps"].startswith("stored: 24 pyramids of 176 channels x 8 x 8 "
                                           "(float16, 528.0 KiB); map_nn = knn, "
-                                          "n_map_neighbors = 3")
+                                          "n_map_neighbors = 3 (nearest by a 4 x 4 grid of "
+                                          "the pyramid), sigma = 4.0")
     assert lines["detector"].startswith("KNNN on 1280 features (float32)")
     # the system's and the detector's parameters, the detector's fitted values
     assert "  n_map_neighbors = 3\n" in out and "  map_size = 8\n" in out
@@ -366,6 +367,28 @@ def test_fit_images_map_score_q_sets_the_share_of_the_map_averaged(folders, tmp_
                  "--system", "spade", "--map-score-q", "1.5", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "--map-score-q" in err and "[0, 1)" in err and not (tmp_path / "t.nonn").exists()
+
+
+def test_fit_images_gallery_grid(folders, tmp_path, capsys):
+    """--gallery-grid: stored, 'none' is the pooled feature's gallery,
+    refused in the flag's words when not a positive int (a grid over
+    --map-size is capped at it)."""
+    for flag, want, said in (("2", 2, "a 2 x 2 grid of the pyramid"),
+                             ("9", 9, "a 4 x 4 grid of the pyramid"),  # capped
+                             ("none", None, "the pooled feature")):
+        model = tmp_path / f"g{flag}.nonn"
+        assert _fit_small_spade(folders, model, "--gallery-grid", flag) == 0
+        assert load(model).gallery_grid == want
+        capsys.readouterr()
+        rc, out, err = _info(capsys, model)
+        assert rc == 0 and f"n_map_neighbors = 20 (nearest by {said})" in out
+    assert load(tmp_path / "g2.nonn").gallery_grid == 2
+    for bad, words in (("0", "expected a positive int or 'none'"), ("x", "'none'"),
+                       ("-3", "'none'")):
+        assert _fit_small_spade(folders, tmp_path / "bad.nonn", "--gallery-grid", bad) == 2
+        err = capsys.readouterr().err
+        assert "--gallery-grid" in err and words in err, err
+    assert not (tmp_path / "bad.nonn").exists()
 
 
 def test_fit_images_map_score_border_leaves_out_the_edges(folders, tmp_path, capsys):

@@ -210,6 +210,125 @@ def test_calibration_maps_are_held_out(spade, normal_images):
     assert spade.offset_ == pytest.approx(-upper(spade.map_calibration_[:, 1], 0.01))
 
 
+def _oracle_gallery_map(query, train, s, g, k):
+    """Naive gallery by a g x g grid and nearest-location map of one query
+    pyramid (C, M, M) against training pyramids (N, C, M, M): every location
+    v soft-normalised (v / sqrt(|v|^2 + s^2)), block means of M/g x M/g
+    locations per cell, the k training images nearest by Euclidean distance
+    of those means, then each query location's distance to its nearest
+    location of those k images."""
+    def soft(p):  # (..., C, M, M) -> (..., M, M, C)
+        v = np.moveaxis(np.asarray(p, np.float64), -3, -1)
+        return v / np.sqrt((v ** 2).sum(-1, keepdims=True) + s ** 2)
+
+    def grid(v):  # (..., M, M, C) -> (..., g * g * C)
+        m, c, b = v.shape[-2], v.shape[-1], v.shape[-2] // g
+        blocks = v.reshape(*v.shape[:-3], g, b, g, b, c).mean(axis=(-4, -2))
+        return blocks.reshape(*v.shape[:-3], -1)
+
+    q, t = soft(query), soft(train)
+    dist = [np.sqrt(((grid(q) - grid(t[i])) ** 2).sum()) for i in range(len(t))]
+    gallery = np.argsort(dist, kind="stable")[:k]
+    c = q.shape[-1]
+    pool = t[gallery].reshape(-1, c)
+    m = q.shape[0]
+    out = np.empty((m, m))
+    for r in range(m):
+        for col in range(m):
+            out[r, col] = np.sqrt(((pool - q[r, col]) ** 2).sum(1)).min()
+    return gallery, out
+
+
+def test_gallery_grid_chooses_the_gallery_by_the_pyramids_grid(spade, normal_images, tmp_path,
+                                                               capsys):
+    """Oracle: the naive grid gallery and nearest-location map above; the
+    gallery differs from the pooled feature's for some query (else the test
+    could not tell the two apart); gallery_grid=None is SPADE's pooled choice,
+    and a fitted model set to another grid scores as one fitted with it."""
+    assert spade.gallery_grid == 4
+    queries = np.concatenate([make_images(2, seed=91), make_images(2, seed=91, patch=True)])
+    feats, maps = spade.extractor_.transform_pyramid(queries, 8)
+    train = np.asarray(spade.train_maps_)
+    s = float(spade.map_scale_[0])
+    grid2 = spade.set_params(gallery_grid=2)._raw_maps(spade._prep(feats), maps)
+    spade.set_params(gallery_grid=4)
+    pooled = SPADE(**{**spade.get_params(), "gallery_grid": None})
+    pooled.fit_features(spade.extractor_.transform(normal_images), train)
+    differs = 0
+    for i in range(len(queries)):
+        gallery, want = _oracle_gallery_map(maps[i], train, s, 2, 3)
+        np.testing.assert_allclose(grid2[i], want, rtol=2e-4, atol=1e-6)
+        f = spade._prep(feats[i:i + 1])[0]
+        by_pooled = np.argsort(((spade.train_features_ - f) ** 2).sum(1), kind="stable")[:3]
+        differs += set(gallery) != set(by_pooled)
+        _, want_pooled = _oracle_gallery_map(maps[i], train[by_pooled], s, 2, 3)
+        np.testing.assert_allclose(pooled._raw_maps(spade._prep(feats[i:i + 1]), maps[i:i + 1])[0],
+                                   want_pooled, rtol=2e-4, atol=1e-6)
+    assert differs >= 1
+    # a scoring-time choice: the held-out calibration follows it
+    with_none, _ = spade.set_params(gallery_grid=None).score_pyramids(feats, maps)
+    levels = spade.map_levels_.copy()
+    np.testing.assert_allclose(with_none, pooled.score_pyramids(feats, maps)[0], rtol=1e-5)
+    np.testing.assert_allclose(levels, pooled.map_levels_, rtol=1e-5)
+    spade.set_params(gallery_grid=4)
+    assert spade.pixel_threshold_ != pytest.approx(levels[1], rel=1e-6)
+    # capped at the pyramid's side: a grid of 9 on 8 x 8 pyramids is one of 8
+    np.testing.assert_allclose(spade.set_params(gallery_grid=9).score_pyramids(feats, maps)[0],
+                               spade.set_params(gallery_grid=8).score_pyramids(feats, maps)[0],
+                               rtol=1e-6)
+    spade.set_params(gallery_grid=4)
+    with pytest.raises(ValueError, match="do not match the training pyramids"):
+        spade.score_pyramids(feats, maps[:, :, :4, :4])
+    for bad in (0, -1, 2.0, True, "4"):
+        with pytest.raises(ValueError, match=r"'gallery_grid' parameter of SPADE must be None "
+                                             r"or an int in the range \[1, inf\)"):
+            SPADE(**{**spade.get_params(), "gallery_grid": bad}).fit(normal_images[:4])
+    # saved and loaded: the same grid and scores; a crafted grid is refused on
+    # load in the parameter's words, and `nonn info` shows it as written
+    from nonn import _archive
+    from nonn.cli import main
+    from nonn.persistence import ModelFileError
+
+    spade.save(tmp_path / "g.nonn")
+    back = load(tmp_path / "g.nonn")
+    assert back.gallery_grid == 4
+    np.testing.assert_allclose(back.score_pyramids(feats, maps)[0],
+                               spade.score_pyramids(feats, maps)[0], rtol=1e-5)
+    with _archive.Archive.open(tmp_path / "g.nonn", "image model", "test") as ar:
+        meta = ar.meta()
+        arrays = {n: ar.read(n) for n in ar.names() - {_archive.META}}
+    for bad in ("x", 0):
+        meta["params"]["gallery_grid"] = bad
+        _archive.write(tmp_path / "crafted.nonn", arrays, meta)
+        with pytest.raises(ModelFileError, match="'gallery_grid' parameter of SPADE"):
+            load(tmp_path / "crafted.nonn")
+        capsys.readouterr()
+        assert main(["info", str(tmp_path / "crafted.nonn")]) == 0
+        assert f"(nearest by gallery_grid = {bad!r})" in capsys.readouterr().out
+
+
+def test_a_saved_file_holds_the_calibration_of_its_parameters(normal_images, tmp_path):
+    """A map parameter changed, scored (recalibrated) and changed back: the
+    calibration attributes and a saved file are the current parameters'
+    (regression: they kept the other value's, and the file scored with them)."""
+    kw = dict(nn="knn", n_neighbors=3, n_map_neighbors=3, map_size=8, image_size=SIZE,
+              image_score="map", device="cpu", verbose=False)
+    system = SPADE(**kw).fit(normal_images)
+    cal, levels = system.map_calibration_.copy(), system.map_levels_.copy()
+    q = make_images(2, seed=95, patch=True)
+    system.set_params(sigma=1.0).anomaly_score(q)
+    assert not np.allclose(system.map_levels_, levels)
+    system.set_params(sigma=4.0)
+    assert system.pixel_threshold_ == pytest.approx(levels[1])
+    np.testing.assert_array_equal(system.map_calibration_, cal)
+    system.set_params(sigma=1.0)
+    system.save(tmp_path / "s.nonn")  # saved with sigma 1: its own calibration
+    back = load(tmp_path / "s.nonn")
+    fresh = SPADE(**{**kw, "sigma": 1.0}).fit(normal_images)
+    np.testing.assert_allclose(back.map_levels_, fresh.map_levels_, rtol=1e-5)
+    np.testing.assert_allclose(back.anomaly_score(q), fresh.anomaly_score(q), rtol=1e-5)
+
+
 def test_map_score_sees_a_small_pasted_patch(spade):
     clean = make_images(8, seed=21)
     patched = make_images(8, seed=21, patch=True)
@@ -266,7 +385,7 @@ def test_save_load_keeps_the_calibration_and_old_files_score_globally(spade, nor
                   if not n.startswith("map_")}
     meta["format_version"] = 2
     for k in ("image_score", "map_score_q", "coreset_ratio", "n_map_calibration",
-              "map_normalize", "map_score_border"):
+              "map_normalize", "map_score_border", "gallery_grid"):
         meta["params"].pop(k)
     for k in ("map_calibration", "map_levels", "map_scale"):
         meta["arrays"].pop(k)
@@ -274,9 +393,11 @@ def test_save_load_keeps_the_calibration_and_old_files_score_globally(spade, nor
     legacy = load(old)
     assert legacy.image_score == "global" and legacy.offset_ == legacy.detector_.offset_
     assert legacy.map_score_border == 0  # files before it: the whole map
+    assert legacy.gallery_grid is None  # ... and the pooled feature's gallery
     # ... and matches raw locations, as files before map_normalize did
     assert legacy.map_normalize is None and not hasattr(legacy, "map_scale_")
-    raw = SPADE(**{**spade.get_params(), "map_normalize": None}).fit(normal_images)
+    raw = SPADE(**{**spade.get_params(), "map_normalize": None, "gallery_grid": None}).fit(
+        normal_images)
     assert legacy.pixel_threshold_ == pytest.approx(raw.pixel_threshold_, rel=1e-5)
     assert raw.pixel_threshold_ != pytest.approx(spade.pixel_threshold_, rel=1e-3)
 
@@ -428,9 +549,10 @@ def test_test_time_flip_mean_holds_for_knnn_maps_and_the_coreset(normal_images, 
     one pass over the bank). Oracle: the flip-less SPADE given the image's
     own pooled feature with each pyramid, so that both maps use the image's
     gallery in the same order (a k-NNN fit depends on its rows' order where
-    the synthetic images' locations tie)."""
+    the synthetic images' locations tie); hence galleries chosen by the
+    pooled feature (a grid would choose the mirror pyramid's own)."""
     kw = dict(nn="knn", n_neighbors=3, n_map_neighbors=5, map_size=8, image_size=SIZE,
-              image_score="map", device="cpu", verbose=False, **extra)
+              image_score="map", gallery_grid=None, device="cpu", verbose=False, **extra)
     plain = SPADE(**kw).fit(normal_images)
     flip = SPADE(**kw, test_time_flip=True).fit(normal_images)
     q = np.concatenate([make_images(1, seed=82), make_images(1, seed=82, patch=True)])

@@ -166,7 +166,7 @@ FLAGS.update({"device": "--device", "weights": "--weights", "nn": "--nn",
               "batch_size": "--batch-size", "map_nn": "--map-nn",
               "map_score_q": "--map-score-q", "coreset_ratio": "--coreset-ratio",
               "map_normalize": "--map-normalize", "test_time_flip": "--test-time-flip",
-              "map_score_border": "--map-score-border"})
+              "map_score_border": "--map-score-border", "gallery_grid": "--gallery-grid"})
 
 
 def parse_positive_int(text):
@@ -187,6 +187,17 @@ def parse_nonnegative_int(text):
     if v < 0:
         raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}")
     return v
+
+
+def parse_grid(text):
+    """``--gallery-grid``: a positive int, or 'none' (the pooled feature)."""
+    if text == "none":
+        return text
+    try:
+        return parse_positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive int or 'none', got {text!r}") \
+            from None
 
 
 def human_bytes(n):

@@ -32,7 +32,7 @@ from ..persistence import ModelFileError, read_meta
 from ..vision.defects import KINDS, NEEDS_DONORS, PRESETS
 from ._common import (add_progress_option, add_shared_options, array_bytes, flagged_how,
                       human_bytes, image_verbose, note, parse_contamination,
-                      parse_nonnegative_int, parse_positive_int, phrased_in_flags,
+                      parse_grid, parse_nonnegative_int, parse_positive_int, phrased_in_flags,
                       print_arrays, print_calibrate, print_threshold, print_values,
                       threshold_summary, warn_few)
 
@@ -76,7 +76,7 @@ def _cmd_fit_images(args):
                   "map_score_q": args.map_score_q, "map_normalize": args.map_normalize,
                   "map_n_neighbors_of_neighbors": args.map_neighbors_of_neighbors,
                   "test_time_flip": True if args.test_time_flip else None,
-                  "map_score_border": args.map_score_border}
+                  "map_score_border": args.map_score_border, "gallery_grid": args.gallery_grid}
     if args.system == "spade":
         params["n_map_neighbors"] = args.map_neighbors
         params["map_size"] = args.map_size
@@ -86,7 +86,8 @@ def _cmd_fit_images(args):
                        if v is not None})
     elif args.map_nn != "knn" or any(v is not None for v in spade_only.values()):
         note("note: --map-nn, --map-neighbors-of-neighbors, --image-score, --map-score-q, "
-             "--map-score-border, --map-normalize, --coreset-ratio and --test-time-flip apply "
+             "--map-score-border, --map-normalize, --coreset-ratio, --test-time-flip and "
+             "--gallery-grid apply "
              "to --system spade; ignored.")
     if args.layers is not None:
         if args.system != "feature":
@@ -529,10 +530,18 @@ def info_image(args):
               f"sigma = {params.get('sigma')}")
     elif maps is not None:
         shape, dtype, n = array_bytes(maps)
+        grid = params.get("gallery_grid")
+        if grid is None:  # and files before it
+            by = "the pooled feature"
+        elif isinstance(grid, int) and not isinstance(grid, bool) and grid >= 1:
+            by = f"a {min(grid, shape[2])} x {min(grid, shape[2])} grid of the pyramid"
+        else:  # as the file says; loading it refuses it
+            by = f"gallery_grid = {grid!r}"
         print(f"pixel maps:   stored: {shape[0]} pyramids of {shape[1]} channels x "
               f"{shape[2]} x {shape[3]} ({dtype.name}, {human_bytes(n * dtype.itemsize)}); "
               f"map_nn = {params.get('map_nn', 'knn')}, n_map_neighbors = "
-              f"{params.get('n_map_neighbors')}, sigma = {params.get('sigma')}")
+              f"{params.get('n_map_neighbors')} (nearest by {by}), sigma = "
+              f"{params.get('sigma')}")
     else:
         print(f"pixel maps:   none (a {meta.get('system')} stores no feature pyramids; "
               "fit with --system spade for heat maps)")
@@ -607,6 +616,10 @@ def register(subparsers):
     fit.add_argument("--map-score-border", type=parse_nonnegative_int, metavar="PX",
                      help="spade: pixels (at --image-size) along each edge that the heat map's "
                      "score leaves out; the maps keep them (default: 0)")
+    fit.add_argument("--gallery-grid", type=parse_grid, metavar="G|none",
+                     help="spade: choose each image's --map-neighbors gallery images by its "
+                     "pyramid averaged over a G x G grid (like things in like places), or by "
+                     "its pooled feature (none, SPADE's) (default: 4; see docs/vision.md)")
     fit.add_argument("--coreset-ratio", type=float, metavar="R",
                      help="spade: keep a greedy k-center coreset of this share (0 < R <= 1) of "
                      "all training locations as one memory bank (PatchCore), instead of every "
