@@ -535,6 +535,9 @@ def test_coreset_bank_maps_equal_naive_nearest_bank_location(normal_images, tmp_
     back = load(tmp_path / "core.nonn")
     q = make_images(2, seed=62, patch=True)
     np.testing.assert_allclose(back.anomaly_score(q), system.anomaly_score(q), rtol=1e-5)
+    # no gallery to choose: the grid changes nothing (and needs no recalibration)
+    np.testing.assert_allclose(back.set_params(gallery_grid=None).anomaly_score(q),
+                               system.anomaly_score(q), rtol=1e-5)
     with pytest.raises(ValueError, match="coreset"):
         back.set_params(sigma=2.0).anomaly_score(q)
     with pytest.raises(ValueError, match="coreset_ratio"):

@@ -714,7 +714,8 @@ class SPADE(_ImageSystem):
         return (self.map_nn, self.map_n_neighbors_of_neighbors, repr(self.map_detector_params),
                 self.n_map_neighbors, float(self.sigma), float(self.map_score_q),
                 int(self.image_size), bool(self.test_time_flip), int(self.map_score_border),
-                self.gallery_grid)
+                # a coreset has no gallery to choose
+                self.gallery_grid if self.coreset_ratio is None else None)
 
     def _calibration_rows(self):
         """Training images whose held-out maps set the map's scale and
