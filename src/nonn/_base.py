@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -58,7 +59,10 @@ def projection_moments(X):
 
 
 def _moments(u):
-    return np.array([u.sum(), u @ u, u.size])
+    # exactly rounded sums (math.fsum), so that a re-ordering of the rows
+    # gives the same moments to the bit (numpy's sum and dot do not promise it)
+    u = np.asarray(u, dtype=np.float64)
+    return np.array([math.fsum(u), math.fsum(u * u), u.size])
 
 
 def row_keys(X, moments=None):
