@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import numpy as np
@@ -59,10 +58,11 @@ def projection_moments(X):
 
 
 def _moments(u):
-    # exactly rounded sums (math.fsum), so that a re-ordering of the rows
-    # gives the same moments to the bit (numpy's sum and dot do not promise it)
-    u = np.asarray(u, dtype=np.float64)
-    return np.array([math.fsum(u), math.fsum(u * u), u.size])
+    # summed in sorted order, so that a re-ordering of the rows gives the same
+    # moments to the bit (numpy's sum of the rows as given does not; sorting
+    # costs about 0.2 s per 10 million rows, math.fsum 2 s)
+    u = np.sort(np.asarray(u, dtype=np.float64))
+    return np.array([u.sum(), (u * u).sum(), u.size])
 
 
 def row_keys(X, moments=None):

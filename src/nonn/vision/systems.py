@@ -398,7 +398,8 @@ class SPADE(_ImageSystem):
         20, not the 5 of common SPADE implementations: on the
         synthetic-defect sets it raised image AUROC, pixel AUROC and AUPRO
         on every set, for about 1.3x the scoring time (docs/vision.md); with
-        thousands of training images 50 measured better still. Files store their own value.
+        thousands of training images 50 measured better still. Files store
+        their own value.
     map_size : int, default=28
         Side of the stored pyramid (28 = stride 8 at 224 pixels); smaller
         saves memory (the model file stores every training pyramid).
@@ -549,9 +550,8 @@ class SPADE(_ImageSystem):
                  image_score="combined", map_score_q=0.01, coreset_ratio=None,
                  map_normalize="soft", n_map_calibration=100, test_time_flip=False,
                  map_score_border=0, gallery_grid=4, backbone="efficientnet_lite0", weights=None,
-                 image_size=224,
-                 batch_size=32, device="auto", verbose="auto", contamination="auto",
-                 detector_params=None, normalize=True):
+                 image_size=224, batch_size=32, device="auto", verbose="auto",
+                 contamination="auto", detector_params=None, normalize=True):
         self.image_score = image_score
         self.map_score_q = map_score_q
         self.coreset_ratio = coreset_ratio
@@ -633,14 +633,19 @@ class SPADE(_ImageSystem):
         return ("train_features_", "memory_bank_", "memory_bank_source_") + scale
 
     def _saved_arrays(self):
+        return self._required_arrays() + tuple(
+            a for a in self._optional_arrays if getattr(self, a, None) is not None)
+
+    def save(self, path):
         if getattr(self, "map_calibration_", None) is not None:
             # the calibration of the parameters saved with it (a map parameter
             # changed since the last scoring is recalibrated, or refused), and
             # the threshold of both, as a loaded model has it
             self._calibration()
             self._set_offset()
-        return self._required_arrays() + tuple(
-            a for a in self._optional_arrays if getattr(self, a, None) is not None)
+        return super().save(path)
+
+    save.__doc__ = _ImageSystem.save.__doc__
 
     # -------------------------------------------------------------- fit
     def fit(self, X, y=None):
@@ -1105,10 +1110,7 @@ class SPADE(_ImageSystem):
         from nonn._chunks import progress
 
         m = self.map_size
-        channels = self.train_maps_.shape[1]
-        if maps.shape[1:] != (channels, m, m):
-            raise ValueError(f"Query pyramids of shape {maps.shape[1:]} do not match the "
-                             f"training pyramids {(channels, m, m)}.")
+        channels = self.train_maps_.shape[1]  # query shapes checked by _raw_maps
         groups = {}
         for i, row in enumerate(nbrs):
             groups.setdefault(tuple(row.tolist()), []).append(i)
